@@ -1,0 +1,32 @@
+//! The qcow2 on-disk format, as QEMU's `docs/interop/qcow2.txt` defines it.
+//!
+//! This crate answers "what is where" and "what bytes must be written"; it
+//! does no I/O and knows nothing of files, async runtimes or virtio. Every
+//! structure has one way in (a `parse`/`decode` that validates untrusted bytes
+//! and names the offending field and its file offset) and one way out (an
+//! `encode`/`write`).
+//!
+//! - [`header`]: the header, feature bits and header extensions.
+//! - [`types`]: guest/host offset newtypes and the [`types::Geometry`] that
+//!   relates them.
+//! - [`mapping`]: L1 and L2 entries, standard, zero, compressed and extended
+//!   (subcluster) descriptors.
+//! - [`refcount`]: refcount table entries and refcount blocks of every width.
+//! - [`snapshot`]: the internal snapshot table.
+//! - [`bitmap`]: the bitmaps extension, bitmap directory and bitmap tables.
+//! - [`create`]: the layout of a new image.
+
+mod be;
+pub mod bitmap;
+pub mod create;
+pub mod error;
+pub mod fuzz;
+pub mod header;
+pub mod mapping;
+pub mod refcount;
+pub mod snapshot;
+pub mod types;
+
+pub use error::{FormatError, Problem};
+pub use header::Header;
+pub use types::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};
