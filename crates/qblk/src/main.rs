@@ -1,0 +1,159 @@
+//! The `qblk` command: parses arguments and calls the library crates.
+//! Only this file reads argv and decides exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
+use qblk_tools::image::ImageFormat;
+use qblk_tools::info::image_info;
+use qblk_tools::options::{parse_size, split_options};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qblk",
+    version,
+    about = "vhost-user-blk daemon and tools for qcow2 images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new image (qemu-img create's options and defaults).
+    #[command(
+        after_help = "OPTIONS for qcow2 (-o): cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, \
+compression_type, backing_file, backing_fmt, data_file, data_file_raw, preallocation, size. \
+Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers of 1024)."
+    )]
+    Create {
+        /// Image format to create.
+        #[arg(short = 'f', value_name = "FMT", default_value = "qcow2")]
+        format: String,
+        /// Format options, comma separated (`,,` is a literal comma); may repeat.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Backing file (same as -o backing_file=).
+        #[arg(short = 'b', value_name = "BACKING_FILE")]
+        backing_file: Option<String>,
+        /// Backing file format (same as -o backing_fmt=).
+        #[arg(short = 'F', value_name = "BACKING_FMT")]
+        backing_format: Option<String>,
+        /// Do not open the backing file (SIZE is then required).
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
+        /// Do not print the "Formatting ..." line.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file to create (replaced if it exists, as with qemu-img).
+        image: Option<PathBuf>,
+        /// Virtual size, e.g. 10G. Optional with a backing file.
+        size: Option<String>,
+    },
+    /// Show what an image is (qemu-img info's fields and JSON names).
+    Info {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// Image file.
+        image: PathBuf,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qblk: {}", error_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "outer: cause: root cause".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn run(cli: Cli) -> Result<ExitCode, BoxError> {
+    match cli.command {
+        Command::Create {
+            format,
+            options,
+            backing_file,
+            backing_format,
+            unsafe_backing,
+            quiet,
+            image,
+            size,
+        } => {
+            let format = ImageFormat::parse(&format)?;
+            let mut parsed = Vec::new();
+            for o in &options {
+                parsed.extend(split_options(o)?);
+            }
+            if parsed.iter().any(|(k, _)| k == "help" || k == "?") {
+                let list = match format {
+                    ImageFormat::Qcow2 => QCOW2_OPTIONS,
+                    ImageFormat::Raw => RAW_OPTIONS,
+                };
+                println!("Supported {} options:", format.name());
+                for (name, help) in list {
+                    println!("  {name:<18} {help}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let image = image.ok_or("create needs an IMAGE argument")?;
+            let req = CreateRequest {
+                path: image,
+                format: Some(format),
+                size: size.as_deref().map(parse_size).transpose()?,
+                options: parsed,
+                backing_file,
+                backing_format,
+                unsafe_backing,
+            };
+            let created = create(&req)?;
+            if !quiet {
+                println!("{}", created.describe(&req.path));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info {
+            format,
+            output,
+            image,
+        } => {
+            let format = format.as_deref().map(ImageFormat::parse).transpose()?;
+            let info = image_info(&image, format)?;
+            match output {
+                Output::Json => println!("{}", info.to_json()),
+                Output::Human => print!("{}", info.to_human()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

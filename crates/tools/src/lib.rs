@@ -1,0 +1,57 @@
+//! Offline image tools behind the `qblk` command line: `create` and `info`.
+//!
+//! These run before or beside the daemon, never on its data path, so they
+//! use plain blocking file I/O. Everything they know about the format comes
+//! from `qblk-qcow2`; this crate adds files, paths and qemu-img's syntax.
+
+pub mod create;
+pub mod image;
+pub mod info;
+pub mod options;
+
+use std::io;
+use std::path::PathBuf;
+
+/// An error of an offline tool. Messages are short; the `#[source]` chain
+/// carries the detail and the CLI prints the whole chain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{}: cannot {op}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: invalid qcow2 image", path.display())]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: qblk_qcow2::FormatError,
+    },
+    #[error("{}: cannot create image", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: qblk_qcow2::create::CreateError,
+    },
+    /// Bad command-line input; the message says what and why.
+    #[error("{0}")]
+    Usage(String),
+    /// The image is valid but uses something this tool cannot handle.
+    #[error("{}: {what}", path.display())]
+    Unsupported { path: PathBuf, what: String },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            op,
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
