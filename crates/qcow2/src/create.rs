@@ -607,7 +607,8 @@ mod tests {
     #[test]
     fn combinations_refused_like_qemu_img() {
         use CreateError::*;
-        let cases: Vec<(Box<dyn Fn(&mut CreateSpec)>, CreateError)> = vec![
+        type Edit = Box<dyn Fn(&mut CreateSpec)>;
+        let cases: Vec<(Edit, CreateError)> = vec![
             (Box::new(|s| s.cluster_bits = 8), ClusterSize),
             (Box::new(|s| s.cluster_bits = 22), ClusterSize),
             (Box::new(|s| s.refcount_order = 7), RefcountBits),

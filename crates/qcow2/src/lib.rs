@@ -16,6 +16,11 @@
 //! - [`bitmap`]: the bitmaps extension, bitmap directory and bitmap tables.
 //! - [`create`]: the layout of a new image.
 
+// qblk targets 64-bit Linux (io_uring, vhost-user): offsets and lengths
+// that fit in u64 are converted to usize only after bounds checks against
+// in-memory buffers, which this assertion makes sound.
+const _: () = assert!(usize::BITS == 64, "qblk needs a 64-bit target");
+
 mod be;
 pub mod bitmap;
 pub mod create;

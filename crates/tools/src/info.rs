@@ -166,7 +166,8 @@ pub fn image_info(path: &Path, format: Option<ImageFormat>) -> Result<ImageInfo>
     let file = open_read(path)?;
     let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
     let actual_size = meta.blocks() * 512;
-    let file_len = meta.len();
+    // QEMU's file layer reports lengths in whole 512-byte sectors.
+    let file_len = meta.len().next_multiple_of(512);
     let child = ChildInfo {
         name: "file".into(),
         info: FileInfo {

@@ -1,0 +1,136 @@
+//! Helpers for the integration tests: run the `qblk` binary and QEMU's
+//! tools, and compare what they say.
+//!
+//! QEMU's tools are the oracle and must be installed (`cargo xtask test`
+//! installs them); a missing tool fails the test rather than skipping it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+/// Path of the `qblk` binary: `$QBLK_BIN`, or the workspace's debug build,
+/// built on first use.
+pub fn qblk_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("QBLK_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "qblk", "--bin", "qblk"])
+            .current_dir(&root)
+            .status()
+            .expect("run cargo build for the qblk binary");
+        assert!(status.success(), "building qblk failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("qblk")
+    })
+}
+
+/// Runs a program, panicking with a clear message if it cannot start.
+pub fn run(program: &str, args: &[&str], dir: &Path) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (is it installed? `cargo xtask test` installs it): {e}")
+        })
+}
+
+/// Runs `qblk` in `dir`.
+pub fn qblk(args: &[&str], dir: &Path) -> Output {
+    run(qblk_bin().to_str().expect("utf-8 path"), args, dir)
+}
+
+/// Runs a program and requires success, returning stdout.
+pub fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `qemu-img info --output=json`.
+pub fn qemu_info(image: &str, dir: &Path) -> Value {
+    let s = ok(
+        run("qemu-img", &["info", "--output=json", image], dir),
+        "qemu-img info",
+    );
+    serde_json::from_str(&s).expect("qemu-img info JSON")
+}
+
+/// `qblk info --output json`.
+pub fn qblk_info(image: &str, dir: &Path) -> Value {
+    let s = ok(qblk(&["info", "--output", "json", image], dir), "qblk info");
+    serde_json::from_str(&s).expect("qblk info JSON")
+}
+
+/// Checks that every key qemu-img reports is reported by qblk with the same
+/// value, recursively (qblk may report more). Returns the first mismatch.
+pub fn covers(theirs: &Value, ours: &Value, path: &str) -> Result<(), String> {
+    match (theirs, ours) {
+        (Value::Object(t), Value::Object(o)) => {
+            for (k, tv) in t {
+                let p = format!("{path}.{k}");
+                match o.get(k) {
+                    Some(ov) => covers(tv, ov, &p)?,
+                    None => return Err(format!("{p}: qemu-img has {tv}, qblk has nothing")),
+                }
+            }
+            Ok(())
+        }
+        (Value::Array(t), Value::Array(o)) => {
+            if t.len() != o.len() {
+                return Err(format!(
+                    "{path}: qemu-img has {} items, qblk {}",
+                    t.len(),
+                    o.len()
+                ));
+            }
+            for (i, (tv, ov)) in t.iter().zip(o).enumerate() {
+                covers(tv, ov, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        (t, o) if t == o => Ok(()),
+        (t, o) => Err(format!("{path}: qemu-img has {t}, qblk has {o}")),
+    }
+}
+
+/// `qemu-img check` must find no errors (leaks are errors here too: a new
+/// image must be exact).
+pub fn qemu_check_clean(image: &str, dir: &Path) {
+    let out = run("qemu-img", &["check", "--output=json", image], dir);
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "qemu-img check {image} failed: {s}{}",
+        stderr(&out)
+    );
+    let v: Value = serde_json::from_str(&s).expect("check JSON");
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert_eq!(
+            v.get(key).and_then(Value::as_u64).unwrap_or(0),
+            0,
+            "{image}: {key} in {s}"
+        );
+    }
+}
