@@ -400,7 +400,22 @@ fn info_on_images_qemu_made() {
         "sub/top.qcow2",
     ]);
 
+    sh(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=pw",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "luks.qcow2",
+        "16M",
+    ]);
+
     let images = [
+        "luks.qcow2",
         "snap.qcow2",
         "dirty.qcow2",
         "corrupt.qcow2",
@@ -427,6 +442,12 @@ fn info_on_images_qemu_made() {
         Some(2)
     );
     assert_eq!(qemu_info("dirty.qcow2", d)["dirty-flag"], Value::Bool(true));
+    assert_eq!(
+        qemu_info("luks.qcow2", d)["format-specific"]["data"]["encrypt"]["slots"]
+            .as_array()
+            .map(Vec::len),
+        Some(8)
+    );
     assert_eq!(
         qemu_info("corrupt.qcow2", d)["format-specific"]["data"]["corrupt"],
         Value::Bool(true)

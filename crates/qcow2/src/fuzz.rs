@@ -95,6 +95,13 @@ pub fn parse_image_prefix(data: &[u8]) {
             }
         }
     }
+    if let Some(p) = header.encryption_header() {
+        if let Some(buf) = window(p.offset, crate::luks::LUKS_HEADER_BYTES as u64) {
+            if let Ok(luks) = crate::luks::LuksHeader::parse(buf, p.offset) {
+                let _ = (luks.cipher_alg(), luks.ivgen(), luks.ivgen_hash());
+            }
+        }
+    }
     if let Some(ext) = header.bitmaps_extension() {
         if let Some(buf) = window(ext.bitmap_directory_offset, ext.bitmap_directory_size) {
             if let Ok(entries) =

@@ -14,6 +14,7 @@
 //! - [`refcount`]: refcount table entries and refcount blocks of every width.
 //! - [`snapshot`]: the internal snapshot table.
 //! - [`bitmap`]: the bitmaps extension, bitmap directory and bitmap tables.
+//! - [`luks`]: the LUKS1 header of an encrypted image.
 //! - [`create`]: the layout of a new image.
 
 // qblk targets 64-bit Linux (io_uring, vhost-user): offsets and lengths
@@ -27,6 +28,7 @@ pub mod create;
 pub mod error;
 pub mod fuzz;
 pub mod header;
+pub mod luks;
 pub mod mapping;
 pub mod refcount;
 pub mod snapshot;

@@ -14,6 +14,7 @@ use qblk_qcow2::Header;
 use qblk_qcow2::bitmap::{BitmapFlags, parse_bitmap_directory};
 use qblk_qcow2::error::Problem;
 use qblk_qcow2::header::CryptMethod;
+use qblk_qcow2::luks::{LUKS_HEADER_BYTES, LuksHeader};
 use qblk_qcow2::snapshot::{MAX_SNAPSHOT_TABLE_BYTES, SnapshotEntry, parse_snapshot_table};
 
 use crate::image::{ImageFormat, combine_like_qemu, open_read, probe, read_at, read_header};
@@ -114,9 +115,85 @@ pub struct Qcow2Specific {
     pub extended_l2: Option<bool>,
 }
 
+/// `format-specific.data.encrypt`: the format, and for LUKS its header.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EncryptInfo {
+    #[serde(rename = "ivgen-alg", skip_serializing_if = "Option::is_none")]
+    pub ivgen_alg: Option<String>,
+    #[serde(rename = "ivgen-hash-alg", skip_serializing_if = "Option::is_none")]
+    pub ivgen_hash_alg: Option<String>,
+    #[serde(rename = "detached-header", skip_serializing_if = "Option::is_none")]
+    pub detached_header: Option<bool>,
+    #[serde(rename = "hash-alg", skip_serializing_if = "Option::is_none")]
+    pub hash_alg: Option<String>,
+    #[serde(rename = "cipher-alg", skip_serializing_if = "Option::is_none")]
+    pub cipher_alg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     pub format: String,
+    #[serde(rename = "cipher-mode", skip_serializing_if = "Option::is_none")]
+    pub cipher_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<Vec<LuksSlotInfo>>,
+    #[serde(rename = "payload-offset", skip_serializing_if = "Option::is_none")]
+    pub payload_offset: Option<u64>,
+    #[serde(rename = "master-key-iters", skip_serializing_if = "Option::is_none")]
+    pub master_key_iters: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LuksSlotInfo {
+    pub active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iters: Option<u32>,
+    #[serde(rename = "key-offset")]
+    pub key_offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stripes: Option<u32>,
+}
+
+impl EncryptInfo {
+    fn plain(format: &str) -> Self {
+        Self {
+            ivgen_alg: None,
+            ivgen_hash_alg: None,
+            detached_header: None,
+            hash_alg: None,
+            cipher_alg: None,
+            uuid: None,
+            format: format.to_owned(),
+            cipher_mode: None,
+            slots: None,
+            payload_offset: None,
+            master_key_iters: None,
+        }
+    }
+
+    fn luks(h: &LuksHeader) -> Self {
+        Self {
+            ivgen_alg: h.ivgen().map(str::to_owned),
+            ivgen_hash_alg: h.ivgen_hash().map(str::to_owned),
+            detached_header: Some(false),
+            hash_alg: Some(h.hash_spec.clone()),
+            cipher_alg: Some(h.cipher_alg()),
+            uuid: Some(h.uuid.clone()),
+            format: "luks".into(),
+            cipher_mode: Some(h.mode().to_owned()),
+            slots: Some(
+                h.slots
+                    .iter()
+                    .map(|s| LuksSlotInfo {
+                        active: s.active,
+                        iters: s.active.then_some(s.iterations),
+                        key_offset: s.key_offset,
+                        stripes: s.active.then_some(s.stripes),
+                    })
+                    .collect(),
+            ),
+            payload_offset: Some(h.payload_offset),
+            master_key_iters: Some(h.master_key_iterations),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -222,9 +299,7 @@ pub fn image_info(path: &Path, format: Option<ImageFormat>) -> Result<ImageInfo>
                 data_file_raw: header
                     .has_external_data_file()
                     .then(|| header.data_file_is_raw()),
-                encrypt: encrypted.then(|| EncryptInfo {
-                    format: header.crypt_method.name().into(),
-                }),
+                encrypt: read_encryption(&file, path, &header)?,
                 corrupt: v3.then(|| header.is_corrupt()),
                 extended_l2: v3.then(|| header.extended_l2()),
             };
@@ -286,6 +361,25 @@ pub fn read_snapshots(file: &File, path: &Path, header: &Header) -> Result<Vec<S
                     source,
                 });
             }
+        }
+    }
+}
+
+fn read_encryption(file: &File, path: &Path, header: &Header) -> Result<Option<EncryptInfo>> {
+    match header.crypt_method {
+        CryptMethod::None => Ok(None),
+        CryptMethod::Aes => Ok(Some(EncryptInfo::plain("aes"))),
+        CryptMethod::Luks => {
+            // Header::parse guarantees the pointer exists for LUKS.
+            let Some(p) = header.encryption_header() else {
+                return Ok(Some(EncryptInfo::plain("luks")));
+            };
+            let buf = read_at(file, path, p.offset, LUKS_HEADER_BYTES)?;
+            let luks = LuksHeader::parse(&buf, p.offset).map_err(|source| Error::Format {
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(Some(EncryptInfo::luks(&luks)))
         }
     }
 }
@@ -422,7 +516,34 @@ impl ImageInfo {
                 line(format!("    data file raw: {raw}"));
             }
             if let Some(e) = &d.encrypt {
-                line(format!("    encrypt:\n        format: {}", e.format));
+                line("    encrypt:".into());
+                if let Some(v) = &e.ivgen_alg {
+                    line(format!("        ivgen alg: {v}"));
+                }
+                if let Some(v) = &e.hash_alg {
+                    line(format!("        hash alg: {v}"));
+                }
+                if let Some(v) = &e.cipher_alg {
+                    line(format!("        cipher alg: {v}"));
+                }
+                if let Some(v) = &e.uuid {
+                    line(format!("        uuid: {v}"));
+                }
+                line(format!("        format: {}", e.format));
+                if let Some(v) = &e.cipher_mode {
+                    line(format!("        cipher mode: {v}"));
+                }
+                if let Some(slots) = &e.slots {
+                    line("        slots:".into());
+                    for (i, s) in slots.iter().enumerate() {
+                        line(format!("            [{i}]:"));
+                        line(format!("                active: {}", s.active));
+                        line(format!("                key offset: {}", s.key_offset));
+                    }
+                }
+                if let Some(v) = e.payload_offset {
+                    line(format!("        payload offset: {v}"));
+                }
             }
             if let Some(c) = d.corrupt {
                 line(format!("    corrupt: {c}"));
