@@ -1,0 +1,516 @@
+//! A qcow2 image opened for guest reads: header, L1 table, a bounded L2
+//! slice cache, the external data file and the backing chain.
+//!
+//! Every descriptor kind the format has is served: unallocated clusters
+//! (backing file or zeros), zero clusters and zero subclusters, standard
+//! clusters (in the image or the external data file), extended-L2
+//! subclusters, and compressed clusters (deflate as QEMU writes it, zstd).
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+use qblk_qcow2::header::{CompressionType, CryptMethod, QCOW2_MAGIC};
+use qblk_qcow2::mapping::{ClusterDescriptor, L1Entry, L2Entry, SubclusterState};
+use qblk_qcow2::{FormatError, Geometry, Header};
+
+use crate::buf::AlignedBuf;
+use crate::file::{CacheMode, HostFile};
+
+/// Deepest backing chain followed by default (QEMU-like bound; the image
+/// itself is depth 0).
+pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;
+/// Default L2 cache budget: enough to map 256 GiB of a 64 KiB-cluster image
+/// (512 tables of 64 KiB).
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// An engine error. Messages are short; sources carry the detail.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{}: {op}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: invalid qcow2 image", path.display())]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
+    #[error("{}: {what}", path.display())]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{}: backing file refused: {reason}", path.display())]
+    Backing { path: PathBuf, reason: String },
+    #[error("{}: compressed cluster at host offset {offset:#x} does not decompress: {reason}", path.display())]
+    Decompress {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    #[error("request [{offset:#x}, +{len:#x}) is beyond the virtual disk ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which backing files an image may open.
+#[derive(Debug, Clone)]
+pub struct BackingPolicy {
+    /// Follow backing files at all.
+    pub enabled: bool,
+    /// Directories (besides the image's own) backing files may lie under.
+    pub allowed_dirs: Vec<PathBuf>,
+    /// Allow any path (the offline tools' default, like qemu-img).
+    pub allow_any_dir: bool,
+    /// Longest chain below the top image.
+    pub max_depth: u32,
+}
+
+impl Default for BackingPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            allowed_dirs: Vec::new(),
+            allow_any_dir: false,
+            max_depth: DEFAULT_MAX_CHAIN_DEPTH,
+        }
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    pub cache: CacheMode,
+    pub backing: BackingPolicy,
+    /// L2 cache budget in bytes (at least one table is always cached).
+    pub l2_cache_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            cache: CacheMode::None,
+            backing: BackingPolicy::default(),
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+        }
+    }
+}
+
+/// What lies below an image.
+#[derive(Debug)]
+enum Backing {
+    Qcow2(Box<Image>),
+    Raw { file: HostFile, size: u64 },
+}
+
+/// A qcow2 image open for reading.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    header: Header,
+    geometry: Geometry,
+    file: HostFile,
+    data_file: Option<HostFile>,
+    backing: Option<Backing>,
+    l1: Vec<L1Entry>,
+    l2_cache: Mutex<LruCache<u64, Arc<AlignedBuf>>>,
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        op,
+        source,
+    }
+}
+
+impl Image {
+    /// Opens a qcow2 image and its backing chain.
+    pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
+        Self::open_at_depth(path.to_owned(), opts.clone(), 0).await
+    }
+
+    fn open_at_depth(
+        path: PathBuf,
+        opts: OpenOptions,
+        depth: u32,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<Image>>>> {
+        Box::pin(async move {
+            let file = HostFile::open(&path, false, opts.cache).map_err(io_err(&path, "open"))?;
+            let file_len = file.len().map_err(io_err(&path, "stat"))?;
+            let head = file
+                .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
+                .await
+                .map_err(io_err(&path, "read header"))?;
+            let header = Header::parse(&head).map_err(|source| Error::Format {
+                path: path.clone(),
+                source,
+            })?;
+            if header.crypt_method != CryptMethod::None {
+                return Err(Error::Unsupported {
+                    path,
+                    what: format!("{} encryption is not supported", header.crypt_method.name()),
+                });
+            }
+            let geometry = header.geometry();
+
+            // L1 table: validated once, at open.
+            let l1_bytes = file
+                .read(header.l1_table_offset, header.l1_size as usize * 8)
+                .await
+                .map_err(io_err(&path, "read L1 table"))?;
+            let mut l1 = Vec::with_capacity(header.l1_size as usize);
+            for (i, raw) in l1_bytes.chunks_exact(8).enumerate() {
+                let entry = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+                entry
+                    .validate(&geometry, header.l1_table_offset + i as u64 * 8)
+                    .map_err(|source| Error::Format {
+                        path: path.clone(),
+                        source,
+                    })?;
+                l1.push(entry);
+            }
+
+            let data_file = if header.has_external_data_file() {
+                let name = header
+                    .external_data_file()
+                    .ok_or_else(|| Error::Unsupported {
+                        path: path.clone(),
+                        what: "external data file bit set but no data file name in the header"
+                            .into(),
+                    })?;
+                let dp = relative_to(&path, name);
+                Some(
+                    HostFile::open(&dp, false, opts.cache)
+                        .map_err(io_err(&dp, "open data file"))?,
+                )
+            } else {
+                None
+            };
+
+            let backing = match &header.backing_file {
+                Some(name) if opts.backing.enabled => {
+                    Some(open_backing(&path, name, header.backing_format(), &opts, depth).await?)
+                }
+                _ => None,
+            };
+
+            let tables = (opts.l2_cache_bytes / geometry.cluster_size()).max(1) as usize;
+            Ok(Image {
+                path,
+                header,
+                geometry,
+                file,
+                data_file,
+                backing,
+                l1,
+                l2_cache: Mutex::new(LruCache::new(
+                    NonZeroUsize::new(tables).expect("at least one"),
+                )),
+            })
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Loads (or finds in the cache) the L2 table at `offset`.
+    async fn l2_table(&self, offset: u64) -> Result<Arc<AlignedBuf>> {
+        if let Some(t) = self.l2_cache.lock().expect("l2 cache lock").get(&offset) {
+            return Ok(t.clone());
+        }
+        let cs = self.geometry.cluster_size() as usize;
+        let t = Arc::new(
+            self.file
+                .read(offset, cs)
+                .await
+                .map_err(io_err(&self.path, "read L2 table"))?,
+        );
+        self.l2_cache
+            .lock()
+            .expect("l2 cache lock")
+            .put(offset, t.clone());
+        Ok(t)
+    }
+
+    /// The descriptor of the guest cluster holding `guest_offset`.
+    async fn descriptor(&self, guest_offset: u64) -> Result<ClusterDescriptor> {
+        let g = &self.geometry;
+        let cluster = g.guest_cluster(qblk_qcow2::GuestOffset(guest_offset));
+        let l1_index = g.l1_index(cluster) as usize;
+        let Some(l2_offset) = self.l1.get(l1_index).and_then(|e| e.l2_offset()) else {
+            return Ok(ClusterDescriptor::Unallocated);
+        };
+        let table = self.l2_table(l2_offset.0).await?;
+        let index = g.l2_index(cluster);
+        let entry = L2Entry::read(&table, g, index).expect("index within table");
+        entry
+            .decode(
+                g,
+                self.header.is_v3(),
+                self.header.has_external_data_file(),
+                l2_offset.0 + index as u64 * g.l2_entry_size(),
+            )
+            .map_err(|source| Error::Format {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Reads guest bytes `[offset, offset + buf.len())`.
+    pub fn read<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+        Box::pin(async move {
+            let len = buf.len() as u64;
+            if offset
+                .checked_add(len)
+                .is_none_or(|end| end > self.header.size)
+            {
+                return Err(Error::OutOfRange {
+                    offset,
+                    len,
+                    size: self.header.size,
+                });
+            }
+            let g = self.geometry;
+            let mut done = 0usize;
+            while done < buf.len() {
+                let pos = offset + done as u64;
+                let in_cluster = g.offset_in_cluster(pos);
+                let chunk = ((g.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+                let out = &mut buf[done..done + chunk];
+                match self.descriptor(pos).await? {
+                    ClusterDescriptor::Unallocated => self.read_below(pos, out).await?,
+                    ClusterDescriptor::Zero { .. } => out.fill(0),
+                    ClusterDescriptor::Standard {
+                        host, subclusters, ..
+                    } => {
+                        if !g.extended_l2() {
+                            self.read_data(host.0 + in_cluster, out).await?;
+                        } else {
+                            self.read_subclusters(pos, host.0, subclusters, out).await?;
+                        }
+                    }
+                    ClusterDescriptor::UnallocatedSubclusters { subclusters } => {
+                        // No host cluster: every allocated bit is clear.
+                        self.read_subclusters(pos, 0, subclusters, out).await?;
+                    }
+                    ClusterDescriptor::Compressed { host, len } => {
+                        let data = self.decompress(host.0, len).await?;
+                        out.copy_from_slice(
+                            &data[in_cluster as usize..in_cluster as usize + chunk],
+                        );
+                    }
+                }
+                done += chunk;
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads part of one cluster subcluster by subcluster (extended L2).
+    async fn read_subclusters(
+        &self,
+        pos: u64,
+        host_cluster: u64,
+        bitmap: qblk_qcow2::mapping::SubclusterBitmap,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let g = self.geometry;
+        let sc_size = g.subcluster_size();
+        let mut done = 0usize;
+        while done < out.len() {
+            let p = pos + done as u64;
+            let in_cluster = g.offset_in_cluster(p);
+            let index = (in_cluster / sc_size) as u32;
+            let state = bitmap.state(index);
+            // Extend over following subclusters in the same state.
+            let mut end_in_cluster = (u64::from(index) + 1) * sc_size;
+            while end_in_cluster < g.cluster_size()
+                && bitmap.state((end_in_cluster / sc_size) as u32) == state
+            {
+                end_in_cluster += sc_size;
+            }
+            let n = ((end_in_cluster - in_cluster) as usize).min(out.len() - done);
+            let part = &mut out[done..done + n];
+            match state {
+                SubclusterState::Allocated => {
+                    self.read_data(host_cluster + in_cluster, part).await?
+                }
+                SubclusterState::Zero => part.fill(0),
+                SubclusterState::Unallocated => self.read_below(p, part).await?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads guest data from a standard cluster (image or data file).
+    async fn read_data(&self, host_offset: u64, out: &mut [u8]) -> Result<()> {
+        let file = self.data_file.as_ref().unwrap_or(&self.file);
+        file.read_into(host_offset, out)
+            .await
+            .map_err(io_err(file.path(), "read data"))
+    }
+
+    /// Reads what shows through an unallocated range: the backing file, or
+    /// zeros (also beyond the end of a shorter backing file).
+    async fn read_below(&self, pos: u64, out: &mut [u8]) -> Result<()> {
+        let (size, is_raw) = match &self.backing {
+            None => {
+                out.fill(0);
+                return Ok(());
+            }
+            Some(Backing::Qcow2(img)) => (img.size(), false),
+            Some(Backing::Raw { size, .. }) => (*size, true),
+        };
+        let avail = size.saturating_sub(pos).min(out.len() as u64) as usize;
+        out[avail..].fill(0);
+        if avail == 0 {
+            return Ok(());
+        }
+        match &self.backing {
+            Some(Backing::Qcow2(img)) => img.read(pos, &mut out[..avail]).await,
+            Some(Backing::Raw { file, .. }) if is_raw => file
+                .read_into(pos, &mut out[..avail])
+                .await
+                .map_err(io_err(file.path(), "read backing file")),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads and decompresses the compressed cluster at `host`.
+    async fn decompress(&self, host: u64, len: u64) -> Result<Vec<u8>> {
+        let cs = self.geometry.cluster_size() as usize;
+        let input = self
+            .file
+            .read(host, len as usize)
+            .await
+            .map_err(io_err(&self.path, "read compressed cluster"))?;
+        let bad = |reason: String| Error::Decompress {
+            path: self.path.clone(),
+            offset: host,
+            reason,
+        };
+        let mut out = vec![0u8; cs];
+        match self.header.compression_type {
+            CompressionType::Zlib => {
+                // QEMU writes raw deflate (no zlib header) and stops reading
+                // once a whole cluster has come out.
+                let mut d = flate2::Decompress::new(false);
+                let status = d
+                    .decompress(&input, &mut out, flate2::FlushDecompress::Finish)
+                    .map_err(|e| bad(e.to_string()))?;
+                if d.total_out() as usize != cs {
+                    return Err(bad(format!(
+                        "produced {} of {cs} bytes ({status:?})",
+                        d.total_out()
+                    )));
+                }
+            }
+            CompressionType::Zstd => {
+                use std::io::Read;
+                let mut d = zstd::stream::read::Decoder::with_buffer(&input[..])
+                    .map_err(|e| bad(e.to_string()))?
+                    .single_frame();
+                d.read_exact(&mut out).map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Resolves a name stored in an image relative to the image's directory.
+fn relative_to(image: &Path, stored: &str) -> PathBuf {
+    let p = Path::new(stored);
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    image.parent().map_or_else(|| p.to_owned(), |d| d.join(p))
+}
+
+/// Opens a backing file under the policy: depth bound, allowed directory,
+/// recorded format or a format safely probed as qcow2.
+async fn open_backing(
+    image: &Path,
+    name: &str,
+    format: Option<&str>,
+    opts: &OpenOptions,
+    depth: u32,
+) -> Result<Backing> {
+    let refuse = |reason: String| Error::Backing {
+        path: image.to_owned(),
+        reason,
+    };
+    if depth >= opts.backing.max_depth {
+        return Err(refuse(format!(
+            "backing chain deeper than {}",
+            opts.backing.max_depth
+        )));
+    }
+    let path = relative_to(image, name);
+    let real = std::fs::canonicalize(&path).map_err(io_err(&path, "open backing file"))?;
+    if !opts.backing.allow_any_dir {
+        let image_dir = std::fs::canonicalize(image)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned));
+        let allowed = image_dir
+            .iter()
+            .chain(opts.backing.allowed_dirs.iter())
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .any(|d| real.starts_with(&d));
+        if !allowed {
+            return Err(refuse(format!(
+                "{} is outside the image's directory and the allowed backing directories",
+                real.display()
+            )));
+        }
+    }
+    let file =
+        HostFile::open(&real, false, opts.cache).map_err(io_err(&real, "open backing file"))?;
+    let magic = file
+        .read(0, 4)
+        .await
+        .map_err(io_err(&real, "read backing file"))?;
+    let is_qcow2 = magic[..] == QCOW2_MAGIC.to_be_bytes();
+    let format = match format {
+        Some(f) => f.to_owned(),
+        None if is_qcow2 => "qcow2".to_owned(),
+        None => {
+            return Err(refuse(format!(
+                "{name} has no recorded backing format and is not qcow2; refusing to guess raw"
+            )));
+        }
+    };
+    match format.as_str() {
+        "qcow2" => {
+            drop(file);
+            Ok(Backing::Qcow2(Box::new(
+                Image::open_at_depth(real, opts.clone(), depth + 1).await?,
+            )))
+        }
+        "raw" => {
+            let size = file.len().map_err(io_err(&real, "stat backing file"))?;
+            Ok(Backing::Raw { file, size })
+        }
+        other => Err(refuse(format!("backing format '{other}' is not supported"))),
+    }
+}
