@@ -65,7 +65,7 @@ impl HostFile {
     }
 
     /// Current length (a metadata call, made at open and resize time only).
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn file_len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 

@@ -143,7 +143,7 @@ impl Image {
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Image>>>> {
         Box::pin(async move {
             let file = HostFile::open(&path, false, opts.cache).map_err(io_err(&path, "open"))?;
-            let file_len = file.len().map_err(io_err(&path, "stat"))?;
+            let file_len = file.file_len().map_err(io_err(&path, "stat"))?;
             let head = file
                 .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
                 .await
@@ -508,7 +508,9 @@ async fn open_backing(
             )))
         }
         "raw" => {
-            let size = file.len().map_err(io_err(&real, "stat backing file"))?;
+            let size = file
+                .file_len()
+                .map_err(io_err(&real, "stat backing file"))?;
             Ok(Backing::Raw { file, size })
         }
         other => Err(refuse(format!("backing format '{other}' is not supported"))),
