@@ -6,6 +6,7 @@
 //! serves guest reads from a qcow2 image and its backing chain.
 
 pub mod buf;
+pub mod check;
 pub mod file;
 pub mod image;
 pub mod runtime;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
@@ -53,6 +54,22 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         image: Option<PathBuf>,
         /// Virtual size, e.g. 10G. Optional with a backing file.
         size: Option<String>,
+    },
+    /// Check an image's consistency (qemu-img check's findings and exit
+    /// codes: 0 clean, 2 corruption, 3 leaks only, 1 check failed, 63 format
+    /// without checks).
+    Check {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// Do not print the summary (findings still go to stderr).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
     },
     /// Show what an image is (qemu-img info's fields and JSON names).
     Info {
@@ -141,6 +158,31 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 println!("{}", created.describe(&req.path));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Check {
+            format,
+            output,
+            quiet,
+            image,
+        } => {
+            let format = format.as_deref().map(ImageFormat::parse).transpose()?;
+            let Some(checked) = check_image(&image, format)? else {
+                eprintln!(
+                    "qblk: {}: this image format does not support checks",
+                    image.display()
+                );
+                return Ok(ExitCode::from(EXIT_UNSUPPORTED));
+            };
+            for m in &checked.report.messages {
+                eprintln!("{m}");
+            }
+            if !quiet {
+                match output {
+                    Output::Json => println!("{}", checked.to_json()),
+                    Output::Human => print!("{}", checked.to_human()),
+                }
+            }
+            Ok(ExitCode::from(checked.exit_code()))
         }
         Command::Info {
             format,

@@ -15,6 +15,7 @@
 //! - [`snapshot`]: the internal snapshot table.
 //! - [`bitmap`]: the bitmaps extension, bitmap directory and bitmap tables.
 //! - [`luks`]: the LUKS1 header of an encrypted image.
+//! - [`tally`]: refcounts computed from references, for check and repair.
 //! - [`create`]: the layout of a new image.
 
 // qblk targets 64-bit Linux (io_uring, vhost-user): offsets and lengths
@@ -32,6 +33,7 @@ pub mod luks;
 pub mod mapping;
 pub mod refcount;
 pub mod snapshot;
+pub mod tally;
 pub mod types;
 
 pub use error::{FormatError, Problem};

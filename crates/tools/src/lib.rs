@@ -1,9 +1,11 @@
-//! Offline image tools behind the `qblk` command line: `create` and `info`.
+//! Offline image tools behind the `qblk` command line: `create`, `info`
+//! and `check`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
 //! from `qblk-qcow2`; this crate adds files, paths and qemu-img's syntax.
 
+pub mod check;
 pub mod create;
 pub mod image;
 pub mod info;
@@ -35,6 +37,12 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: qblk_qcow2::create::CreateError,
+    },
+    #[error("{}: cannot check", path.display())]
+    Engine {
+        path: PathBuf,
+        #[source]
+        source: Box<qblk_engine::image::Error>,
     },
     /// Bad command-line input; the message says what and why.
     #[error("{0}")]

@@ -1,0 +1,252 @@
+//! `qblk check` against `qemu-img check`: the same figures, the same
+//! findings count and the same exit code, on clean images of every kind and
+//! on images with damage injected the way QEMU's iotests inject it.
+
+use std::fs;
+use std::path::Path;
+
+use qblk_integration::{ok, qblk, run};
+use serde_json::Value;
+
+fn sh(d: &Path, args: &[&str]) {
+    ok(run(args[0], &args[1..], d), &args.join(" "));
+}
+
+fn check_json(program: &str, image: &str, d: &Path) -> (Option<i32>, Value) {
+    let out = if program == "qblk" {
+        qblk(&["check", "--output", "json", image], d)
+    } else if image.starts_with("luks") {
+        // qemu-img opens encrypted images only with their key; qblk checks
+        // the metadata without one.
+        let opts = format!("driver=qcow2,file.filename={image},encrypt.key-secret=s");
+        run(
+            "qemu-img",
+            &[
+                "check",
+                "--output=json",
+                "--object",
+                "secret,id=s,data=pw",
+                "--image-opts",
+                &opts,
+            ],
+            d,
+        )
+    } else {
+        run("qemu-img", &["check", "--output=json", image], d)
+    };
+    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("filename");
+    }
+    (out.status.code(), v)
+}
+
+fn patch(d: &Path, image: &str, at: u64, bytes: &[u8]) {
+    let mut b = fs::read(d.join(image)).expect("read");
+    let at = at as usize;
+    if b.len() < at + bytes.len() {
+        b.resize(at + bytes.len(), 0);
+    }
+    b[at..at + bytes.len()].copy_from_slice(bytes);
+    fs::write(d.join(image), b).expect("write");
+}
+
+fn be64(d: &Path, image: &str, at: u64) -> u64 {
+    let b = fs::read(d.join(image)).expect("read");
+    u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().expect("8 bytes"))
+}
+
+#[test]
+fn check_matches_qemu_img() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    let mut images = Vec::new();
+
+    // Clean images of many kinds.
+    for (name, opts) in [
+        ("default.qcow2", "cluster_size=64k"),
+        ("v2.qcow2", "compat=0.10"),
+        ("c512.qcow2", "cluster_size=512,refcount_bits=1"),
+        ("rb64.qcow2", "refcount_bits=64,cluster_size=4k"),
+        ("ext.qcow2", "extended_l2=on"),
+        ("prealloc.qcow2", "preallocation=metadata"),
+        ("data.qcow2", "data_file=data.raw"),
+    ] {
+        sh(
+            d,
+            &[
+                "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, name, "8M",
+            ],
+        );
+        sh(
+            d,
+            &[
+                "qemu-io",
+                "-c",
+                "write -P 1 0 1M",
+                "-c",
+                "write -P 2 3M 100k",
+                "-c",
+                "write -z 5M 128k",
+                "-c",
+                "discard 64k 64k",
+                name,
+            ],
+        );
+        images.push(name.to_owned());
+    }
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "default.qcow2",
+            "zlib.qcow2",
+        ],
+    );
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "default.qcow2",
+            "zstd.qcow2",
+        ],
+    );
+    sh(d, &["qemu-img", "snapshot", "-c", "s1", "default.qcow2"]);
+    sh(d, &["qemu-io", "-c", "write -P 3 0 256k", "default.qcow2"]);
+    sh(d, &["qemu-img", "snapshot", "-c", "s2", "default.qcow2"]);
+    sh(d, &["qemu-img", "bitmap", "--add", "default.qcow2", "b0"]);
+    sh(d, &["qemu-io", "-c", "write -P 4 2M 64k", "default.qcow2"]);
+    images.extend(["zlib.qcow2".to_owned(), "zstd.qcow2".to_owned()]);
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s,data=pw",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+            "luks.qcow2",
+            "8M",
+        ],
+    );
+    images.push("luks.qcow2".to_owned());
+    ok(
+        qblk(
+            &[
+                "create",
+                "-q",
+                "-o",
+                "preallocation=full,cluster_size=4k",
+                "ours.qcow2",
+                "4M",
+            ],
+            d,
+        ),
+        "qblk create",
+    );
+    images.push("ours.qcow2".to_owned());
+
+    // Damaged copies of default.qcow2 (64 KiB clusters, 16-bit refcounts).
+    let base = fs::read(d.join("default.qcow2")).expect("read");
+    let reftable = be64(d, "default.qcow2", 48);
+    let refblock = be64(d, "default.qcow2", reftable);
+    let l1 = be64(d, "default.qcow2", 40);
+    let l2 = be64(d, "default.qcow2", l1) & 0x00ff_ffff_ffff_fe00;
+    let len = base.len() as u64;
+    type Damage = Box<dyn Fn(&Path, &str)>;
+    let damage: Vec<(&str, Damage)> = vec![
+        // A leaked cluster past the data, and one with refcount 2.
+        (
+            "leak",
+            Box::new(move |d, n| {
+                patch(d, n, len + 65536 * 2 - 1, &[0]);
+                let c = len / 65536;
+                patch(d, n, refblock + 2 * c, &1u16.to_be_bytes());
+                patch(d, n, refblock + 2 * (c + 1), &2u16.to_be_bytes());
+            }),
+        ),
+        // The L1 table's refcount zeroed (corruption + COPIED mismatch).
+        (
+            "l1-refcount",
+            Box::new(move |d, n| patch(d, n, refblock + 2 * (l1 / 65536), &0u16.to_be_bytes())),
+        ),
+        // COPIED cleared on a data cluster of the active L2 table.
+        (
+            "copied",
+            Box::new(move |d, n| {
+                let e = be64(d, n, l2 + 8 * 20);
+                patch(d, n, l2 + 8 * 20, &(e & !(1 << 63)).to_be_bytes());
+            }),
+        ),
+        // Two L2 entries pointing at the same data cluster.
+        (
+            "shared",
+            Box::new(move |d, n| {
+                let e = be64(d, n, l2 + 8 * 3);
+                patch(d, n, l2 + 8 * 4, &e.to_be_bytes());
+            }),
+        ),
+        // A refcount block beyond the end of the file.
+        (
+            "refblock-outside",
+            Box::new(move |d, n| {
+                patch(
+                    d,
+                    n,
+                    reftable + 8,
+                    &(len * 4).next_multiple_of(65536).to_be_bytes(),
+                )
+            }),
+        ),
+    ];
+    for (name, f) in &damage {
+        let n = format!("damaged-{name}.qcow2");
+        fs::write(d.join(&n), &base).expect("copy");
+        f(d, &n);
+        images.push(n);
+    }
+    images.push("default.qcow2".to_owned());
+
+    let mut failures = Vec::new();
+    let mut codes = Vec::new();
+    for image in &images {
+        let (their_code, theirs) = check_json("qemu-img", image, d);
+        let (our_code, ours) = check_json("qblk", image, d);
+        codes.push(their_code);
+        if their_code != our_code || theirs != ours {
+            failures.push(format!(
+                "{image}: qemu-img exit {their_code:?} {theirs}\n    qblk exit {our_code:?} {ours}"
+            ));
+        }
+    }
+    // The damage really is damage: qemu-img sees leaks and corruption.
+    assert!(
+        codes.contains(&Some(2)) && codes.contains(&Some(3)) && codes.contains(&Some(0)),
+        "{codes:?}"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // Raw images have no check, as in qemu-img.
+    sh(d, &["qemu-img", "create", "-q", "-f", "raw", "r.raw", "1M"]);
+    let out = qblk(&["check", "r.raw"], d);
+    assert_eq!(out.status.code(), Some(63));
+    // A header that does not parse: exit 1 with the field named.
+    patch(d, "default.qcow2", 20, &[0, 0, 0, 40]);
+    let out = qblk(&["check", "default.qcow2"], d);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("header.cluster_bits"));
+}
