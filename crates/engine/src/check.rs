@@ -266,15 +266,14 @@ impl Checker<'_> {
                 Some(RefcountMismatch::Corruption { .. }) => self.report.corruption(format!(
                     "ERROR cluster {cluster} refcount={stored} reference={referenced}"
                 )),
-                Some(RefcountMismatch::Leak { .. }) => {
-                    // Leaks only count within the file, as in qemu-img.
-                    if cluster < file_clusters {
-                        self.report.leaks += 1;
-                        self.report.messages.push(format!(
-                            "Leaked cluster {cluster} refcount={stored} reference={referenced}"
-                        ));
-                    }
+                // Leaks only count within the file, as in qemu-img.
+                Some(RefcountMismatch::Leak { .. }) if cluster < file_clusters => {
+                    self.report.leaks += 1;
+                    self.report.messages.push(format!(
+                        "Leaked cluster {cluster} refcount={stored} reference={referenced}"
+                    ));
                 }
+                Some(RefcountMismatch::Leak { .. }) => {}
             }
         }
         if !self.tally.out_of_range.is_empty() {
