@@ -30,9 +30,40 @@ pub enum CacheMode {
 pub struct HostFile {
     file: File,
     path: PathBuf,
-    /// Alignment of offsets, lengths and buffers for I/O (1 when buffered).
+    /// Alignment of offsets and lengths for I/O (1 when buffered). Buffers
+    /// are always [`BUF_ALIGN`]-aligned, which covers any memory alignment.
     align: u64,
     writable: bool,
+    /// Serialises read-modify-write of partial blocks: two of them on the
+    /// same block must not both read the old block.
+    rmw: tokio::sync::Mutex<()>,
+}
+
+/// The offset alignment O_DIRECT needs on this file: what statx reports
+/// (STATX_DIOALIGN), else the safe 4096.
+fn direct_io_alignment(file: &File) -> u64 {
+    // SAFETY: an all-zero statx is a valid value to be overwritten.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, empty path with AT_EMPTY_PATH, and a valid out pointer.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    let align = u64::from(stx.stx_dio_offset_align);
+    if rc == 0
+        && stx.stx_mask & libc::STATX_DIOALIGN != 0
+        && align.is_power_of_two()
+        && align <= BUF_ALIGN as u64
+    {
+        align
+    } else {
+        BUF_ALIGN as u64
+    }
 }
 
 impl HostFile {
@@ -45,7 +76,7 @@ impl HostFile {
         }
         let file = o.open(path)?;
         let align = match cache {
-            CacheMode::None => BUF_ALIGN as u64,
+            CacheMode::None => direct_io_alignment(&file),
             CacheMode::Writeback => 1,
         };
         Ok(Self {
@@ -53,6 +84,7 @@ impl HostFile {
             path: path.to_owned(),
             align,
             writable,
+            rmw: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -113,9 +145,8 @@ impl HostFile {
         Ok(())
     }
 
-    /// Writes all of `data` at `offset`; unaligned writes read-modify-write
-    /// the surrounding blocks.
-    pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    /// Read-modify-write of the blocks around `data` (caller holds `rmw`).
+    async fn write_rmw(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let start = offset - offset % self.align;
         let end = (offset + data.len() as u64).next_multiple_of(self.align);
         let span = usize::try_from(end - start)
@@ -127,12 +158,33 @@ impl HostFile {
         };
         let skip = (offset - start) as usize;
         buf[skip..skip + data.len()].copy_from_slice(data);
-        self.write_aligned(start, buf).await
+        self.write_raw(start, buf).await
     }
 
-    /// Writes a whole aligned buffer at an aligned offset.
+    /// Writes `data` at `offset`, read-modify-writing partial blocks.
+    pub async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let aligned = offset % self.align == 0 && data.len() as u64 % self.align == 0;
+        if aligned {
+            let mut buf = AlignedBuf::zeroed(data.len());
+            buf.copy_from_slice(data);
+            return self.write_aligned(offset, buf).await;
+        }
+        let _guard = self.rmw.lock().await;
+        self.write_rmw(offset, data).await
+    }
+
+    /// Writes a whole buffer; an unaligned offset or length falls back to
+    /// [`HostFile::write`].
     pub async fn write_aligned(&self, offset: u64, buf: AlignedBuf) -> io::Result<()> {
-        debug_assert_eq!(offset % self.align, 0);
+        if offset % self.align != 0 || buf.len() as u64 % self.align != 0 {
+            let _guard = self.rmw.lock().await;
+            return self.write_rmw(offset, &buf).await;
+        }
+        self.write_raw(offset, buf).await
+    }
+
+    /// Writes an aligned buffer at an aligned offset.
+    async fn write_raw(&self, offset: u64, buf: AlignedBuf) -> io::Result<()> {
         let ring = Ring::current()?;
         let mut done = 0usize;
         let mut buf = buf;

@@ -86,6 +86,9 @@ impl Default for BackingPolicy {
 /// How to open an image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
+    /// Open the image (and its external data file) for writing. Backing
+    /// files are always read-only.
+    pub writable: bool,
     pub cache: CacheMode,
     pub backing: BackingPolicy,
     /// L2 cache budget in bytes (at least one table is always cached).
@@ -95,6 +98,7 @@ pub struct OpenOptions {
 impl Default for OpenOptions {
     fn default() -> Self {
         Self {
+            writable: false,
             cache: CacheMode::None,
             backing: BackingPolicy::default(),
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
@@ -109,17 +113,34 @@ enum Backing {
     Raw { file: HostFile, size: u64 },
 }
 
-/// A qcow2 image open for reading.
+/// A qcow2 image open for reading (and, if opened so, writing).
 #[derive(Debug)]
 pub struct Image {
-    path: PathBuf,
-    header: Header,
-    geometry: Geometry,
-    file: HostFile,
-    data_file: Option<HostFile>,
+    pub(crate) path: PathBuf,
+    /// The header as opened; fields the write path changes (refcount
+    /// table location, autoclear bits) are tracked by the allocator.
+    pub(crate) header: Header,
+    pub(crate) geometry: Geometry,
+    pub(crate) file: HostFile,
+    pub(crate) data_file: Option<HostFile>,
     backing: Option<Backing>,
-    l1: Vec<L1Entry>,
-    l2_cache: Mutex<LruCache<u64, Arc<AlignedBuf>>>,
+    pub(crate) writable: bool,
+    /// The mapping tables. Held only for in-memory lookups and updates,
+    /// never across an await.
+    pub(crate) tables: Mutex<Tables>,
+    /// The allocator: serialises allocation and metadata writeback.
+    pub(crate) alloc: tokio::sync::Mutex<crate::write::Alloc>,
+}
+
+/// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
+/// bounded clean cache so they are never evicted before they are written.
+#[derive(Debug)]
+pub(crate) struct Tables {
+    pub(crate) l1: Vec<L1Entry>,
+    /// L1 entries changed since the last metadata writeback.
+    pub(crate) l1_dirty: bool,
+    pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
+    pub(crate) l2_dirty: std::collections::HashMap<u64, Arc<AlignedBuf>>,
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -133,7 +154,11 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 impl Image {
     /// Opens a qcow2 image and its backing chain.
     pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        Self::open_at_depth(path.to_owned(), opts.clone(), 0).await
+        let img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
+        if opts.writable {
+            crate::write::prepare_for_writing(&img).await?;
+        }
+        Ok(img)
     }
 
     fn open_at_depth(
@@ -142,7 +167,9 @@ impl Image {
         depth: u32,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Image>>>> {
         Box::pin(async move {
-            let file = HostFile::open(&path, false, opts.cache).map_err(io_err(&path, "open"))?;
+            let writable = opts.writable && depth == 0;
+            let file =
+                HostFile::open(&path, writable, opts.cache).map_err(io_err(&path, "open"))?;
             let file_len = file.file_len().map_err(io_err(&path, "stat"))?;
             let head = file
                 .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
@@ -187,7 +214,7 @@ impl Image {
                     })?;
                 let dp = relative_to(&path, name);
                 Some(
-                    HostFile::open(&dp, false, opts.cache)
+                    HostFile::open(&dp, writable, opts.cache)
                         .map_err(io_err(&dp, "open data file"))?,
                 )
             } else {
@@ -209,10 +236,14 @@ impl Image {
                 file,
                 data_file,
                 backing,
-                l1,
-                l2_cache: Mutex::new(LruCache::new(
-                    NonZeroUsize::new(tables).expect("at least one"),
-                )),
+                writable,
+                tables: Mutex::new(Tables {
+                    l1,
+                    l1_dirty: false,
+                    l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),
+                    l2_dirty: std::collections::HashMap::new(),
+                }),
+                alloc: tokio::sync::Mutex::new(crate::write::Alloc::default()),
             })
         })
     }
@@ -229,37 +260,64 @@ impl Image {
         &self.path
     }
 
+    pub(crate) fn lock_tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        // A panic while holding this lock is a bug; the tables stay usable.
+        self.tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Loads (or finds in the cache) the L2 table at `offset`.
-    async fn l2_table(&self, offset: u64) -> Result<Arc<AlignedBuf>> {
-        if let Some(t) = self.l2_cache.lock().expect("l2 cache lock").get(&offset) {
-            return Ok(t.clone());
+    pub(crate) async fn l2_table(&self, offset: u64) -> Result<Arc<AlignedBuf>> {
+        {
+            let mut t = self.lock_tables();
+            if let Some(table) = t.l2_dirty.get(&offset) {
+                return Ok(table.clone());
+            }
+            if let Some(table) = t.l2_clean.get(&offset) {
+                return Ok(table.clone());
+            }
         }
         let cs = self.geometry.cluster_size() as usize;
-        let t = Arc::new(
+        let loaded = Arc::new(
             self.file
                 .read(offset, cs)
                 .await
                 .map_err(io_err(&self.path, "read L2 table"))?,
         );
-        self.l2_cache
-            .lock()
-            .expect("l2 cache lock")
-            .put(offset, t.clone());
-        Ok(t)
+        let mut t = self.lock_tables();
+        // Another task may have loaded (or changed) it meanwhile: theirs wins.
+        if let Some(table) = t.l2_dirty.get(&offset) {
+            return Ok(table.clone());
+        }
+        if let Some(table) = t.l2_clean.get(&offset) {
+            return Ok(table.clone());
+        }
+        t.l2_clean.put(offset, loaded.clone());
+        Ok(loaded)
     }
 
     /// The descriptor of the guest cluster holding `guest_offset`.
-    async fn descriptor(&self, guest_offset: u64) -> Result<ClusterDescriptor> {
+    pub(crate) async fn descriptor(&self, guest_offset: u64) -> Result<ClusterDescriptor> {
+        Ok(self.descriptor_and_entry(guest_offset).await?.0)
+    }
+
+    /// The descriptor and the raw L2 entry (unallocated if no L2 table).
+    pub(crate) async fn descriptor_and_entry(
+        &self,
+        guest_offset: u64,
+    ) -> Result<(ClusterDescriptor, L2Entry)> {
         let g = &self.geometry;
         let cluster = g.guest_cluster(qblk_qcow2::GuestOffset(guest_offset));
         let l1_index = g.l1_index(cluster) as usize;
-        let Some(l2_offset) = self.l1.get(l1_index).and_then(|e| e.l2_offset()) else {
-            return Ok(ClusterDescriptor::Unallocated);
+        let l1_entry = self.lock_tables().l1.get(l1_index).copied();
+        let Some(l2_offset) = l1_entry.and_then(|e| e.l2_offset()) else {
+            return Ok((ClusterDescriptor::Unallocated, L2Entry::UNALLOCATED));
         };
         let table = self.l2_table(l2_offset.0).await?;
         let index = g.l2_index(cluster);
         let entry = L2Entry::read(&table, g, index).expect("index within table");
-        entry
+        let d = entry
             .decode(
                 g,
                 self.header.is_v3(),
@@ -269,7 +327,8 @@ impl Image {
             .map_err(|source| Error::Format {
                 path: self.path.clone(),
                 source,
-            })
+            })?;
+        Ok((d, entry))
     }
 
     /// Reads guest bytes `[offset, offset + buf.len())`.

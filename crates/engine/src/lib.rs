@@ -11,5 +11,6 @@ pub mod file;
 pub mod image;
 pub mod runtime;
 pub mod uring;
+mod write;
 
 pub use image::{Image, OpenOptions};

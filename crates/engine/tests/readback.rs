@@ -54,6 +54,7 @@ fn check_image(dir: &Path, image: &str) {
     for cache in [CacheMode::None, CacheMode::Writeback] {
         let path = dir.join(image);
         let opts = OpenOptions {
+            writable: false,
             cache,
             backing: BackingPolicy {
                 allow_any_dir: true,

@@ -1,0 +1,734 @@
+//! The write path: in-place writes, allocating writes with copy-on-write,
+//! and the one place that orders metadata writes.
+//!
+//! A write to a cluster the image owns alone (COPIED, every touched
+//! subcluster allocated) goes straight to the host file, without locks. Any
+//! other write allocates under the allocator lock: it picks a host cluster,
+//! writes the guest data and whatever copy-on-write the cluster needs, and
+//! only then updates the L2 entry in memory. Refcount blocks, the refcount
+//! table, L2 tables and the L1 table are write-back: they reach the disk in
+//! [`Image::flush`], in the order that keeps the image consistent after a
+//! crash at any point (DESIGN.md's metadata-ordering invariants):
+//!
+//! 1. dirty refcount blocks are written, then fdatasync — a new cluster's
+//!    refcount (and, invariant 2, the guest data written before it) is
+//!    durable before any table points at it;
+//! 2. a changed refcount table is written, then fdatasync — a new refcount
+//!    block is complete on disk before the table entry that finds it;
+//! 3. dirty L2 tables are written; if L1 entries changed, fdatasync and then
+//!    the L1 table — an L2 table is complete before an L1 entry points at it;
+//! 4. fdatasync, after which clusters freed since the last writeback may be
+//!    handed out again (invariant 3).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use qblk_qcow2::header::{AutoclearFeatures, Header};
+use qblk_qcow2::mapping::{ClusterDescriptor, L1Entry, L2Entry, SubclusterBitmap, SubclusterState};
+use qblk_qcow2::refcount::{RefcountTableEntry, get_refcount, set_refcount};
+use qblk_qcow2::{GuestOffset, HostCluster};
+
+use crate::buf::AlignedBuf;
+use crate::image::{Error, Image, Result};
+
+/// Dirty L2 tables allowed before an allocating write forces a writeback.
+const MAX_DIRTY_L2_TABLES: usize = 256;
+
+/// Allocator state, behind the image's allocator lock.
+#[derive(Debug, Default)]
+pub(crate) struct Alloc {
+    rc: Option<Refcounts>,
+    /// The header as it is on disk now.
+    header: Option<Header>,
+}
+
+/// The refcount structures of a writable image.
+#[derive(Debug)]
+struct Refcounts {
+    table: Vec<u64>,
+    table_dirty: bool,
+    /// Loaded refcount blocks by offset (all blocks the session touched).
+    blocks: HashMap<u64, AlignedBuf>,
+    dirty_blocks: BTreeSet<u64>,
+    /// No free cluster lies below this one.
+    cursor: u64,
+    /// Clusters whose last reference was dropped since the last writeback:
+    /// not reusable until that writeback is durable.
+    pending_free: HashSet<u64>,
+    /// Clusters at or beyond this index are neither in the file nor
+    /// allocated this session.
+    end: u64,
+}
+
+fn io<'a>(img: &'a Image, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        path: img.path.clone(),
+        op,
+        source,
+    }
+}
+
+fn corrupt(img: &Image, what: &str) -> Error {
+    Error::Unsupported {
+        path: img.path.clone(),
+        what: format!("inconsistent metadata: {what}"),
+    }
+}
+
+/// Makes an image ready for writing: refuses what cannot be written
+/// safely, clears autoclear bits whose meaning this engine does not keep up
+/// (unknown ones, and bitmaps, which are not updated), and loads the
+/// refcount table.
+pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
+    let h = &img.header;
+    let refuse = |what: &str| {
+        Err(Error::Unsupported {
+            path: img.path.clone(),
+            what: what.to_owned(),
+        })
+    };
+    if h.is_corrupt() {
+        return refuse(
+            "the corrupt bit is set: the image may only be opened read-only (run qblk check)",
+        );
+    }
+    if h.is_dirty() {
+        return refuse(
+            "the dirty bit is set and refcount rebuilding is not implemented yet: open read-only",
+        );
+    }
+    let mut header = h.clone();
+    let keep = AutoclearFeatures::RAW_EXTERNAL_DATA;
+    let cleared = header.autoclear_features.bits() & !keep.bits();
+    if cleared != 0 {
+        header.autoclear_features =
+            AutoclearFeatures::from_bits_retain(header.autoclear_features.bits() & keep.bits());
+        write_header(img, &header).await?;
+        img.file.flush().await.map_err(io(img, "flush header"))?;
+    }
+    let g = img.geometry;
+    let cs = g.cluster_size();
+    let rt = img
+        .file
+        .read(
+            h.refcount_table_offset,
+            (u64::from(h.refcount_table_clusters) * cs) as usize,
+        )
+        .await
+        .map_err(io(img, "read refcount table"))?;
+    let mut table = Vec::with_capacity(rt.len() / 8);
+    for (i, raw) in rt.chunks_exact(8).enumerate() {
+        let e = RefcountTableEntry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+        e.validate(&g, h.refcount_table_offset + i as u64 * 8)
+            .map_err(|source| Error::Format {
+                path: img.path.clone(),
+                source,
+            })?;
+        table.push(e.0);
+    }
+    let file_len = img.file.file_len().map_err(io(img, "stat"))?;
+    let mut a = img.alloc.lock().await;
+    a.rc = Some(Refcounts {
+        table,
+        table_dirty: false,
+        blocks: HashMap::new(),
+        dirty_blocks: BTreeSet::new(),
+        cursor: 0,
+        pending_free: HashSet::new(),
+        end: g.clusters_for(file_len),
+    });
+    a.header = Some(header);
+    Ok(())
+}
+
+async fn write_header(img: &Image, header: &Header) -> Result<()> {
+    let bytes = header.encode().map_err(|source| Error::Format {
+        path: img.path.clone(),
+        source,
+    })?;
+    img.file
+        .write(0, &bytes)
+        .await
+        .map_err(io(img, "write header"))
+}
+
+impl Refcounts {
+    /// The refcount block holding `cluster`'s entry, loaded; `None` if the
+    /// table has no block for it.
+    async fn block(&mut self, img: &Image, cluster: u64) -> Result<Option<u64>> {
+        let g = img.geometry;
+        let index = g.refcount_table_index(HostCluster(cluster)) as usize;
+        let Some(&entry) = self.table.get(index) else {
+            return Ok(None);
+        };
+        let Some(off) = RefcountTableEntry(entry).block_offset() else {
+            return Ok(None);
+        };
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.blocks.entry(off.0) {
+            let b = img
+                .file
+                .read(off.0, g.cluster_size() as usize)
+                .await
+                .map_err(io(img, "read refcount block"))?;
+            slot.insert(b);
+        }
+        Ok(Some(off.0))
+    }
+
+    async fn get(&mut self, img: &Image, cluster: u64) -> Result<u64> {
+        let g = img.geometry;
+        Ok(match self.block(img, cluster).await? {
+            None => 0,
+            Some(b) => get_refcount(
+                &self.blocks[&b],
+                g.refcount_order(),
+                g.refcount_block_index(HostCluster(cluster)),
+            ),
+        })
+    }
+
+    /// Sets a refcount whose block exists.
+    fn set_in(&mut self, img: &Image, block: u64, cluster: u64, value: u64) -> Result<()> {
+        let g = img.geometry;
+        let buf = self.blocks.get_mut(&block).expect("block loaded");
+        set_refcount(
+            buf,
+            g.refcount_order(),
+            g.refcount_block_index(HostCluster(cluster)),
+            value,
+        )
+        .map_err(|e| corrupt(img, &e.to_string()))?;
+        self.dirty_blocks.insert(block);
+        Ok(())
+    }
+
+    /// Adds `delta` (+1 or -1) to a cluster's refcount. A cluster whose
+    /// count drops to zero waits for the next writeback before reuse.
+    async fn adjust(&mut self, img: &Image, cluster: u64, delta: i64) -> Result<()> {
+        let Some(block) = self.block(img, cluster).await? else {
+            return Err(corrupt(
+                img,
+                &format!("cluster {cluster} is referenced but has no refcount block"),
+            ));
+        };
+        let cur = self.get(img, cluster).await?;
+        let new = cur.checked_add_signed(delta).ok_or_else(|| {
+            corrupt(
+                img,
+                &format!("refcount of cluster {cluster} would drop below zero"),
+            )
+        })?;
+        self.set_in(img, block, cluster, new)?;
+        if new == 0 {
+            self.pending_free.insert(cluster);
+        }
+        Ok(())
+    }
+
+    /// Allocates one free cluster (refcount 1) and returns its offset.
+    async fn alloc_cluster(&mut self, img: &Image, header: &mut Header) -> Result<u64> {
+        let g = img.geometry;
+        let cs = g.cluster_size();
+        loop {
+            let c = self.cursor;
+            let index = g.refcount_table_index(HostCluster(c)) as usize;
+            if index >= self.table.len() {
+                self.grow_table(img, header, index).await?;
+                continue;
+            }
+            if self.table[index] == 0 {
+                // No block covers c: every cluster it would count is free.
+                // The new block lives at c and counts itself.
+                let mut buf = AlignedBuf::zeroed(cs as usize);
+                set_refcount(
+                    &mut buf,
+                    g.refcount_order(),
+                    g.refcount_block_index(HostCluster(c)),
+                    1,
+                )
+                .expect("1 fits any refcount width");
+                self.blocks.insert(c * cs, buf);
+                self.dirty_blocks.insert(c * cs);
+                self.table[index] = c * cs;
+                self.table_dirty = true;
+                self.cursor = c + 1;
+                self.end = self.end.max(c + 1);
+                continue;
+            }
+            self.cursor = c + 1;
+            if c == 0 || self.pending_free.contains(&c) {
+                continue;
+            }
+            if self.get(img, c).await? == 0 {
+                let block = self.block(img, c).await?.expect("block exists");
+                self.set_in(img, block, c, 1)?;
+                self.end = self.end.max(c + 1);
+                return Ok(c * cs);
+            }
+        }
+    }
+
+    /// Replaces the refcount table with a larger one that has an entry at
+    /// `min_index`. The new table and any refcount blocks it needs for its
+    /// own clusters go past everything in use; the header switches to it
+    /// only once it is durable, and the old table is freed after that.
+    async fn grow_table(
+        &mut self,
+        img: &Image,
+        header: &mut Header,
+        min_index: usize,
+    ) -> Result<()> {
+        let g = img.geometry;
+        let cs = g.cluster_size();
+        let entries = (min_index + 1).max(self.table.len() * 2);
+        let table_clusters = g.clusters_for(entries as u64 * 8);
+        let max_clusters = (qblk_qcow2::types::MAX_REFCOUNT_TABLE_BYTES / cs).max(1);
+        if table_clusters > max_clusters {
+            return Err(Error::Unsupported {
+                path: img.path.clone(),
+                what: "the image is full: the refcount table would exceed 8 MiB".into(),
+            });
+        }
+        let start = self.end.max(self.cursor);
+        // New blocks follow the table; find how many are needed to cover
+        // the table and themselves (a fixed point: blocks count blocks).
+        let per_block = g.refcount_block_entries();
+        let mut new_blocks = 0u64;
+        let missing = |first: u64, count: u64, table: &[u64]| -> Vec<u64> {
+            let mut v: Vec<u64> = (first / per_block..=(first + count - 1) / per_block)
+                .filter(|&i| table.get(i as usize).copied().unwrap_or(0) == 0)
+                .collect();
+            v.dedup();
+            v
+        };
+        loop {
+            let need = missing(start, table_clusters + new_blocks.max(1), &self.table).len() as u64;
+            if need == new_blocks {
+                break;
+            }
+            new_blocks = need;
+        }
+        let mut table = self.table.clone();
+        table.resize((table_clusters * cs / 8) as usize, 0);
+        let block_indexes = missing(start, table_clusters + new_blocks.max(1), &self.table);
+        let first_block = start + table_clusters;
+        for (k, &bi) in block_indexes.iter().enumerate() {
+            let at = (first_block + k as u64) * cs;
+            table[bi as usize] = at;
+            self.blocks.insert(at, AlignedBuf::zeroed(cs as usize));
+        }
+        self.table = table;
+        // Refcount 1 for the new table clusters and the new blocks.
+        for c in start..first_block + block_indexes.len() as u64 {
+            let block = self.block(img, c).await?.expect("covered by a block");
+            self.set_in(img, block, c, 1)?;
+        }
+        self.end = self.end.max(first_block + block_indexes.len() as u64);
+        self.cursor = self.cursor.max(self.end);
+
+        // Blocks first, then the table, then the header that points at it.
+        self.write_blocks(img).await?;
+        let mut bytes = AlignedBuf::zeroed((table_clusters * cs) as usize);
+        for (i, e) in self.table.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        img.file
+            .write_aligned(start * cs, bytes)
+            .await
+            .map_err(io(img, "write refcount table"))?;
+        img.file.flush().await.map_err(io(img, "flush"))?;
+        let old_offset = header.refcount_table_offset;
+        let old_clusters = u64::from(header.refcount_table_clusters);
+        header.refcount_table_offset = start * cs;
+        header.refcount_table_clusters =
+            u32::try_from(table_clusters).map_err(|_| corrupt(img, "refcount table size"))?;
+        write_header(img, header).await?;
+        img.file.flush().await.map_err(io(img, "flush header"))?;
+        self.table_dirty = false;
+        for c in 0..old_clusters {
+            self.adjust(img, old_offset / cs + c, -1).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_blocks(&mut self, img: &Image) -> Result<()> {
+        let dirty = std::mem::take(&mut self.dirty_blocks);
+        for off in dirty {
+            let buf = &self.blocks[&off];
+            let mut copy = AlignedBuf::zeroed(buf.len());
+            copy.copy_from_slice(buf);
+            img.file
+                .write_aligned(off, copy)
+                .await
+                .map_err(io(img, "write refcount block"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Image {
+    fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.writable {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "image is open read-only".into(),
+            });
+        }
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.header.size)
+        {
+            return Err(Error::OutOfRange {
+                offset,
+                len,
+                size: self.header.size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes guest bytes at `offset`. The data is on its way to the disk
+    /// when this returns; it is durable after the next [`Image::flush`].
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable(offset, data.len() as u64)?;
+        let g = self.geometry;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let in_cluster = g.offset_in_cluster(pos);
+            let chunk = ((g.cluster_size() - in_cluster) as usize).min(data.len() - done);
+            let part = &data[done..done + chunk];
+            let (desc, _) = self.descriptor_and_entry(pos).await?;
+            match self.in_place_target(&desc, in_cluster, chunk as u64) {
+                Some(host) => self.write_data(host + in_cluster, part).await?,
+                None => {
+                    let mut a = self.alloc.lock().await;
+                    self.allocating_write(&mut a, pos, part).await?;
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// The host cluster a write may go to without touching metadata.
+    fn in_place_target(&self, desc: &ClusterDescriptor, in_cluster: u64, len: u64) -> Option<u64> {
+        let ClusterDescriptor::Standard {
+            host,
+            copied,
+            subclusters,
+        } = *desc
+        else {
+            return None;
+        };
+        if !copied && !self.header.has_external_data_file() {
+            return None;
+        }
+        if self.geometry.extended_l2() {
+            let scs = self.geometry.subcluster_size();
+            let first = (in_cluster / scs) as u32;
+            let last = ((in_cluster + len - 1) / scs) as u32;
+            if !(first..=last).all(|i| subclusters.state(i) == SubclusterState::Allocated) {
+                return None;
+            }
+        }
+        Some(host.0)
+    }
+
+    async fn write_data(&self, host_offset: u64, data: &[u8]) -> Result<()> {
+        let file = self.data_file.as_ref().unwrap_or(&self.file);
+        file.write(host_offset, data)
+            .await
+            .map_err(io(self, "write data"))
+    }
+
+    /// One cluster's worth (or less) of an allocating write.
+    async fn allocating_write(&self, a: &mut Alloc, pos: u64, data: &[u8]) -> Result<()> {
+        let in_cluster = self.geometry.offset_in_cluster(pos);
+        // The mapping may have changed while this task waited for the lock.
+        let (desc, _) = self.descriptor_and_entry(pos).await?;
+        if let Some(host) = self.in_place_target(&desc, in_cluster, data.len() as u64) {
+            return self.write_data(host + in_cluster, data).await;
+        }
+        self.allocate_and_write(a, desc, pos, data).await?;
+        if self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES {
+            self.writeback(a).await?;
+        }
+        Ok(())
+    }
+
+    async fn allocate_and_write(
+        &self,
+        a: &mut Alloc,
+        desc: ClusterDescriptor,
+        pos: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let in_cluster = g.offset_in_cluster(pos);
+        let cluster_start = pos - in_cluster;
+        let external = self.header.has_external_data_file();
+        let Alloc { rc, header } = a;
+        let rc = rc.as_mut().expect("writable image has refcounts");
+        let header = header.as_mut().expect("writable image has a header");
+
+        // Where the cluster's data goes, and whether it replaces a host
+        // cluster whose reference must be dropped.
+        let (host, old_ref) = match desc {
+            _ if external => (cluster_start, None),
+            ClusterDescriptor::Zero {
+                preallocated: Some(h),
+                copied: true,
+            } => (h.0, None),
+            ClusterDescriptor::Standard {
+                host, copied: true, ..
+            } => (host.0, None),
+            ClusterDescriptor::Standard {
+                host,
+                copied: false,
+                ..
+            }
+            | ClusterDescriptor::Zero {
+                preallocated: Some(host),
+                copied: false,
+            } => (rc.alloc_cluster(self, header).await?, Some((host.0, cs))),
+            ClusterDescriptor::Compressed { host, len } => {
+                (rc.alloc_cluster(self, header).await?, Some((host.0, len)))
+            }
+            ClusterDescriptor::Unallocated
+            | ClusterDescriptor::Zero {
+                preallocated: None, ..
+            }
+            | ClusterDescriptor::UnallocatedSubclusters { .. } => {
+                (rc.alloc_cluster(self, header).await?, None)
+            }
+        };
+
+        let new_entry = if g.extended_l2() {
+            let scs = g.subcluster_size();
+            let first = (in_cluster / scs) as u32;
+            let last = ((in_cluster + data.len() as u64 - 1) / scs) as u32;
+            let touched: u32 = ((u64::from(u32::MAX) >> (31 - (last - first))) as u32) << first;
+            let old = match desc {
+                ClusterDescriptor::Standard { subclusters, .. }
+                | ClusterDescriptor::UnallocatedSubclusters { subclusters } => subclusters,
+                // A compressed cluster has no subclusters: all of it is data.
+                ClusterDescriptor::Compressed { .. } => SubclusterBitmap::ALL_ALLOCATED,
+                ClusterDescriptor::Unallocated | ClusterDescriptor::Zero { .. } => {
+                    SubclusterBitmap(0)
+                }
+            };
+            // Moving to a new host cluster copies every allocated subcluster;
+            // otherwise only the touched ones are written.
+            let moves_data = old_ref.is_some();
+            if !moves_data {
+                // Only the touched subclusters are written (edges completed
+                // from what shows through now); the others keep their state.
+                let start = u64::from(first) * scs;
+                let end = (u64::from(last) + 1) * scs;
+                let mut buf = vec![0u8; (end - start) as usize];
+                self.read(cluster_start + start, &mut buf).await?;
+                let at = (in_cluster - start) as usize;
+                buf[at..at + data.len()].copy_from_slice(data);
+                self.write_data(host + start, &buf).await?;
+            } else {
+                // A shared cluster moves: copy every subcluster it has.
+                self.write_whole_cluster(cluster_start, in_cluster, data, host)
+                    .await?;
+            }
+            let alloc = old.allocation() | touched;
+            let zero = old.zero() & !touched;
+            L2Entry::standard(
+                qblk_qcow2::HostOffset(host),
+                true,
+                SubclusterBitmap::from_parts(alloc, zero),
+            )
+        } else {
+            self.write_whole_cluster(cluster_start, in_cluster, data, host)
+                .await?;
+            L2Entry::standard(qblk_qcow2::HostOffset(host), true, SubclusterBitmap(0))
+        };
+
+        self.set_l2_entry(rc, header, cluster_start, new_entry)
+            .await?;
+        if let Some((off, len)) = old_ref {
+            let first = off / cs;
+            let last = (off + len - 1) / cs;
+            for c in first..=last {
+                rc.adjust(self, c, -1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a whole new cluster: the guest data inside what the cluster
+    /// reads as now (copy-on-write).
+    async fn write_whole_cluster(
+        &self,
+        cluster_start: u64,
+        in_cluster: u64,
+        data: &[u8],
+        host: u64,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size() as usize;
+        let mut buf = AlignedBuf::zeroed(cs);
+        if data.len() != cs {
+            let end = (cluster_start + cs as u64).min(self.header.size);
+            let n = (end - cluster_start) as usize;
+            self.read(cluster_start, &mut buf[..n]).await?;
+        }
+        buf[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        match &self.data_file {
+            // The data file is exactly the virtual size: never write past it.
+            Some(f) => {
+                let n = (self.header.size - cluster_start).min(cs as u64) as usize;
+                f.write(host, &buf[..n])
+                    .await
+                    .map_err(io(self, "write data"))
+            }
+            None => self
+                .file
+                .write_aligned(host, buf)
+                .await
+                .map_err(io(self, "write data")),
+        }
+    }
+
+    /// Points the L2 entry of the cluster at `guest` to `entry`, allocating
+    /// or copying its L2 table first if the image does not own it alone.
+    async fn set_l2_entry(
+        &self,
+        rc: &mut Refcounts,
+        header: &mut Header,
+        guest: u64,
+        entry: L2Entry,
+    ) -> Result<()> {
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let cluster = g.guest_cluster(GuestOffset(guest));
+        let l1_index = g.l1_index(cluster) as usize;
+        let l1_entry = self
+            .lock_tables()
+            .l1
+            .get(l1_index)
+            .copied()
+            .ok_or_else(|| corrupt(self, "L1 table too small"))?;
+        let table_offset = match l1_entry.l2_offset() {
+            Some(off) if l1_entry.copied() => off.0,
+            old => {
+                let t = rc.alloc_cluster(self, header).await?;
+                let table = match old {
+                    Some(off) => {
+                        // Copy a table shared with a snapshot.
+                        let src = self.l2_table(off.0).await?;
+                        let mut copy = AlignedBuf::zeroed(cs as usize);
+                        copy.copy_from_slice(&src);
+                        rc.adjust(self, off.0 / cs, -1).await?;
+                        copy
+                    }
+                    None => AlignedBuf::zeroed(cs as usize),
+                };
+                let mut tables = self.lock_tables();
+                tables.l2_dirty.insert(t, Arc::new(table));
+                tables.l1[l1_index] = L1Entry::new(qblk_qcow2::HostOffset(t), true);
+                tables.l1_dirty = true;
+                t
+            }
+        };
+        // Make sure the table is loaded, then change it in the dirty set.
+        let current = self.l2_table(table_offset).await?;
+        let mut tables = self.lock_tables();
+        let table = match tables.l2_dirty.remove(&table_offset) {
+            Some(t) => t,
+            None => {
+                tables.l2_clean.pop(&table_offset);
+                current
+            }
+        };
+        let mut table = Arc::unwrap_or_clone(table);
+        entry.write(&mut table, &g, g.l2_index(cluster));
+        tables.l2_dirty.insert(table_offset, Arc::new(table));
+        Ok(())
+    }
+
+    /// Makes every acknowledged write and the metadata it depends on durable.
+    pub async fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let mut a = self.alloc.lock().await;
+        self.writeback(&mut a).await
+    }
+
+    /// Writes dirty metadata in the order the module documentation gives.
+    async fn writeback(&self, a: &mut Alloc) -> Result<()> {
+        let rc = a.rc.as_mut().expect("writable image has refcounts");
+        rc.write_blocks(self).await?;
+        self.sync_all().await?;
+        if rc.table_dirty {
+            let h = a.header.as_ref().expect("header");
+            let cs = self.geometry.cluster_size();
+            let mut bytes =
+                AlignedBuf::zeroed((u64::from(h.refcount_table_clusters) * cs) as usize);
+            for (i, e) in rc.table.iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            self.file
+                .write_aligned(h.refcount_table_offset, bytes)
+                .await
+                .map_err(io(self, "write refcount table"))?;
+            self.file.flush().await.map_err(io(self, "flush"))?;
+            rc.table_dirty = false;
+        }
+        let (dirty, l1) = {
+            let t = self.lock_tables();
+            let dirty: Vec<(u64, Arc<AlignedBuf>)> =
+                t.l2_dirty.iter().map(|(k, v)| (*k, v.clone())).collect();
+            (dirty, t.l1_dirty.then(|| t.l1.clone()))
+        };
+        for (off, table) in &dirty {
+            let mut copy = AlignedBuf::zeroed(table.len());
+            copy.copy_from_slice(table);
+            self.file
+                .write_aligned(*off, copy)
+                .await
+                .map_err(io(self, "write L2 table"))?;
+        }
+        if let Some(l1) = l1 {
+            self.file.flush().await.map_err(io(self, "flush"))?;
+            let mut bytes = vec![0u8; l1.len() * 8];
+            for (i, e) in l1.iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_be_bytes());
+            }
+            self.file
+                .write(self.header.l1_table_offset, &bytes)
+                .await
+                .map_err(io(self, "write L1 table"))?;
+        }
+        self.file.flush().await.map_err(io(self, "flush"))?;
+        {
+            // Nothing changed the tables meanwhile: they change only under
+            // the allocator lock, which this task holds.
+            let mut t = self.lock_tables();
+            for (off, table) in dirty {
+                t.l2_dirty.remove(&off);
+                t.l2_clean.put(off, table);
+            }
+            t.l1_dirty = false;
+        }
+        let rc = a.rc.as_mut().expect("refcounts");
+        if let Some(&lowest) = rc.pending_free.iter().min() {
+            rc.cursor = rc.cursor.min(lowest);
+        }
+        rc.pending_free.clear();
+        Ok(())
+    }
+
+    async fn sync_all(&self) -> Result<()> {
+        if let Some(f) = &self.data_file {
+            f.flush().await.map_err(io(self, "flush data file"))?;
+        }
+        self.file.flush().await.map_err(io(self, "flush"))
+    }
+}
