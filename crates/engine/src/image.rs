@@ -248,6 +248,10 @@ impl Image {
         })
     }
 
+    pub(crate) fn backing_exists(&self) -> bool {
+        self.backing.is_some() || self.header.backing_file.is_some()
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }

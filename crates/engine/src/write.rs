@@ -652,6 +652,158 @@ impl Image {
         Ok(())
     }
 
+    /// Makes `[offset, offset + len)` read as zeros. Whole clusters become
+    /// zero clusters (or all-zero subclusters); with `may_unmap` their host
+    /// clusters are released, otherwise they stay preallocated. Partial
+    /// clusters, version 2 images and raw external data files get zeros
+    /// written.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.check_writable(offset, len)?;
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let metadata_only = self.header.is_v3() && !self.header.data_file_is_raw();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let in_cluster = g.offset_in_cluster(pos);
+            let n = (cs - in_cluster).min(end - pos);
+            let whole = in_cluster == 0 && (n == cs || pos + n == self.header.size);
+            if whole && metadata_only {
+                let mut a = self.alloc.lock().await;
+                self.zero_cluster(&mut a, pos, may_unmap).await?;
+            } else {
+                self.write_zero_bytes(pos, n).await?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    async fn write_zero_bytes(&self, pos: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            self.write(pos + done, &zeros[..n]).await?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// One whole cluster to zeros through its L2 entry.
+    async fn zero_cluster(&self, a: &mut Alloc, pos: u64, may_unmap: bool) -> Result<()> {
+        let (desc, _) = self.descriptor_and_entry(pos).await?;
+        let g = self.geometry;
+        let external = self.header.has_external_data_file();
+        // What keeps its host cluster, and what reference is dropped.
+        let (keep, drop): (Option<u64>, Option<(u64, u64)>) = match desc {
+            ClusterDescriptor::Standard { host, copied, .. }
+            | ClusterDescriptor::Zero {
+                preallocated: Some(host),
+                copied,
+            } => {
+                if external || (copied && !may_unmap) {
+                    (Some(host.0), None)
+                } else {
+                    (None, Some((host.0, g.cluster_size())))
+                }
+            }
+            ClusterDescriptor::Compressed { host, len } => (None, Some((host.0, len))),
+            ClusterDescriptor::Unallocated
+            | ClusterDescriptor::Zero {
+                preallocated: None, ..
+            }
+            | ClusterDescriptor::UnallocatedSubclusters { .. } => (None, None),
+        };
+        let new_entry = match (g.extended_l2(), keep) {
+            (false, host) => L2Entry::zero(host.map(qblk_qcow2::HostOffset), host.is_some()),
+            (true, Some(host)) => L2Entry::standard(
+                qblk_qcow2::HostOffset(host),
+                true,
+                SubclusterBitmap::ALL_ZERO,
+            ),
+            (true, None) => L2Entry {
+                word: 0,
+                bitmap: SubclusterBitmap::ALL_ZERO.0,
+            },
+        };
+        self.remap(a, pos, new_entry, drop).await
+    }
+
+    /// Releases whole clusters in `[offset, offset + len)`: they read as
+    /// zeros afterwards where a backing file would otherwise show through,
+    /// and are unallocated otherwise. Discard is advisory: partial clusters,
+    /// version 2 images with a backing file and external data files are
+    /// left as they are.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable(offset, len)?;
+        if self.header.has_external_data_file() || (!self.header.is_v3() && self.backing_exists()) {
+            return Ok(());
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let mut pos = offset.next_multiple_of(cs);
+        let end = offset + len;
+        while pos < end && (pos + cs <= end || end == self.header.size) {
+            let mut a = self.alloc.lock().await;
+            let (desc, _) = self.descriptor_and_entry(pos).await?;
+            let drop = match desc {
+                ClusterDescriptor::Standard { host, .. }
+                | ClusterDescriptor::Zero {
+                    preallocated: Some(host),
+                    ..
+                } => Some((host.0, cs)),
+                ClusterDescriptor::Compressed { host, len } => Some((host.0, len)),
+                ClusterDescriptor::Unallocated
+                | ClusterDescriptor::Zero {
+                    preallocated: None, ..
+                }
+                | ClusterDescriptor::UnallocatedSubclusters { .. } => None,
+            };
+            let new_entry = if !self.backing_exists() {
+                L2Entry::UNALLOCATED
+            } else if g.extended_l2() {
+                L2Entry {
+                    word: 0,
+                    bitmap: SubclusterBitmap::ALL_ZERO.0,
+                }
+            } else {
+                L2Entry::zero(None, false)
+            };
+            if drop.is_some() || new_entry != L2Entry::UNALLOCATED {
+                self.remap(&mut a, pos, new_entry, drop).await?;
+            }
+            pos += cs;
+        }
+        Ok(())
+    }
+
+    /// Sets a cluster's L2 entry and drops the old host reference, if any.
+    async fn remap(
+        &self,
+        a: &mut Alloc,
+        pos: u64,
+        entry: L2Entry,
+        drop: Option<(u64, u64)>,
+    ) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let Alloc { rc, header } = a;
+        let rc = rc.as_mut().expect("writable image has refcounts");
+        let header = header.as_mut().expect("writable image has a header");
+        let cluster_start = pos - self.geometry.offset_in_cluster(pos);
+        self.set_l2_entry(rc, header, cluster_start, entry).await?;
+        if let Some((off, len)) = drop {
+            for c in off / cs..=(off + len - 1) / cs {
+                rc.adjust(self, c, -1).await?;
+            }
+        }
+        if self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES {
+            self.writeback(a).await?;
+        }
+        Ok(())
+    }
+
     /// Makes every acknowledged write and the metadata it depends on durable.
     pub async fn flush(&self) -> Result<()> {
         if !self.writable {
