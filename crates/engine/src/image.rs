@@ -53,6 +53,12 @@ pub enum Error {
         offset: u64,
         reason: String,
     },
+    /// Metadata found inconsistent while serving a request. The image has
+    /// been marked corrupt (best effort) and takes no more writes.
+    #[error("{}: inconsistent metadata: {what}; image marked corrupt", path.display())]
+    Corrupt { path: PathBuf, what: String },
+    #[error("{}: image was marked corrupt: writes refused", path.display())]
+    MarkedCorrupt { path: PathBuf },
     #[error("request [{offset:#x}, +{len:#x}) is beyond the virtual disk ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
 }
@@ -130,6 +136,9 @@ pub struct Image {
     pub(crate) tables: Mutex<Tables>,
     /// The allocator: serialises allocation and metadata writeback.
     pub(crate) alloc: tokio::sync::Mutex<crate::write::Alloc>,
+    pub(crate) counters: crate::stats::Counters,
+    /// Set once metadata was found inconsistent: no more writes.
+    pub(crate) corrupt: std::sync::atomic::AtomicBool,
 }
 
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
@@ -244,12 +253,19 @@ impl Image {
                     l2_dirty: std::collections::HashMap::new(),
                 }),
                 alloc: tokio::sync::Mutex::new(crate::write::Alloc::default()),
+                counters: crate::stats::Counters::default(),
+                corrupt: std::sync::atomic::AtomicBool::new(false),
             })
         })
     }
 
     pub(crate) fn backing_exists(&self) -> bool {
         self.backing.is_some() || self.header.backing_file.is_some()
+    }
+
+    /// The engine's counters so far.
+    pub fn stats(&self) -> crate::stats::Stats {
+        self.counters.snapshot()
     }
 
     pub fn header(&self) -> &Header {
@@ -279,9 +295,11 @@ impl Image {
                 return Ok(table.clone());
             }
             if let Some(table) = t.l2_clean.get(&offset) {
+                crate::stats::Counters::add(&self.counters.l2_hits, 1);
                 return Ok(table.clone());
             }
         }
+        crate::stats::Counters::add(&self.counters.l2_misses, 1);
         let cs = self.geometry.cluster_size() as usize;
         let loaded = Arc::new(
             self.file

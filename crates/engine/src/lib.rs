@@ -10,6 +10,7 @@ pub mod check;
 pub mod file;
 pub mod image;
 pub mod runtime;
+pub mod stats;
 pub mod uring;
 mod write;
 

@@ -30,6 +30,7 @@ use qblk_qcow2::{GuestOffset, HostCluster};
 
 use crate::buf::AlignedBuf;
 use crate::image::{Error, Image, Result};
+use crate::stats::Counters;
 
 /// Dirty L2 tables allowed before an allocating write forces a writeback.
 const MAX_DIRTY_L2_TABLES: usize = 256;
@@ -69,9 +70,9 @@ fn io<'a>(img: &'a Image, op: &'static str) -> impl FnOnce(std::io::Error) -> Er
 }
 
 fn corrupt(img: &Image, what: &str) -> Error {
-    Error::Unsupported {
+    Error::Corrupt {
         path: img.path.clone(),
-        what: format!("inconsistent metadata: {what}"),
+        what: what.to_owned(),
     }
 }
 
@@ -104,7 +105,7 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
         header.autoclear_features =
             AutoclearFeatures::from_bits_retain(header.autoclear_features.bits() & keep.bits());
         write_header(img, &header).await?;
-        img.file.flush().await.map_err(io(img, "flush header"))?;
+        img.sync_image("flush header").await?;
     }
     let g = img.geometry;
     let cs = g.cluster_size();
@@ -146,6 +147,7 @@ async fn write_header(img: &Image, header: &Header) -> Result<()> {
         path: img.path.clone(),
         source,
     })?;
+    Counters::add(&img.counters.metadata_writes, 1);
     img.file
         .write(0, &bytes)
         .await
@@ -332,18 +334,19 @@ impl Refcounts {
         for (i, e) in self.table.iter().enumerate() {
             bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
+        Counters::add(&img.counters.metadata_writes, 1);
         img.file
             .write_aligned(start * cs, bytes)
             .await
             .map_err(io(img, "write refcount table"))?;
-        img.file.flush().await.map_err(io(img, "flush"))?;
+        img.sync_image("flush").await?;
         let old_offset = header.refcount_table_offset;
         let old_clusters = u64::from(header.refcount_table_clusters);
         header.refcount_table_offset = start * cs;
         header.refcount_table_clusters =
             u32::try_from(table_clusters).map_err(|_| corrupt(img, "refcount table size"))?;
         write_header(img, header).await?;
-        img.file.flush().await.map_err(io(img, "flush header"))?;
+        img.sync_image("flush header").await?;
         self.table_dirty = false;
         for c in 0..old_clusters {
             self.adjust(img, old_offset / cs + c, -1).await?;
@@ -357,6 +360,7 @@ impl Refcounts {
             let buf = &self.blocks[&off];
             let mut copy = AlignedBuf::zeroed(buf.len());
             copy.copy_from_slice(buf);
+            Counters::add(&img.counters.metadata_writes, 1);
             img.file
                 .write_aligned(off, copy)
                 .await
@@ -368,6 +372,11 @@ impl Refcounts {
 
 impl Image {
     fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
+        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::MarkedCorrupt {
+                path: self.path.clone(),
+            });
+        }
         if !self.writable {
             return Err(Error::Unsupported {
                 path: self.path.clone(),
@@ -390,6 +399,11 @@ impl Image {
     /// Writes guest bytes at `offset`. The data is on its way to the disk
     /// when this returns; it is durable after the next [`Image::flush`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = self.write_inner(offset, data).await;
+        self.on_error(r).await
+    }
+
+    async fn write_inner(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
         let g = self.geometry;
         let mut done = 0usize;
@@ -400,8 +414,12 @@ impl Image {
             let part = &data[done..done + chunk];
             let (desc, _) = self.descriptor_and_entry(pos).await?;
             match self.in_place_target(&desc, in_cluster, chunk as u64) {
-                Some(host) => self.write_data(host + in_cluster, part).await?,
+                Some(host) => {
+                    Counters::add(&self.counters.in_place_writes, 1);
+                    self.write_data(host + in_cluster, part).await?
+                }
                 None => {
+                    Counters::add(&self.counters.allocating_writes, 1);
                     let mut a = self.alloc.lock().await;
                     self.allocating_write(&mut a, pos, part).await?;
                 }
@@ -530,6 +548,7 @@ impl Image {
                 let mut buf = vec![0u8; (end - start) as usize];
                 self.read(cluster_start + start, &mut buf).await?;
                 let at = (in_cluster - start) as usize;
+                Counters::add(&self.counters.cow_bytes, (buf.len() - data.len()) as u64);
                 buf[at..at + data.len()].copy_from_slice(data);
                 self.write_data(host + start, &buf).await?;
             } else {
@@ -574,6 +593,7 @@ impl Image {
         let cs = self.geometry.cluster_size() as usize;
         let mut buf = AlignedBuf::zeroed(cs);
         if data.len() != cs {
+            Counters::add(&self.counters.cow_bytes, (cs - data.len()) as u64);
             let end = (cluster_start + cs as u64).min(self.header.size);
             let n = (end - cluster_start) as usize;
             self.read(cluster_start, &mut buf[..n]).await?;
@@ -658,6 +678,11 @@ impl Image {
     /// clusters, version 2 images and raw external data files get zeros
     /// written.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        let r = self.write_zeroes_inner(offset, len, may_unmap).await;
+        self.on_error(r).await
+    }
+
+    async fn write_zeroes_inner(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_writable(offset, len)?;
         let g = self.geometry;
         let cs = g.cluster_size();
@@ -737,6 +762,11 @@ impl Image {
     /// version 2 images with a backing file and external data files are
     /// left as they are.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let r = self.discard_inner(offset, len).await;
+        self.on_error(r).await
+    }
+
+    async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable(offset, len)?;
         if self.header.has_external_data_file() || (!self.header.is_v3() && self.backing_exists()) {
             return Ok(());
@@ -806,11 +836,38 @@ impl Image {
 
     /// Makes every acknowledged write and the metadata it depends on durable.
     pub async fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        let mut a = self.alloc.lock().await;
-        self.writeback(&mut a).await
+        let r = {
+            let mut a = self.alloc.lock().await;
+            self.writeback(&mut a).await
+        };
+        self.on_error(r).await
+    }
+
+    /// Invariant 6: metadata found inconsistent (a format error in a table,
+    /// a refcount that cannot be right) fails the request, sets the corrupt
+    /// bit as best it can, and stops all further writes. Nothing is fixed
+    /// silently.
+    async fn on_error(&self, r: Result<()>) -> Result<()> {
+        let what = match &r {
+            Err(Error::Corrupt { what, .. }) => what.clone(),
+            Err(Error::Format { source, .. }) => source.to_string(),
+            _ => return r,
+        };
+        if !self.corrupt.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let a = self.alloc.lock().await;
+            let mut header = a.header.clone().unwrap_or_else(|| self.header.clone());
+            header.incompatible_features |= qblk_qcow2::header::IncompatibleFeatures::CORRUPT;
+            if write_header(self, &header).await.is_ok() {
+                let _ = self.sync_image("flush corrupt bit").await;
+            }
+        }
+        Err(Error::Corrupt {
+            path: self.path.clone(),
+            what,
+        })
     }
 
     /// Writes dirty metadata in the order the module documentation gives.
@@ -826,11 +883,12 @@ impl Image {
             for (i, e) in rc.table.iter().enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
             }
+            Counters::add(&self.counters.metadata_writes, 1);
             self.file
                 .write_aligned(h.refcount_table_offset, bytes)
                 .await
                 .map_err(io(self, "write refcount table"))?;
-            self.file.flush().await.map_err(io(self, "flush"))?;
+            self.sync_image("flush").await?;
             rc.table_dirty = false;
         }
         let (dirty, l1) = {
@@ -842,23 +900,25 @@ impl Image {
         for (off, table) in &dirty {
             let mut copy = AlignedBuf::zeroed(table.len());
             copy.copy_from_slice(table);
+            Counters::add(&self.counters.metadata_writes, 1);
             self.file
                 .write_aligned(*off, copy)
                 .await
                 .map_err(io(self, "write L2 table"))?;
         }
         if let Some(l1) = l1 {
-            self.file.flush().await.map_err(io(self, "flush"))?;
+            self.sync_image("flush").await?;
             let mut bytes = vec![0u8; l1.len() * 8];
             for (i, e) in l1.iter().enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_be_bytes());
             }
+            Counters::add(&self.counters.metadata_writes, 1);
             self.file
                 .write(self.header.l1_table_offset, &bytes)
                 .await
                 .map_err(io(self, "write L1 table"))?;
         }
-        self.file.flush().await.map_err(io(self, "flush"))?;
+        self.sync_image("flush").await?;
         {
             // Nothing changed the tables meanwhile: they change only under
             // the allocator lock, which this task holds.
@@ -877,10 +937,17 @@ impl Image {
         Ok(())
     }
 
+    /// fdatasync of the image file, counted.
+    async fn sync_image(&self, what: &'static str) -> Result<()> {
+        Counters::add(&self.counters.fsyncs, 1);
+        self.file.flush().await.map_err(io(self, what))
+    }
+
     async fn sync_all(&self) -> Result<()> {
         if let Some(f) = &self.data_file {
+            Counters::add(&self.counters.fsyncs, 1);
             f.flush().await.map_err(io(self, "flush data file"))?;
         }
-        self.file.flush().await.map_err(io(self, "flush"))
+        self.sync_image("flush").await
     }
 }

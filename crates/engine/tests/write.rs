@@ -462,3 +462,55 @@ fn refcount_table_grows_under_load() {
         "refcount table did not grow"
     );
 }
+
+/// Invariant 6: a request that finds metadata inconsistent fails, the
+/// corrupt bit is set, no further write is accepted, and reads of intact
+/// clusters still work.
+#[test]
+fn inconsistent_metadata_marks_the_image_corrupt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "c.qcow2", "4M"],
+    );
+    sh(d, &["qemu-io", "-c", "write -P 9 0 256k", "c.qcow2"]);
+    // Set a reserved bit in the L2 entry of guest cluster 1.
+    let bytes = std::fs::read(d.join("c.qcow2")).expect("read");
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8"));
+    let l2 = u64::from_be_bytes(bytes[l1 as usize..l1 as usize + 8].try_into().expect("8"))
+        & 0x00ff_ffff_ffff_fe00;
+    let mut b = bytes.clone();
+    b[l2 as usize + 8 + 7] |= 0x02;
+    std::fs::write(d.join("c.qcow2"), b).expect("write");
+    let path = d.join("c.qcow2");
+    block_on(async move {
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let img = Image::open(&path, &opts).await.expect("open");
+        let e = img
+            .write(65536 + 10, b"xyz")
+            .await
+            .expect_err("corrupt entry");
+        assert!(
+            matches!(e, qblk_engine::image::Error::Corrupt { .. }),
+            "{e:?}"
+        );
+        let e = img
+            .write(0, b"abc")
+            .await
+            .expect_err("writes refused after corruption");
+        assert!(
+            matches!(e, qblk_engine::image::Error::MarkedCorrupt { .. }),
+            "{e:?}"
+        );
+        let mut buf = vec![0u8; 4096];
+        img.read(0, &mut buf).await.expect("intact cluster reads");
+        assert!(buf.iter().all(|&x| x == 9));
+        assert!(img.stats().l2_misses > 0);
+    });
+    let info = sh(d, &["qemu-img", "info", "--output=json", "c.qcow2"]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+}

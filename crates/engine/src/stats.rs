@@ -1,0 +1,51 @@
+//! Counters the benchmarks read: how much metadata work the engine did.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters of one image (relaxed atomics: figures, not sync points).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub(crate) metadata_writes: AtomicU64,
+    pub(crate) fsyncs: AtomicU64,
+    pub(crate) l2_hits: AtomicU64,
+    pub(crate) l2_misses: AtomicU64,
+    pub(crate) allocating_writes: AtomicU64,
+    pub(crate) in_place_writes: AtomicU64,
+    pub(crate) cow_bytes: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Writes of refcount blocks, refcount tables, L2 and L1 tables, headers.
+    pub metadata_writes: u64,
+    /// fdatasync calls on the image and data file.
+    pub fsyncs: u64,
+    pub l2_hits: u64,
+    pub l2_misses: u64,
+    /// Guest write chunks (up to a cluster each) that needed allocation.
+    pub allocating_writes: u64,
+    /// Guest write chunks that went straight to an owned cluster.
+    pub in_place_writes: u64,
+    /// Bytes read and rewritten around guest data by copy-on-write.
+    pub cow_bytes: u64,
+}
+
+impl Counters {
+    pub(crate) fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> Stats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            metadata_writes: g(&self.metadata_writes),
+            fsyncs: g(&self.fsyncs),
+            l2_hits: g(&self.l2_hits),
+            l2_misses: g(&self.l2_misses),
+            allocating_writes: g(&self.allocating_writes),
+            in_place_writes: g(&self.in_place_writes),
+            cow_bytes: g(&self.cow_bytes),
+        }
+    }
+}
