@@ -39,6 +39,8 @@ pub struct CheckReport {
     pub check_errors: u64,
     /// One line per finding, as qemu-img prints them.
     pub messages: Vec<String>,
+    /// (cluster, referenced) of every leaked cluster, for repair.
+    pub leaked: Vec<(u64, u64)>,
 }
 
 impl CheckReport {
@@ -59,6 +61,9 @@ struct Checker<'a> {
     active_l1: Vec<(usize, u64)>,
     /// (host offset, L2 entry word) of allocated active data clusters.
     active_data: Vec<(u64, u64)>,
+    /// Whether the refcount table and blocks count as references (not when
+    /// tallying for a rebuild that replaces them).
+    count_refcounts: bool,
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -95,8 +100,10 @@ pub async fn check(path: &Path, cache: CacheMode) -> Result<CheckReport> {
         },
         active_l1: Vec::new(),
         active_data: Vec::new(),
+        count_refcounts: true,
     };
-    c.run(path).await?;
+    let blocks = c.tally_all(path).await?;
+    c.compare(blocks).await?;
     Ok(c.report)
 }
 
@@ -113,7 +120,9 @@ impl Checker<'_> {
             .map_err(io(self.file.path(), what))
     }
 
-    async fn run(&mut self, path: &Path) -> Result<()> {
+    /// Tallies every reference; returns the refcount table's block offsets
+    /// (empty when refcount structures are not counted).
+    async fn tally_all(&mut self, path: &Path) -> Result<Vec<Option<u64>>> {
         let h = self.header;
         let cs = self.geometry.cluster_size();
         self.tally.reference(0, cs);
@@ -156,6 +165,17 @@ impl Checker<'_> {
         }
 
         // Refcount table and blocks.
+        let mut blocks: Vec<Option<u64>> = Vec::new();
+        if self.count_refcounts {
+            blocks = self.tally_refcount_structures().await?;
+        }
+        self.tally_bitmaps_and_luks().await?;
+        Ok(blocks)
+    }
+
+    async fn tally_refcount_structures(&mut self) -> Result<Vec<Option<u64>>> {
+        let h = self.header;
+        let cs = self.geometry.cluster_size();
         let rt_len = u64::from(h.refcount_table_clusters) * cs;
         self.tally.reference(h.refcount_table_offset, rt_len);
         let rt = self
@@ -184,7 +204,12 @@ impl Checker<'_> {
             self.tally.reference(off.0, cs);
             blocks.push(Some(off.0));
         }
+        Ok(blocks)
+    }
 
+    async fn tally_bitmaps_and_luks(&mut self) -> Result<()> {
+        let h = self.header;
+        let cs = self.geometry.cluster_size();
         // Persistent bitmaps (only while the autoclear bit vouches for them).
         if let Some(ext) = h.bitmaps_extension() {
             self.tally
@@ -226,7 +251,13 @@ impl Checker<'_> {
         if let Some(p) = h.encryption_header() {
             self.tally.reference(p.offset, p.length);
         }
+        Ok(())
+    }
 
+    /// Compares the tally with the stored refcounts, then checks COPIED.
+    async fn compare(&mut self, blocks: Vec<Option<u64>>) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let h = self.header;
         // Compare with the stored refcounts.
         let order = self.geometry.refcount_order();
         let mut block_cache: HashMap<u64, crate::buf::AlignedBuf> = HashMap::new();
@@ -269,6 +300,7 @@ impl Checker<'_> {
                 // Leaks only count within the file, as in qemu-img.
                 Some(RefcountMismatch::Leak { .. }) if cluster < file_clusters => {
                     self.report.leaks += 1;
+                    self.report.leaked.push((cluster, referenced));
                     self.report.messages.push(format!(
                         "Leaked cluster {cluster} refcount={stored} reference={referenced}"
                     ));
@@ -388,4 +420,279 @@ impl Checker<'_> {
         }
         Ok(())
     }
+}
+
+/// What `repair` may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    /// Lower the refcounts of leaked clusters to their references.
+    Leaks,
+    /// Rebuild the whole refcount structure from the references, and make
+    /// the active tables' COPIED flags agree with it.
+    All,
+}
+
+/// The check before and after a repair.
+#[derive(Debug, Clone)]
+pub struct RepairOutcome {
+    pub before: CheckReport,
+    pub after: CheckReport,
+}
+
+/// Repairs the image at `path` (qemu-img check -r). Corruption that is not
+/// about refcounts (a malformed table entry) is reported, never "fixed".
+pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
+    let before = check(path, CacheMode::None).await?;
+    let needs = match mode {
+        RepairMode::Leaks => before.leaks > 0,
+        RepairMode::All => before.leaks > 0 || before.corruptions > 0,
+    };
+    if needs {
+        match mode {
+            RepairMode::Leaks => fix_leaks(path, &before).await?,
+            // Leaks alone are fixed in place; anything else rebuilds.
+            RepairMode::All if before.corruptions == 0 => fix_leaks(path, &before).await?,
+            RepairMode::All => rebuild_refcounts(path).await?,
+        }
+    }
+    let after = check(path, CacheMode::None).await?;
+    Ok(RepairOutcome { before, after })
+}
+
+async fn open_rw(path: &Path) -> Result<(HostFile, Header, u64)> {
+    let file = HostFile::open(path, true, CacheMode::None).map_err(io(path, "open"))?;
+    let file_len = file.file_len().map_err(io(path, "stat"))?;
+    let head = file
+        .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
+        .await
+        .map_err(io(path, "read header"))?;
+    let header = Header::parse(&head).map_err(|source| Error::Format {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((file, header, file_len))
+}
+
+async fn fix_leaks(path: &Path, report: &CheckReport) -> Result<()> {
+    let (file, header, _) = open_rw(path).await?;
+    let g = header.geometry();
+    let cs = g.cluster_size();
+    let rt = file
+        .read(
+            header.refcount_table_offset,
+            (u64::from(header.refcount_table_clusters) * cs) as usize,
+        )
+        .await
+        .map_err(io(path, "read refcount table"))?;
+    let mut blocks: HashMap<u64, crate::buf::AlignedBuf> = HashMap::new();
+    for &(cluster, referenced) in &report.leaked {
+        let index = g.refcount_table_index(qblk_qcow2::HostCluster(cluster)) as usize;
+        let Some(raw) = rt.get(index * 8..index * 8 + 8) else {
+            continue;
+        };
+        let Some(block) =
+            RefcountTableEntry(u64::from_be_bytes(raw.try_into().expect("8 bytes"))).block_offset()
+        else {
+            continue;
+        };
+        if let std::collections::hash_map::Entry::Vacant(v) = blocks.entry(block.0) {
+            v.insert(
+                file.read(block.0, cs as usize)
+                    .await
+                    .map_err(io(path, "read refcount block"))?,
+            );
+        }
+        let b = blocks.get_mut(&block.0).expect("inserted");
+        qblk_qcow2::refcount::set_refcount(
+            b,
+            g.refcount_order(),
+            g.refcount_block_index(qblk_qcow2::HostCluster(cluster)),
+            referenced,
+        )
+        .expect("lowering a refcount always fits");
+    }
+    for (off, b) in blocks {
+        file.write_aligned(off, b)
+            .await
+            .map_err(io(path, "write refcount block"))?;
+    }
+    file.flush().await.map_err(io(path, "flush"))
+}
+
+/// Writes a new refcount table and blocks past everything in use, from the
+/// references alone, switches the header to them (clearing the dirty bit),
+/// then fixes the active tables' COPIED flags. Each step is durable before
+/// the next, so a crash leaves either the old structure or the new one.
+pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
+    let (file, mut header, file_len) = open_rw(path).await?;
+    let g = header.geometry();
+    let cs = g.cluster_size();
+    let mut c = Checker {
+        file: &file,
+        header: &header,
+        geometry: g,
+        file_len,
+        tally: RefcountTally::new(&g, file_len, TALLY_SLACK_CLUSTERS),
+        report: CheckReport::default(),
+        active_l1: Vec::new(),
+        active_data: Vec::new(),
+        count_refcounts: false,
+    };
+    c.tally_all(path).await?;
+    if !c.tally.out_of_range.is_empty() {
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            what: "references far beyond the end of the image: refusing to rebuild refcounts"
+                .into(),
+        });
+    }
+    let Checker {
+        tally,
+        active_l1,
+        active_data,
+        ..
+    } = c;
+
+    // Layout: [end, end + rt) table, then nb blocks; blocks cover
+    // everything from cluster 0 through themselves.
+    let end = tally.end().max(g.clusters_for(file_len));
+    let per_block = g.refcount_block_entries();
+    let (mut rt, mut nb) = (1u64, 1u64);
+    loop {
+        let total = end + rt + nb;
+        let nb2 = total.div_ceil(per_block);
+        let rt2 = g.clusters_for(nb2 * 8);
+        if (rt2, nb2) == (rt, nb) {
+            break;
+        }
+        (rt, nb) = (rt2.max(rt), nb2.max(nb));
+    }
+    if rt > (qblk_qcow2::types::MAX_REFCOUNT_TABLE_BYTES / cs).max(1) {
+        return Err(Error::Unsupported {
+            path: path.to_owned(),
+            what: "rebuilt refcount table would exceed 8 MiB".into(),
+        });
+    }
+    let total = end + rt + nb;
+    let first_block = end + rt;
+    let max = g.refcount_max();
+    for b in 0..nb {
+        let mut buf = crate::buf::AlignedBuf::zeroed(cs as usize);
+        for i in 0..per_block {
+            let cluster = b * per_block + i;
+            if cluster >= total {
+                break;
+            }
+            let value = if cluster >= end {
+                1
+            } else {
+                tally.get(cluster)
+            };
+            if value > max {
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    what: format!(
+                        "cluster {cluster} has {value} references, more than refcount_bits allow"
+                    ),
+                });
+            }
+            qblk_qcow2::refcount::set_refcount(&mut buf, g.refcount_order(), i as usize, value)
+                .expect("checked against max");
+        }
+        file.write_aligned((first_block + b) * cs, buf)
+            .await
+            .map_err(io(path, "write refcount block"))?;
+    }
+    let mut table = crate::buf::AlignedBuf::zeroed((rt * cs) as usize);
+    for b in 0..nb {
+        let e = RefcountTableEntry::new(qblk_qcow2::HostOffset((first_block + b) * cs));
+        table[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&e.0.to_be_bytes());
+    }
+    file.write_aligned(end * cs, table)
+        .await
+        .map_err(io(path, "write refcount table"))?;
+    file.flush().await.map_err(io(path, "flush"))?;
+
+    header.refcount_table_offset = end * cs;
+    header.refcount_table_clusters = u32::try_from(rt).expect("bounded by 8 MiB");
+    header
+        .incompatible_features
+        .remove(qblk_qcow2::header::IncompatibleFeatures::DIRTY);
+    let bytes = header.encode().map_err(|source| Error::Format {
+        path: path.to_owned(),
+        source,
+    })?;
+    file.write(0, &bytes)
+        .await
+        .map_err(io(path, "write header"))?;
+    file.flush().await.map_err(io(path, "flush"))?;
+
+    // COPIED flags of the active tables, from the new refcounts.
+    let external = header.has_external_data_file();
+    for (index, raw) in active_l1 {
+        let entry = L1Entry(raw);
+        let l2 = entry.l2_offset().map_or(0, |o| o.0);
+        let want = tally.get(l2 / cs) == 1;
+        if want != entry.copied() {
+            let fixed = L1Entry::new(qblk_qcow2::HostOffset(l2), want);
+            file.write(
+                header.l1_table_offset + index as u64 * 8,
+                &fixed.0.to_be_bytes(),
+            )
+            .await
+            .map_err(io(path, "write L1 entry"))?;
+        }
+    }
+    let copied_bit = qblk_qcow2::mapping::COPIED;
+    let mut fixes: HashMap<u64, bool> = HashMap::new();
+    for (host, word) in active_data {
+        let want = external || tally.get(host / cs) == 1;
+        if want != (word & copied_bit != 0) {
+            fixes.insert(host, want);
+        }
+    }
+    if !fixes.is_empty() {
+        // Find the entries again: walk the active tables and patch words.
+        let l1 = file
+            .read(header.l1_table_offset, header.l1_size as usize * 8)
+            .await
+            .map_err(io(path, "read L1 table"))?;
+        for raw in l1.chunks_exact(8) {
+            let Some(l2) =
+                L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes"))).l2_offset()
+            else {
+                continue;
+            };
+            let mut table = file
+                .read(l2.0, cs as usize)
+                .await
+                .map_err(io(path, "read L2 table"))?;
+            let mut changed = false;
+            for j in 0..g.l2_entries() as usize {
+                let mut e = L2Entry::read(&table, &g, j).expect("index within table");
+                if e.is_compressed() {
+                    continue;
+                }
+                let host = e.word & qblk_qcow2::types::HOST_OFFSET_MASK;
+                if let Some(&want) = fixes.get(&host) {
+                    if host == 0 && !external {
+                        continue;
+                    }
+                    e.word = if want {
+                        e.word | copied_bit
+                    } else {
+                        e.word & !copied_bit
+                    };
+                    e.write(&mut table, &g, j);
+                    changed = true;
+                }
+            }
+            if changed {
+                file.write_aligned(l2.0, table)
+                    .await
+                    .map_err(io(path, "write L2 table"))?;
+            }
+        }
+    }
+    file.flush().await.map_err(io(path, "flush"))
 }

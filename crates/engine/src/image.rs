@@ -163,7 +163,14 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 impl Image {
     /// Opens a qcow2 image and its backing chain.
     pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
-        let img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
+        let mut img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
+        if opts.writable && img.header.is_dirty() && !img.header.is_corrupt() {
+            // Invariant 5: refcounts may lag behind the tables (lazy
+            // refcounts, or a crash mid-update); rebuild them before use.
+            drop(img);
+            crate::check::rebuild_refcounts(path).await?;
+            img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
+        }
         if opts.writable {
             crate::write::prepare_for_writing(&img).await?;
         }

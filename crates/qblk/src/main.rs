@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use qblk_engine::check::RepairMode;
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
@@ -68,6 +69,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Do not print the summary (findings still go to stderr).
         #[arg(short = 'q')]
         quiet: bool,
+        /// Repair: `leaks` lowers leaked refcounts; `all` rebuilds the
+        /// refcount structure and the COPIED flags from the references.
+        #[arg(short = 'r', value_enum)]
+        repair: Option<Repair>,
         /// Image file.
         image: PathBuf,
     },
@@ -82,6 +87,12 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Image file.
         image: PathBuf,
     },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Repair {
+    Leaks,
+    All,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,16 +174,26 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             format,
             output,
             quiet,
+            repair,
             image,
         } => {
             let format = format.as_deref().map(ImageFormat::parse).transpose()?;
-            let Some(checked) = check_image(&image, format)? else {
+            let repair = repair.map(|r| match r {
+                Repair::Leaks => RepairMode::Leaks,
+                Repair::All => RepairMode::All,
+            });
+            let Some(checked) = check_image(&image, format, repair)? else {
                 eprintln!(
                     "qblk: {}: this image format does not support checks",
                     image.display()
                 );
                 return Ok(ExitCode::from(EXIT_UNSUPPORTED));
             };
+            if let Some(before) = &checked.repaired_from {
+                for m in &before.messages {
+                    eprintln!("{m}");
+                }
+            }
             for m in &checked.report.messages {
                 eprintln!("{m}");
             }

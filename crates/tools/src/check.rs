@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use qblk_engine::check::{CheckReport, check};
+use qblk_engine::check::{CheckReport, RepairMode, check};
 use qblk_engine::file::CacheMode;
 use qblk_engine::runtime::block_on;
 
@@ -30,6 +30,10 @@ pub struct CheckJson {
     pub image_end_offset: u64,
     #[serde(rename = "total-clusters", skip_serializing_if = "is_zero")]
     pub total_clusters: u64,
+    #[serde(rename = "leaks-fixed", skip_serializing_if = "is_zero")]
+    pub leaks_fixed: u64,
+    #[serde(rename = "corruptions-fixed", skip_serializing_if = "is_zero")]
+    pub corruptions_fixed: u64,
     #[serde(rename = "check-errors")]
     pub check_errors: u64,
     #[serde(skip_serializing_if = "is_zero")]
@@ -53,7 +57,10 @@ fn is_zero(v: &u64) -> bool {
 /// A finished check: the report, its rendering, and the exit code.
 #[derive(Debug, Clone)]
 pub struct Checked {
+    /// The state after any repair.
     pub report: CheckReport,
+    /// The findings before repair, when a repair ran.
+    pub repaired_from: Option<CheckReport>,
     pub json: CheckJson,
 }
 
@@ -82,6 +89,12 @@ impl Checked {
     pub fn to_human(&self) -> String {
         let r = &self.report;
         let mut s = String::new();
+        if self.repaired_from.is_some() {
+            s.push_str(&format!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
+                self.json.leaks_fixed, self.json.corruptions_fixed
+            ));
+        }
         if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
             s.push_str("No errors were found on the image.\n");
         }
@@ -117,8 +130,13 @@ impl Checked {
     }
 }
 
-/// Checks the image at `path`. `Ok(None)` means the format has no check.
-pub fn check_image(path: &Path, format: Option<ImageFormat>) -> Result<Option<Checked>> {
+/// Checks (and with `repair`, repairs) the image at `path`. `Ok(None)`
+/// means the format has no check.
+pub fn check_image(
+    path: &Path,
+    format: Option<ImageFormat>,
+    repair: Option<RepairMode>,
+) -> Result<Option<Checked>> {
     let format = match format {
         Some(f) => f,
         None => probe(&open_read(path)?, path)?,
@@ -126,11 +144,28 @@ pub fn check_image(path: &Path, format: Option<ImageFormat>) -> Result<Option<Ch
     if format == ImageFormat::Raw {
         return Ok(None);
     }
-    let report = block_on(check(path, CacheMode::Writeback)).map_err(|e| Error::Engine {
+    let engine_err = |e| Error::Engine {
         path: path.to_owned(),
         source: Box::new(e),
-    })?;
+    };
+    let (report, repaired_from) = match repair {
+        None => (
+            block_on(check(path, CacheMode::Writeback)).map_err(engine_err)?,
+            None,
+        ),
+        Some(mode) => {
+            let out = block_on(qblk_engine::check::repair(path, mode)).map_err(engine_err)?;
+            (out.after, Some(out.before))
+        }
+    };
+    let fixed = |f: fn(&CheckReport) -> u64| {
+        repaired_from
+            .as_ref()
+            .map_or(0, |b| f(b).saturating_sub(f(&report)))
+    };
     let json = CheckJson {
+        leaks_fixed: fixed(|r| r.leaks),
+        corruptions_fixed: fixed(|r| r.corruptions),
         image_end_offset: report.image_end_offset,
         total_clusters: report.total_clusters,
         check_errors: report.check_errors,
@@ -142,5 +177,9 @@ pub fn check_image(path: &Path, format: Option<ImageFormat>) -> Result<Option<Ch
         filename: path.to_string_lossy().into_owned(),
         format: "qcow2".into(),
     };
-    Ok(Some(Checked { report, json }))
+    Ok(Some(Checked {
+        report,
+        repaired_from,
+        json,
+    }))
 }
