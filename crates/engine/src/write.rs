@@ -39,6 +39,9 @@ const MAX_DIRTY_L2_TABLES: usize = 256;
 #[derive(Debug, Default)]
 pub(crate) struct Alloc {
     rc: Option<Refcounts>,
+    /// The host cluster compressed data is being packed into, and how many
+    /// bytes of it are used.
+    compressed_tail: Option<(u64, u64)>,
     /// The header as it is on disk now.
     header: Option<Header>,
 }
@@ -370,6 +373,23 @@ impl Refcounts {
     }
 }
 
+/// Compresses one cluster the way QEMU does: raw deflate with a 4 KiB
+/// window (QEMU inflates with windowBits -12), or a zstd frame.
+fn compress(kind: qblk_qcow2::header::CompressionType, data: &[u8]) -> Option<Vec<u8>> {
+    match kind {
+        qblk_qcow2::header::CompressionType::Zlib => {
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(data.len());
+            match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => Some(out),
+                _ => None,
+            }
+        }
+        qblk_qcow2::header::CompressionType::Zstd => zstd::bulk::compress(data, 0).ok(),
+    }
+}
+
 impl Image {
     fn check_writable(&self, offset: u64, len: u64) -> Result<()> {
         if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
@@ -487,7 +507,7 @@ impl Image {
         let in_cluster = g.offset_in_cluster(pos);
         let cluster_start = pos - in_cluster;
         let external = self.header.has_external_data_file();
-        let Alloc { rc, header } = a;
+        let Alloc { rc, header, .. } = a;
         let rc = rc.as_mut().expect("writable image has refcounts");
         let header = header.as_mut().expect("writable image has a header");
 
@@ -818,7 +838,7 @@ impl Image {
         drop: Option<(u64, u64)>,
     ) -> Result<()> {
         let cs = self.geometry.cluster_size();
-        let Alloc { rc, header } = a;
+        let Alloc { rc, header, .. } = a;
         let rc = rc.as_mut().expect("writable image has refcounts");
         let header = header.as_mut().expect("writable image has a header");
         let cluster_start = pos - self.geometry.offset_in_cluster(pos);
@@ -831,6 +851,95 @@ impl Image {
         if self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES {
             self.writeback(a).await?;
         }
+        Ok(())
+    }
+
+    /// Writes one whole guest cluster compressed (what `convert -c` does).
+    /// The cluster must not be allocated yet. Data that does not shrink is
+    /// written as a normal cluster, as QEMU does. `data` may be shorter
+    /// than a cluster only for the last cluster of the disk.
+    pub async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = self.write_compressed_inner(offset, data).await;
+        self.on_error(r).await
+    }
+
+    async fn write_compressed_inner(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable(offset, data.len() as u64)?;
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        if self.header.has_external_data_file() {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "compressed clusters are not possible with an external data file".into(),
+            });
+        }
+        if !g.is_cluster_aligned(offset)
+            || (data.len() as u64 != cs && offset + data.len() as u64 != self.header.size)
+        {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: "compressed writes cover exactly one whole cluster".into(),
+            });
+        }
+        let mut cluster = vec![0u8; cs as usize];
+        cluster[..data.len()].copy_from_slice(data);
+        let compressed = compress(self.header.compression_type, &cluster);
+        let Some(compressed) = compressed.filter(|c| (c.len() as u64) < cs) else {
+            return self.write(offset, data).await;
+        };
+        let len = compressed.len() as u64;
+        let mut a = self.alloc.lock().await;
+        let (desc, _) = self.descriptor_and_entry(offset).await?;
+        if !matches!(
+            desc,
+            ClusterDescriptor::Unallocated
+                | ClusterDescriptor::Zero {
+                    preallocated: None,
+                    ..
+                }
+        ) {
+            return Err(Error::Unsupported {
+                path: self.path.clone(),
+                what: format!(
+                    "compressed write to an allocated cluster at guest offset {offset:#x}"
+                ),
+            });
+        }
+        let Alloc {
+            rc,
+            header,
+            compressed_tail,
+        } = &mut *a;
+        let rc = rc.as_mut().expect("writable image has refcounts");
+        let header = header.as_mut().expect("writable image has a header");
+        // Pack into the current compressed cluster if it has room; each
+        // compressed cluster placed in a host cluster holds a reference.
+        let host = match *compressed_tail {
+            Some((c, used))
+                if cs - used >= len && rc.get(self, c / cs).await? < g.refcount_max() =>
+            {
+                rc.adjust(self, c / cs, 1).await?;
+                *compressed_tail = Some((c, used + len));
+                c + used
+            }
+            _ => {
+                let c = rc.alloc_cluster(self, header).await?;
+                *compressed_tail = Some((c, len));
+                c
+            }
+        };
+        self.file
+            .write(host, &compressed)
+            .await
+            .map_err(io(self, "write compressed cluster"))?;
+        let entry =
+            L2Entry::compressed(&g, qblk_qcow2::HostOffset(host), len).ok_or_else(|| {
+                corrupt(
+                    self,
+                    "compressed cluster offset does not fit its descriptor",
+                )
+            })?;
+        self.set_l2_entry(rc, header, offset, entry).await?;
         Ok(())
     }
 
@@ -929,6 +1038,9 @@ impl Image {
             }
             t.l1_dirty = false;
         }
+        // Freed clusters become reusable now: stop packing compressed data
+        // into a cluster that may be among them.
+        a.compressed_tail = None;
         let rc = a.rc.as_mut().expect("refcounts");
         if let Some(&lowest) = rc.pending_free.iter().min() {
             rc.cursor = rc.cursor.min(lowest);

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use qblk_engine::check::RepairMode;
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
+use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
@@ -75,6 +76,35 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         repair: Option<Repair>,
         /// Image file.
         image: PathBuf,
+    },
+    /// Copy an image's contents into a new raw or qcow2 image (sparse,
+    /// optionally compressed), like qemu-img convert.
+    Convert {
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Write compressed clusters (qcow2 target; the target's
+        /// compression_type decides zlib or zstd).
+        #[arg(short = 'c')]
+        compress: bool,
+        /// Source format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Target format.
+        #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+        output_format: String,
+        /// Target image options (as for create), comma separated; may repeat.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Zero runs of at least this many bytes are not written (0: write
+        /// everything).
+        #[arg(short = 'S', value_name = "SPARSE_SIZE", default_value = "4k")]
+        sparse: String,
+        /// Do not print anything.
+        #[arg(short = 'q')]
+        quiet: bool,
+        src: PathBuf,
+        dst: PathBuf,
     },
     /// Show what an image is (qemu-img info's fields and JSON names).
     Info {
@@ -204,6 +234,46 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 }
             }
             Ok(ExitCode::from(checked.exit_code()))
+        }
+        Command::Convert {
+            progress,
+            compress,
+            format,
+            output_format,
+            options,
+            sparse,
+            quiet,
+            src,
+            dst,
+        } => {
+            let mut parsed = Vec::new();
+            for o in &options {
+                parsed.extend(split_options(o)?);
+            }
+            let req = ConvertRequest {
+                src,
+                src_format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                dst,
+                dst_format: ImageFormat::parse(&output_format)?,
+                options: parsed,
+                compress,
+                min_sparse: parse_size(&sparse)?,
+            };
+            let show = progress && !quiet;
+            convert(&req, |done, total| {
+                if show {
+                    let pct = if total == 0 {
+                        100.0
+                    } else {
+                        done as f64 * 100.0 / total as f64
+                    };
+                    eprint!("    ({pct:.2}/100%)\r");
+                }
+            })?;
+            if show {
+                eprintln!();
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Info {
             format,

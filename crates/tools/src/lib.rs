@@ -1,11 +1,12 @@
-//! Offline image tools behind the `qblk` command line: `create`, `info`
-//! and `check`.
+//! Offline image tools behind the `qblk` command line: `create`, `info`,
+//! `check` and `convert`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
 //! from `qblk-qcow2`; this crate adds files, paths and qemu-img's syntax.
 
 pub mod check;
+pub mod convert;
 pub mod create;
 pub mod image;
 pub mod info;
