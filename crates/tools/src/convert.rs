@@ -33,7 +33,7 @@ pub struct ConvertRequest {
 const STEP: u64 = 2 << 20;
 
 enum Source {
-    Qcow2(Image),
+    Qcow2(Box<Image>),
     Raw(HostFile, u64),
 }
 
@@ -64,7 +64,7 @@ fn engine(path: &std::path::Path, e: qblk_engine::image::Error) -> Error {
 }
 
 enum Target {
-    Qcow2(Image),
+    Qcow2(Box<Image>),
     Raw(HostFile),
 }
 
@@ -92,11 +92,11 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
                     },
                     ..OpenOptions::default()
                 };
-                Source::Qcow2(
+                Source::Qcow2(Box::new(
                     Image::open(&req.src, &opts)
                         .await
                         .map_err(|e| engine(&req.src, e))?,
-                )
+                ))
             }
             ImageFormat::Raw => {
                 let f = HostFile::open(&req.src, false, CacheMode::Writeback)
@@ -120,11 +120,11 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
                     cache: CacheMode::Writeback,
                     ..OpenOptions::default()
                 };
-                Target::Qcow2(
+                Target::Qcow2(Box::new(
                     Image::open(&req.dst, &opts)
                         .await
                         .map_err(|e| engine(&req.dst, e))?,
-                )
+                ))
             }
             ImageFormat::Raw => Target::Raw(
                 HostFile::open(&req.dst, true, CacheMode::Writeback)
