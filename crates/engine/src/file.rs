@@ -88,6 +88,12 @@ impl HostFile {
         })
     }
 
+    /// The same file under another name (the one shown in messages).
+    pub fn named(mut self, path: PathBuf) -> Self {
+        self.path = path;
+        self
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -213,6 +219,12 @@ impl HostFile {
     /// fdatasync.
     pub async fn flush(&self) -> io::Result<()> {
         Ring::current()?.fsync(self.fd(), true).await.0.map(|_| ())
+    }
+}
+
+impl AsRawFd for HostFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
     }
 }
 

@@ -114,7 +114,7 @@ impl Default for OpenOptions {
 
 /// What lies below an image.
 #[derive(Debug)]
-enum Backing {
+pub(crate) enum Backing {
     Qcow2(Box<Image>),
     Raw { file: HostFile, size: u64 },
 }
@@ -129,7 +129,7 @@ pub struct Image {
     pub(crate) geometry: Geometry,
     pub(crate) file: HostFile,
     pub(crate) data_file: Option<HostFile>,
-    backing: Option<Backing>,
+    pub(crate) backing: Option<Backing>,
     pub(crate) writable: bool,
     /// The mapping tables. Held only for in-memory lookups and updates,
     /// never across an await.
@@ -182,10 +182,22 @@ impl Image {
         opts: OpenOptions,
         depth: u32,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Image>>>> {
+        Self::open_as(path.clone(), path, opts, depth)
+    }
+
+    /// Opens `open_path` and names it `path` (the name the parent image
+    /// gives it, which relative names inside it resolve against).
+    fn open_as(
+        open_path: PathBuf,
+        path: PathBuf,
+        opts: OpenOptions,
+        depth: u32,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<Image>>>> {
         Box::pin(async move {
             let writable = opts.writable && depth == 0;
-            let file =
-                HostFile::open(&path, writable, opts.cache).map_err(io_err(&path, "open"))?;
+            let file = HostFile::open(&open_path, writable, opts.cache)
+                .map_err(io_err(&path, "open"))?
+                .named(path.clone());
             let file_len = file.file_len().map_err(io_err(&path, "stat"))?;
             let head = file
                 .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
@@ -572,8 +584,10 @@ async fn open_backing(
             )));
         }
     }
-    let file =
-        HostFile::open(&real, false, opts.cache).map_err(io_err(&real, "open backing file"))?;
+    // Open what the policy checked; name it as the image does.
+    let file = HostFile::open(&real, false, opts.cache)
+        .map_err(io_err(&real, "open backing file"))?
+        .named(path.clone());
     let magic = file
         .read(0, 4)
         .await
@@ -592,7 +606,7 @@ async fn open_backing(
         "qcow2" => {
             drop(file);
             Ok(Backing::Qcow2(Box::new(
-                Image::open_at_depth(real, opts.clone(), depth + 1).await?,
+                Image::open_as(real, path, opts.clone(), depth + 1).await?,
             )))
         }
         "raw" => {

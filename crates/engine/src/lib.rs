@@ -9,6 +9,7 @@ pub mod buf;
 pub mod check;
 pub mod file;
 pub mod image;
+pub mod map;
 pub mod runtime;
 pub mod stats;
 pub mod uring;

@@ -12,6 +12,7 @@ use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
+use qblk_tools::map::{self, map_image};
 use qblk_tools::options::{parse_size, split_options};
 
 #[derive(Parser, Debug)]
@@ -105,6 +106,17 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         quiet: bool,
         src: PathBuf,
         dst: PathBuf,
+    },
+    /// Show where each guest range lives (qemu-img map's output).
+    Map {
+        /// Image format; probed when omitted.
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// Image file.
+        image: PathBuf,
     },
     /// Show what an image is (qemu-img info's fields and JSON names).
     Info {
@@ -272,6 +284,25 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             })?;
             if show {
                 eprintln!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Map {
+            format,
+            output,
+            image,
+        } => {
+            let format = format.as_deref().map(ImageFormat::parse).transpose()?;
+            let entries = map_image(&image, format)?;
+            match output {
+                Output::Json => println!("{}", map::to_json(&entries)),
+                Output::Human => match map::to_human(&entries) {
+                    Ok(table) => print!("{table}"),
+                    Err((head, e)) => {
+                        print!("{head}");
+                        return Err(e.into());
+                    }
+                },
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,5 +1,5 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
-//! `check` and `convert`.
+//! `check`, `convert` and `map`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
@@ -10,6 +10,7 @@ pub mod convert;
 pub mod create;
 pub mod image;
 pub mod info;
+pub mod map;
 pub mod options;
 
 use std::io;

@@ -1,0 +1,253 @@
+//! `qblk map`: where each guest range of an image (and its backing chain)
+//! lives, as qemu-img map reports it.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use qblk_qcow2::mapping::{ClusterDescriptor, SubclusterState};
+
+use crate::file::HostFile;
+use crate::image::{Backing, Image, Result};
+
+/// One run of guest bytes with the same status (qemu-img map's entry).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapEntry {
+    pub start: u64,
+    pub length: u64,
+    /// The layer of the backing chain that decided this range (0: the image).
+    pub depth: u32,
+    /// Allocated in some layer (else zeros come from nowhere).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by data (possibly a hole in the host file).
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset of the data, when it has one.
+    pub offset: Option<u64>,
+    /// The host file `offset` refers to.
+    pub file: Option<PathBuf>,
+}
+
+impl MapEntry {
+    /// Whether `next` continues this entry.
+    fn continues(&self, next: &MapEntry) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && self.file == next.file
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+/// Whether host bytes `[offset, offset + len)` of `file` start with data
+/// or a hole, and how long that run is (SEEK_DATA / SEEK_HOLE).
+fn data_or_hole(file: &HostFile, offset: u64, len: u64) -> (bool, u64) {
+    let fd = file.as_raw_fd();
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return (true, len);
+    };
+    // SAFETY: lseek on an open descriptor has no memory effects.
+    let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data at or after offset (a hole up to and past EOF).
+        return (false, len);
+    }
+    let data = data as u64;
+    if data > offset {
+        return (false, (data - offset).min(len));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return (true, len);
+    }
+    (true, (hole as u64 - offset).clamp(1, len))
+}
+
+/// The map of a raw file of `size` guest bytes: data and holes.
+pub fn raw_map(file: &HostFile, size: u64) -> Vec<MapEntry> {
+    let mut out: Vec<MapEntry> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let (is_data, n) = data_or_hole(file, pos, size - pos);
+        let e = MapEntry {
+            start: pos,
+            length: n,
+            depth: 0,
+            present: true,
+            zero: !is_data,
+            data: is_data,
+            compressed: false,
+            offset: Some(pos),
+            file: Some(file.path().to_owned()),
+        };
+        pos += n;
+        match out.last_mut() {
+            Some(last) if last.continues(&e) => last.length += e.length,
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
+impl Image {
+    /// The whole map of the image, merged as qemu-img merges it.
+    pub async fn map(&self) -> Result<Vec<MapEntry>> {
+        let mut out: Vec<MapEntry> = Vec::new();
+        let mut pos = 0;
+        while pos < self.size() {
+            let e = self.status(pos, self.size() - pos, 0).await?;
+            pos += e.length;
+            match out.last_mut() {
+                Some(last) if last.continues(&e) => last.length += e.length,
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Status of the run starting at `pos` (at most `max` bytes, within one
+    /// cluster or subcluster run) in this layer at depth `depth`.
+    fn status<'a>(
+        &'a self,
+        pos: u64,
+        max: u64,
+        depth: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<MapEntry>> + 'a>> {
+        Box::pin(async move {
+            let g = self.geometry;
+            let in_cluster = g.offset_in_cluster(pos);
+            let mut len = (g.cluster_size() - in_cluster).min(max);
+            let desc = self.descriptor(pos).await?;
+            let host_file = self.data_file.as_ref().unwrap_or(&self.file);
+            let entry = |present, zero, data, compressed, offset: Option<u64>, len| MapEntry {
+                start: pos,
+                length: len,
+                depth,
+                present,
+                zero,
+                data,
+                compressed,
+                file: offset.map(|_| host_file.path().to_owned()),
+                offset,
+            };
+            // The state of a subcluster run, or the whole cluster.
+            let (state, host) = match desc {
+                ClusterDescriptor::Compressed { .. } => {
+                    return Ok(entry(true, false, true, true, None, len));
+                }
+                ClusterDescriptor::Zero { preallocated, .. } => {
+                    return Ok(entry(
+                        true,
+                        true,
+                        false,
+                        false,
+                        preallocated.map(|h| h.0 + in_cluster),
+                        len,
+                    ));
+                }
+                ClusterDescriptor::Unallocated => (SubclusterState::Unallocated, None),
+                ClusterDescriptor::Standard {
+                    host, subclusters, ..
+                } => {
+                    let (s, n) = run_of(&g, subclusters, in_cluster, len);
+                    len = n;
+                    (s, Some(host.0))
+                }
+                ClusterDescriptor::UnallocatedSubclusters { subclusters } => {
+                    let (s, n) = run_of(&g, subclusters, in_cluster, len);
+                    len = n;
+                    (s, None)
+                }
+            };
+            match state {
+                SubclusterState::Allocated => {
+                    let host =
+                        host.expect("allocated subclusters have a host cluster") + in_cluster;
+                    let (is_data, n) = data_or_hole(host_file, host, len);
+                    Ok(entry(true, !is_data, true, false, Some(host), n))
+                }
+                SubclusterState::Zero => Ok(entry(
+                    true,
+                    true,
+                    false,
+                    false,
+                    host.map(|h| h + in_cluster),
+                    len,
+                )),
+                SubclusterState::Unallocated => self.status_below(pos, len, depth).await,
+            }
+        })
+    }
+
+    /// Status of an unallocated run: from the backing file, or zeros.
+    async fn status_below(&self, pos: u64, len: u64, depth: u32) -> Result<MapEntry> {
+        let nothing = |len| MapEntry {
+            start: pos,
+            length: len,
+            depth,
+            present: false,
+            zero: true,
+            data: false,
+            compressed: false,
+            offset: None,
+            file: None,
+        };
+        match &self.backing {
+            None => Ok(nothing(len)),
+            Some(Backing::Qcow2(img)) => {
+                if pos >= img.size() {
+                    return Ok(nothing(len));
+                }
+                img.status(pos, len.min(img.size() - pos), depth + 1).await
+            }
+            Some(Backing::Raw { file, size }) => {
+                if pos >= *size {
+                    return Ok(nothing(len));
+                }
+                let len = len.min(size - pos);
+                let (is_data, n) = data_or_hole(file, pos, len);
+                Ok(MapEntry {
+                    start: pos,
+                    length: n,
+                    depth: depth + 1,
+                    present: true,
+                    zero: !is_data,
+                    data: is_data,
+                    compressed: false,
+                    offset: Some(pos),
+                    file: Some(file.path().to_owned()),
+                })
+            }
+        }
+    }
+}
+
+/// The state of the subcluster holding `in_cluster` and how many bytes
+/// (at most `max`) the run of subclusters in that state covers.
+fn run_of(
+    g: &qblk_qcow2::Geometry,
+    bitmap: qblk_qcow2::mapping::SubclusterBitmap,
+    in_cluster: u64,
+    max: u64,
+) -> (SubclusterState, u64) {
+    if !g.extended_l2() {
+        return (SubclusterState::Allocated, max);
+    }
+    let scs = g.subcluster_size();
+    let first = (in_cluster / scs) as u32;
+    let state = bitmap.state(first);
+    let mut end = (u64::from(first) + 1) * scs;
+    while end < g.cluster_size() && bitmap.state((end / scs) as u32) == state {
+        end += scs;
+    }
+    (state, (end - in_cluster).min(max))
+}
