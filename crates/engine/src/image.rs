@@ -139,6 +139,9 @@ pub struct Image {
     pub(crate) counters: crate::stats::Counters,
     /// Set once metadata was found inconsistent: no more writes.
     pub(crate) corrupt: std::sync::atomic::AtomicBool,
+    /// Counts completed writes, so a flush can tell whether a writeback
+    /// that already finished covered everything acknowledged before it.
+    pub(crate) write_gen: std::sync::atomic::AtomicU64,
 }
 
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
@@ -274,6 +277,7 @@ impl Image {
                 alloc: tokio::sync::Mutex::new(crate::write::Alloc::default()),
                 counters: crate::stats::Counters::default(),
                 corrupt: std::sync::atomic::AtomicBool::new(false),
+                write_gen: std::sync::atomic::AtomicU64::new(0),
             })
         })
     }

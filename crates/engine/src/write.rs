@@ -42,6 +42,8 @@ pub(crate) struct Alloc {
     /// The host cluster compressed data is being packed into, and how many
     /// bytes of it are used.
     compressed_tail: Option<(u64, u64)>,
+    /// The write generation the last completed writeback made durable.
+    synced_gen: u64,
     /// The header as it is on disk now.
     header: Option<Header>,
 }
@@ -444,6 +446,7 @@ impl Image {
                     self.allocating_write(&mut a, pos, part).await?;
                 }
             }
+            self.bump_write_gen();
             done += chunk;
         }
         Ok(())
@@ -829,6 +832,12 @@ impl Image {
         Ok(())
     }
 
+    /// Records that a write completed (flush coalescing compares with it).
+    fn bump_write_gen(&self) {
+        self.write_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     /// Sets a cluster's L2 entry and drops the old host reference, if any.
     async fn remap(
         &self,
@@ -848,6 +857,7 @@ impl Image {
                 rc.adjust(self, c, -1).await?;
             }
         }
+        self.bump_write_gen();
         if self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES {
             self.writeback(a).await?;
         }
@@ -909,6 +919,7 @@ impl Image {
             rc,
             header,
             compressed_tail,
+            ..
         } = &mut *a;
         let rc = rc.as_mut().expect("writable image has refcounts");
         let header = header.as_mut().expect("writable image has a header");
@@ -940,6 +951,7 @@ impl Image {
                 )
             })?;
         self.set_l2_entry(rc, header, offset, entry).await?;
+        self.bump_write_gen();
         Ok(())
     }
 
@@ -948,9 +960,17 @@ impl Image {
         if !self.writable || self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
+        // Every write acknowledged before this call is at or below `wanted`.
+        let wanted = self.write_gen.load(std::sync::atomic::Ordering::Acquire);
         let r = {
             let mut a = self.alloc.lock().await;
-            self.writeback(&mut a).await
+            if a.synced_gen >= wanted && wanted > 0 {
+                // A writeback that started after those writes completed
+                // has already made them durable: flushes coalesce.
+                Ok(())
+            } else {
+                self.writeback(&mut a).await
+            }
         };
         self.on_error(r).await
     }
@@ -981,7 +1001,18 @@ impl Image {
 
     /// Writes dirty metadata in the order the module documentation gives.
     async fn writeback(&self, a: &mut Alloc) -> Result<()> {
+        // Writes completed before this point are covered by this writeback.
+        let covered = self.write_gen.load(std::sync::atomic::Ordering::Acquire);
         let rc = a.rc.as_mut().expect("writable image has refcounts");
+        let metadata_dirty = {
+            let t = self.lock_tables();
+            !rc.dirty_blocks.is_empty() || rc.table_dirty || !t.l2_dirty.is_empty() || t.l1_dirty
+        };
+        if !metadata_dirty {
+            self.sync_all().await?;
+            a.synced_gen = covered;
+            return Ok(());
+        }
         rc.write_blocks(self).await?;
         self.sync_all().await?;
         if rc.table_dirty {
@@ -1038,6 +1069,7 @@ impl Image {
             }
             t.l1_dirty = false;
         }
+        a.synced_gen = covered;
         // Freed clusters become reusable now: stop packing compressed data
         // into a cluster that may be among them.
         a.compressed_tail = None;
