@@ -25,6 +25,9 @@ pub const DEFAULT_MAX_CHAIN_DEPTH: u32 = 16;
 /// Default L2 cache budget: enough to map 256 GiB of a 64 KiB-cluster image
 /// (512 tables of 64 KiB).
 pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Default clean refcount block budget: a quarter of the L2 cache, as in
+/// QEMU (8 MiB of 16-bit refcounts covers 256 GiB of 64 KiB clusters).
+pub const DEFAULT_REFCOUNT_CACHE_BYTES: u64 = DEFAULT_L2_CACHE_BYTES / 4;
 
 /// An engine error. Messages are short; sources carry the detail.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +102,8 @@ pub struct OpenOptions {
     pub backing: BackingPolicy,
     /// L2 cache budget in bytes (at least one table is always cached).
     pub l2_cache_bytes: u64,
+    /// Budget for clean refcount blocks (writable images), in bytes.
+    pub refcount_cache_bytes: u64,
 }
 
 impl Default for OpenOptions {
@@ -108,6 +113,7 @@ impl Default for OpenOptions {
             cache: CacheMode::None,
             backing: BackingPolicy::default(),
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
         }
     }
 }
@@ -142,6 +148,7 @@ pub struct Image {
     /// Counts completed writes, so a flush can tell whether a writeback
     /// that already finished covered everything acknowledged before it.
     pub(crate) write_gen: std::sync::atomic::AtomicU64,
+    pub(crate) refcount_cache_bytes: u64,
 }
 
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
@@ -278,6 +285,7 @@ impl Image {
                 counters: crate::stats::Counters::default(),
                 corrupt: std::sync::atomic::AtomicBool::new(false),
                 write_gen: std::sync::atomic::AtomicU64::new(0),
+                refcount_cache_bytes: opts.refcount_cache_bytes,
             })
         })
     }

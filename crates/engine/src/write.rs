@@ -20,7 +20,7 @@
 //! 4. fdatasync, after which clusters freed since the last writeback may be
 //!    handed out again (invariant 3).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use qblk_qcow2::header::{AutoclearFeatures, Header};
@@ -54,7 +54,11 @@ struct Refcounts {
     table: Vec<u64>,
     table_dirty: bool,
     /// Loaded refcount blocks by offset (all blocks the session touched).
-    blocks: HashMap<u64, AlignedBuf>,
+    /// Refcount blocks by offset: a bounded LRU of clean blocks plus every
+    /// dirty one (dirty blocks are never evicted before they are written).
+    blocks: lru::LruCache<u64, AlignedBuf>,
+    /// How many clean blocks `blocks` keeps.
+    blocks_capacity: usize,
     dirty_blocks: BTreeSet<u64>,
     /// No free cluster lies below this one.
     cursor: u64,
@@ -137,7 +141,8 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
     a.rc = Some(Refcounts {
         table,
         table_dirty: false,
-        blocks: HashMap::new(),
+        blocks: lru::LruCache::unbounded(),
+        blocks_capacity: (img.refcount_cache_bytes / g.cluster_size()).max(4) as usize,
         dirty_blocks: BTreeSet::new(),
         cursor: 0,
         pending_free: HashSet::new(),
@@ -171,15 +176,35 @@ impl Refcounts {
         let Some(off) = RefcountTableEntry(entry).block_offset() else {
             return Ok(None);
         };
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.blocks.entry(off.0) {
+        if self.blocks.get(&off.0).is_none() {
             let b = img
                 .file
                 .read(off.0, g.cluster_size() as usize)
                 .await
                 .map_err(io(img, "read refcount block"))?;
-            slot.insert(b);
+            self.insert_block(off.0, b);
         }
         Ok(Some(off.0))
+    }
+
+    /// Caches a block as most recently used, evicting the least recently
+    /// used clean blocks beyond the cache's capacity.
+    fn insert_block(&mut self, offset: u64, block: AlignedBuf) {
+        self.blocks.put(offset, block);
+        while self.blocks.len() > self.blocks_capacity + self.dirty_blocks.len() {
+            let victim = self
+                .blocks
+                .iter()
+                .rev()
+                .map(|(k, _)| *k)
+                .find(|k| !self.dirty_blocks.contains(k) && *k != offset);
+            match victim {
+                Some(k) => {
+                    self.blocks.pop(&k);
+                }
+                None => break,
+            }
+        }
     }
 
     async fn get(&mut self, img: &Image, cluster: u64) -> Result<u64> {
@@ -187,7 +212,7 @@ impl Refcounts {
         Ok(match self.block(img, cluster).await? {
             None => 0,
             Some(b) => get_refcount(
-                &self.blocks[&b],
+                self.blocks.peek(&b).expect("block loaded"),
                 g.refcount_order(),
                 g.refcount_block_index(HostCluster(cluster)),
             ),
@@ -197,7 +222,7 @@ impl Refcounts {
     /// Sets a refcount whose block exists.
     fn set_in(&mut self, img: &Image, block: u64, cluster: u64, value: u64) -> Result<()> {
         let g = img.geometry;
-        let buf = self.blocks.get_mut(&block).expect("block loaded");
+        let buf = self.blocks.peek_mut(&block).expect("block loaded");
         set_refcount(
             buf,
             g.refcount_order(),
@@ -254,8 +279,8 @@ impl Refcounts {
                     1,
                 )
                 .expect("1 fits any refcount width");
-                self.blocks.insert(c * cs, buf);
                 self.dirty_blocks.insert(c * cs);
+                self.insert_block(c * cs, buf);
                 self.table[index] = c * cs;
                 self.table_dirty = true;
                 self.cursor = c + 1;
@@ -322,7 +347,8 @@ impl Refcounts {
         for (k, &bi) in block_indexes.iter().enumerate() {
             let at = (first_block + k as u64) * cs;
             table[bi as usize] = at;
-            self.blocks.insert(at, AlignedBuf::zeroed(cs as usize));
+            self.dirty_blocks.insert(at);
+            self.insert_block(at, AlignedBuf::zeroed(cs as usize));
         }
         self.table = table;
         // Refcount 1 for the new table clusters and the new blocks.
@@ -362,7 +388,7 @@ impl Refcounts {
     async fn write_blocks(&mut self, img: &Image) -> Result<()> {
         let dirty = std::mem::take(&mut self.dirty_blocks);
         for off in dirty {
-            let buf = &self.blocks[&off];
+            let buf = self.blocks.peek(&off).expect("dirty blocks stay cached");
             let mut copy = AlignedBuf::zeroed(buf.len());
             copy.copy_from_slice(buf);
             Counters::add(&img.counters.metadata_writes, 1);
@@ -492,7 +518,7 @@ impl Image {
             return self.write_data(host + in_cluster, data).await;
         }
         self.allocate_and_write(a, desc, pos, data).await?;
-        if self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES {
+        if self.needs_writeback(a) {
             self.writeback(a).await?;
         }
         Ok(())
@@ -832,6 +858,14 @@ impl Image {
         Ok(())
     }
 
+    /// Whether dirty metadata has outgrown its bounds.
+    fn needs_writeback(&self, a: &Alloc) -> bool {
+        let rc_full =
+            a.rc.as_ref()
+                .is_some_and(|rc| rc.dirty_blocks.len() > rc.blocks_capacity);
+        rc_full || self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES
+    }
+
     /// Records that a write completed (flush coalescing compares with it).
     fn bump_write_gen(&self) {
         self.write_gen
@@ -858,7 +892,7 @@ impl Image {
             }
         }
         self.bump_write_gen();
-        if self.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES {
+        if self.needs_writeback(a) {
             self.writeback(a).await?;
         }
         Ok(())

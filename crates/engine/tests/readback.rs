@@ -62,6 +62,7 @@ fn check_image(dir: &Path, image: &str) {
             },
             // A tiny cache forces evictions and reloads.
             l2_cache_bytes: 1,
+            refcount_cache_bytes: 1,
         };
         let want = &want;
         block_on(async move {

@@ -167,6 +167,8 @@ fn exercise_with(
             },
             // Small cache: evictions and reloads of clean tables.
             l2_cache_bytes: 2 * cluster,
+            // And a tiny refcount cache: blocks are evicted and reloaded.
+            refcount_cache_bytes: cluster,
         };
         let img = std::rc::Rc::new(
             Image::open(&path, &opts)
