@@ -216,6 +216,11 @@ impl HostFile {
         Ok(())
     }
 
+    /// Sets the file's length (resize only; not on the data path).
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
     /// fdatasync.
     pub async fn flush(&self) -> io::Result<()> {
         Ring::current()?.fsync(self.fd(), true).await.0.map(|_| ())

@@ -137,6 +137,8 @@ pub struct Image {
     pub(crate) data_file: Option<HostFile>,
     pub(crate) backing: Option<Backing>,
     pub(crate) writable: bool,
+    /// The virtual disk size (grows with `resize`).
+    pub(crate) size: std::sync::atomic::AtomicU64,
     /// The mapping tables. Held only for in-memory lookups and updates,
     /// never across an await.
     pub(crate) tables: Mutex<Tables>,
@@ -156,6 +158,8 @@ pub struct Image {
 #[derive(Debug)]
 pub(crate) struct Tables {
     pub(crate) l1: Vec<L1Entry>,
+    /// Where the active L1 table lives (moves when the disk grows).
+    pub(crate) l1_offset: u64,
     /// L1 entries changed since the last metadata writeback.
     pub(crate) l1_dirty: bool,
     pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
@@ -267,6 +271,7 @@ impl Image {
             };
 
             let tables = (opts.l2_cache_bytes / geometry.cluster_size()).max(1) as usize;
+            let (size, l1_offset) = (header.size, header.l1_table_offset);
             Ok(Image {
                 path,
                 header,
@@ -275,7 +280,9 @@ impl Image {
                 data_file,
                 backing,
                 writable,
+                size: std::sync::atomic::AtomicU64::new(size),
                 tables: Mutex::new(Tables {
+                    l1_offset,
                     l1,
                     l1_dirty: false,
                     l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),
@@ -304,7 +311,7 @@ impl Image {
     }
 
     pub fn size(&self) -> u64 {
-        self.header.size
+        self.size.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn path(&self) -> &Path {
@@ -392,14 +399,11 @@ impl Image {
     ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
             let len = buf.len() as u64;
-            if offset
-                .checked_add(len)
-                .is_none_or(|end| end > self.header.size)
-            {
+            if offset.checked_add(len).is_none_or(|end| end > self.size()) {
                 return Err(Error::OutOfRange {
                     offset,
                     len,
-                    size: self.header.size,
+                    size: self.size(),
                 });
             }
             let g = self.geometry;

@@ -300,6 +300,52 @@ impl Refcounts {
         }
     }
 
+    /// Allocates `n` contiguous clusters past everything in use, with any
+    /// refcount blocks they need placed right after them; returns the first
+    /// cluster. The blocks and table entries are left dirty.
+    async fn alloc_run(&mut self, img: &Image, header: &mut Header, n: u64) -> Result<u64> {
+        let g = img.geometry;
+        let cs = g.cluster_size();
+        let per_block = g.refcount_block_entries();
+        loop {
+            let start = self.end.max(self.cursor);
+            let missing = |count: u64, table: &[u64]| -> Vec<u64> {
+                (start / per_block..=(start + count - 1) / per_block)
+                    .filter(|&i| table.get(i as usize).copied().unwrap_or(0) == 0)
+                    .collect()
+            };
+            let mut blocks = 0u64;
+            loop {
+                let need = missing(n + blocks, &self.table).len() as u64;
+                if need == blocks {
+                    break;
+                }
+                blocks = need;
+            }
+            let indexes = missing(n + blocks, &self.table);
+            let top = indexes.iter().copied().max().unwrap_or(0) as usize;
+            if top >= self.table.len() {
+                // Grow the table first; it moves past everything, so retry.
+                self.grow_table(img, header, top).await?;
+                continue;
+            }
+            for (k, &bi) in indexes.iter().enumerate() {
+                let at = (start + n + k as u64) * cs;
+                self.table[bi as usize] = at;
+                self.table_dirty = true;
+                self.dirty_blocks.insert(at);
+                self.insert_block(at, AlignedBuf::zeroed(cs as usize));
+            }
+            for c in start..start + n + indexes.len() as u64 {
+                let block = self.block(img, c).await?.expect("covered by a block");
+                self.set_in(img, block, c, 1)?;
+            }
+            self.end = self.end.max(start + n + indexes.len() as u64);
+            self.cursor = self.cursor.max(self.end);
+            return Ok(start);
+        }
+    }
+
     /// Replaces the refcount table with a larger one that has an entry at
     /// `min_index`. The new table and any refcount blocks it needs for its
     /// own clusters go past everything in use; the header switches to it
@@ -431,14 +477,11 @@ impl Image {
                 what: "image is open read-only".into(),
             });
         }
-        if offset
-            .checked_add(len)
-            .is_none_or(|end| end > self.header.size)
-        {
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
             return Err(Error::OutOfRange {
                 offset,
                 len,
-                size: self.header.size,
+                size: self.size(),
             });
         }
         Ok(())
@@ -643,7 +686,7 @@ impl Image {
         let mut buf = AlignedBuf::zeroed(cs);
         if data.len() != cs {
             Counters::add(&self.counters.cow_bytes, (cs - data.len()) as u64);
-            let end = (cluster_start + cs as u64).min(self.header.size);
+            let end = (cluster_start + cs as u64).min(self.size());
             let n = (end - cluster_start) as usize;
             self.read(cluster_start, &mut buf[..n]).await?;
         }
@@ -651,7 +694,7 @@ impl Image {
         match &self.data_file {
             // The data file is exactly the virtual size: never write past it.
             Some(f) => {
-                let n = (self.header.size - cluster_start).min(cs as u64) as usize;
+                let n = (self.size() - cluster_start).min(cs as u64) as usize;
                 f.write(host, &buf[..n])
                     .await
                     .map_err(io(self, "write data"))
@@ -741,7 +784,7 @@ impl Image {
         while pos < end {
             let in_cluster = g.offset_in_cluster(pos);
             let n = (cs - in_cluster).min(end - pos);
-            let whole = in_cluster == 0 && (n == cs || pos + n == self.header.size);
+            let whole = in_cluster == 0 && (n == cs || pos + n == self.size());
             if whole && metadata_only {
                 let mut a = self.alloc.lock().await;
                 self.zero_cluster(&mut a, pos, may_unmap).await?;
@@ -824,7 +867,7 @@ impl Image {
         let cs = g.cluster_size();
         let mut pos = offset.next_multiple_of(cs);
         let end = offset + len;
-        while pos < end && (pos + cs <= end || end == self.header.size) {
+        while pos < end && (pos + cs <= end || end == self.size()) {
             let mut a = self.alloc.lock().await;
             let (desc, _) = self.descriptor_and_entry(pos).await?;
             let drop = match desc {
@@ -918,7 +961,7 @@ impl Image {
             });
         }
         if !g.is_cluster_aligned(offset)
-            || (data.len() as u64 != cs && offset + data.len() as u64 != self.header.size)
+            || (data.len() as u64 != cs && offset + data.len() as u64 != self.size())
         {
             return Err(Error::Unsupported {
                 path: self.path.clone(),
@@ -989,6 +1032,111 @@ impl Image {
         Ok(())
     }
 
+    /// Grows the virtual disk to `new_size` bytes (a multiple of 512). New
+    /// space reads as zeros (or as the backing file, where it is longer). A
+    /// larger L1 table, when needed, is written past everything in use and
+    /// made durable, with its refcounts, before the header points at it.
+    pub async fn resize(&self, new_size: u64) -> Result<()> {
+        let r = self.resize_inner(new_size).await;
+        self.on_error(r).await
+    }
+
+    async fn resize_inner(&self, new_size: u64) -> Result<()> {
+        let old_size = self.size();
+        self.check_writable(0, 0)?;
+        let refuse = |what: String| Error::Unsupported {
+            path: self.path.clone(),
+            what,
+        };
+        if new_size % 512 != 0 || new_size > i64::MAX as u64 {
+            return Err(refuse(format!(
+                "new size {new_size} is not a multiple of 512 bytes"
+            )));
+        }
+        if new_size < old_size {
+            return Err(refuse("shrinking an image is not supported".into()));
+        }
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let entries = g.l1_entries_for(new_size);
+        if entries > qblk_qcow2::types::MAX_L1_TABLE_BYTES / 8 {
+            return Err(refuse(format!(
+                "{new_size} bytes need an L1 table larger than 32 MiB"
+            )));
+        }
+        let mut a = self.alloc.lock().await;
+        // Start from clean, durable metadata.
+        self.writeback(&mut a).await?;
+        let Alloc { rc, header, .. } = &mut *a;
+        let rc = rc.as_mut().expect("writable image has refcounts");
+        let header = header.as_mut().expect("writable image has a header");
+        let (old_l1, old_offset) = {
+            let t = self.lock_tables();
+            (t.l1.clone(), t.l1_offset)
+        };
+        let mut new_offset = old_offset;
+        if entries > old_l1.len() as u64 {
+            let clusters = g.clusters_for(entries * 8);
+            let start = rc.alloc_run(self, header, clusters).await?;
+            new_offset = start * cs;
+            let mut bytes = AlignedBuf::zeroed((clusters * cs) as usize);
+            for (i, e) in old_l1.iter().enumerate() {
+                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_be_bytes());
+            }
+            Counters::add(&self.counters.metadata_writes, 1);
+            self.file
+                .write_aligned(new_offset, bytes)
+                .await
+                .map_err(io(self, "write L1 table"))?;
+            // The new table and the refcounts that cover it are durable
+            // before the header points at them.
+            rc.write_blocks(self).await?;
+            if rc.table_dirty {
+                self.write_refcount_table(rc, header).await?;
+            }
+            self.sync_image("flush").await?;
+        }
+        if let Some(f) = &self.data_file {
+            f.set_len(new_size).map_err(io(self, "resize data file"))?;
+        }
+        header.size = new_size;
+        header.l1_table_offset = new_offset;
+        header.l1_size = u32::try_from(entries.max(old_l1.len() as u64))
+            .map_err(|_| refuse("L1 size".into()))?;
+        write_header(self, header).await?;
+        self.sync_all().await?;
+        {
+            let mut t = self.lock_tables();
+            t.l1.resize(header.l1_size as usize, L1Entry::UNALLOCATED);
+            t.l1_offset = new_offset;
+        }
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        if new_offset != old_offset && !old_l1.is_empty() {
+            let old_clusters = g.clusters_for(old_l1.len() as u64 * 8);
+            for c in 0..old_clusters {
+                rc.adjust(self, old_offset / cs + c, -1).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_refcount_table(&self, rc: &mut Refcounts, header: &Header) -> Result<()> {
+        let cs = self.geometry.cluster_size();
+        let mut bytes =
+            AlignedBuf::zeroed((u64::from(header.refcount_table_clusters) * cs) as usize);
+        for (i, e) in rc.table.iter().enumerate() {
+            bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        Counters::add(&self.counters.metadata_writes, 1);
+        self.file
+            .write_aligned(header.refcount_table_offset, bytes)
+            .await
+            .map_err(io(self, "write refcount table"))?;
+        rc.table_dirty = false;
+        Ok(())
+    }
+
     /// Makes every acknowledged write and the metadata it depends on durable.
     pub async fn flush(&self) -> Result<()> {
         if !self.writable || self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
@@ -1051,25 +1199,14 @@ impl Image {
         self.sync_all().await?;
         if rc.table_dirty {
             let h = a.header.as_ref().expect("header");
-            let cs = self.geometry.cluster_size();
-            let mut bytes =
-                AlignedBuf::zeroed((u64::from(h.refcount_table_clusters) * cs) as usize);
-            for (i, e) in rc.table.iter().enumerate() {
-                bytes[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
-            }
-            Counters::add(&self.counters.metadata_writes, 1);
-            self.file
-                .write_aligned(h.refcount_table_offset, bytes)
-                .await
-                .map_err(io(self, "write refcount table"))?;
+            self.write_refcount_table(rc, h).await?;
             self.sync_image("flush").await?;
-            rc.table_dirty = false;
         }
-        let (dirty, l1) = {
+        let (dirty, l1, l1_offset) = {
             let t = self.lock_tables();
             let dirty: Vec<(u64, Arc<AlignedBuf>)> =
                 t.l2_dirty.iter().map(|(k, v)| (*k, v.clone())).collect();
-            (dirty, t.l1_dirty.then(|| t.l1.clone()))
+            (dirty, t.l1_dirty.then(|| t.l1.clone()), t.l1_offset)
         };
         for (off, table) in &dirty {
             let mut copy = AlignedBuf::zeroed(table.len());
@@ -1088,7 +1225,7 @@ impl Image {
             }
             Counters::add(&self.counters.metadata_writes, 1);
             self.file
-                .write(self.header.l1_table_offset, &bytes)
+                .write(l1_offset, &bytes)
                 .await
                 .map_err(io(self, "write L1 table"))?;
         }

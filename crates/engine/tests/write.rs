@@ -560,3 +560,98 @@ fn dirty_image_is_repaired_before_writing() {
     let info = sh(d, &["qemu-img", "info", "--output=json", "dirty.qcow2"]);
     assert!(info.contains("\"dirty-flag\": false"), "{info}");
 }
+
+/// Growing the disk: with 512-byte clusters one L1 cluster maps only
+/// 2 MiB, so growing from 1 MiB to 10 MiB moves the L1 table; the new space
+/// reads as zeros (or the shorter backing file's end), takes writes, and
+/// the image stays consistent. A raw data file grows with the disk.
+#[test]
+fn resize_grows_the_disk() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "small.qcow2",
+            "1M",
+        ],
+    );
+    sh(d, &["qemu-io", "-c", "write -P 0x61 0 1M", "small.qcow2"]);
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=grow.raw,data_file_raw=on",
+            "raw.qcow2",
+            "1M",
+        ],
+    );
+    sh(d, &["qemu-io", "-c", "write -P 0x62 0 1M", "raw.qcow2"]);
+    for image in ["small.qcow2", "raw.qcow2"] {
+        let path = d.join(image);
+        block_on(async move {
+            let opts = OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            };
+            let img = Image::open(&path, &opts).await.expect("open");
+            assert!(img.resize(1000).await.is_err(), "not a multiple of 512");
+            assert!(img.resize(512 << 10).await.is_err(), "shrinking");
+            img.resize(10 << 20).await.expect("grow");
+            assert_eq!(img.size(), 10 << 20);
+            let mut buf = vec![0u8; 64 << 10];
+            img.read((1 << 20) - 4096, &mut buf)
+                .await
+                .expect("read across the old end");
+            assert!(buf[..4096].iter().all(|&b| b != 0) && buf[4096..].iter().all(|&b| b == 0));
+            img.write(9 << 20, &[0x63; 100_000])
+                .await
+                .expect("write in the new space");
+            img.flush().await.expect("flush");
+        });
+        let info = sh(d, &["qemu-img", "info", "--output=json", image]);
+        assert!(info.contains("\"virtual-size\": 10485760"), "{info}");
+        let check = Command::new("qemu-img")
+            .args(["check", image])
+            .current_dir(d)
+            .output()
+            .expect("check");
+        assert!(
+            check.status.success(),
+            "{image}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let out = Command::new("qemu-io")
+            .args([
+                "-c",
+                "read -P 0x63 9M 100000",
+                "-c",
+                "read -P 0 1M 8M",
+                image,
+            ])
+            .current_dir(d)
+            .output()
+            .expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("Pattern verification failed"),
+            "{image}: {text}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(d.join("grow.raw")).expect("stat").len(),
+        10 << 20
+    );
+}
