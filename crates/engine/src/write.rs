@@ -44,6 +44,10 @@ pub(crate) struct Alloc {
     compressed_tail: Option<(u64, u64)>,
     /// The write generation the last completed writeback made durable.
     synced_gen: u64,
+    /// Lazy refcounts: refcount updates are deferred behind the dirty bit.
+    lazy: bool,
+    /// The dirty bit is set on disk (lazy refcounts in use this session).
+    marked_dirty: bool,
     /// The header as it is on disk now.
     header: Option<Header>,
 }
@@ -148,6 +152,7 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
         pending_free: HashSet::new(),
         end: g.clusters_for(file_len),
     });
+    a.lazy = header.is_v3() && header.lazy_refcounts();
     a.header = Some(header);
     Ok(())
 }
@@ -901,6 +906,47 @@ impl Image {
         Ok(())
     }
 
+    /// Whether deferred (lazy) refcount blocks have outgrown the cache.
+    fn needs_refcount_writeback(&self, a: &Alloc) -> bool {
+        a.rc.as_ref()
+            .is_some_and(|rc| rc.dirty_blocks.len() > rc.blocks_capacity)
+    }
+
+    /// Closes the image cleanly: everything durable, and with lazy
+    /// refcounts the refcount blocks written and the dirty bit cleared.
+    /// An image dropped without `close` (a crash) stays dirty and has its
+    /// refcounts rebuilt the next time it is opened for writing.
+    pub async fn close(&self) -> Result<()> {
+        if !self.writable || self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let r = self.close_inner().await;
+        self.on_error(r).await
+    }
+
+    async fn close_inner(&self) -> Result<()> {
+        let mut a = self.alloc.lock().await;
+        self.writeback(&mut a).await?;
+        if !a.marked_dirty {
+            return Ok(());
+        }
+        let Alloc { rc, header, .. } = &mut *a;
+        let rc = rc.as_mut().expect("writable image has refcounts");
+        let header = header.as_mut().expect("writable image has a header");
+        rc.write_blocks(self).await?;
+        if rc.table_dirty {
+            self.write_refcount_table(rc, header).await?;
+        }
+        self.sync_image("flush").await?;
+        header
+            .incompatible_features
+            .remove(qblk_qcow2::header::IncompatibleFeatures::DIRTY);
+        write_header(self, header).await?;
+        self.sync_image("flush").await?;
+        a.marked_dirty = false;
+        Ok(())
+    }
+
     /// Whether dirty metadata has outgrown its bounds.
     fn needs_writeback(&self, a: &Alloc) -> bool {
         let rc_full =
@@ -1185,19 +1231,37 @@ impl Image {
     async fn writeback(&self, a: &mut Alloc) -> Result<()> {
         // Writes completed before this point are covered by this writeback.
         let covered = self.write_gen.load(std::sync::atomic::Ordering::Acquire);
-        let rc = a.rc.as_mut().expect("writable image has refcounts");
-        let metadata_dirty = {
+        let (tables_dirty, refcounts_dirty) = {
+            let rc = a.rc.as_ref().expect("writable image has refcounts");
             let t = self.lock_tables();
-            !rc.dirty_blocks.is_empty() || rc.table_dirty || !t.l2_dirty.is_empty() || t.l1_dirty
+            (
+                !t.l2_dirty.is_empty() || t.l1_dirty,
+                !rc.dirty_blocks.is_empty() || rc.table_dirty,
+            )
         };
-        if !metadata_dirty {
+        // With lazy refcounts, refcount blocks stay in memory (until close,
+        // or until too many are dirty); the dirty bit, durable before the
+        // first table that depends on them, tells a later open to rebuild.
+        let defer_refcounts = a.lazy && !self.needs_refcount_writeback(a);
+        if !tables_dirty && (!refcounts_dirty || defer_refcounts) {
             self.sync_all().await?;
             a.synced_gen = covered;
             return Ok(());
         }
-        rc.write_blocks(self).await?;
+        if defer_refcounts {
+            if !a.marked_dirty {
+                let header = a.header.as_mut().expect("writable image has a header");
+                header.incompatible_features |= qblk_qcow2::header::IncompatibleFeatures::DIRTY;
+                write_header(self, header).await?;
+                a.marked_dirty = true;
+            }
+        } else {
+            let rc = a.rc.as_mut().expect("writable image has refcounts");
+            rc.write_blocks(self).await?;
+        }
         self.sync_all().await?;
-        if rc.table_dirty {
+        let rc = a.rc.as_mut().expect("writable image has refcounts");
+        if rc.table_dirty && !defer_refcounts {
             let h = a.header.as_ref().expect("header");
             self.write_refcount_table(rc, h).await?;
             self.sync_image("flush").await?;

@@ -159,7 +159,7 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
             progress(pos, size);
         }
         match &dst {
-            Target::Qcow2(i) => i.flush().await.map_err(|e| engine(&req.dst, e)),
+            Target::Qcow2(i) => i.close().await.map_err(|e| engine(&req.dst, e)),
             Target::Raw(f) => f.flush().await.map_err(|e| Error::io(&req.dst, "flush", e)),
         }
     })

@@ -1,7 +1,7 @@
 //! Embedding the engine in an async Rust program: create an image, open it
 //! writable, write, read back, flush.
 //!
-//!     cargo run -p qblk-engine --example embed -- /tmp/demo.qcow2
+//!     cargo run -p qblk-examples --example embed -- /tmp/demo.qcow2
 
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         img.read(4096, &mut buf).await?;
         assert_eq!(&buf, b"hello from qblk");
         img.flush().await?;
+        img.close().await?;
         println!(
             "{}: wrote and read back {:?}; {:?}",
             path.display(),
