@@ -7,6 +7,7 @@
 
 pub mod buf;
 pub mod check;
+pub mod crypto;
 pub mod file;
 pub mod image;
 pub mod map;

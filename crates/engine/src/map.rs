@@ -128,6 +128,8 @@ impl Image {
             let mut len = (g.cluster_size() - in_cluster).min(max);
             let desc = self.descriptor(pos).await?;
             let host_file = self.data_file.as_ref().unwrap_or(&self.file);
+            // Like QEMU, encrypted data has no usable host offset.
+            let encrypted = self.header.crypt_method != qblk_qcow2::header::CryptMethod::None;
             let entry = |present, zero, data, compressed, offset: Option<u64>, len| MapEntry {
                 start: pos,
                 length: len,
@@ -150,7 +152,9 @@ impl Image {
                         true,
                         false,
                         false,
-                        preallocated.map(|h| h.0 + in_cluster),
+                        preallocated
+                            .filter(|_| !encrypted)
+                            .map(|h| h.0 + in_cluster),
                         len,
                     ));
                 }
@@ -169,6 +173,9 @@ impl Image {
                 }
             };
             match state {
+                SubclusterState::Allocated if encrypted => {
+                    Ok(entry(true, false, true, false, None, len))
+                }
                 SubclusterState::Allocated => {
                     let host =
                         host.expect("allocated subclusters have a host cluster") + in_cluster;
@@ -180,7 +187,7 @@ impl Image {
                     true,
                     false,
                     false,
-                    host.map(|h| h + in_cluster),
+                    host.filter(|_| !encrypted).map(|h| h + in_cluster),
                     len,
                 )),
                 SubclusterState::Unallocated => self.status_below(pos, len, depth).await,

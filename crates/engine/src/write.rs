@@ -552,7 +552,31 @@ impl Image {
 
     async fn write_data(&self, host_offset: u64, data: &[u8]) -> Result<()> {
         let file = self.data_file.as_ref().unwrap_or(&self.file);
-        file.write(host_offset, data)
+        if self.crypto.is_none()
+            && self.header.crypt_method == qblk_qcow2::header::CryptMethod::None
+        {
+            return file
+                .write(host_offset, data)
+                .await
+                .map_err(io(self, "write data"));
+        }
+        let crypto = self.crypto_or_err()?;
+        let sector = crate::crypto::SECTOR;
+        let start = host_offset - host_offset % sector;
+        let end = (host_offset + data.len() as u64).next_multiple_of(sector);
+        let mut buf = AlignedBuf::zeroed((end - start) as usize);
+        let skip = (host_offset - start) as usize;
+        let _guard = if skip != 0 || buf.len() != data.len() {
+            // Partial sectors: decrypt what is there, patch, re-encrypt.
+            let guard = self.crypto_rmw.lock().await;
+            self.read_data(start, &mut buf).await?;
+            Some(guard)
+        } else {
+            None
+        };
+        buf[skip..skip + data.len()].copy_from_slice(data);
+        crypto.encrypt(start / sector, &mut buf);
+        file.write_aligned(start, buf)
             .await
             .map_err(io(self, "write data"))
     }
@@ -696,6 +720,10 @@ impl Image {
             self.read(cluster_start, &mut buf[..n]).await?;
         }
         buf[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        if self.header.crypt_method != qblk_qcow2::header::CryptMethod::None {
+            self.crypto_or_err()?
+                .encrypt(host / crate::crypto::SECTOR, &mut buf);
+        }
         match &self.data_file {
             // The data file is exactly the virtual size: never write past it.
             Some(f) => {
@@ -1000,10 +1028,14 @@ impl Image {
         self.check_writable(offset, data.len() as u64)?;
         let g = self.geometry;
         let cs = g.cluster_size();
-        if self.header.has_external_data_file() {
+        if self.header.has_external_data_file()
+            || self.header.crypt_method != qblk_qcow2::header::CryptMethod::None
+        {
             return Err(Error::Unsupported {
                 path: self.path.clone(),
-                what: "compressed clusters are not possible with an external data file".into(),
+                what:
+                    "compressed clusters are not possible with an external data file or encryption"
+                        .into(),
             });
         }
         if !g.is_cluster_aligned(offset)

@@ -63,6 +63,7 @@ fn check_image(dir: &Path, image: &str) {
             // A tiny cache forces evictions and reloads.
             l2_cache_bytes: 1,
             refcount_cache_bytes: 1,
+            key: None,
         };
         let want = &want;
         block_on(async move {

@@ -24,6 +24,7 @@ const SECTOR: u64 = 512;
 pub struct LuksKeySlot {
     pub active: bool,
     pub iterations: u32,
+    pub salt: [u8; 32],
     /// Key material offset in bytes, relative to the LUKS header.
     pub key_offset: u64,
     pub stripes: u32,
@@ -39,6 +40,9 @@ pub struct LuksHeader {
     /// Payload offset in bytes (not used by qcow2, but must be valid).
     pub payload_offset: u64,
     pub key_bytes: u32,
+    /// PBKDF2 digest of the master key, and its salt and iterations.
+    pub mk_digest: [u8; 20],
+    pub mk_digest_salt: [u8; 32],
     pub master_key_iterations: u32,
     pub uuid: String,
     pub slots: Vec<LuksKeySlot>,
@@ -80,6 +84,10 @@ impl LuksHeader {
         let hash_spec = text(72, 32, "luks.hash_spec")?;
         let payload_offset = u64::from(r.u32(104, "luks.payload_offset")?) * SECTOR;
         let key_bytes = r.u32(108, "luks.key_bytes")?;
+        let mut mk_digest = [0u8; 20];
+        mk_digest.copy_from_slice(r.bytes(112, 20, "luks.mk_digest")?);
+        let mut mk_digest_salt = [0u8; 32];
+        mk_digest_salt.copy_from_slice(r.bytes(132, 32, "luks.mk_digest_salt")?);
         let master_key_iterations = r.u32(164, "luks.mk_digest_iter")?;
         let uuid = text(168, 40, "luks.uuid")?;
         let mut slots = Vec::with_capacity(LUKS_KEY_SLOTS);
@@ -97,9 +105,12 @@ impl LuksHeader {
                     );
                 }
             };
+            let mut salt = [0u8; 32];
+            salt.copy_from_slice(r.bytes(at + 8, 32, "luks.key_slot.salt")?);
             slots.push(LuksKeySlot {
                 active,
                 iterations: r.u32(at + 4, "luks.key_slot.iterations")?,
+                salt,
                 key_offset: u64::from(r.u32(at + 40, "luks.key_slot.key_material_offset")?)
                     * SECTOR,
                 stripes: r.u32(at + 44, "luks.key_slot.stripes")?,
@@ -112,6 +123,8 @@ impl LuksHeader {
             hash_spec,
             payload_offset,
             key_bytes,
+            mk_digest,
+            mk_digest_salt,
             master_key_iterations,
             uuid,
             slots,
