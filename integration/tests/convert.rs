@@ -183,6 +183,80 @@ fn convert_matches_qemu() {
         .len();
     assert!(zlib * 4 < plain, "compressed {zlib} vs plain {plain}");
 
+    // An encrypted source, with its key from a file.
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s,data=pw",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+            "luks.qcow2",
+            "4M",
+        ],
+    );
+    sh(
+        d,
+        &[
+            "qemu-io",
+            "--object",
+            "secret,id=s,data=pw",
+            "--image-opts",
+            "driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s",
+            "-c",
+            "write -P 0x77 100k 1M",
+        ],
+    );
+    std::fs::write(d.join("key"), "pw").expect("key file");
+    let out = qblk(
+        &["convert", "-q", "-O", "qcow2", "luks.qcow2", "noluks.qcow2"],
+        d,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "no key: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(
+        qblk(
+            &[
+                "convert",
+                "-q",
+                "--key-file",
+                "key",
+                "-O",
+                "qcow2",
+                "luks.qcow2",
+                "plain-from-luks.qcow2",
+            ],
+            d,
+        ),
+        "convert luks",
+    );
+    let out = run(
+        "qemu-img",
+        &[
+            "compare",
+            "--object",
+            "secret,id=s,data=pw",
+            "--image-opts",
+            "driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s",
+            "driver=qcow2,file.filename=plain-from-luks.qcow2",
+        ],
+        d,
+    );
+    assert!(
+        out.status.success(),
+        "luks -> qcow2: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // Refusals: -c into raw; a missing source.
     let out = qblk(&["convert", "-c", "plain.qcow2", "x.raw"], d);
     assert_eq!(out.status.code(), Some(1));

@@ -104,6 +104,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Do not print anything.
         #[arg(short = 'q')]
         quiet: bool,
+        /// File holding the passphrase of an encrypted (LUKS) source; its
+        /// bytes are the passphrase, as in a QEMU secret file.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -255,9 +259,16 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             options,
             sparse,
             quiet,
+            key_file,
             src,
             dst,
         } => {
+            let src_key = key_file
+                .map(|p| {
+                    std::fs::read(&p)
+                        .map_err(|e| format!("{}: cannot read key file: {e}", p.display()))
+                })
+                .transpose()?;
             let mut parsed = Vec::new();
             for o in &options {
                 parsed.extend(split_options(o)?);
@@ -270,6 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 options: parsed,
                 compress,
                 min_sparse: parse_size(&sparse)?,
+                src_key,
             };
             let show = progress && !quiet;
             convert(&req, |done, total| {

@@ -27,6 +27,8 @@ pub struct ConvertRequest {
     pub compress: bool,
     /// Zero runs at least this long are left unwritten (`-S`, default 4k).
     pub min_sparse: u64,
+    /// Passphrase of an encrypted (LUKS) source.
+    pub src_key: Option<Vec<u8>>,
 }
 
 /// Bytes read from the source per step (a multiple of every cluster size).
@@ -90,6 +92,7 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
                         allow_any_dir: true,
                         ..BackingPolicy::default()
                     },
+                    key: req.src_key.clone().map(qblk_engine::image::Secret),
                     ..OpenOptions::default()
                 };
                 Source::Qcow2(Box::new(
@@ -105,6 +108,16 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
                 Source::Raw(f, len)
             }
         };
+        if let Source::Qcow2(img) = &src {
+            if img.header().crypt_method != qblk_qcow2::header::CryptMethod::None
+                && req.src_key.is_none()
+            {
+                return Err(Error::Usage(format!(
+                    "{} is encrypted: give its passphrase with --key-file",
+                    req.src.display()
+                )));
+            }
+        }
         let size = src.size();
         create(&CreateRequest {
             path: req.dst.clone(),
