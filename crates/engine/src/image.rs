@@ -170,6 +170,8 @@ pub struct Image {
     /// Serialises partial-sector writes to encrypted images (each decrypts,
     /// patches and re-encrypts whole sectors).
     pub(crate) crypto_rmw: tokio::sync::Mutex<()>,
+    /// Per-guest-cluster locks of allocations, zeroing and discards.
+    pub(crate) cluster_locks: Mutex<std::collections::HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
@@ -322,6 +324,7 @@ impl Image {
                 refcount_cache_bytes: opts.refcount_cache_bytes,
                 crypto,
                 crypto_rmw: tokio::sync::Mutex::new(()),
+                cluster_locks: Mutex::new(std::collections::HashMap::new()),
             })
         })
     }

@@ -516,8 +516,7 @@ impl Image {
                 }
                 None => {
                     Counters::add(&self.counters.allocating_writes, 1);
-                    let mut a = self.alloc.lock().await;
-                    self.allocating_write(&mut a, pos, part).await?;
+                    self.allocating_write(pos, part).await?;
                 }
             }
             self.bump_write_gen();
@@ -581,125 +580,172 @@ impl Image {
             .map_err(io(self, "write data"))
     }
 
-    /// One cluster's worth (or less) of an allocating write.
-    async fn allocating_write(&self, a: &mut Alloc, pos: u64, data: &[u8]) -> Result<()> {
-        let in_cluster = self.geometry.offset_in_cluster(pos);
-        // The mapping may have changed while this task waited for the lock.
-        let (desc, _) = self.descriptor_and_entry(pos).await?;
-        if let Some(host) = self.in_place_target(&desc, in_cluster, data.len() as u64) {
-            return self.write_data(host + in_cluster, data).await;
-        }
-        self.allocate_and_write(a, desc, pos, data).await?;
-        if self.needs_writeback(a) {
-            self.writeback(a).await?;
-        }
-        Ok(())
-    }
-
-    async fn allocate_and_write(
-        &self,
-        a: &mut Alloc,
-        desc: ClusterDescriptor,
-        pos: u64,
-        data: &[u8],
-    ) -> Result<()> {
+    /// One cluster's worth (or less) of an allocating write, in three
+    /// phases so that allocating writes to different clusters overlap:
+    /// choose the host cluster under the allocator lock; write data and
+    /// copy-on-write with no lock held; publish the L2 entry under the lock.
+    /// The guest cluster's own lock, held throughout, orders every
+    /// allocation, zeroing or discard of that cluster.
+    async fn allocating_write(&self, pos: u64, data: &[u8]) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
         let in_cluster = g.offset_in_cluster(pos);
         let cluster_start = pos - in_cluster;
+        let _cluster = self.lock_guest_cluster(cluster_start).await;
+        // The mapping may have changed while this task waited.
+        let (desc, _) = self.descriptor_and_entry(pos).await?;
+        if let Some(host) = self.in_place_target(&desc, in_cluster, data.len() as u64) {
+            return self.write_data(host + in_cluster, data).await;
+        }
         let external = self.header.has_external_data_file();
-        let Alloc { rc, header, .. } = a;
+
+        // Phase 1: where the data goes, and which reference it replaces.
+        let (host, old_ref, fresh) = {
+            let mut a = self.alloc.lock().await;
+            let Alloc { rc, header, .. } = &mut *a;
+            let rc = rc.as_mut().expect("writable image has refcounts");
+            let header = header.as_mut().expect("writable image has a header");
+            match desc {
+                _ if external => (cluster_start, None, false),
+                ClusterDescriptor::Zero {
+                    preallocated: Some(h),
+                    copied: true,
+                } => (h.0, None, false),
+                ClusterDescriptor::Standard {
+                    host, copied: true, ..
+                } => (host.0, None, false),
+                ClusterDescriptor::Standard {
+                    host,
+                    copied: false,
+                    ..
+                }
+                | ClusterDescriptor::Zero {
+                    preallocated: Some(host),
+                    copied: false,
+                } => (
+                    rc.alloc_cluster(self, header).await?,
+                    Some((host.0, cs)),
+                    true,
+                ),
+                ClusterDescriptor::Compressed { host, len } => (
+                    rc.alloc_cluster(self, header).await?,
+                    Some((host.0, len)),
+                    true,
+                ),
+                ClusterDescriptor::Unallocated
+                | ClusterDescriptor::Zero {
+                    preallocated: None, ..
+                }
+                | ClusterDescriptor::UnallocatedSubclusters { .. } => {
+                    (rc.alloc_cluster(self, header).await?, None, true)
+                }
+            }
+        };
+
+        // Phase 2: guest data and copy-on-write, no lock held.
+        let written = self
+            .write_new_cluster_data(desc, pos, data, host, old_ref.is_some())
+            .await;
+
+        // Phase 3: publish, or give the cluster back.
+        let mut a = self.alloc.lock().await;
+        let Alloc { rc, header, .. } = &mut *a;
         let rc = rc.as_mut().expect("writable image has refcounts");
         let header = header.as_mut().expect("writable image has a header");
-
-        // Where the cluster's data goes, and whether it replaces a host
-        // cluster whose reference must be dropped.
-        let (host, old_ref) = match desc {
-            _ if external => (cluster_start, None),
-            ClusterDescriptor::Zero {
-                preallocated: Some(h),
-                copied: true,
-            } => (h.0, None),
-            ClusterDescriptor::Standard {
-                host, copied: true, ..
-            } => (host.0, None),
-            ClusterDescriptor::Standard {
-                host,
-                copied: false,
-                ..
-            }
-            | ClusterDescriptor::Zero {
-                preallocated: Some(host),
-                copied: false,
-            } => (rc.alloc_cluster(self, header).await?, Some((host.0, cs))),
-            ClusterDescriptor::Compressed { host, len } => {
-                (rc.alloc_cluster(self, header).await?, Some((host.0, len)))
-            }
-            ClusterDescriptor::Unallocated
-            | ClusterDescriptor::Zero {
-                preallocated: None, ..
-            }
-            | ClusterDescriptor::UnallocatedSubclusters { .. } => {
-                (rc.alloc_cluster(self, header).await?, None)
-            }
-        };
-
-        let new_entry = if g.extended_l2() {
-            let scs = g.subcluster_size();
-            let first = (in_cluster / scs) as u32;
-            let last = ((in_cluster + data.len() as u64 - 1) / scs) as u32;
-            let touched: u32 = ((u64::from(u32::MAX) >> (31 - (last - first))) as u32) << first;
-            let old = match desc {
-                ClusterDescriptor::Standard { subclusters, .. }
-                | ClusterDescriptor::UnallocatedSubclusters { subclusters } => subclusters,
-                // A compressed cluster has no subclusters: all of it is data.
-                ClusterDescriptor::Compressed { .. } => SubclusterBitmap::ALL_ALLOCATED,
-                ClusterDescriptor::Unallocated | ClusterDescriptor::Zero { .. } => {
-                    SubclusterBitmap(0)
+        let new_entry = match written {
+            Ok(e) => e,
+            Err(e) => {
+                if fresh {
+                    rc.adjust(self, host / cs, -1).await?;
                 }
-            };
-            // Moving to a new host cluster copies every allocated subcluster;
-            // otherwise only the touched ones are written.
-            let moves_data = old_ref.is_some();
-            if !moves_data {
-                // Only the touched subclusters are written (edges completed
-                // from what shows through now); the others keep their state.
-                let start = u64::from(first) * scs;
-                let end = (u64::from(last) + 1) * scs;
-                let mut buf = vec![0u8; (end - start) as usize];
-                self.read(cluster_start + start, &mut buf).await?;
-                let at = (in_cluster - start) as usize;
-                Counters::add(&self.counters.cow_bytes, (buf.len() - data.len()) as u64);
-                buf[at..at + data.len()].copy_from_slice(data);
-                self.write_data(host + start, &buf).await?;
-            } else {
-                // A shared cluster moves: copy every subcluster it has.
-                self.write_whole_cluster(cluster_start, in_cluster, data, host)
-                    .await?;
+                return Err(e);
             }
-            let alloc = old.allocation() | touched;
-            let zero = old.zero() & !touched;
-            L2Entry::standard(
-                qblk_qcow2::HostOffset(host),
-                true,
-                SubclusterBitmap::from_parts(alloc, zero),
-            )
-        } else {
-            self.write_whole_cluster(cluster_start, in_cluster, data, host)
-                .await?;
-            L2Entry::standard(qblk_qcow2::HostOffset(host), true, SubclusterBitmap(0))
         };
-
         self.set_l2_entry(rc, header, cluster_start, new_entry)
             .await?;
         if let Some((off, len)) = old_ref {
-            let first = off / cs;
-            let last = (off + len - 1) / cs;
-            for c in first..=last {
+            for c in off / cs..=(off + len - 1) / cs {
                 rc.adjust(self, c, -1).await?;
             }
         }
+        if self.needs_writeback(&a) {
+            self.writeback(&mut a).await?;
+        }
         Ok(())
+    }
+
+    /// Writes an allocating write's data (and copy-on-write) to `host`;
+    /// returns the L2 entry that will map it.
+    async fn write_new_cluster_data(
+        &self,
+        desc: ClusterDescriptor,
+        pos: u64,
+        data: &[u8],
+        host: u64,
+        moves_data: bool,
+    ) -> Result<L2Entry> {
+        let g = self.geometry;
+        let in_cluster = g.offset_in_cluster(pos);
+        let cluster_start = pos - in_cluster;
+        if !g.extended_l2() {
+            self.write_whole_cluster(cluster_start, in_cluster, data, host)
+                .await?;
+            return Ok(L2Entry::standard(
+                qblk_qcow2::HostOffset(host),
+                true,
+                SubclusterBitmap(0),
+            ));
+        }
+        let scs = g.subcluster_size();
+        let first = (in_cluster / scs) as u32;
+        let last = ((in_cluster + data.len() as u64 - 1) / scs) as u32;
+        let touched: u32 = ((u64::from(u32::MAX) >> (31 - (last - first))) as u32) << first;
+        let old = match desc {
+            ClusterDescriptor::Standard { subclusters, .. }
+            | ClusterDescriptor::UnallocatedSubclusters { subclusters } => subclusters,
+            // A compressed cluster has no subclusters: all of it is data.
+            ClusterDescriptor::Compressed { .. } => SubclusterBitmap::ALL_ALLOCATED,
+            ClusterDescriptor::Unallocated | ClusterDescriptor::Zero { .. } => SubclusterBitmap(0),
+        };
+        if moves_data {
+            // A shared cluster moves: copy every subcluster it has.
+            self.write_whole_cluster(cluster_start, in_cluster, data, host)
+                .await?;
+        } else {
+            // Only the touched subclusters are written (edges completed from
+            // what shows through now); the others keep their state.
+            let start = u64::from(first) * scs;
+            let end = (u64::from(last) + 1) * scs;
+            let mut buf = vec![0u8; (end - start) as usize];
+            self.read(cluster_start + start, &mut buf).await?;
+            let at = (in_cluster - start) as usize;
+            Counters::add(&self.counters.cow_bytes, (buf.len() - data.len()) as u64);
+            buf[at..at + data.len()].copy_from_slice(data);
+            self.write_data(host + start, &buf).await?;
+        }
+        Ok(L2Entry::standard(
+            qblk_qcow2::HostOffset(host),
+            true,
+            SubclusterBitmap::from_parts(old.allocation() | touched, old.zero() & !touched),
+        ))
+    }
+
+    /// Takes the lock of one guest cluster (by its first byte).
+    async fn lock_guest_cluster(&self, cluster_start: u64) -> ClusterGuard<'_> {
+        let lock = {
+            let mut locks = self
+                .cluster_locks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            locks.entry(cluster_start).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        ClusterGuard {
+            image: self,
+            key: cluster_start,
+            lock: Some(lock),
+            guard: Some(guard),
+        }
     }
 
     /// Writes a whole new cluster: the guest data inside what the cluster
@@ -819,6 +865,7 @@ impl Image {
             let n = (cs - in_cluster).min(end - pos);
             let whole = in_cluster == 0 && (n == cs || pos + n == self.size());
             if whole && metadata_only {
+                let _cluster = self.lock_guest_cluster(pos).await;
                 let mut a = self.alloc.lock().await;
                 self.zero_cluster(&mut a, pos, may_unmap).await?;
             } else {
@@ -901,6 +948,7 @@ impl Image {
         let mut pos = offset.next_multiple_of(cs);
         let end = offset + len;
         while pos < end && (pos + cs <= end || end == self.size()) {
+            let _cluster = self.lock_guest_cluster(pos).await;
             let mut a = self.alloc.lock().await;
             let (desc, _) = self.descriptor_and_entry(pos).await?;
             let drop = match desc {
@@ -1053,6 +1101,7 @@ impl Image {
             return self.write(offset, data).await;
         };
         let len = compressed.len() as u64;
+        let _cluster = self.lock_guest_cluster(offset).await;
         let mut a = self.alloc.lock().await;
         let (desc, _) = self.descriptor_and_entry(offset).await?;
         if !matches!(
@@ -1360,5 +1409,32 @@ impl Image {
             f.flush().await.map_err(io(self, "flush data file"))?;
         }
         self.sync_image("flush").await
+    }
+}
+
+/// The lock of one guest cluster; the lock table entry goes away with its
+/// last user.
+pub(crate) struct ClusterGuard<'a> {
+    image: &'a Image,
+    key: u64,
+    lock: Option<Arc<tokio::sync::Mutex<()>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        drop(self.lock.take());
+        let mut locks = self
+            .image
+            .cluster_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if locks
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            locks.remove(&self.key);
+        }
     }
 }
