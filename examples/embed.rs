@@ -5,6 +5,7 @@
 
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
+use qblk_tools::create::{CreateRequest, create};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
@@ -12,16 +13,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "demo.qcow2".into());
     let path = std::path::PathBuf::from(path);
 
-    // Lay out a fresh 1 GiB image with the format crate and write it.
-    let plan = qblk_qcow2::create::CreatePlan::new(&qblk_qcow2::create::CreateSpec {
-        size: 1 << 30,
-        ..Default::default()
+    // A fresh 1 GiB image, as `qblk create` makes it.
+    create(&CreateRequest {
+        path: path.clone(),
+        size: Some(1 << 30),
+        ..CreateRequest::default()
     })?;
-    let mut bytes = vec![0u8; plan.image_len() as usize];
-    for (offset, cluster) in plan.metadata_clusters() {
-        bytes[offset.0 as usize..offset.0 as usize + cluster.len()].copy_from_slice(&cluster);
-    }
-    std::fs::write(&path, bytes)?;
 
     block_on(async {
         let opts = OpenOptions {

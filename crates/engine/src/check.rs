@@ -20,7 +20,7 @@ use qblk_qcow2::tally::{RefcountMismatch, RefcountTally, compare};
 use qblk_qcow2::{Geometry, Header};
 
 use crate::file::{CacheMode, HostFile};
-use crate::image::{Error, Result};
+use crate::image::{Error, Result, read_header};
 
 /// References this many clusters past the end of the file are still
 /// tallied individually; further ones are reported in bulk.
@@ -78,15 +78,7 @@ fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Er
 /// checked at all (qemu-img's exit code 1).
 pub async fn check(path: &Path, cache: CacheMode) -> Result<CheckReport> {
     let file = HostFile::open(path, false, cache).map_err(io(path, "open"))?;
-    let file_len = file.file_len().map_err(io(path, "stat"))?;
-    let head = file
-        .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
-        .await
-        .map_err(io(path, "read header"))?;
-    let header = Header::parse(&head).map_err(|source| Error::Format {
-        path: path.to_owned(),
-        source,
-    })?;
+    let (header, file_len) = read_header(&file, path).await?;
     let geometry = header.geometry();
     let mut c = Checker {
         file: &file,
@@ -461,15 +453,7 @@ pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
 
 async fn open_rw(path: &Path) -> Result<(HostFile, Header, u64)> {
     let file = HostFile::open(path, true, CacheMode::None).map_err(io(path, "open"))?;
-    let file_len = file.file_len().map_err(io(path, "stat"))?;
-    let head = file
-        .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
-        .await
-        .map_err(io(path, "read header"))?;
-    let header = Header::parse(&head).map_err(|source| Error::Format {
-        path: path.to_owned(),
-        source,
-    })?;
+    let (header, file_len) = read_header(&file, path).await?;
     Ok((file, header, file_len))
 }
 

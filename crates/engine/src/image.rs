@@ -233,15 +233,7 @@ impl Image {
             let file = HostFile::open(&open_path, writable, opts.cache)
                 .map_err(io_err(&path, "open"))?
                 .named(path.clone());
-            let file_len = file.file_len().map_err(io_err(&path, "stat"))?;
-            let head = file
-                .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
-                .await
-                .map_err(io_err(&path, "read header"))?;
-            let header = Header::parse(&head).map_err(|source| Error::Format {
-                path: path.clone(),
-                source,
-            })?;
+            let (header, _) = read_header(&file, &path).await?;
             let crypto = match header.crypt_method {
                 CryptMethod::None => None,
                 CryptMethod::Aes => {
@@ -607,6 +599,21 @@ impl Image {
         }
         Ok(out)
     }
+}
+
+/// Reads and validates the header of an open image; also returns the
+/// file's length.
+pub(crate) async fn read_header(file: &HostFile, path: &Path) -> Result<(Header, u64)> {
+    let file_len = file.file_len().map_err(io_err(path, "stat"))?;
+    let head = file
+        .read(0, file_len.min(Header::MAX_READ_BYTES as u64) as usize)
+        .await
+        .map_err(io_err(path, "read header"))?;
+    let header = Header::parse(&head).map_err(|source| Error::Format {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok((header, file_len))
 }
 
 /// Reads the LUKS header area and unlocks the data key.

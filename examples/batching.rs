@@ -7,12 +7,13 @@
 //! and L2 tables shared by many writes are written once. Not a timed test:
 //! it counts writes, and the ratios are what matter.
 //!
-//!     cargo run --release -p qblk-engine --example batching -- [WRITES]
+//!     cargo run --release -p qblk-examples --example batching -- [WRITES]
 
 use std::rc::Rc;
 
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
+use qblk_tools::create::{CreateRequest, create};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let writes: u64 = std::env::args()
@@ -27,15 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     for qd in [1u64, 2, 4, 8, 16, 32, 64] {
         let path = dir.join(format!("qd{qd}.qcow2"));
-        let plan = qblk_qcow2::create::CreatePlan::new(&qblk_qcow2::create::CreateSpec {
-            size: 8 << 30,
-            ..Default::default()
+        create(&CreateRequest {
+            path: path.clone(),
+            size: Some(8 << 30),
+            ..CreateRequest::default()
         })?;
-        let mut bytes = vec![0u8; plan.image_len() as usize];
-        for (offset, cluster) in plan.metadata_clusters() {
-            bytes[offset.0 as usize..offset.0 as usize + cluster.len()].copy_from_slice(&cluster);
-        }
-        std::fs::write(&path, bytes)?;
         let stats = block_on(async {
             let opts = OpenOptions {
                 writable: true,
