@@ -297,6 +297,10 @@ fn random_writes_match_the_model_on_every_image_kind() {
         ),
         ("odd.qcow2", "cluster_size=64k", "8388609"),
         ("lazy.qcow2", "lazy_refcounts=on,cluster_size=16k", "8M"),
+        ("rb2.qcow2", "refcount_bits=2,cluster_size=8k", "4M"),
+        ("rb4.qcow2", "refcount_bits=4,cluster_size=4k", "4M"),
+        ("rb8.qcow2", "refcount_bits=8", "8M"),
+        ("rb32.qcow2", "refcount_bits=32,cluster_size=1k", "2M"),
     ] {
         sh(
             d,
@@ -517,6 +521,23 @@ fn inconsistent_metadata_marks_the_image_corrupt() {
     });
     let info = sh(d, &["qemu-img", "info", "--output=json", "c.qcow2"]);
     assert!(info.contains("\"corrupt\": true"), "{info}");
+    // A corrupt image is read-only from then on.
+    let path = d.join("c.qcow2");
+    block_on(async move {
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let e = Image::open(&path, &opts)
+            .await
+            .expect_err("writable open of a corrupt image");
+        assert!(format!("{e}").contains("corrupt"), "{e}");
+        let img = Image::open(&path, &OpenOptions::default())
+            .await
+            .expect("read-only open");
+        let mut buf = vec![0u8; 4096];
+        img.read(0, &mut buf).await.expect("read");
+    });
 }
 
 /// Invariant 5: a dirty image (lazy refcounts, crashed) gets its refcounts
