@@ -275,6 +275,11 @@ fn create_matrix_against_qemu_img() {
             eprintln!("combo {i} took {took:?}: {c:?}");
         }
     }
+    eprintln!(
+        "create matrix: {} combinations, {accepted} accepted by both tools, {} refused by both",
+        combos.len(),
+        combos.len() - accepted
+    );
     assert!(
         accepted > combos.len() / 2,
         "only {accepted} of {} combos accepted",
