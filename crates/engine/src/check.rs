@@ -218,6 +218,14 @@ impl Checker<'_> {
                     for e in entries {
                         let len = u64::from(e.bitmap_table_size) * 8;
                         self.tally.reference(e.bitmap_table_offset, len);
+                        if e.bitmap_table_offset.saturating_add(len) > self.file_len {
+                            // Never allocate for a table the file cannot hold.
+                            self.report.corruption(format!(
+                                "ERROR bitmap table at {:#x} ({len} bytes) lies beyond the end of the image",
+                                e.bitmap_table_offset
+                            ));
+                            continue;
+                        }
                         let table = self
                             .read(e.bitmap_table_offset, len, "read bitmap table")
                             .await?;
@@ -335,6 +343,12 @@ impl Checker<'_> {
     async fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
+        if l1_offset.saturating_add(u64::from(l1_size) * 8) > self.file_len.next_multiple_of(cs) {
+            self.report.corruption(format!(
+                "ERROR L1 table at {l1_offset:#x} ({l1_size} entries) lies beyond the end of the image"
+            ));
+            return Ok(());
+        }
         let l1 = self
             .read(l1_offset, u64::from(l1_size) * 8, "read L1 table")
             .await?;

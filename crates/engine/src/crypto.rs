@@ -14,6 +14,12 @@ use xts_mode::{Xts128, get_tweak_default};
 
 /// Bytes per encrypted sector.
 pub const SECTOR: u64 = 512;
+/// Most anti-forensic stripes a key slot may have (LUKS uses 4000).
+const MAX_STRIPES: usize = 64_000;
+/// Most PBKDF2 iterations accepted from an image: a hostile header could
+/// otherwise make unlocking run for hours (qemu-img's default iter-time of
+/// 2 s gives a few million on current machines).
+const MAX_ITERATIONS: u32 = 50_000_000;
 
 /// An unlocked data cipher.
 pub enum Crypto {
@@ -132,8 +138,14 @@ impl Crypto {
         let key_len = luks.key_bytes as usize;
         for slot in luks.slots.iter().filter(|s| s.active) {
             let stripes = slot.stripes as usize;
-            if stripes == 0 || stripes > 64_000 || slot.iterations == 0 {
+            if stripes == 0 || stripes > MAX_STRIPES || slot.iterations == 0 {
                 continue;
+            }
+            if slot.iterations > MAX_ITERATIONS || luks.master_key_iterations > MAX_ITERATIONS {
+                return Err(format!(
+                    "LUKS iteration counts above {MAX_ITERATIONS} are refused (the image asks for {}): unlocking would take too long",
+                    slot.iterations.max(luks.master_key_iterations)
+                ));
             }
             let material_len = (key_len * stripes).next_multiple_of(SECTOR as usize);
             let start = usize::try_from(slot.key_offset).map_err(|e| e.to_string())?;

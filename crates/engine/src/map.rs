@@ -125,6 +125,17 @@ impl Image {
         Box::pin(async move {
             let g = self.geometry;
             let in_cluster = g.offset_in_cluster(pos);
+            // A range with no L2 table is one run, however large.
+            let l1_index = g.l1_index(g.guest_cluster(qblk_qcow2::GuestOffset(pos))) as usize;
+            let no_table = self
+                .lock_tables()
+                .l1
+                .get(l1_index)
+                .is_none_or(|e| e.l2_offset().is_none());
+            if no_table {
+                let len = (g.l2_coverage_bytes() - pos % g.l2_coverage_bytes()).min(max);
+                return self.status_below(pos, len, depth).await;
+            }
             let mut len = (g.cluster_size() - in_cluster).min(max);
             let desc = self.descriptor(pos).await?;
             let host_file = self.data_file.as_ref().unwrap_or(&self.file);
