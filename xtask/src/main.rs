@@ -20,7 +20,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 const APT_PACKAGES: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
 
 /// Fuzz targets and how long `xtask test` runs each.
-const FUZZ_TARGETS: &[&str] = &["header"];
+const FUZZ_TARGETS: &[&str] = &["header", "image"];
 const FUZZ_SMOKE_SECONDS: u32 = 20;
 
 fn main() -> ExitCode {
