@@ -39,7 +39,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             let _ = img.map().await;
         }
         if writable && size >= 4096 {
-            let _ = img.write(u64::from(mode) * 512 % (size - 4096), &[0xa5; 4096]).await;
+            let _ = img
+                .write(u64::from(mode) * 512 % (size - 4096), &[0xa5; 4096])
+                .await;
             let _ = img.discard(0, size.min(1 << 20)).await;
             let _ = img.close().await;
         }
