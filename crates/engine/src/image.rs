@@ -436,18 +436,32 @@ impl Image {
                 let pos = offset + done as u64;
                 let in_cluster = g.offset_in_cluster(pos);
                 let chunk = ((g.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+                let desc = self.descriptor(pos).await?;
+                if let Some(host) = fully_allocated(&g, &desc) {
+                    // Extend over following clusters that continue this
+                    // one on the host: one read for the whole run.
+                    let mut run = chunk;
+                    while done + run < buf.len() {
+                        let next = offset + (done + run) as u64;
+                        let d = self.descriptor(next).await?;
+                        if fully_allocated(&g, &d) != Some(host + in_cluster + run as u64) {
+                            break;
+                        }
+                        run += (g.cluster_size() as usize).min(buf.len() - done - run);
+                    }
+                    self.read_data(host + in_cluster, &mut buf[done..done + run])
+                        .await?;
+                    done += run;
+                    continue;
+                }
                 let out = &mut buf[done..done + chunk];
-                match self.descriptor(pos).await? {
+                match desc {
                     ClusterDescriptor::Unallocated => self.read_below(pos, out).await?,
                     ClusterDescriptor::Zero { .. } => out.fill(0),
                     ClusterDescriptor::Standard {
                         host, subclusters, ..
                     } => {
-                        if !g.extended_l2() {
-                            self.read_data(host.0 + in_cluster, out).await?;
-                        } else {
-                            self.read_subclusters(pos, host.0, subclusters, out).await?;
-                        }
+                        self.read_subclusters(pos, host.0, subclusters, out).await?;
                     }
                     ClusterDescriptor::UnallocatedSubclusters { subclusters } => {
                         // No host cluster: every allocated bit is clear.
@@ -645,6 +659,17 @@ async fn unlock(
         path: path.to_owned(),
         what,
     })
+}
+
+/// The host cluster of a standard cluster whose every subcluster is
+/// allocated (every standard cluster without extended L2 entries).
+fn fully_allocated(g: &Geometry, desc: &ClusterDescriptor) -> Option<u64> {
+    match *desc {
+        ClusterDescriptor::Standard {
+            host, subclusters, ..
+        } if !g.extended_l2() || subclusters.allocation() == u32::MAX => Some(host.0),
+        _ => None,
+    }
 }
 
 /// Resolves a name stored in an image relative to the image's directory.

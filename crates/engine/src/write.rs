@@ -506,17 +506,31 @@ impl Image {
         while done < data.len() {
             let pos = offset + done as u64;
             let in_cluster = g.offset_in_cluster(pos);
-            let chunk = ((g.cluster_size() - in_cluster) as usize).min(data.len() - done);
-            let part = &data[done..done + chunk];
+            let mut chunk = ((g.cluster_size() - in_cluster) as usize).min(data.len() - done);
             let (desc, _) = self.descriptor_and_entry(pos).await?;
             match self.in_place_target(&desc, in_cluster, chunk as u64) {
                 Some(host) => {
+                    // Extend over following owned clusters that continue
+                    // this one on the host: one write for the whole run.
+                    while done + chunk < data.len() {
+                        let next = offset + (done + chunk) as u64;
+                        let n = (g.cluster_size() as usize).min(data.len() - done - chunk);
+                        let (d, _) = self.descriptor_and_entry(next).await?;
+                        if self.in_place_target(&d, 0, n as u64)
+                            != Some(host + in_cluster + chunk as u64)
+                        {
+                            break;
+                        }
+                        chunk += n;
+                    }
                     Counters::add(&self.counters.in_place_writes, 1);
-                    self.write_data(host + in_cluster, part).await?
+                    self.write_data(host + in_cluster, &data[done..done + chunk])
+                        .await?
                 }
                 None => {
                     Counters::add(&self.counters.allocating_writes, 1);
-                    self.allocating_write(pos, part).await?;
+                    self.allocating_write(pos, &data[done..done + chunk])
+                        .await?;
                 }
             }
             self.bump_write_gen();
