@@ -118,21 +118,31 @@ impl HostFile {
         let end = (offset + len as u64).next_multiple_of(self.align);
         let span = usize::try_from(end - start)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut buf = AlignedBuf::zeroed(span);
-        let mut done = 0usize;
         let ring = Ring::current()?;
-        while done < span {
+        // Straight into the buffer that is returned; bytes past the end of
+        // the file stay zero.
+        let (r, mut buf) = ring
+            .read(self.fd(), start, AlignedBuf::zeroed(span), span)
+            .await;
+        let mut done = r? as usize;
+        let align = self.align as usize;
+        // A short read that is not at the end of the file (rare): go on
+        // into scratch buffers. A partial block means end of file.
+        while done > 0 && done < span && done % align == 0 {
             let want = span - done;
-            let chunk = AlignedBuf::zeroed(want);
-            let (r, chunk) = ring.read(self.fd(), start + done as u64, chunk, want).await;
+            let (r, chunk) = ring
+                .read(
+                    self.fd(),
+                    start + done as u64,
+                    AlignedBuf::zeroed(want),
+                    want,
+                )
+                .await;
             let n = r? as usize;
             if n == 0 {
-                break; // end of file: the rest stays zero
+                break;
             }
             buf[done..done + n].copy_from_slice(&chunk[..n]);
-            if n % self.align as usize != 0 {
-                break; // a short O_DIRECT read only happens at end of file
-            }
             done += n;
         }
         let skip = (offset - start) as usize;
