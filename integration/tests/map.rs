@@ -275,10 +275,16 @@ fn map_matches_qemu_img() {
         ] {
             let a = qblk(&ours, d);
             let b = run("qemu-img", &theirs, d);
-            let (sa, sb) = (
-                String::from_utf8_lossy(&a.stdout),
+            let (mut sa, sb) = (
+                String::from_utf8_lossy(&a.stdout).into_owned(),
                 String::from_utf8_lossy(&b.stdout),
             );
+            // qemu-img before 8.1 has no "compressed" field in map output.
+            if ours[1] == "--output" && !sb.contains("\"compressed\"") {
+                sa = sa
+                    .replace(", \"compressed\": false", "")
+                    .replace(", \"compressed\": true", "");
+            }
             if sa.trim_end() != sb.trim_end() || a.status.code() != b.status.code() {
                 failures.push(format!(
                     "{image} ({}):\nqblk ({:?}):\n{sa}{}\nqemu-img ({:?}):\n{sb}{}",
