@@ -46,6 +46,12 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             let _ = img.close().await;
         }
         drop(img);
-        let _ = qblk_engine::check::check(&path, CacheMode::Writeback).await;
+        // A hostile L2 entry can send a write far past the end of the file,
+        // leaving it sparse and huge; check's memory no longer follows the
+        // file size, but its time does (it compares every cluster), so keep
+        // fuzz iterations short.
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() <= 1 << 30) {
+            let _ = qblk_engine::check::check(&path, CacheMode::Writeback).await;
+        }
     });
 });

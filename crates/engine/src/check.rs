@@ -255,57 +255,67 @@ impl Checker<'_> {
     }
 
     /// Compares the tally with the stored refcounts, then checks COPIED.
+    ///
+    /// Refcount blocks are read one at a time and each distinct block once,
+    /// so memory stays bounded by one block plus the references, and work
+    /// by the size of the file, whatever the refcount table claims.
     async fn compare(&mut self, blocks: Vec<Option<u64>>) -> Result<()> {
-        let cs = self.geometry.cluster_size();
-        let h = self.header;
-        // Compare with the stored refcounts.
-        let order = self.geometry.refcount_order();
-        let mut block_cache: HashMap<u64, crate::buf::AlignedBuf> = HashMap::new();
-        let file_clusters = self.geometry.clusters_for(self.file_len);
-        let end = file_clusters.max(self.tally.len());
-        let mut highest: Option<u64> = None;
-        // Only the blocks covering clusters that are compared: memory stays
-        // proportional to the file, whatever the refcount table claims.
-        let needed = end.div_ceil(self.geometry.refcount_block_entries()) as usize;
-        for &block in blocks.iter().take(needed).flatten() {
-            if let std::collections::hash_map::Entry::Vacant(v) = block_cache.entry(block) {
-                v.insert(self.read(block, cs, "read refcount block").await?);
+        let g = self.geometry;
+        let cs = g.cluster_size();
+        let order = g.refcount_order();
+        let per_block = g.refcount_block_entries();
+        let file_clusters = g.clusters_for(self.file_len);
+        let end = file_clusters.max(self.tally.end());
+        let external = self.header.has_external_data_file();
+
+        // The stored refcounts the COPIED checks need, noted as blocks pass.
+        let mut wanted: HashMap<u64, u64> = HashMap::new();
+        for &(_, raw) in &self.active_l1 {
+            wanted.insert(L1Entry(raw).l2_offset().map_or(0, |o| o.0) / cs, 0);
+        }
+        if !external {
+            for &(host, _) in &self.active_data {
+                wanted.insert(host / cs, 0);
             }
         }
-        let geometry = self.geometry;
-        let stored_refcount = |cluster: u64| -> u64 {
-            let c = qblk_qcow2::HostCluster(cluster);
-            match blocks
-                .get(geometry.refcount_table_index(c) as usize)
+
+        let mut highest: Option<u64> = None;
+        let mut seen = std::collections::HashSet::new();
+        for bi in 0..end.div_ceil(per_block) {
+            let first = bi * per_block;
+            let last = (first + per_block).min(end);
+            let refs: Vec<(u64, u64)> = self.tally.range(first..last).collect();
+            // A block listed twice is read once; the second listing counts
+            // as no block (its clusters then show as corrupt).
+            let block = blocks
+                .get(bi as usize)
                 .copied()
                 .flatten()
-            {
-                Some(block) => block_cache.get(&block).map_or(0, |b| {
-                    get_refcount(b, order, geometry.refcount_block_index(c))
-                }),
-                None => 0,
-            }
-        };
-        for cluster in 0..end {
-            let stored = stored_refcount(cluster);
-            let referenced = self.tally.get(cluster);
-            if stored > 0 || referenced > 0 {
-                highest = Some(cluster);
-            }
-            match compare(cluster, stored, referenced) {
-                None => {}
-                Some(RefcountMismatch::Corruption { .. }) => self.report.corruption(format!(
-                    "ERROR cluster {cluster} refcount={stored} reference={referenced}"
-                )),
-                // Leaks only count within the file, as in qemu-img.
-                Some(RefcountMismatch::Leak { .. }) if cluster < file_clusters => {
-                    self.report.leaks += 1;
-                    self.report.leaked.push((cluster, referenced));
-                    self.report.messages.push(format!(
-                        "Leaked cluster {cluster} refcount={stored} reference={referenced}"
-                    ));
+                .filter(|b| seen.insert(*b));
+            match block {
+                Some(off) => {
+                    let buf = self.read(off, cs, "read refcount block").await?;
+                    let mut refs = refs.into_iter().peekable();
+                    for c in first..last {
+                        let stored = get_refcount(&buf, order, (c - first) as usize);
+                        let referenced = match refs.peek() {
+                            Some(&(rc, n)) if rc == c => {
+                                refs.next();
+                                n
+                            }
+                            _ => 0,
+                        };
+                        if let Some(w) = wanted.get_mut(&c) {
+                            *w = stored;
+                        }
+                        self.record(c, stored, referenced, file_clusters, &mut highest);
+                    }
                 }
-                Some(RefcountMismatch::Leak { .. }) => {}
+                None => {
+                    for (c, referenced) in refs {
+                        self.record(c, 0, referenced, file_clusters, &mut highest);
+                    }
+                }
             }
         }
         if !self.tally.out_of_range.is_empty() {
@@ -318,7 +328,7 @@ impl Checker<'_> {
         self.report.image_end_offset = highest.map_or(0, |c| (c + 1) * cs);
 
         // COPIED flags of the active tables against the stored refcounts.
-        let refcount = |off: u64| stored_refcount(off >> geometry.cluster_bits());
+        let refcount = |off: u64| wanted.get(&(off / cs)).copied().unwrap_or(0);
         for &(index, raw) in &self.active_l1 {
             let l2 = L1Entry(raw).l2_offset().map_or(0, |o| o.0);
             let rc = refcount(l2);
@@ -328,9 +338,8 @@ impl Checker<'_> {
                 ));
             }
         }
-        let data_file = h.has_external_data_file();
         for &(host, word) in &self.active_data {
-            let rc = if data_file { 1 } else { refcount(host) };
+            let rc = if external { 1 } else { refcount(host) };
             if (rc == 1) != (word & qblk_qcow2::mapping::COPIED != 0) {
                 self.report.corruption(format!(
                     "ERROR OFLAG_COPIED data cluster: l2_entry={word:x} refcount={rc}"
@@ -338,6 +347,35 @@ impl Checker<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Records how one cluster's stored refcount compares with its tally.
+    fn record(
+        &mut self,
+        cluster: u64,
+        stored: u64,
+        referenced: u64,
+        file_clusters: u64,
+        highest: &mut Option<u64>,
+    ) {
+        if stored > 0 || referenced > 0 {
+            *highest = Some(cluster);
+        }
+        match compare(cluster, stored, referenced) {
+            None => {}
+            Some(RefcountMismatch::Corruption { .. }) => self.report.corruption(format!(
+                "ERROR cluster {cluster} refcount={stored} reference={referenced}"
+            )),
+            // Leaks only count within the file, as in qemu-img.
+            Some(RefcountMismatch::Leak { .. }) if cluster < file_clusters => {
+                self.report.leaks += 1;
+                self.report.leaked.push((cluster, referenced));
+                self.report.messages.push(format!(
+                    "Leaked cluster {cluster} refcount={stored} reference={referenced}"
+                ));
+            }
+            Some(RefcountMismatch::Leak { .. }) => {}
+        }
     }
 
     async fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool) -> Result<()> {

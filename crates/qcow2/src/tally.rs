@@ -7,10 +7,13 @@
 use crate::types::Geometry;
 
 /// Counted references per host cluster of the image file.
+///
+/// Sparse: memory follows the number of referenced clusters, not the size
+/// of the file (a hostile image can make its file sparse and huge).
 #[derive(Debug, Clone)]
 pub struct RefcountTally {
     cluster_bits: u32,
-    counts: Vec<u64>,
+    counts: std::collections::BTreeMap<u64, u64>,
     /// Clusters the tally refuses to grow to (references far past the end of
     /// the file, which only corrupt metadata produces).
     limit_clusters: u64,
@@ -27,7 +30,7 @@ impl RefcountTally {
         let file_clusters = geometry.clusters_for(file_len);
         Self {
             cluster_bits: geometry.cluster_bits(),
-            counts: vec![0; file_clusters as usize],
+            counts: std::collections::BTreeMap::new(),
             limit_clusters: file_clusters.saturating_add(slack_clusters),
             out_of_range: Vec::new(),
         }
@@ -45,28 +48,27 @@ impl RefcountTally {
                 self.out_of_range.push(c);
                 return;
             }
-            let i = c as usize;
-            if i >= self.counts.len() {
-                self.counts.resize(i + 1, 0);
-            }
-            self.counts[i] = self.counts[i].saturating_add(1);
+            let n = self.counts.entry(c).or_insert(0);
+            *n = n.saturating_add(1);
         }
     }
 
     /// References counted for `cluster`.
     pub fn get(&self, cluster: u64) -> u64 {
-        self.counts.get(cluster as usize).copied().unwrap_or(0)
+        self.counts.get(&cluster).copied().unwrap_or(0)
     }
 
     /// One past the highest cluster with a reference.
     pub fn end(&self) -> u64 {
-        self.counts
-            .iter()
-            .rposition(|&c| c != 0)
-            .map_or(0, |i| i as u64 + 1)
+        self.counts.last_key_value().map_or(0, |(c, _)| c + 1)
     }
 
-    /// Number of clusters tracked (at least the file's).
+    /// The referenced clusters in `range`, in order, with their counts.
+    pub fn range(&self, range: std::ops::Range<u64>) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.counts.range(range).map(|(c, n)| (*c, *n))
+    }
+
+    /// Number of distinct referenced clusters.
     pub fn len(&self) -> u64 {
         self.counts.len() as u64
     }
@@ -127,7 +129,8 @@ mod tests {
         assert_eq!(t.get(12), 1);
         t.reference(1 << 50, 1); // absurd: recorded, not allocated
         assert_eq!(t.out_of_range.len(), 1);
-        assert!(t.len() < 20);
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.range(2..4).collect::<Vec<_>>(), vec![(2, 2), (3, 1)]);
     }
 
     #[test]
