@@ -181,6 +181,8 @@ pub(crate) struct Tables {
     pub(crate) l1: Vec<L1Entry>,
     /// Where the active L1 table lives (moves when the disk grows).
     pub(crate) l1_offset: u64,
+    /// Offset and length of the refcount table (moves when it grows).
+    pub(crate) refcount_table: (u64, u64),
     /// L1 entries changed since the last metadata writeback.
     pub(crate) l1_dirty: bool,
     pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
@@ -293,6 +295,10 @@ impl Image {
 
             let tables = (opts.l2_cache_bytes / geometry.cluster_size()).max(1) as usize;
             let (size, l1_offset) = (header.size, header.l1_table_offset);
+            let refcount_table = (
+                header.refcount_table_offset,
+                u64::from(header.refcount_table_clusters) * geometry.cluster_size(),
+            );
             Ok(Image {
                 path,
                 header,
@@ -304,6 +310,7 @@ impl Image {
                 size: std::sync::atomic::AtomicU64::new(size),
                 tables: Mutex::new(Tables {
                     l1_offset,
+                    refcount_table,
                     l1,
                     l1_dirty: false,
                     l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),

@@ -424,6 +424,7 @@ impl Refcounts {
         img.sync_image("flush").await?;
         let old_offset = header.refcount_table_offset;
         let old_clusters = u64::from(header.refcount_table_clusters);
+        img.lock_tables().refcount_table = (start * cs, table_clusters * cs);
         header.refcount_table_offset = start * cs;
         header.refcount_table_clusters =
             u32::try_from(table_clusters).map_err(|_| corrupt(img, "refcount table size"))?;
@@ -563,7 +564,43 @@ impl Image {
         Some(host.0)
     }
 
+    /// Refuses guest data headed for the image's own header, L1 table or
+    /// refcount table (an L2 entry pointing there is corruption; writing
+    /// would destroy the image), as QEMU's metadata overlap check does.
+    fn check_data_target(&self, host: u64, len: u64) -> Result<()> {
+        if self.data_file.is_some() {
+            return Ok(());
+        }
+        let cs = self.geometry.cluster_size();
+        let (l1_offset, l1_len, rt_offset, rt_len) = {
+            let t = self.lock_tables();
+            (
+                t.l1_offset,
+                t.l1.len() as u64 * 8,
+                t.refcount_table.0,
+                t.refcount_table.1,
+            )
+        };
+        let overlaps = |start: u64, n: u64| {
+            n > 0 && host < start.saturating_add(n) && start < host.saturating_add(len)
+        };
+        let what = if overlaps(0, cs) {
+            "the image header"
+        } else if overlaps(l1_offset, l1_len) {
+            "the L1 table"
+        } else if overlaps(rt_offset, rt_len) {
+            "the refcount table"
+        } else {
+            return Ok(());
+        };
+        Err(corrupt(
+            self,
+            &format!("guest data at host offset {host:#x} would overwrite {what}"),
+        ))
+    }
+
     async fn write_data(&self, host_offset: u64, data: &[u8]) -> Result<()> {
+        self.check_data_target(host_offset, data.len() as u64)?;
         let file = self.data_file.as_ref().unwrap_or(&self.file);
         if self.crypto.is_none()
             && self.header.crypt_method == qblk_qcow2::header::CryptMethod::None
@@ -772,6 +809,7 @@ impl Image {
         host: u64,
     ) -> Result<()> {
         let cs = self.geometry.cluster_size() as usize;
+        self.check_data_target(host, cs as u64)?;
         let mut buf = AlignedBuf::zeroed(cs);
         if data.len() != cs {
             Counters::add(&self.counters.cow_bytes, (cs - data.len()) as u64);

@@ -921,3 +921,46 @@ fn luks_images_read_and_write() {
         ],
     );
 }
+
+/// An L2 entry that points guest data at the image's own L1 table (or
+/// header, or refcount table) is corruption: the write is refused, the
+/// image marked corrupt, and the L1 table survives.
+#[test]
+fn guest_data_never_overwrites_metadata() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "m.qcow2", "4M"],
+    );
+    sh(d, &["qemu-io", "-c", "write -P 7 0 128k", "m.qcow2"]);
+    let bytes = std::fs::read(d.join("m.qcow2")).expect("read");
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8"));
+    let l1 = be(40);
+    let l2 = be(l1 as usize) & 0x00ff_ffff_ffff_fe00;
+    let mut b = bytes.clone();
+    // Guest cluster 1 -> the L1 table's cluster, COPIED.
+    b[l2 as usize + 8..l2 as usize + 16].copy_from_slice(&((1u64 << 63) | l1).to_be_bytes());
+    std::fs::write(d.join("m.qcow2"), &b).expect("write");
+    let path = d.join("m.qcow2");
+    block_on(async move {
+        let opts = OpenOptions {
+            writable: true,
+            ..OpenOptions::default()
+        };
+        let img = Image::open(&path, &opts).await.expect("open");
+        let e = img
+            .write(65536, &[1u8; 4096])
+            .await
+            .expect_err("write onto the L1 table");
+        assert!(format!("{e}").contains("L1 table"), "{e}");
+    });
+    let after = std::fs::read(d.join("m.qcow2")).expect("read");
+    assert_eq!(
+        &after[l1 as usize..l1 as usize + 8],
+        &b[l1 as usize..l1 as usize + 8],
+        "L1 table overwritten"
+    );
+    let info = sh(d, &["qemu-img", "info", "--output=json", "m.qcow2"]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+}
