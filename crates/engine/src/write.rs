@@ -564,21 +564,27 @@ impl Image {
         Some(host.0)
     }
 
-    /// Refuses guest data headed for the image's own header, L1 table or
-    /// refcount table (an L2 entry pointing there is corruption; writing
-    /// would destroy the image), as QEMU's metadata overlap check does.
+    /// Refuses guest data headed for the image's own header, L1 table,
+    /// refcount table or a cached L2 table (an L2 entry pointing there is
+    /// corruption; writing would destroy the image), like QEMU's "cached"
+    /// metadata overlap check.
     fn check_data_target(&self, host: u64, len: u64) -> Result<()> {
         if self.data_file.is_some() {
             return Ok(());
         }
         let cs = self.geometry.cluster_size();
-        let (l1_offset, l1_len, rt_offset, rt_len) = {
+        let (l1_offset, l1_len, rt_offset, rt_len, onto_l2) = {
             let t = self.lock_tables();
+            let first = host - host % cs;
+            let onto_l2 = (first..host.saturating_add(len))
+                .step_by(cs as usize)
+                .any(|c| t.l2_dirty.contains_key(&c) || t.l2_clean.contains(&c));
             (
                 t.l1_offset,
                 t.l1.len() as u64 * 8,
                 t.refcount_table.0,
                 t.refcount_table.1,
+                onto_l2,
             )
         };
         let overlaps = |start: u64, n: u64| {
@@ -586,6 +592,8 @@ impl Image {
         };
         let what = if overlaps(0, cs) {
             "the image header"
+        } else if onto_l2 {
+            "an L2 table"
         } else if overlaps(l1_offset, l1_len) {
             "the L1 table"
         } else if overlaps(rt_offset, rt_len) {
