@@ -59,9 +59,15 @@ fn cargo() -> String {
 
 /// Runs a command in the workspace root, echoing it.
 fn sh(program: &str, args: &[&str]) -> Result {
+    sh_env(program, args, &[])
+}
+
+/// Like [`sh`], with extra environment variables.
+fn sh_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result {
     eprintln!("+ {program} {}", args.join(" "));
     let status = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(root())
         .status()
         .map_err(|e| format!("cannot run {program}: {e}"))?;

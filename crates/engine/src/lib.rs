@@ -1,7 +1,7 @@
 //! The async qcow2 engine.
 //!
 //! All host-file I/O goes through io_uring ([`uring`]), one ring per
-//! thread, on a single-threaded executor ([`runtime`]). [`file`] wraps a host
+//! thread, on a single-threaded executor ([`runtime`]). [`mod@file`] wraps a host
 //! file (O_DIRECT by default, with aligned bounce buffers), and [`image`]
 //! serves guest reads from a qcow2 image and its backing chain.
 
