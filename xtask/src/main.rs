@@ -132,6 +132,11 @@ fn test() -> Result {
             "warnings",
         ],
     )?;
+    sh_env(
+        &cargo,
+        &["doc", "--workspace", "--no-deps", "--quiet"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
     // Build the binary the integration tests drive, then run every test.
     sh(&cargo, &["build", "--quiet", "-p", "qblk"])?;
     if have("cargo-nextest") {
