@@ -64,6 +64,11 @@ pub fn ok(out: Output, what: &str) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// Runs a program in `dir` that must succeed (`args[0]` is the program).
+pub fn sh(dir: &Path, args: &[&str]) -> String {
+    ok(run(args[0], &args[1..], dir), &args.join(" "))
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

@@ -5,12 +5,8 @@
 use std::fs;
 use std::path::Path;
 
-use qblk_integration::{ok, qblk, run};
+use qblk_integration::{ok, qblk, run, sh};
 use serde_json::Value;
-
-fn sh(d: &Path, args: &[&str]) {
-    ok(run(args[0], &args[1..], d), &args.join(" "));
-}
 
 fn check_json(program: &str, image: &str, d: &Path) -> (Option<i32>, Value) {
     let out = if program == "qblk" {

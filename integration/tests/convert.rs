@@ -4,13 +4,8 @@
 //! identical and `qemu-img check` the qcow2 targets clean.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
-use qblk_integration::{ok, qblk, qemu_check_clean, run};
-
-fn sh(d: &Path, args: &[&str]) {
-    ok(run(args[0], &args[1..], d), &args.join(" "));
-}
+use qblk_integration::{ok, qblk, qemu_check_clean, run, sh};
 
 #[test]
 fn convert_matches_qemu() {

@@ -4,13 +4,7 @@
 //! without preallocation, extended L2 subclusters, external data files,
 //! snapshots, sparse raw files, and images qblk itself wrote.
 
-use std::path::Path;
-
-use qblk_integration::{ok, qblk, run};
-
-fn sh(d: &Path, args: &[&str]) {
-    ok(run(args[0], &args[1..], d), &args.join(" "));
-}
+use qblk_integration::{ok, qblk, run, sh};
 
 #[test]
 fn map_matches_qemu_img() {

@@ -11,16 +11,8 @@ use qblk_engine::file::CacheMode;
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
 
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound.max(1)
-    }
-}
+mod common;
+use common::*;
 
 fn seeds() -> Vec<(String, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/header");

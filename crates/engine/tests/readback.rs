@@ -9,41 +9,8 @@ use qblk_engine::image::{BackingPolicy, Error};
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
 
-fn sh(dir: &Path, args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} (cargo xtask test installs it): {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_io(dir: &Path, image: &str, cmds: &[&str]) {
-    let mut args = vec!["qemu-io"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(image);
-    sh(dir, &args);
-}
-
-/// A small deterministic generator for read offsets.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound.max(1)
-    }
-}
+mod common;
+use common::*;
 
 /// Reads `image` through the engine in several ways and compares with
 /// qemu-img's raw conversion.

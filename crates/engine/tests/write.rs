@@ -11,31 +11,8 @@ use qblk_engine::image::BackingPolicy;
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
 
-fn sh(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {} (cargo xtask test installs it): {e}", args[0]));
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, bound: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound.max(1)
-    }
-}
+mod common;
+use common::*;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -493,10 +470,7 @@ fn inconsistent_metadata_marks_the_image_corrupt() {
     std::fs::write(d.join("c.qcow2"), b).expect("write");
     let path = d.join("c.qcow2");
     block_on(async move {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
+        let opts = writable();
         let img = Image::open(&path, &opts).await.expect("open");
         let e = img
             .write(65536 + 10, b"xyz")
@@ -524,10 +498,7 @@ fn inconsistent_metadata_marks_the_image_corrupt() {
     // A corrupt image is read-only from then on.
     let path = d.join("c.qcow2");
     block_on(async move {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
+        let opts = writable();
         let e = Image::open(&path, &opts)
             .await
             .expect_err("writable open of a corrupt image");
@@ -625,10 +596,7 @@ fn resize_grows_the_disk() {
     for image in ["small.qcow2", "raw.qcow2"] {
         let path = d.join(image);
         block_on(async move {
-            let opts = OpenOptions {
-                writable: true,
-                ..OpenOptions::default()
-            };
+            let opts = writable();
             let img = Image::open(&path, &opts).await.expect("open");
             assert!(img.resize(1000).await.is_err(), "not a multiple of 512");
             assert!(img.resize(512 << 10).await.is_err(), "shrinking");
@@ -704,10 +672,7 @@ fn lazy_refcounts_defer_until_close() {
     let path = d.join("lazy.qcow2");
     let p2 = path.clone();
     let lazy_writes = block_on(async move {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
+        let opts = writable();
         let img = Image::open(&p2, &opts).await.expect("open");
         for i in 0..40u64 {
             img.write(i * 300_000, &[i as u8 + 1; 5000])
@@ -736,10 +701,7 @@ fn lazy_refcounts_defer_until_close() {
     );
     let p3 = d.join("eager.qcow2");
     let eager_writes = block_on(async move {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
+        let opts = writable();
         let img = Image::open(&p3, &opts).await.expect("open");
         for i in 0..40u64 {
             img.write(i * 300_000, &[i as u8 + 1; 5000])
@@ -756,10 +718,7 @@ fn lazy_refcounts_defer_until_close() {
     );
     // Reopen: refcounts rebuilt; every flushed write is there.
     block_on(async move {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
+        let opts = writable();
         let img = Image::open(&path, &opts).await.expect("reopen dirty image");
         for i in 0..40u64 {
             let mut buf = vec![0u8; 5000];
@@ -944,10 +903,7 @@ fn guest_data_never_overwrites_metadata() {
     std::fs::write(d.join("m.qcow2"), &b).expect("write");
     let path = d.join("m.qcow2");
     block_on(async move {
-        let opts = OpenOptions {
-            writable: true,
-            ..OpenOptions::default()
-        };
+        let opts = writable();
         let img = Image::open(&path, &opts).await.expect("open");
         let e = img
             .write(65536, &[1u8; 4096])

@@ -1,0 +1,56 @@
+//! Helpers shared by the engine's integration tests.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::Path;
+use std::process::Command;
+
+use qblk_engine::OpenOptions;
+
+/// Runs a QEMU tool (or any program) in `dir`; it must succeed. Returns
+/// its standard output.
+pub fn sh(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {} (cargo xtask test installs it): {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-io -c CMD ... IMAGE`.
+pub fn qemu_io(dir: &Path, image: &str, cmds: &[&str]) {
+    let mut args = vec!["qemu-io"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(image);
+    sh(dir, &args);
+}
+
+/// A small deterministic generator (offsets, lengths, mutations).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % bound.max(1)
+    }
+}
+
+/// Options for opening an image for writing, everything else default.
+pub fn writable() -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        ..OpenOptions::default()
+    }
+}
