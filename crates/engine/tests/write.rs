@@ -207,18 +207,10 @@ fn exercise_with(
             .unwrap_or_else(|e| panic!("{image}: close: {e:?}"));
     });
     std::fs::write(&model_path, &model).expect("write model");
-    let check = Command::new("qemu-img")
-        .args(["check", "--output=json", image])
-        .current_dir(dir)
-        .output()
-        .expect("qemu-img check");
-    let report = String::from_utf8_lossy(&check.stdout);
+    let report = sh(dir, &["qemu-img", "check", "--output=json", image]);
     assert!(
-        check.status.success()
-            && !report.contains("\"corruptions\"")
-            && !report.contains("\"leaks\""),
-        "{image}: qemu-img check: {report}{}",
-        String::from_utf8_lossy(&check.stderr)
+        !report.contains("\"corruptions\"") && !report.contains("\"leaks\""),
+        "{image}: qemu-img check: {report}"
     );
     // qblk's own check agrees.
     let ours =
@@ -229,8 +221,10 @@ fn exercise_with(
         "{image}: qblk check: {:?}",
         ours.messages
     );
-    let cmp = Command::new("qemu-img")
-        .args([
+    sh(
+        dir,
+        &[
+            "qemu-img",
             "compare",
             "-f",
             "qcow2",
@@ -238,14 +232,7 @@ fn exercise_with(
             "raw",
             image,
             model_path.to_str().expect("utf-8"),
-        ])
-        .current_dir(dir)
-        .output()
-        .expect("qemu-img compare");
-    assert!(
-        cmp.status.success(),
-        "{image}: qemu-img compare: {}",
-        String::from_utf8_lossy(&cmp.stdout)
+        ],
     );
 }
 
@@ -614,28 +601,18 @@ fn resize_grows_the_disk() {
         });
         let info = sh(d, &["qemu-img", "info", "--output=json", image]);
         assert!(info.contains("\"virtual-size\": 10485760"), "{info}");
-        let check = Command::new("qemu-img")
-            .args(["check", image])
-            .current_dir(d)
-            .output()
-            .expect("check");
-        assert!(
-            check.status.success(),
-            "{image}: {}",
-            String::from_utf8_lossy(&check.stdout)
-        );
-        let out = Command::new("qemu-io")
-            .args([
+        sh(d, &["qemu-img", "check", image]);
+        let text = sh(
+            d,
+            &[
+                "qemu-io",
                 "-c",
                 "read -P 0x63 9M 100000",
                 "-c",
                 "read -P 0 1M 8M",
                 image,
-            ])
-            .current_dir(d)
-            .output()
-            .expect("qemu-io");
-        let text = String::from_utf8_lossy(&out.stdout);
+            ],
+        );
         assert!(
             !text.contains("Pattern verification failed"),
             "{image}: {text}"
@@ -729,16 +706,7 @@ fn lazy_refcounts_defer_until_close() {
     });
     let info = sh(d, &["qemu-img", "info", "--output=json", "lazy.qcow2"]);
     assert!(info.contains("\"dirty-flag\": false"), "{info}");
-    let check = Command::new("qemu-img")
-        .args(["check", "lazy.qcow2"])
-        .current_dir(d)
-        .output()
-        .expect("check");
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    sh(d, &["qemu-img", "check", "lazy.qcow2"]);
 }
 
 /// LUKS-encrypted images (what `qemu-img create -o encrypt.format=luks`
