@@ -10,6 +10,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+pub mod vhost;
+
 /// Path of the `qblk` binary: `$QBLK_BIN`, or the workspace's debug build,
 /// built on first use.
 pub fn qblk_bin() -> &'static Path {

@@ -98,6 +98,12 @@ impl HostFile {
         &self.path
     }
 
+    /// The offset and length alignment I/O needs to avoid a bounce buffer
+    /// (1 with the page cache).
+    pub fn alignment(&self) -> u64 {
+        self.align
+    }
+
     pub fn is_writable(&self) -> bool {
         self.writable
     }
@@ -229,6 +235,15 @@ impl HostFile {
     /// Sets the file's length (resize only; not on the data path).
     pub fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    /// fallocate(2) through the ring: `mode` is `FALLOC_FL_*`.
+    pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        Ring::current()?
+            .fallocate(self.fd(), mode, offset, len)
+            .await
+            .0
+            .map(|_| ())
     }
 
     /// fdatasync.

@@ -345,6 +345,18 @@ impl Image {
         self.size.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geometry.cluster_size()
+    }
+
+    /// The alignment guest I/O needs to reach the host file without a
+    /// bounce buffer (the larger of the image's and data file's).
+    pub fn io_alignment(&self) -> u64 {
+        let data = self.data_file.as_ref().map_or(1, HostFile::alignment);
+        self.file.alignment().max(data)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -28,6 +28,55 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve IMAGE as a vhost-user-blk device on a unix socket until SIGTERM
+    /// or SIGINT (then drain, flush and leave the image clean).
+    #[command(after_help = "Attach from QEMU with\n  \
+-chardev socket,id=qblk0,path=SOCKET -device vhost-user-blk-pci,chardev=qblk0,num-queues=N\n\
+(guest RAM must be shared: -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem)\n\
+and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N.")]
+    Serve {
+        /// Unix socket to listen on (replaced if it exists).
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Image format. Never probed: a raw disk is served only when this
+        /// says raw.
+        #[arg(long, value_enum, default_value_t = ServeFormat::Qcow2)]
+        format: ServeFormat,
+        /// Export the disk read-only (the guest sees VIRTIO_BLK_F_RO).
+        #[arg(long)]
+        readonly: bool,
+        /// Serial number the guest reads with GET_ID (at most 20 bytes).
+        #[arg(long, value_name = "ID")]
+        serial: Option<String>,
+        /// Host cache: `none` opens the image O_DIRECT (QEMU's cache=none),
+        /// `writeback` goes through the host page cache.
+        #[arg(long, value_enum, default_value_t = Cache::None)]
+        cache: Cache,
+        /// Metadata (L2 table) cache size, e.g. 64M; refcount blocks get a
+        /// quarter of it on top. Default 32M, which maps 256 GiB of 64 KiB
+        /// clusters.
+        #[arg(long, value_name = "SIZE")]
+        cache_size: Option<String>,
+        /// Number of virtqueues, each served by its own worker thread.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Create IMAGE with this virtual size (default options) if it does
+        /// not exist.
+        #[arg(long, value_name = "SIZE")]
+        create: Option<String>,
+        /// A directory backing files may lie under, besides the image's
+        /// own; may repeat.
+        #[arg(long = "allow-backing-dir", value_name = "DIR")]
+        allow_backing_dir: Vec<PathBuf>,
+        /// File holding the passphrase of a LUKS-encrypted image.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
+        /// Log level (error, warn, info, debug, trace) or a tracing filter.
+        #[arg(long, value_name = "LEVEL", default_value = "info")]
+        log_level: String,
+        /// Image file.
+        image: PathBuf,
+    },
     /// Create a new image (qemu-img create's options and defaults).
     #[command(
         after_help = "OPTIONS for qcow2 (-o): cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, \
@@ -136,6 +185,18 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ServeFormat {
+    Qcow2,
+    Raw,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Cache {
+    None,
+    Writeback,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Repair {
     Leaks,
     All,
@@ -174,6 +235,53 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match cli.command {
+        Command::Serve {
+            socket,
+            format,
+            readonly,
+            serial,
+            cache,
+            cache_size,
+            queues,
+            create,
+            allow_backing_dir,
+            key_file,
+            log_level,
+            image,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
+                .map_err(|e| format!("--log-level '{log_level}': {e}"))?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            let key = key_file
+                .map(|p| {
+                    std::fs::read(&p).map_err(|e| format!("{}: cannot read key: {e}", p.display()))
+                })
+                .transpose()?;
+            let opts = qblk_serve::ServeOptions {
+                socket,
+                image,
+                format: match format {
+                    ServeFormat::Qcow2 => qblk_serve::Format::Qcow2,
+                    ServeFormat::Raw => qblk_serve::Format::Raw,
+                },
+                readonly,
+                serial,
+                cache: match cache {
+                    Cache::None => qblk_engine::file::CacheMode::None,
+                    Cache::Writeback => qblk_engine::file::CacheMode::Writeback,
+                },
+                cache_size: cache_size.as_deref().map(parse_size).transpose()?,
+                queues,
+                create: create.as_deref().map(parse_size).transpose()?,
+                backing_dirs: allow_backing_dir,
+                key,
+            };
+            qblk_serve::serve(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Create {
             format,
             options,

@@ -1,0 +1,217 @@
+//! The virtio-blk device: what vhost-user-backend asks of a backend, and
+//! the state the queue workers share.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+
+use crate::config::{CONFIG_LEN, CONFIG_WRITEBACK, DeviceConfig, MAX_QUEUE_SIZE};
+use crate::disk::{Disk, DiskError};
+use crate::request::Mem;
+use crate::worker::{QueueHandle, Vring};
+
+/// What every queue worker shares: the disk and the device's settings.
+#[derive(Debug)]
+pub struct Device {
+    pub disk: Disk,
+    pub config: DeviceConfig,
+    /// GET_ID answer (at most 20 bytes).
+    pub serial: Vec<u8>,
+    /// The guest-visible cache mode: write-back (flushes come from the
+    /// guest) or write-through (every write is flushed before completing).
+    writeback: AtomicBool,
+    /// Whether VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub(crate) event_idx: AtomicBool,
+    io_errors: AtomicU64,
+}
+
+impl Device {
+    pub fn new(disk: Disk, config: DeviceConfig, serial: Vec<u8>) -> Self {
+        Self {
+            disk,
+            config,
+            serial,
+            writeback: AtomicBool::new(true),
+            event_idx: AtomicBool::new(false),
+            io_errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn writeback(&self) -> bool {
+        self.writeback.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn log_io_error(&self, e: &DiskError) {
+        let n = self.io_errors.fetch_add(1, Ordering::Relaxed);
+        if n < 16 || n % 1000 == 0 {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            warn!(count = n + 1, "request failed: {msg}");
+        }
+    }
+
+    /// Back to the state a new frontend expects.
+    pub(crate) fn reset(&self) {
+        self.writeback.store(true, Ordering::Release);
+        self.event_idx.store(false, Ordering::Release);
+    }
+}
+
+/// The vhost-user backend of one frontend connection.
+pub(crate) struct Backend {
+    device: Arc<Device>,
+    queues: Arc<Vec<QueueHandle>>,
+    mem: GuestMemoryAtomic<Mem>,
+}
+
+impl Backend {
+    pub(crate) fn new(
+        device: Arc<Device>,
+        queues: Arc<Vec<QueueHandle>>,
+        mem: GuestMemoryAtomic<Mem>,
+    ) -> Self {
+        Self {
+            device,
+            queues,
+            mem,
+        }
+    }
+}
+
+impl VhostUserBackend for Backend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.device.config.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        // Without FLUSH the driver cannot ask for durability: write through.
+        // With CONFIG_WCE it may choose later through the config space.
+        let flush = features & 1 << VIRTIO_BLK_F_FLUSH != 0;
+        self.device.writeback.store(flush, Ordering::Release);
+        debug!(
+            features = format_args!("{features:#x}"),
+            wce = features & 1 << VIRTIO_BLK_F_CONFIG_WCE != 0,
+            "features acknowledged"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn reset_device(&self) {
+        for q in self.queues.iter() {
+            q.detach();
+        }
+        self.device.reset();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.device.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // Bytes past the fields this device has read as zero, as they do on
+        // a device that does not offer the features behind them.
+        let space = self.device.config.space(self.device.writeback());
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_LEN);
+        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
+        out[..end - start].copy_from_slice(&space[start..end]);
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable (CONFIG_WCE).
+        if offset as usize == CONFIG_WRITEBACK && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            debug!(writeback = wb, "guest set the cache mode");
+            self.device.writeback.store(wb, Ordering::Release);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "config write of {} bytes at {offset} is not to the writeback field",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        // The same GuestMemoryAtomic the workers hold; they take a fresh
+        // snapshot of it for every batch of requests.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues.len()).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Needed so the epoll threads end when a connection's daemon is
+        // dropped; without it the drop would wait for them forever.
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(q) = self.queues.get(queue_index as usize) {
+            q.detach();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unexpected event set {evset:?}"),
+            ));
+        }
+        // One queue per thread: the thread index is the queue index and
+        // the event is that thread's only vring.
+        match (self.queues.get(thread_id), vrings.get(usize::from(device_event))) {
+            (Some(q), Some(vring)) => {
+                q.kick(vring, &self.mem);
+                Ok(())
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("event {device_event} on thread {thread_id}: no such queue"),
+            )),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The disk behind the device: a qcow2 image through the engine, or — only
+//! when the operator says `--format raw` — a raw file.
+
+use std::io;
+use std::path::Path;
+
+use qblk_engine::file::{CacheMode, HostFile};
+use qblk_engine::image::{self, Image};
+
+/// An error of a disk operation, as logged.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error(transparent)]
+    Image(#[from] image::Error),
+    #[error("{path}: {op}")]
+    Raw {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A raw file served as it is.
+#[derive(Debug)]
+pub struct RawDisk {
+    file: HostFile,
+    size: u64,
+}
+
+impl RawDisk {
+    pub fn open(path: &Path, writable: bool, cache: CacheMode) -> io::Result<Self> {
+        let file = HostFile::open(path, writable, cache)?;
+        let size = file.file_len()?;
+        Ok(Self { file, size })
+    }
+
+    fn err(&self, op: &'static str) -> impl FnOnce(io::Error) -> DiskError + '_ {
+        move |source| DiskError::Raw {
+            path: self.file.path().display().to_string(),
+            op,
+            source,
+        }
+    }
+}
+
+/// The disk a device serves.
+#[derive(Debug)]
+pub enum Disk {
+    Qcow2(Image),
+    Raw(RawDisk),
+}
+
+pub type Result<T> = std::result::Result<T, DiskError>;
+
+impl Disk {
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.size(),
+            Disk::Raw(r) => r.size,
+        }
+    }
+
+    /// The allocation unit: the optimal I/O size and discard granularity.
+    pub fn cluster_size(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.cluster_size(),
+            Disk::Raw(r) => r.file.alignment().max(4096),
+        }
+    }
+
+    /// Smallest I/O the host takes without read-modify-write.
+    pub fn io_alignment(&self) -> u64 {
+        match self {
+            Disk::Qcow2(i) => i.io_alignment(),
+            Disk::Raw(r) => r.file.alignment(),
+        }
+    }
+
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.read(offset, buf).await?),
+            Disk::Raw(r) => r
+                .file
+                .read_into(offset, buf)
+                .await
+                .map_err(r.err("read")),
+        }
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.write(offset, data).await?),
+            Disk::Raw(r) => r.file.write(offset, data).await.map_err(r.err("write")),
+        }
+    }
+
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.flush().await?),
+            Disk::Raw(r) => r.file.flush().await.map_err(r.err("flush")),
+        }
+    }
+
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.discard(offset, len).await?),
+            Disk::Raw(r) => r
+                .file
+                .fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+                .await
+                .map_err(r.err("discard")),
+        }
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.write_zeroes(offset, len, unmap).await?),
+            Disk::Raw(r) => {
+                let mode = if unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                r.file
+                    .fallocate(mode, offset, len)
+                    .await
+                    .map_err(r.err("write zeroes"))
+            }
+        }
+    }
+
+    /// Makes everything durable and, for qcow2, leaves the image clean.
+    pub async fn close(&self) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.close().await?),
+            Disk::Raw(r) => {
+                if r.file.is_writable() {
+                    r.file.flush().await.map_err(r.err("flush"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Engine counters, for the log at exit.
+    pub fn stats(&self) -> Option<qblk_engine::stats::Stats> {
+        match self {
+            Disk::Qcow2(i) => Some(i.stats()),
+            Disk::Raw(_) => None,
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! `qblk serve`: a vhost-user-blk daemon over the qcow2 engine.
+//!
+//! Threads: the main thread accepts frontends one at a time and owns the
+//! lifecycle; vhost-user-backend runs the protocol on one thread per
+//! connection and watches each queue's kick eventfd on one epoll thread per
+//! queue; each queue has a worker thread ([`worker`]) that serves its
+//! requests with the engine. A signal thread turns SIGTERM/SIGINT into an
+//! orderly stop.
+//!
+//! A connection's vhost-user state (features, memory table, vrings) lives
+//! in a `VhostUserDaemon` made for that connection and dropped when it
+//! ends, so every frontend — a rebooted VM's QEMU reconnecting, or a new VM
+//! — starts from a fresh device. The disk and the workers outlive
+//! connections.
+
+pub mod config;
+pub mod device;
+pub mod disk;
+pub mod request;
+mod worker;
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use qblk_engine::file::CacheMode;
+use qblk_engine::image::{BackingPolicy, Image, OpenOptions, Secret};
+use tracing::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::GuestMemoryAtomic;
+
+use crate::config::DeviceConfig;
+use crate::device::{Backend, Device};
+use crate::disk::{Disk, RawDisk};
+use crate::request::Mem;
+use crate::worker::QueueHandle;
+
+/// The format of the served image. Never guessed: a raw disk whose guest
+/// wrote a qcow2 header must not turn into a qcow2 image on restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+/// Everything `qblk serve` is told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub socket: PathBuf,
+    pub image: PathBuf,
+    pub format: Format,
+    pub readonly: bool,
+    /// GET_ID answer; at most 20 bytes.
+    pub serial: Option<String>,
+    pub cache: CacheMode,
+    /// Metadata cache budget in bytes (L2 tables; refcount blocks get a
+    /// quarter of it on top).
+    pub cache_size: Option<u64>,
+    pub queues: u16,
+    /// Create the image with this size (default options) if it is missing.
+    pub create: Option<u64>,
+    /// Directories besides the image's own that backing files may lie in.
+    pub backing_dirs: Vec<PathBuf>,
+    /// LUKS passphrase.
+    pub key: Option<Vec<u8>>,
+}
+
+/// A failure that stops the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{}: cannot create the image", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: qblk_tools::Error,
+    },
+    #[error("cannot open the disk")]
+    Open(#[source] disk::DiskError),
+    #[error("{}: cannot open raw disk", path.display())]
+    OpenRaw {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: cannot listen", path.display())]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("cannot start: {0}")]
+    Start(String),
+    #[error("cannot close the disk cleanly")]
+    Close(#[source] disk::DiskError),
+}
+
+/// Most queues a device may have (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
+    if opts.queues == 0 || opts.queues > MAX_QUEUES {
+        return Err(ServeError::Usage(format!(
+            "--queues {} is outside 1..={MAX_QUEUES}",
+            opts.queues
+        )));
+    }
+    if let Some(s) = &opts.serial {
+        if s.len() > virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize {
+            return Err(ServeError::Usage(format!(
+                "--serial '{s}' is longer than 20 bytes"
+            )));
+        }
+    }
+    if opts.create.is_some() && opts.readonly {
+        return Err(ServeError::Usage(
+            "--create makes a new image, which --readonly could never write".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Creates the image if asked and it does not exist yet.
+fn create_if_missing(opts: &ServeOptions) -> Result<(), ServeError> {
+    let Some(size) = opts.create else {
+        return Ok(());
+    };
+    if opts.image.exists() {
+        return Ok(());
+    }
+    let format = match opts.format {
+        Format::Qcow2 => qblk_tools::image::ImageFormat::Qcow2,
+        Format::Raw => qblk_tools::image::ImageFormat::Raw,
+    };
+    let req = qblk_tools::create::CreateRequest {
+        path: opts.image.clone(),
+        format: Some(format),
+        size: Some(size),
+        options: Vec::new(),
+        backing_file: None,
+        backing_format: None,
+        unsafe_backing: false,
+    };
+    let created = qblk_tools::create::create(&req).map_err(|source| ServeError::Create {
+        path: opts.image.clone(),
+        source,
+    })?;
+    info!("{}", created.describe(&opts.image));
+    Ok(())
+}
+
+/// Opens the disk the way the options say.
+pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
+    match opts.format {
+        Format::Raw => RawDisk::open(&opts.image, !opts.readonly, opts.cache)
+            .map(Disk::Raw)
+            .map_err(|source| ServeError::OpenRaw {
+                path: opts.image.clone(),
+                source,
+            }),
+        Format::Qcow2 => {
+            let mut o = OpenOptions {
+                writable: !opts.readonly,
+                cache: opts.cache,
+                backing: BackingPolicy {
+                    allowed_dirs: opts.backing_dirs.clone(),
+                    ..BackingPolicy::default()
+                },
+                key: opts.key.clone().map(Secret),
+                ..OpenOptions::default()
+            };
+            if let Some(bytes) = opts.cache_size {
+                o.l2_cache_bytes = bytes;
+                o.refcount_cache_bytes = (bytes / 4).max(1);
+            }
+            qblk_engine::runtime::block_on(Image::open(&opts.image, &o))
+                .map(Disk::Qcow2)
+                .map_err(|e| ServeError::Open(e.into()))
+        }
+    }
+}
+
+/// What the signal thread can reach to stop the daemon.
+#[derive(Default)]
+struct Stop {
+    requested: AtomicBool,
+    /// The listening socket while the main thread waits in accept.
+    listener_fd: Mutex<Option<i32>>,
+    /// The current connection, if any.
+    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+}
+
+impl Stop {
+    fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+        if let Ok(fd) = self.listener_fd.lock() {
+            if let Some(fd) = *fd {
+                // Wakes a blocked accept(2) with EINVAL.
+                // SAFETY: shutdown(2) on a descriptor the main thread keeps
+                // open while it is recorded here.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+        if let Ok(c) = self.connection.lock() {
+            if let Some(c) = c.as_ref() {
+                c.shutdown();
+            }
+        }
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; returns once the disk is closed
+/// cleanly.
+pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    validate(opts)?;
+    create_if_missing(opts)?;
+    let disk = open_disk(opts)?;
+    let config = DeviceConfig {
+        size: disk.size(),
+        readonly: opts.readonly,
+        num_queues: opts.queues,
+        physical_block: disk.io_alignment().max(512),
+        cluster_size: disk.cluster_size(),
+    };
+    let serial = opts.serial.clone().unwrap_or_default().into_bytes();
+    let device = Arc::new(Device::new(disk, config, serial));
+    info!(
+        image = %opts.image.display(),
+        size = config.size,
+        queues = opts.queues,
+        readonly = opts.readonly,
+        "disk open"
+    );
+
+    let stop = Arc::new(Stop::default());
+    let signals = {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+            .map_err(|e| ServeError::Start(format!("cannot install signal handlers: {e}")))?;
+        let handle = signals.handle();
+        let stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("qblk-signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    info!(signal = sig, "stopping");
+                    stop.request();
+                }
+            })
+            .map_err(|e| ServeError::Start(format!("cannot start the signal thread: {e}")))?;
+        (handle, thread)
+    };
+
+    let result = run(opts, &device, &stop);
+
+    signals.0.close();
+    let _ = signals.1.join();
+    let closed = qblk_engine::runtime::block_on(device.disk.close());
+    let _ = std::fs::remove_file(&opts.socket);
+    if let Some(s) = device.disk.stats() {
+        info!(?s, "engine counters");
+    }
+    result?;
+    closed.map_err(ServeError::Close)?;
+    info!("disk closed cleanly");
+    Ok(())
+}
+
+/// Accepts frontends one after another until asked to stop.
+fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<(), ServeError> {
+    let mut queues = Vec::with_capacity(usize::from(opts.queues));
+    for i in 0..usize::from(opts.queues) {
+        let q = QueueHandle::spawn(i, device.clone())
+            .map_err(|e| ServeError::Start(format!("cannot start queue worker {i}: {e}")))?;
+        queues.push(q);
+    }
+    let queues = Arc::new(queues);
+    let mut listener = Listener::new(&opts.socket, true).map_err(|source| ServeError::Listen {
+        path: opts.socket.clone(),
+        source,
+    })?;
+    info!(socket = %opts.socket.display(), "listening");
+    let result = accept_loop(&mut listener, device, &queues, stop);
+    for q in queues.iter() {
+        q.exit();
+    }
+    result
+}
+
+fn accept_loop(
+    listener: &mut Listener,
+    device: &Arc<Device>,
+    queues: &Arc<Vec<QueueHandle>>,
+    stop: &Arc<Stop>,
+) -> Result<(), ServeError> {
+    while !stop.requested() {
+        let mem = GuestMemoryAtomic::new(Mem::new());
+        let backend = Arc::new(Backend::new(device.clone(), queues.clone(), mem.clone()));
+        device.reset();
+        let mut daemon = VhostUserDaemon::new("qblk-vhost".into(), backend, mem)
+            .map_err(|e| ServeError::Start(e.to_string()))?;
+
+        *lock(&stop.listener_fd) = Some(listener.as_raw_fd());
+        // A stop requested before the fd was recorded would be missed.
+        if stop.requested() {
+            break;
+        }
+        let started = daemon.start(listener);
+        *lock(&stop.listener_fd) = None;
+        if let Err(e) = started {
+            if stop.requested() {
+                break;
+            }
+            return Err(ServeError::Start(format!("accepting a frontend: {e}")));
+        }
+        info!("frontend connected");
+        *lock(&stop.connection) = daemon.shutdown_handle();
+        if stop.requested() {
+            daemon.request_shutdown();
+        }
+        match daemon.wait() {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => warn!("frontend connection ended: {e}"),
+        }
+        *lock(&stop.connection) = None;
+        // Requests the frontend left behind finish before the next one
+        // starts; the disk is flushed either way.
+        for q in queues.iter() {
+            q.detach();
+        }
+        if let Err(e) = qblk_engine::runtime::block_on(device.disk.flush()) {
+            error!("flush after disconnect failed: {e}");
+        }
+        drop(daemon);
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

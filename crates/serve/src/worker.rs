@@ -1,0 +1,469 @@
+//! Queue workers: one thread per virtqueue, each with its own current-thread
+//! tokio runtime, `LocalSet` and io_uring (the engine's per-thread ring).
+//!
+//! A worker pops every available descriptor chain, parses it, and runs each
+//! request as a local task; the task's engine I/O goes out through this
+//! thread's ring in the same scheduler tick as its neighbours'. Completions
+//! are batched the same way: finished requests queue their used entries and
+//! one completer task publishes them all and notifies the guest once
+//! (event_idx decides whether it needs to hear at all).
+//!
+//! The vhost-user side (protocol thread, epoll threads) talks to a worker
+//! only through its [`QueueHandle`]: a kick is a `Notify`, attaching and
+//! detaching a vring are commands. No request crosses threads.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tracing::{debug, error, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+
+use crate::device::Device;
+use crate::request::{self, Desc, IoSeg, Limits, Mem, Op, Parsed, Request};
+
+pub(crate) type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
+
+/// How long detaching waits for in-flight requests before giving up on
+/// them (they still complete, but into a ring the frontend has taken back).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Messages about the first bad requests are logged; after that only every
+/// this-many-th, so a hostile guest cannot flood the log.
+const BAD_REQUEST_LOG_EVERY: u64 = 1000;
+
+enum Cmd {
+    Attach(Vring, GuestMemoryAtomic<Mem>),
+    Detach(std::sync::mpsc::Sender<()>),
+    Exit,
+}
+
+/// The vhost-user side's handle on one queue worker.
+#[derive(Debug)]
+pub(crate) struct QueueHandle {
+    index: usize,
+    kick: Arc<Notify>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    attached: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Cmd::Attach(..) => "Attach",
+            Cmd::Detach(_) => "Detach",
+            Cmd::Exit => "Exit",
+        })
+    }
+}
+
+impl QueueHandle {
+    /// Starts the worker thread of queue `index`.
+    pub(crate) fn spawn(index: usize, device: Arc<Device>) -> std::io::Result<Self> {
+        let kick = Arc::new(Notify::new());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let attached = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            index,
+            device,
+            kick: kick.clone(),
+            attached: attached.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("qblk-queue{index}"))
+            .spawn(move || qblk_engine::runtime::block_on(worker.run(rx)))?;
+        Ok(Self {
+            index,
+            kick,
+            cmds: tx,
+            attached,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The guest kicked `vring` (or it was just enabled).
+    pub(crate) fn kick(&self, vring: &Vring, mem: &GuestMemoryAtomic<Mem>) {
+        if !self.attached.swap(true, Ordering::AcqRel) {
+            let _ = self.cmds.send(Cmd::Attach(vring.clone(), mem.clone()));
+        }
+        self.kick.notify_one();
+    }
+
+    /// Stops taking requests from the vring, waits for the ones in flight
+    /// and publishes their completions. Blocks the calling thread.
+    pub(crate) fn detach(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.cmds.send(Cmd::Detach(tx)).is_err() {
+            return;
+        }
+        if rx.recv_timeout(DRAIN_TIMEOUT).is_err() {
+            error!(
+                queue = self.index,
+                "requests still in flight after {DRAIN_TIMEOUT:?}; detaching anyway"
+            );
+        }
+    }
+
+    /// Ends the worker thread (after detaching).
+    pub(crate) fn exit(&self) {
+        self.detach();
+        let _ = self.cmds.send(Cmd::Exit);
+        if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    index: usize,
+    device: Arc<Device>,
+    kick: Arc<Notify>,
+    attached: Arc<AtomicBool>,
+}
+
+impl Worker {
+    async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        let mut queue: Option<Rc<Queue>> = None;
+        loop {
+            tokio::select! {
+                biased;
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Attach(vring, mem)) => {
+                        debug!(queue = self.index, "vring attached");
+                        let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone()));
+                        tokio::task::spawn_local(q.clone().completer());
+                        queue = Some(q);
+                    }
+                    Some(Cmd::Detach(ack)) => {
+                        if let Some(q) = queue.take() {
+                            q.drain().await;
+                            debug!(queue = self.index, "vring detached");
+                        }
+                        self.attached.store(false, Ordering::Release);
+                        let _ = ack.send(());
+                    }
+                    Some(Cmd::Exit) | None => break,
+                },
+                () = self.kick.notified() => {
+                    if let Some(q) = &queue {
+                        q.process();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A vring being served.
+struct Queue {
+    index: usize,
+    vring: Vring,
+    mem: GuestMemoryAtomic<Mem>,
+    device: Arc<Device>,
+    kick: Arc<Notify>,
+    inflight: Cell<usize>,
+    /// Popping paused because `inflight` reached the queue size.
+    throttled: Cell<bool>,
+    /// Set by `drain`: pop nothing more.
+    stopped: Cell<bool>,
+    idle: Notify,
+    done: RefCell<Vec<(u16, u32)>>,
+    done_wanted: Notify,
+    bad_requests: Cell<u64>,
+}
+
+impl Queue {
+    fn new(
+        index: usize,
+        vring: Vring,
+        mem: GuestMemoryAtomic<Mem>,
+        device: Arc<Device>,
+        kick: Arc<Notify>,
+    ) -> Self {
+        Self {
+            index,
+            vring,
+            mem,
+            device,
+            kick,
+            inflight: Cell::new(0),
+            throttled: Cell::new(false),
+            stopped: Cell::new(false),
+            idle: Notify::new(),
+            done: RefCell::new(Vec::new()),
+            done_wanted: Notify::new(),
+            bad_requests: Cell::new(0),
+        }
+    }
+
+    /// Pops and starts every available request.
+    fn process(self: &Rc<Self>) {
+        if self.stopped.get() {
+            return;
+        }
+        let (ready, queue_size) = {
+            let state = self.vring.get_ref();
+            let q = state.get_queue();
+            (
+                q.ready() && state.is_enabled(),
+                usize::from(q.size()),
+            )
+        };
+        if !ready {
+            return;
+        }
+        let event_idx = self.device.event_idx.load(Ordering::Acquire);
+        let guard = self.mem.memory();
+        let mem: Arc<Mem> = guard.clone().into_inner();
+        let limits = Limits {
+            size: self.device.config.size,
+            readonly: self.device.config.readonly,
+        };
+        loop {
+            if event_idx {
+                if let Err(e) = self.vring.disable_notification() {
+                    warn!(queue = self.index, "cannot disable notifications: {e}");
+                    return;
+                }
+            }
+            loop {
+                if self.inflight.get() >= queue_size.max(1) {
+                    // Every head the guest can have outstanding is ours:
+                    // continue once some complete.
+                    self.throttled.set(true);
+                    return;
+                }
+                let chain = {
+                    let mut state = self.vring.get_mut();
+                    virtio_queue::QueueT::pop_descriptor_chain(
+                        state.get_queue_mut(),
+                        guard.clone(),
+                    )
+                };
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let descs: Vec<Desc> = chain
+                    .map(|d| Desc {
+                        addr: d.addr(),
+                        len: d.len(),
+                        writable: d.is_write_only(),
+                    })
+                    .collect();
+                self.start(head, request::parse(&descs, &mem, &limits), &mem);
+            }
+            if !event_idx {
+                break;
+            }
+            match self.vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!(queue = self.index, "cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn log_bad(&self, why: &str) {
+        let n = self.bad_requests.get();
+        self.bad_requests.set(n + 1);
+        if n < 16 || n % BAD_REQUEST_LOG_EVERY == 0 {
+            warn!(queue = self.index, count = n + 1, "bad request from the guest: {why}");
+        }
+    }
+
+    fn start(self: &Rc<Self>, head: u16, parsed: Parsed, mem: &Mem) {
+        self.inflight.set(self.inflight.get() + 1);
+        match parsed {
+            Parsed::Request(r) => {
+                let q = self.clone();
+                tokio::task::spawn_local(async move {
+                    let (code, id_len) = execute(&q.device, &r).await;
+                    let len = if r.mem.write_obj(code, r.status).is_ok() {
+                        r.used_len(id_len)
+                    } else {
+                        0
+                    };
+                    q.complete(head, len);
+                });
+            }
+            Parsed::Reject { status, code, why } => {
+                self.log_bad(&why);
+                let len = u32::from(mem.write_obj(code, status).is_ok());
+                self.complete(head, len);
+            }
+            Parsed::Broken { why } => {
+                self.log_bad(&why);
+                self.complete(head, 0);
+            }
+        }
+    }
+
+    fn complete(&self, head: u16, len: u32) {
+        self.done.borrow_mut().push((head, len));
+        self.inflight.set(self.inflight.get() - 1);
+        self.done_wanted.notify_one();
+    }
+
+    /// Publishes every finished request and notifies the guest if it wants.
+    fn publish(&self) {
+        let done = std::mem::take(&mut *self.done.borrow_mut());
+        if done.is_empty() {
+            return;
+        }
+        let notify = {
+            let mut state = self.vring.get_mut();
+            for &(head, len) in &done {
+                if let Err(e) = state.add_used(head, len) {
+                    warn!(queue = self.index, "cannot add used entry {head}: {e}");
+                }
+            }
+            state.needs_notification().unwrap_or(true)
+        };
+        if notify {
+            if let Err(e) = self.vring.signal_used_queue() {
+                warn!(queue = self.index, "cannot notify the guest: {e}");
+            }
+        }
+        if self.inflight.get() == 0 {
+            self.idle.notify_waiters();
+        }
+        if self.throttled.replace(false) {
+            self.kick.notify_one();
+        }
+    }
+
+    /// Runs as a local task: publishes completions in batches, after the
+    /// other tasks that were ready in the same tick have finished.
+    async fn completer(self: Rc<Self>) {
+        loop {
+            self.done_wanted.notified().await;
+            if self.stopped.get() && self.inflight.get() == 0 && self.done.borrow().is_empty() {
+                return;
+            }
+            self.publish();
+        }
+    }
+
+    async fn drain(&self) {
+        self.stopped.set(true);
+        loop {
+            let idle = self.idle.notified();
+            if self.inflight.get() == 0 {
+                break;
+            }
+            idle.await;
+        }
+        self.publish();
+        // Let the completer task end.
+        self.done_wanted.notify_one();
+    }
+}
+
+/// Turns guest memory runs into slices for the engine.
+///
+/// # Safety
+/// Each run must lie in guest memory that stays mapped while the slices
+/// live, and no two runs may overlap.
+unsafe fn slices<'a>(bufs: &'a [IoSeg]) -> Vec<&'a mut [u8]> {
+    bufs.iter()
+        .map(|b| {
+            // SAFETY: the caller guarantees the run is mapped for 'a and
+            // that runs do not overlap, so no two slices alias.
+            unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) }
+        })
+        .collect()
+}
+
+/// Runs one request against the disk; returns the status and, for GET_ID,
+/// the bytes written.
+async fn execute(device: &Device, r: &Request) -> (u8, usize) {
+    let ok = VIRTIO_BLK_S_OK as u8;
+    let ioerr = VIRTIO_BLK_S_IOERR as u8;
+    let disk = &device.disk;
+    let result = match &r.op {
+        Op::Read { offset, bufs } => {
+            // SAFETY: the parser mapped these runs inside guest memory,
+            // which `r.mem` keeps mapped until this request completes, and
+            // refused overlapping runs. The guest does not touch a buffer
+            // it has handed to the device before the used entry appears
+            // (and if it does, it only races with its own data).
+            let mut out = unsafe { slices(bufs) };
+            if let [one] = out.as_mut_slice() {
+                disk.read(*offset, one).await
+            } else {
+                let mut at = *offset;
+                let reads = out.into_iter().map(|s| {
+                    let o = at;
+                    at += s.len() as u64;
+                    disk.read(o, s)
+                });
+                futures_util::future::join_all(reads)
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+        Op::Write { offset, bufs } => {
+            // SAFETY: as for reads; the slices are only read from.
+            let data = unsafe { slices(bufs) };
+            let r = if let [one] = data.as_slice() {
+                disk.write(*offset, one).await
+            } else {
+                // Scattered guest pages: gathered so the engine sees one
+                // write (and allocates whole clusters without copy-on-write).
+                let whole: Vec<u8> = data.concat();
+                disk.write(*offset, &whole).await
+            };
+            match r {
+                Ok(()) if !device.writeback() => disk.flush().await,
+                r => r,
+            }
+        }
+        Op::Flush => {
+            if device.config.readonly {
+                Ok(())
+            } else {
+                disk.flush().await
+            }
+        }
+        Op::GetId { dst } => {
+            let mut id = device.serial.as_slice();
+            let mut written = 0;
+            for &(addr, len) in dst {
+                let mut chunk = vec![0u8; len];
+                let n = id.len().min(len);
+                chunk[..n].copy_from_slice(&id[..n]);
+                id = &id[n..];
+                if r.mem.write_slice(&chunk, addr).is_err() {
+                    return (ioerr, 0);
+                }
+                written += len;
+            }
+            return (ok, written);
+        }
+        Op::Discard { offset, len } => disk.discard(*offset, *len).await,
+        Op::WriteZeroes { offset, len, unmap } => {
+            match disk.write_zeroes(*offset, *len, *unmap).await {
+                Ok(()) if !device.writeback() => disk.flush().await,
+                r => r,
+            }
+        }
+    };
+    match result {
+        Ok(()) => (ok, 0),
+        Err(e) => {
+            device.log_io_error(&e);
+            (ioerr, 0)
+        }
+    }
+}
