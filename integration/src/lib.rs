@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+pub mod rawq;
 pub mod vhost;
 
 /// Path of the `qblk` binary: `$QBLK_BIN`, or the workspace's debug build,

@@ -34,7 +34,10 @@ impl Daemon {
         let _ = std::fs::remove_file(&socket);
         let log = dir.join(format!(
             "{}.log",
-            socket.file_name().and_then(|s| s.to_str()).unwrap_or("daemon")
+            socket
+                .file_name()
+                .and_then(|s| s.to_str())
+                .unwrap_or("daemon")
         ));
         let log_file = std::fs::File::create(&log).expect("create daemon log");
         let child = Command::new(program)
@@ -56,7 +59,11 @@ impl Daemon {
     fn wait_for_socket(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.socket.exists() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("daemon exited ({status}) before listening:\n{}", self.log());
             }
             assert!(

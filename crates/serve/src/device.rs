@@ -11,7 +11,9 @@ use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier};
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
 
 use crate::config::{CONFIG_LEN, CONFIG_WRITEBACK, DeviceConfig, MAX_QUEUE_SIZE};
 use crate::disk::{Disk, DiskError};
@@ -143,7 +145,9 @@ impl VhostUserBackend for Backend {
         let space = self.device.config.space(self.device.writeback());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_LEN);
-        let end = (offset as usize).saturating_add(size as usize).min(CONFIG_LEN);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_LEN);
         out[..end - start].copy_from_slice(&space[start..end]);
         out
     }
@@ -203,7 +207,10 @@ impl VhostUserBackend for Backend {
         }
         // One queue per thread: the thread index is the queue index and
         // the event is that thread's only vring.
-        match (self.queues.get(thread_id), vrings.get(usize::from(device_event))) {
+        match (
+            self.queues.get(thread_id),
+            vrings.get(usize::from(device_event)),
+        ) {
             (Some(q), Some(vring)) => {
                 q.kick(vring, &self.mem);
                 Ok(())

@@ -51,14 +51,29 @@ pub struct IoSeg {
 /// and lie within the device.
 #[derive(Debug)]
 pub enum Op {
-    Read { offset: u64, bufs: Vec<IoSeg> },
-    Write { offset: u64, bufs: Vec<IoSeg> },
+    Read {
+        offset: u64,
+        bufs: Vec<IoSeg>,
+    },
+    Write {
+        offset: u64,
+        bufs: Vec<IoSeg>,
+    },
     Flush,
     /// Write the serial (at most 20 bytes, not NUL-terminated when it fills
     /// them) to these guest ranges.
-    GetId { dst: Vec<(GuestAddress, usize)> },
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
+    GetId {
+        dst: Vec<(GuestAddress, usize)>,
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
 }
 
 /// A request that passed every check.
@@ -96,7 +111,9 @@ pub enum Parsed {
         why: String,
     },
     /// No usable status byte: complete with length 0.
-    Broken { why: String },
+    Broken {
+        why: String,
+    },
 }
 
 /// What the parser needs to know about the device.
@@ -161,7 +178,13 @@ fn gather(mem: &Mem, pieces: &Pieces, out: &mut [u8]) -> Option<()> {
 fn map(mem: &Mem, pieces: &Pieces) -> Option<Vec<IoSeg>> {
     let mut out: Vec<IoSeg> = Vec::with_capacity(pieces.len());
     for &(addr, len) in pieces {
-        for slice in mem.get_slices(addr, usize::try_from(len).ok()?) {
+        let len = usize::try_from(len).ok()?;
+        // Every byte must be mapped: the slice iterator may also just end
+        // early at the edge of guest memory.
+        if !mem.check_range(addr, len) {
+            return None;
+        }
+        for slice in mem.get_slices(addr, len) {
             let slice = slice.ok()?;
             let ptr = slice.ptr_guard_mut().as_ptr();
             let len = slice.len();
@@ -250,15 +273,24 @@ pub fn parse(descs: &[Desc], mem: &Arc<Mem>, limits: &Limits) -> Parsed {
     let rw = |pieces: &Pieces, write: bool| -> Result<(u64, Vec<IoSeg>), Parsed> {
         let len = total(pieces);
         if len % SECTOR_SIZE != 0 {
-            return Err(ioerr(status, format!("data length {len} is not a multiple of 512")));
+            return Err(ioerr(
+                status,
+                format!("data length {len} is not a multiple of 512"),
+            ));
         }
         if len > MAX_REQUEST_BYTES {
-            return Err(ioerr(status, format!("data length {len} exceeds the device limit")));
+            return Err(ioerr(
+                status,
+                format!("data length {len} exceeds the device limit"),
+            ));
         }
         let Some(offset) = range(limits, sector, len) else {
             return Err(ioerr(
                 status,
-                format!("sectors {sector}+{} past the end of the device", len / SECTOR_SIZE),
+                format!(
+                    "sectors {sector}+{} past the end of the device",
+                    len / SECTOR_SIZE
+                ),
             ));
         };
         if write && limits.readonly {
@@ -323,7 +355,10 @@ pub fn parse(descs: &[Desc], mem: &Arc<Mem>, limits: &Limits) -> Parsed {
                 return ioerr(status, format!("{what} payload of {len} bytes"));
             }
             if len > SEGMENT_LEN {
-                return unsupp(status, format!("{what} with {} segments", len / SEGMENT_LEN));
+                return unsupp(
+                    status,
+                    format!("{what} with {} segments", len / SEGMENT_LEN),
+                );
             }
             let mut seg = [0u8; SEGMENT_LEN as usize];
             if gather(mem, &data_out, &mut seg).is_none() {
@@ -343,7 +378,10 @@ pub fn parse(descs: &[Desc], mem: &Arc<Mem>, limits: &Limits) -> Parsed {
                 return ioerr(status, format!("{what} on a read-only device"));
             }
             if sectors > MAX_DISCARD_SECTORS {
-                return ioerr(status, format!("{what} of {sectors} sectors exceeds the limit"));
+                return ioerr(
+                    status,
+                    format!("{what} of {sectors} sectors exceeds the limit"),
+                );
             }
             let bytes = u64::from(sectors) * SECTOR_SIZE;
             let Some(offset) = range(limits, seg_sector, bytes) else {
@@ -487,7 +525,10 @@ mod tests {
         ));
         // Header too short, or outside memory.
         assert_eq!(code(&parse(&[d(BASE, 8, false), status()], &m, &l)), ioerr);
-        assert_eq!(code(&parse(&[d(1 << 40, 16, false), status()], &m, &l)), ioerr);
+        assert_eq!(
+            code(&parse(&[d(1 << 40, 16, false), status()], &m, &l)),
+            ioerr
+        );
         // Wrong directions.
         let wrong = [
             h(VIRTIO_BLK_T_IN, 0),
@@ -496,21 +537,45 @@ mod tests {
             status(),
         ];
         assert_eq!(code(&parse(&wrong, &m, &l)), ioerr);
-        let wrong = [h(VIRTIO_BLK_T_IN, 0), d(BASE + 0x1000, 512, false), status()];
+        let wrong = [
+            h(VIRTIO_BLK_T_IN, 0),
+            d(BASE + 0x1000, 512, false),
+            status(),
+        ];
         assert_eq!(code(&parse(&wrong, &m, &l)), ioerr);
-        let wrong = [h(VIRTIO_BLK_T_OUT, 0), d(BASE + 0x1000, 512, true), status()];
+        let wrong = [
+            h(VIRTIO_BLK_T_OUT, 0),
+            d(BASE + 0x1000, 512, true),
+            status(),
+        ];
         assert_eq!(code(&parse(&wrong, &m, &l)), ioerr);
         // Data outside guest memory, not whole sectors, past capacity.
-        let out = [h(VIRTIO_BLK_T_IN, 0), d(BASE + SIZE as u64 - 512, 1024, true), status()];
+        let out = [
+            h(VIRTIO_BLK_T_IN, 0),
+            d(BASE + SIZE as u64 - 512, 1024, true),
+            status(),
+        ];
         assert_eq!(code(&parse(&out, &m, &l)), ioerr);
         let odd = [h(VIRTIO_BLK_T_IN, 0), d(BASE + 0x1000, 100, true), status()];
         assert_eq!(code(&parse(&odd, &m, &l)), ioerr);
-        let past = [h(VIRTIO_BLK_T_IN, 2047), d(BASE + 0x1000, 1024, true), status()];
+        let past = [
+            h(VIRTIO_BLK_T_IN, 2047),
+            d(BASE + 0x1000, 1024, true),
+            status(),
+        ];
         assert_eq!(code(&parse(&past, &m, &l)), ioerr);
-        let wrap = [h(VIRTIO_BLK_T_IN, u64::MAX / 256), d(BASE + 0x1000, 512, true), status()];
+        let wrap = [
+            h(VIRTIO_BLK_T_IN, u64::MAX / 256),
+            d(BASE + 0x1000, 512, true),
+            status(),
+        ];
         assert_eq!(code(&parse(&wrap, &m, &l)), ioerr);
         // Absurd length (more than seg_max * size_max).
-        let huge = [h(VIRTIO_BLK_T_IN, 0), d(BASE, u32::MAX - 511, true), status()];
+        let huge = [
+            h(VIRTIO_BLK_T_IN, 0),
+            d(BASE, u32::MAX - 511, true),
+            status(),
+        ];
         assert_eq!(code(&parse(&huge, &m, &l)), ioerr);
         // A read into the same buffer twice.
         let twice = [
@@ -527,7 +592,11 @@ mod tests {
             readonly: true,
             ..l
         };
-        let w = [h(VIRTIO_BLK_T_OUT, 0), d(BASE + 0x1000, 512, false), status()];
+        let w = [
+            h(VIRTIO_BLK_T_OUT, 0),
+            d(BASE + 0x1000, 512, false),
+            status(),
+        ];
         assert_eq!(code(&parse(&w, &m, &ro)), ioerr);
         assert!(matches!(parse(&w, &m, &l), Parsed::Request(_)));
     }
@@ -582,7 +651,13 @@ mod tests {
         let Parsed::Request(r) = parse(&[h, s, status()], &m, &l) else {
             panic!()
         };
-        assert!(matches!(r.op, Op::Discard { offset: 0, len: 4096 }));
+        assert!(matches!(
+            r.op,
+            Op::Discard {
+                offset: 0,
+                len: 4096
+            }
+        ));
     }
 
     #[test]

@@ -212,10 +212,7 @@ impl Queue {
         let (ready, queue_size) = {
             let state = self.vring.get_ref();
             let q = state.get_queue();
-            (
-                q.ready() && state.is_enabled(),
-                usize::from(q.size()),
-            )
+            (q.ready() && state.is_enabled(), usize::from(q.size()))
         };
         if !ready {
             return;
@@ -243,10 +240,7 @@ impl Queue {
                 }
                 let chain = {
                     let mut state = self.vring.get_mut();
-                    virtio_queue::QueueT::pop_descriptor_chain(
-                        state.get_queue_mut(),
-                        guard.clone(),
-                    )
+                    virtio_queue::QueueT::pop_descriptor_chain(state.get_queue_mut(), guard.clone())
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
@@ -277,7 +271,11 @@ impl Queue {
         let n = self.bad_requests.get();
         self.bad_requests.set(n + 1);
         if n < 16 || n % BAD_REQUEST_LOG_EVERY == 0 {
-            warn!(queue = self.index, count = n + 1, "bad request from the guest: {why}");
+            warn!(
+                queue = self.index,
+                count = n + 1,
+                "bad request from the guest: {why}"
+            );
         }
     }
 
@@ -372,9 +370,9 @@ impl Queue {
 /// Turns guest memory runs into slices for the engine.
 ///
 /// # Safety
-/// Each run must lie in guest memory that stays mapped while the slices
-/// live, and no two runs may overlap.
-unsafe fn slices<'a>(bufs: &'a [IoSeg]) -> Vec<&'a mut [u8]> {
+/// Each run must lie in guest memory that stays mapped for `'a`, and no
+/// two runs may overlap.
+unsafe fn slices<'a>(bufs: &[IoSeg]) -> Vec<&'a mut [u8]> {
     bufs.iter()
         .map(|b| {
             // SAFETY: the caller guarantees the run is mapped for 'a and

@@ -1,0 +1,250 @@
+//! A hand-driven vhost-user frontend with one split virtqueue, for sending
+//! descriptor chains no real driver would: the hostile-guest tests.
+//!
+//! Guest memory is one shared memfd mapped at guest physical address 0:
+//! descriptor table at [`DESC`], avail ring at [`AVAIL`], used ring at
+//! [`USED`], and buffers from [`DATA`] on. Each test places one chain at a
+//! time in descriptor slots 0.., publishes it, kicks, and waits for the
+//! used entry.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory size.
+pub const MEM_SIZE: usize = 16 << 20;
+pub const DESC: u64 = 0;
+pub const AVAIL: u64 = 0x4000;
+pub const USED: u64 = 0x8000;
+/// Start of the buffer area.
+pub const DATA: u64 = 0x10000;
+pub const QUEUE_SIZE: u16 = 256;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// One descriptor to place: address, length, device-writable.
+#[derive(Debug, Clone, Copy)]
+pub struct D(pub u64, pub u32, pub bool);
+
+pub struct RawFrontend {
+    fe: Frontend,
+    mem: *mut u8,
+    _memfd: File,
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    used_idx: u16,
+}
+
+impl std::fmt::Debug for RawFrontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawFrontend").finish()
+    }
+}
+
+impl RawFrontend {
+    /// Connects and sets up queue 0 (no event_idx: every used entry is
+    /// signalled).
+    pub fn connect(socket: &Path) -> Self {
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: a fresh descriptor we own.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
+        // SAFETY: mapping the whole memfd shared; checked below.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED, "mmap memfd");
+        let mem = mem.cast::<u8>();
+
+        let mut fe = Frontend::connect(socket, 1).expect("connect to the daemon");
+        fe.set_owner().expect("SET_OWNER");
+        let offered = fe.get_features().expect("GET_FEATURES");
+        let event_idx = 1u64 << 29;
+        fe.set_features(offered & !event_idx).expect("SET_FEATURES");
+        let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        fe.set_protocol_features(
+            proto
+                & (VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK),
+        )
+        .expect("SET_PROTOCOL_FEATURES");
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: mem as u64,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let call = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        fe.set_vring_num(0, QUEUE_SIZE).expect("SET_VRING_NUM");
+        fe.set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: mem as u64 + DESC,
+                used_ring_addr: mem as u64 + USED,
+                avail_ring_addr: mem as u64 + AVAIL,
+                log_addr: None,
+            },
+        )
+        .expect("SET_VRING_ADDR");
+        fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
+        fe.set_vring_call(0, &call).expect("SET_VRING_CALL");
+        fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
+        fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+        Self {
+            fe,
+            mem,
+            _memfd: memfd,
+            kick,
+            call,
+            avail_idx: 0,
+            used_idx: 0,
+        }
+    }
+
+    /// Reads the device's configuration space.
+    pub fn config(&mut self, size: u32) -> Vec<u8> {
+        let buf = vec![0u8; size as usize];
+        let (_, data) = self
+            .fe
+            .get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+            .expect("GET_CONFIG");
+        data
+    }
+
+    /// Writes guest memory.
+    pub fn write(&mut self, gpa: u64, bytes: &[u8]) {
+        assert!(gpa as usize + bytes.len() <= MEM_SIZE);
+        // SAFETY: gpa + len is within our mapping (checked above).
+        let dst = unsafe { self.mem.add(gpa as usize) };
+        // SAFETY: dst has room for bytes.len() bytes; the ranges are
+        // distinct allocations.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    }
+
+    /// Reads guest memory.
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= MEM_SIZE);
+        let mut out = vec![0u8; len];
+        // SAFETY: gpa + len is within our mapping (checked above).
+        let src = unsafe { self.mem.add(gpa as usize) };
+        // SAFETY: src holds len readable bytes; out has room for them.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len) };
+        out
+    }
+
+    /// A request header (`virtio_blk_outhdr`) at `gpa`.
+    pub fn header(&mut self, gpa: u64, kind: u32, sector: u64) -> D {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.write(gpa, &h);
+        D(gpa, 16, false)
+    }
+
+    /// A descriptor table entry at `table` (guest address) index `i`.
+    pub fn put_desc(&mut self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut e = [0u8; 16];
+        e[0..8].copy_from_slice(&addr.to_le_bytes());
+        e[8..12].copy_from_slice(&len.to_le_bytes());
+        e[12..14].copy_from_slice(&flags.to_le_bytes());
+        e[14..16].copy_from_slice(&next.to_le_bytes());
+        self.write(table + u64::from(i) * 16, &e);
+    }
+
+    /// Places `chain` in descriptor slots 0.. and publishes head 0.
+    pub fn submit(&mut self, chain: &[D]) {
+        for (i, d) in chain.iter().enumerate() {
+            let last = i + 1 == chain.len();
+            let flags = if d.2 { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            self.put_desc(DESC, i as u16, d.0, d.1, flags, (i + 1) as u16);
+        }
+        self.publish(0);
+    }
+
+    /// Places `chain` in an indirect table at `table` and publishes one
+    /// descriptor pointing to it.
+    pub fn submit_indirect(&mut self, table: u64, chain: &[D]) {
+        for (i, d) in chain.iter().enumerate() {
+            let last = i + 1 == chain.len();
+            let flags = if d.2 { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            self.put_desc(table, i as u16, d.0, d.1, flags, (i + 1) as u16);
+        }
+        self.put_desc(DESC, 0, table, (chain.len() * 16) as u32, F_INDIRECT, 0);
+        self.publish(0);
+    }
+
+    /// Publishes descriptor `head` in the avail ring and kicks.
+    pub fn publish(&mut self, head: u16) {
+        let slot = AVAIL + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
+        self.write(slot, &head.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
+    }
+
+    /// Waits for the next used entry: `(id, len)`, or None after `timeout`.
+    pub fn wait_used(&mut self, timeout: Duration) -> Option<(u32, u32)> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let idx = u16::from_le_bytes(self.read(USED + 2, 2).try_into().ok()?);
+            if idx != self.used_idx {
+                let at = USED + 4 + u64::from(self.used_idx % QUEUE_SIZE) * 8;
+                let e = self.read(at, 8);
+                self.used_idx = self.used_idx.wrapping_add(1);
+                let id = u32::from_le_bytes(e[0..4].try_into().ok()?);
+                let len = u32::from_le_bytes(e[4..8].try_into().ok()?);
+                return Some((id, len));
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            let _ = self.call.read();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Submits `chain` and waits for it: `(used len, status byte at
+    /// `status_gpa`)`.
+    pub fn roundtrip(&mut self, chain: &[D], status_gpa: u64) -> (u32, u8) {
+        self.write(status_gpa, &[0xee]);
+        self.submit(chain);
+        let (_, len) = self
+            .wait_used(Duration::from_secs(30))
+            .expect("no used entry within 30 s");
+        (len, self.read(status_gpa, 1)[0])
+    }
+}
+
+impl Drop for RawFrontend {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what connect mapped.
+        unsafe { libc::munmap(self.mem.cast(), MEM_SIZE) };
+    }
+}
