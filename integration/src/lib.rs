@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+pub mod guest;
 pub mod rawq;
 pub mod vhost;
 

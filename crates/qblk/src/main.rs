@@ -254,6 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
             let key = key_file
                 .map(|p| {
