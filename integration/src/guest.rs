@@ -118,7 +118,10 @@ fn staging() -> &'static Path {
         }
         std::fs::write(root.join("modules.order"), order).expect("write modules.order");
         std::fs::write(root.join("init"), INIT).expect("write init");
-        cmd_out("chmod", &["755", root.join("init").to_str().expect("utf-8")]);
+        cmd_out(
+            "chmod",
+            &["755", root.join("init").to_str().expect("utf-8")],
+        );
         root
     })
 }
@@ -126,7 +129,9 @@ fn staging() -> &'static Path {
 /// An initramfs for `script`, expecting `disks` virtio disks.
 pub fn initramfs(out: &Path, script: &str, disks: usize) {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one_at_a_time = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = staging();
     std::fs::write(root.join("test.sh"), script).expect("write test.sh");
     std::fs::write(root.join("disks"), disks.to_string()).expect("write disks");
@@ -286,7 +291,10 @@ impl Vm {
             if self.started.elapsed() > VM_TIMEOUT {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("VM still running after {VM_TIMEOUT:?}; console:\n{}", self.console());
+                panic!(
+                    "VM still running after {VM_TIMEOUT:?}; console:\n{}",
+                    self.console()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -305,7 +313,10 @@ impl Drop for Vm {
 /// md5 of a file, as hex.
 pub fn md5_file(path: &Path) -> String {
     let out = cmd_out("md5sum", &[path.to_str().expect("utf-8 path")]);
-    out.split_whitespace().next().expect("md5sum output").to_owned()
+    out.split_whitespace()
+        .next()
+        .expect("md5sum output")
+        .to_owned()
 }
 
 /// md5 of what QEMU reads from `image` (`qemu-img convert -O raw`).

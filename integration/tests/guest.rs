@@ -22,7 +22,11 @@ fn disk(daemon: &Daemon, queues: u16) -> Disk {
 /// qemu-img and compares QEMU's reading of it with the guest's md5.
 fn stop_and_compare(dir: &Path, mut daemon: Daemon, image: &str, guest_md5: Option<&String>) {
     let status = daemon.stop();
-    assert!(status.success(), "qblk serve exited {status}:\n{}", daemon.log());
+    assert!(
+        status.success(),
+        "qblk serve exited {status}:\n{}",
+        daemon.log()
+    );
     qemu_check_clean(image, dir);
     let guest = guest_md5.unwrap_or_else(|| panic!("the guest printed no md5 for {image}"));
     assert_eq!(
@@ -62,7 +66,18 @@ echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
 fn fio_verify_discard_and_two_queues() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", "128M"]);
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "disk.qcow2",
+            "128M",
+        ],
+    );
     let daemon = Daemon::qblk(
         d,
         "fio.sock",
@@ -70,6 +85,384 @@ fn fio_verify_discard_and_two_queues() {
     );
     let vm = Vm::start(d, "fio", FIO_SCRIPT, &[disk(&daemon, 2)], false);
     let console = vm.finish();
-    assert!(console.passed(), "guest failed:\n{}\n{}", console.0, daemon.log());
+    assert!(
+        console.passed(),
+        "guest failed:\n{}\n{}",
+        console.0,
+        daemon.log()
+    );
     stop_and_compare(d, daemon, "disk.qcow2", console.md5s().get("vda"));
+}
+
+/// Phase 1 (first boot): make a filesystem, fill it, trim, reboot.
+/// Phase 2 (after the reboot): check it, add to it, power off.
+/// Phase 3 (a second VM on the same daemon): check it again.
+const FS_SCRIPT: &str = r#"
+dev=/dev/vda
+if ! mount -t ext2 $dev /mnt 2>/dev/null; then
+    echo "phase 1: new filesystem"
+    mke2fs -q -b 4096 $dev
+    mount -t ext2 $dev /mnt
+    dd if=/dev/urandom of=/mnt/big bs=1M count=12 2>/dev/null
+    dd if=/dev/urandom of=/mnt/gone bs=1M count=8 2>/dev/null
+    for i in $(seq 50); do echo "file $i" > /mnt/small$i; done
+    (cd /mnt && md5sum big small* > sums)
+    sync
+    rm /mnt/gone
+    fstrim -v /mnt
+    echo 1 > /mnt/phase
+    umount /mnt
+    echo "phase 1 done, rebooting"
+    reboot -f
+fi
+cd /mnt
+md5sum -c sums >/dev/null
+phase=$(cat phase)
+if [ "$phase" = 1 ]; then
+    echo "phase 2: after reboot"
+    dd if=/dev/urandom of=more bs=1M count=4 2>/dev/null
+    md5sum more >> sums
+    echo 2 > phase
+else
+    echo "phase 3: second VM"
+    [ "$phase" = 2 ]
+    md5sum -c sums >/dev/null
+fi
+cd /
+umount /mnt
+echo "phase $phase checked"
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn filesystem_survives_reboot_and_a_second_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "fs.qcow2", "64M"],
+    );
+    let daemon = Daemon::qblk(d, "fs.sock", &["fs.qcow2"]);
+    // First VM: phases 1 and 2 across a guest reboot (a device reset on
+    // the same vhost-user connection).
+    let vm = Vm::start(d, "fs1", FS_SCRIPT, &[disk(&daemon, 1)], true);
+    let first = vm.finish();
+    assert!(
+        first.passed() && first.0.contains("phase 1 done") && first.0.contains("phase 1 checked"),
+        "first VM:\n{}\n{}",
+        first.0,
+        daemon.log()
+    );
+    // Second VM on the same daemon: a new frontend connection.
+    let vm = Vm::start(d, "fs2", FS_SCRIPT, &[disk(&daemon, 1)], false);
+    let second = vm.finish();
+    assert!(
+        second.passed() && second.0.contains("phase 2 checked"),
+        "second VM:\n{}\n{}",
+        second.0,
+        daemon.log()
+    );
+    stop_and_compare(d, daemon, "fs.qcow2", second.md5s().get("vda"));
+}
+
+const READONLY_SCRIPT: &str = r#"
+[ "$(cat /sys/block/vda/ro)" = 1 ]
+if dd if=/dev/zero of=/dev/vda bs=4096 count=1 oflag=direct 2>/dev/null; then
+    echo "write to a read-only disk succeeded"
+    exit 1
+fi
+echo "write refused"
+echo "MD5 vda $(md5sum /dev/vda | cut -d' ' -f1)"
+"#;
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn readonly_export_refuses_guest_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "ro.qcow2", "16M"],
+    );
+    sh(d, &["qemu-io", "-c", "write -P 0x42 0 1M", "ro.qcow2"]);
+    let before = std::fs::read(d.join("ro.qcow2")).unwrap();
+    let daemon = Daemon::qblk(d, "ro.sock", &["--readonly", "ro.qcow2"]);
+    let vm = Vm::start(d, "ro", READONLY_SCRIPT, &[disk(&daemon, 1)], false);
+    let console = vm.finish();
+    assert!(
+        console.passed() && console.0.contains("write refused"),
+        "{}\n{}",
+        console.0,
+        daemon.log()
+    );
+    stop_and_compare(d, daemon, "ro.qcow2", console.md5s().get("vda"));
+    assert!(
+        std::fs::read(d.join("ro.qcow2")).unwrap() == before,
+        "image changed"
+    );
+}
+
+/// Images made by qemu-img in every layout the guest should read back.
+/// Each is (file, commands run in the directory to make it).
+fn qemu_made_images() -> Vec<(&'static str, Vec<Vec<&'static str>>)> {
+    let io = |cmd: &'static str, img: &'static str| vec!["qemu-io", "-c", cmd, img];
+    vec![
+        (
+            "zlib.qcow2",
+            vec![
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "src.qcow2",
+                    "16M",
+                ],
+                io("write -P 0x11 0 3M", "src.qcow2"),
+                io("write -P 0x12 5M 1M", "src.qcow2"),
+                vec![
+                    "qemu-img",
+                    "convert",
+                    "-c",
+                    "-O",
+                    "qcow2",
+                    "src.qcow2",
+                    "zlib.qcow2",
+                ],
+            ],
+        ),
+        (
+            "zstd.qcow2",
+            vec![vec![
+                "qemu-img",
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                "compression_type=zstd",
+                "src.qcow2",
+                "zstd.qcow2",
+            ]],
+        ),
+        (
+            "xl2.qcow2",
+            vec![
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "extended_l2=on,cluster_size=128k",
+                    "xl2.qcow2",
+                    "16M",
+                ],
+                io("write -P 0x21 4k 4k", "xl2.qcow2"),
+                io("write -P 0x22 132k 60k", "xl2.qcow2"),
+                io("write -z 1M 8k", "xl2.qcow2"),
+            ],
+        ),
+        (
+            "top.qcow2",
+            vec![
+                vec!["qemu-img", "create", "-q", "-f", "raw", "base.raw", "16M"],
+                io("write -P 0x31 0 4M", "base.raw"),
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "base.raw",
+                    "-F",
+                    "raw",
+                    "mid.qcow2",
+                ],
+                io("write -P 0x32 1M 1M", "mid.qcow2"),
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "mid.qcow2",
+                    "-F",
+                    "qcow2",
+                    "top.qcow2",
+                ],
+                io("write -P 0x33 1536k 64k", "top.qcow2"),
+                io("write -z 3M 64k", "top.qcow2"),
+            ],
+        ),
+        (
+            "snap.qcow2",
+            vec![
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "snap.qcow2",
+                    "16M",
+                ],
+                io("write -P 0x41 0 2M", "snap.qcow2"),
+                vec!["qemu-img", "snapshot", "-c", "s1", "snap.qcow2"],
+                io("write -P 0x42 1M 64k", "snap.qcow2"),
+            ],
+        ),
+        (
+            "v2.qcow2",
+            vec![
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "compat=0.10",
+                    "v2.qcow2",
+                    "16M",
+                ],
+                io("write -P 0x51 64k 1M", "v2.qcow2"),
+            ],
+        ),
+        (
+            "small.qcow2",
+            vec![
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=512",
+                    "small.qcow2",
+                    "16M",
+                ],
+                io("write -P 0x61 1000 100k", "small.qcow2"),
+            ],
+        ),
+        (
+            "ext.qcow2",
+            vec![
+                vec![
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "data_file=ext.data",
+                    "ext.qcow2",
+                    "16M",
+                ],
+                io("write -P 0x71 2M 1M", "ext.qcow2"),
+            ],
+        ),
+    ]
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn guest_reads_images_qemu_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let images = qemu_made_images();
+    for (_, cmds) in &images {
+        for c in cmds {
+            sh(d, c);
+        }
+    }
+    let mut daemons = Vec::new();
+    let mut disks = Vec::new();
+    let mut script = String::new();
+    for (i, (image, _)) in images.iter().enumerate() {
+        let serial = format!("img{i}");
+        let daemon = Daemon::qblk(d, &format!("{serial}.sock"), &["--serial", &serial, image]);
+        disks.push(disk(&daemon, 1));
+        daemons.push((image, serial, daemon));
+    }
+    script.push_str(
+        "for b in /sys/block/vd*; do\n\
+         \x20   echo \"MD5 $(cat $b/serial) $(md5sum /dev/${b##*/} | cut -d' ' -f1)\"\n\
+         done\n",
+    );
+    let vm = Vm::start(d, "images", &script, &disks, false);
+    let console = vm.finish();
+    assert!(console.passed(), "{}", console.0);
+    let sums = console.md5s();
+    assert_eq!(sums.len(), images.len(), "{}", console.0);
+    for (image, serial, daemon) in daemons {
+        stop_and_compare(d, daemon, image, sums.get(&serial));
+    }
+}
+
+const RECONNECT_SCRIPT: &str = r#"
+dev=/dev/vda
+dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null
+dd if=/tmp/a of=$dev bs=1M oflag=direct conv=fsync 2>/dev/null
+want=$(md5sum < /tmp/a)
+echo RECONNECT-READY
+# Keep reading while the host restarts the daemon underneath.
+i=0
+while [ $i -lt 40 ]; do
+    got=$(dd if=$dev bs=1M count=4 iflag=direct 2>/dev/null | md5sum)
+    [ "$got" = "$want" ]
+    dd if=/tmp/a of=$dev bs=1M seek=8 count=1 oflag=direct 2>/dev/null
+    i=$((i + 1))
+    sleep 0.25
+done
+echo "reads and writes went on"
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn qemu_reconnects_to_a_restarted_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "rc.qcow2", "32M"],
+    );
+    let mut first = Daemon::qblk(d, "rc.sock", &["rc.qcow2"]);
+    let mut vm = Vm::start(
+        d,
+        "reconnect",
+        RECONNECT_SCRIPT,
+        &[Disk {
+            reconnect: true,
+            ..disk(&first, 1)
+        }],
+        false,
+    );
+    assert!(vm.wait_for("RECONNECT-READY"), "{}", vm.console());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // A clean stop under load, then a new daemon on the same socket.
+    let status = first.stop();
+    assert!(status.success(), "{}", first.log());
+    let second = Daemon::qblk(d, "rc.sock", &["rc.qcow2"]);
+    let console = vm.finish();
+    assert!(
+        console.passed(),
+        "{}\nfirst daemon:\n{}\nsecond daemon:\n{}",
+        console.0,
+        first.log(),
+        second.log()
+    );
+    assert!(
+        second.log().contains("frontend connected"),
+        "{}",
+        second.log()
+    );
+    stop_and_compare(d, second, "rc.qcow2", console.md5s().get("vda"));
 }

@@ -192,23 +192,29 @@ struct Stop {
     listener_fd: Mutex<Option<i32>>,
     /// The current connection, if any.
     connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The queue workers, drained before the connection is closed.
+    queues: Mutex<Option<Arc<Vec<QueueHandle>>>>,
 }
 
 impl Stop {
     fn request(&self) {
         self.requested.store(true, Ordering::Release);
-        if let Ok(fd) = self.listener_fd.lock() {
-            if let Some(fd) = *fd {
-                // Wakes a blocked accept(2) with EINVAL.
-                // SAFETY: shutdown(2) on a descriptor the main thread keeps
-                // open while it is recorded here.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if let Some(fd) = *lock(&self.listener_fd) {
+            // Wakes a blocked accept(2) with EINVAL.
+            // SAFETY: shutdown(2) on a descriptor the main thread keeps open
+            // while it is recorded here.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        // Finish what the frontend handed over while it can still see the
+        // completions; only then hang up.
+        let queues = lock(&self.queues).clone();
+        if let Some(queues) = queues {
+            for q in queues.iter() {
+                q.close();
             }
         }
-        if let Ok(c) = self.connection.lock() {
-            if let Some(c) = c.as_ref() {
-                c.shutdown();
-            }
+        if let Some(c) = lock(&self.connection).as_ref() {
+            c.shutdown();
         }
     }
 
@@ -283,12 +289,14 @@ fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<()
         queues.push(q);
     }
     let queues = Arc::new(queues);
+    *lock(&stop.queues) = Some(queues.clone());
     let mut listener = Listener::new(&opts.socket, true).map_err(|source| ServeError::Listen {
         path: opts.socket.clone(),
         source,
     })?;
     info!(socket = %opts.socket.display(), "listening");
     let result = accept_loop(&mut listener, device, &queues, stop);
+    *lock(&stop.queues) = None;
     for q in queues.iter() {
         q.exit();
     }

@@ -52,6 +52,8 @@ pub(crate) struct QueueHandle {
     kick: Arc<Notify>,
     cmds: mpsc::UnboundedSender<Cmd>,
     attached: Arc<AtomicBool>,
+    /// Set when the daemon stops: kicks no longer attach the vring.
+    closed: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -85,12 +87,16 @@ impl QueueHandle {
             kick,
             cmds: tx,
             attached,
+            closed: AtomicBool::new(false),
             thread: Mutex::new(Some(thread)),
         })
     }
 
     /// The guest kicked `vring` (or it was just enabled).
     pub(crate) fn kick(&self, vring: &Vring, mem: &GuestMemoryAtomic<Mem>) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
         if !self.attached.swap(true, Ordering::AcqRel) {
             let _ = self.cmds.send(Cmd::Attach(vring.clone(), mem.clone()));
         }
@@ -110,6 +116,14 @@ impl QueueHandle {
                 "requests still in flight after {DRAIN_TIMEOUT:?}; detaching anyway"
             );
         }
+    }
+
+    /// Takes no more requests, ever, and drains the ones in flight: the
+    /// first step of stopping the daemon, taken while the frontend is still
+    /// connected so it sees every request it handed over complete.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.detach();
     }
 
     /// Ends the worker thread (after detaching).
