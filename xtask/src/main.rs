@@ -3,9 +3,11 @@
 //! - `test`: install what the tests need (Debian packages, cargo-fuzz), then
 //!   run formatting and lint checks, every test, and a short fuzz run. This
 //!   is the README's test command and what `.ci/run` calls.
-//! - `run [IMAGE] [SIZE]`: build qblk and bring up the main job on IMAGE
-//!   (default `disk.qcow2`), creating a default image of SIZE (default 10G)
-//!   if none exists.
+//! - `e2e`: install QEMU, a kernel, busybox and fio, then boot Linux guests
+//!   under QEMU TCG against `qblk serve` (integration/tests/guest.rs).
+//! - `run [IMAGE] [SIZE]`: build qblk and serve IMAGE (default `disk.qcow2`)
+//!   on `qblk.sock`, creating a default image of SIZE (default 10G) if none
+//!   exists.
 //! - `fuzz [TARGET] [SECONDS]`: run a cargo-fuzz target for a bounded time.
 //!
 //! Plain Rust and std only, so it builds before anything else.
@@ -16,8 +18,21 @@ use std::process::{Command, ExitCode};
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-/// Debian packages the tests need, keyed by a binary each provides.
-const APT_PACKAGES: &[(&str, &str)] = &[("qemu-img", "qemu-utils"), ("qemu-io", "qemu-utils")];
+/// Debian packages the tests need, keyed by a file each provides, in
+/// installation order: Debian's qemu-system-x86 (7.2) removes a newer
+/// preinstalled qemu-utils, so qemu-utils is checked (and reinstalled)
+/// after it.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-storage-daemon", "qemu-system-common"),
+    ("busybox", "busybox-static"),
+    ("fio", "fio"),
+    ("cpio", "cpio"),
+    ("modprobe", "kmod"),
+    ("/boot/vmlinuz-*", "linux-image-amd64"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-io", "qemu-utils"),
+];
 
 /// Fuzz targets and how long `xtask test` runs each.
 const FUZZ_TARGETS: &[&str] = &["header", "image"];
@@ -27,6 +42,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
+        Some("e2e") => e2e(),
         Some("run") => run_main_job(
             args.get(1).map(String::as_str),
             args.get(2).map(String::as_str),
@@ -35,7 +51,9 @@ fn main() -> ExitCode {
             args.get(1).map(String::as_str).unwrap_or("header"),
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60),
         ),
-        _ => Err("usage: cargo xtask test | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into()),
+        _ => Err(
+            "usage: cargo xtask test | e2e | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,9 +96,16 @@ fn sh_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result {
     }
 }
 
-fn have(program: &str) -> bool {
+/// Whether `what` is an installed program, or (if it is a path pattern)
+/// an existing file.
+fn have(what: &str) -> bool {
+    let test = if what.starts_with('/') {
+        format!("ls {what} >/dev/null 2>&1")
+    } else {
+        format!("command -v {what} >/dev/null 2>&1")
+    };
     Command::new("sh")
-        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .args(["-c", &test])
         .status()
         .is_ok_and(|s| s.success())
 }
@@ -92,28 +117,52 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-/// Installs the Debian packages whose binaries are missing.
+/// Installs the Debian packages whose files are missing, one at a time in
+/// [`APT_PACKAGES`] order.
 fn install_packages() -> Result {
-    let mut missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let (program, mut prefix): (&str, Vec<&str>) = if is_root() {
+    let (program, prefix): (&str, Vec<&str>) = if is_root() {
         ("apt-get", vec![])
     } else {
         ("sudo", vec!["apt-get"])
     };
-    let mut update = prefix.clone();
-    update.push("update");
-    sh(program, &update)?;
-    prefix.extend(["install", "-y", "--no-install-recommends"]);
-    prefix.extend(missing.iter().copied());
-    sh(program, &prefix)
+    let mut updated = false;
+    for (file, package) in APT_PACKAGES {
+        if have(file) {
+            continue;
+        }
+        if !updated {
+            let mut update = prefix.clone();
+            update.push("update");
+            sh(program, &update)?;
+            updated = true;
+        }
+        let mut install = prefix.clone();
+        install.extend(["install", "-y", "--no-install-recommends", package]);
+        sh_env(program, &install, &[("DEBIAN_FRONTEND", "noninteractive")])?;
+    }
+    Ok(())
+}
+
+/// Boots guests against `qblk serve`: the `#[ignore]`d tests in
+/// integration/tests/guest.rs, one at a time (each VM takes both cores).
+fn e2e() -> Result {
+    install_packages()?;
+    let cargo = cargo();
+    sh(&cargo, &["build", "--quiet", "-p", "qblk"])?;
+    sh(
+        &cargo,
+        &[
+            "test",
+            "--quiet",
+            "-p",
+            "qblk-integration",
+            "--test",
+            "guest",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ],
+    )
 }
 
 fn test() -> Result {
@@ -145,6 +194,7 @@ fn test() -> Result {
     } else {
         sh(&cargo, &["test", "--workspace", "--no-fail-fast"])?;
     }
+    e2e()?;
     for target in FUZZ_TARGETS {
         fuzz(target, FUZZ_SMOKE_SECONDS)?;
     }
@@ -199,12 +249,13 @@ fn run_main_job(image: Option<&str>, size: Option<&str>) -> Result {
     sh(&cargo(), &["build", "--release", "--quiet", "-p", "qblk"])?;
     let qblk = root().join("target/release/qblk");
     let qblk = qblk.to_string_lossy();
-    if Path::new(image).exists() || root().join(image).exists() {
-        eprintln!("xtask: {image} exists; keeping it");
-    } else {
-        sh(&qblk, &["create", image, size])?;
-    }
-    // `qblk serve` is not built yet; until it is, the main job ends by
-    // describing the image it would serve.
-    sh(&qblk, &["info", image])
+    eprintln!(
+        "xtask: serving {image} on qblk.sock (created with size {size} if missing); \
+         attach with -chardev socket,id=qblk0,path=qblk.sock -device vhost-user-blk-pci,chardev=qblk0; \
+         stop with Ctrl-C"
+    );
+    sh(
+        &qblk,
+        &["serve", "--socket", "qblk.sock", "--create", size, image],
+    )
 }
