@@ -169,7 +169,7 @@ impl Console {
     pub fn md5s(&self) -> BTreeMap<String, String> {
         let mut m = BTreeMap::new();
         for line in self.0.lines() {
-            let mut w = line.trim().split_whitespace();
+            let mut w = line.split_whitespace();
             if w.next() == Some("MD5") {
                 if let (Some(name), Some(sum)) = (w.next(), w.next()) {
                     m.insert(name.to_owned(), sum.to_owned());
