@@ -159,6 +159,21 @@ fn several_queues_serve_at_once() {
         }
     }
     assert!(daemon.stop().success(), "{}", daemon.log());
+    // Page-aligned buffers and cluster-aligned offsets: every data transfer
+    // went between guest memory and the image file without a bounce.
+    let log = daemon.log();
+    let counter = |name: &str| -> u64 {
+        let at = log
+            .find(&format!("{name}="))
+            .unwrap_or_else(|| panic!("no {name} in {log}"));
+        log[at + name.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("counter value")
+    };
+    assert!(counter("direct_ios") >= 129, "{log}");
+    assert_eq!(counter("bounced_ios"), 0, "{log}");
     qemu_check_clean("disk.qcow2", d);
 }
 

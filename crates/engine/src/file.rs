@@ -6,14 +6,23 @@
 //! O_DIRECT needs offset, length and memory aligned to the device's logical
 //! block size; requests that are not go through an aligned bounce buffer.
 
+use std::any::Any;
 use std::fs::{File, OpenOptions as FsOpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::buf::{AlignedBuf, BUF_ALIGN};
 use crate::uring::Ring;
+
+/// Keeps memory that I/O goes to or from directly alive: each operation on
+/// that memory holds a clone until its completion arrives, even if the
+/// future waiting for it is dropped or leaked. The daemon passes its
+/// guest-memory mapping.
+pub type KeepAlive = Arc<dyn Any + Send + Sync>;
 
 /// How host files are cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,15 +42,20 @@ pub struct HostFile {
     /// Alignment of offsets and lengths for I/O (1 when buffered). Buffers
     /// are always [`BUF_ALIGN`]-aligned, which covers any memory alignment.
     align: u64,
+    /// Alignment of memory addresses for I/O (1 when buffered).
+    mem_align: u64,
     writable: bool,
     /// Serialises read-modify-write of partial blocks: two of them on the
     /// same block must not both read the old block.
     rmw: tokio::sync::Mutex<()>,
+    /// `read_direct`/`write_direct` calls, and those that bounced.
+    direct_ios: AtomicU64,
+    bounced_ios: AtomicU64,
 }
 
-/// The offset alignment O_DIRECT needs on this file: what statx reports
-/// (STATX_DIOALIGN), else the safe 4096.
-fn direct_io_alignment(file: &File) -> u64 {
+/// The offset and memory alignments O_DIRECT needs on this file: what
+/// statx reports (STATX_DIOALIGN), else the safe 4096.
+fn direct_io_alignment(file: &File) -> (u64, u64) {
     // SAFETY: an all-zero statx is a valid value to be overwritten.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd, empty path with AT_EMPTY_PATH, and a valid out pointer.
@@ -55,14 +69,12 @@ fn direct_io_alignment(file: &File) -> u64 {
         )
     };
     let align = u64::from(stx.stx_dio_offset_align);
-    if rc == 0
-        && stx.stx_mask & libc::STATX_DIOALIGN != 0
-        && align.is_power_of_two()
-        && align <= BUF_ALIGN as u64
-    {
-        align
+    let mem_align = u64::from(stx.stx_dio_mem_align);
+    let usable = |a: u64| a.is_power_of_two() && a <= BUF_ALIGN as u64;
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && usable(align) && usable(mem_align) {
+        (align, mem_align)
     } else {
-        BUF_ALIGN as u64
+        (BUF_ALIGN as u64, BUF_ALIGN as u64)
     }
 }
 
@@ -75,16 +87,19 @@ impl HostFile {
             o.custom_flags(libc::O_DIRECT);
         }
         let file = o.open(path)?;
-        let align = match cache {
+        let (align, mem_align) = match cache {
             CacheMode::None => direct_io_alignment(&file),
-            CacheMode::Writeback => 1,
+            CacheMode::Writeback => (1, 1),
         };
         Ok(Self {
             file,
             path: path.to_owned(),
             align,
+            mem_align,
             writable,
             rmw: tokio::sync::Mutex::new(()),
+            direct_ios: AtomicU64::new(0),
+            bounced_ios: AtomicU64::new(0),
         })
     }
 
@@ -164,6 +179,113 @@ impl HostFile {
     pub async fn read_into(&self, offset: u64, dst: &mut [u8]) -> io::Result<()> {
         let buf = self.read(offset, dst.len()).await?;
         dst.copy_from_slice(&buf);
+        Ok(())
+    }
+
+    /// Whether I/O of `len` bytes at `offset` to or from `addr` can go
+    /// straight to caller memory (and counts the answer).
+    fn direct(&self, offset: u64, addr: *const u8, len: usize) -> bool {
+        let ok = len > 0
+            && offset % self.align == 0
+            && len as u64 % self.align == 0
+            && (addr as usize as u64) % self.mem_align == 0;
+        self.direct_ios.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.bounced_ios.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// `(direct, bounced)`: direct reads and writes asked for, and how
+    /// many of them went through a bounce buffer.
+    pub fn direct_counts(&self) -> (u64, u64) {
+        (
+            self.direct_ios.load(Ordering::Relaxed),
+            self.bounced_ios.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Like [`HostFile::read_into`], but the kernel reads straight into
+    /// `dst` when offset, length and address allow (no bounce buffer, no
+    /// copy). Bytes past the end of the file read as zeros.
+    ///
+    /// # Safety
+    /// `dst` must lie in memory that stays valid (mapped, not freed or
+    /// reused) for as long as `keep` or any clone of it lives.
+    pub async unsafe fn read_direct(
+        &self,
+        offset: u64,
+        dst: &mut [u8],
+        keep: &KeepAlive,
+    ) -> io::Result<()> {
+        if !self.direct(offset, dst.as_ptr(), dst.len()) {
+            return self.read_into(offset, dst).await;
+        }
+        let ring = Ring::current()?;
+        let len = dst.len();
+        let mut done = 0usize;
+        while done < len {
+            let want = u32::try_from(len - done).unwrap_or(u32::MAX & !(BUF_ALIGN as u32 - 1));
+            let entry = io_uring::opcode::Read::new(
+                io_uring::types::Fd(self.fd()),
+                dst[done..].as_mut_ptr(),
+                want,
+            )
+            .offset(offset + done as u64)
+            .build();
+            // SAFETY: the entry points into dst, which the caller keeps
+            // valid while `keep` lives; the operation holds a clone of
+            // `keep` until its completion, however its future ends.
+            let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
+            let n = r? as usize;
+            done += n;
+            // End of file: nothing more, or a partial block.
+            if n == 0 || done % self.align as usize != 0 {
+                dst[done..].fill(0);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Like [`HostFile::write`], but the kernel reads straight from `data`
+    /// when offset, length and address allow.
+    ///
+    /// # Safety
+    /// As for [`HostFile::read_direct`].
+    pub async unsafe fn write_direct(
+        &self,
+        offset: u64,
+        data: &[u8],
+        keep: &KeepAlive,
+    ) -> io::Result<()> {
+        if !self.direct(offset, data.as_ptr(), data.len()) {
+            return self.write(offset, data).await;
+        }
+        let ring = Ring::current()?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let want =
+                u32::try_from(data.len() - done).unwrap_or(u32::MAX & !(BUF_ALIGN as u32 - 1));
+            let entry = io_uring::opcode::Write::new(
+                io_uring::types::Fd(self.fd()),
+                data[done..].as_ptr(),
+                want,
+            )
+            .offset(offset + done as u64)
+            .build();
+            // SAFETY: as in read_direct.
+            let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
+            let n = r? as usize;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
+            }
+            done += n;
+            if done < data.len() && done % self.align as usize != 0 {
+                // A short write that left us unaligned: the rest bounces.
+                return self.write(offset + done as u64, &data[done..]).await;
+            }
+        }
         Ok(())
     }
 
@@ -296,5 +418,74 @@ mod tests {
             20000,
             "writes inside the file do not extend it"
         );
+    }
+
+    #[test]
+    fn direct_io_uses_caller_memory_and_survives_a_dropped_future() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..65536u32).map(|i| (i / 7) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        block_on(async {
+            let f = HostFile::open(&path, true, CacheMode::None).unwrap();
+            let keep: KeepAlive = Arc::new(());
+            // Aligned caller memory: straight in and out.
+            let mut buf = AlignedBuf::zeroed(16384);
+            // SAFETY: buf outlives every operation: each is awaited here.
+            unsafe { f.read_direct(4096, &mut buf, &keep) }
+                .await
+                .unwrap();
+            assert_eq!(&buf[..], &content[4096..20480]);
+            buf.fill(0xab);
+            // SAFETY: as above.
+            unsafe { f.write_direct(8192, &buf, &keep) }.await.unwrap();
+            assert_eq!(f.direct_counts(), (2, 0));
+            // Misaligned memory bounces, with the same result.
+            let mut odd = vec![0u8; 4097];
+            // SAFETY: as above.
+            unsafe { f.read_direct(8192, &mut odd[1..], &keep) }
+                .await
+                .unwrap();
+            assert!(odd[1..].iter().all(|&b| b == 0xab));
+            assert_eq!(f.direct_counts(), (3, 1));
+            // Past the end of the file: zeros.
+            let mut tail = AlignedBuf::zeroed(8192);
+            tail.fill(1);
+            // SAFETY: as above.
+            unsafe { f.read_direct(61440, &mut tail, &keep) }
+                .await
+                .unwrap();
+            assert_eq!(&tail[..4096], &content[61440..]);
+            assert!(tail[4096..].iter().all(|&b| b == 0));
+
+            // A future dropped while its read is in flight: the operation
+            // keeps `keep` (standing for the memory) until it completes.
+            let mem = Arc::new(std::sync::Mutex::new(AlignedBuf::zeroed(65536)));
+            let keep: KeepAlive = mem.clone();
+            let ptr = mem.lock().unwrap().as_mut_ptr();
+            {
+                // SAFETY: ptr points into `mem`, which `keep` keeps alive.
+                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, 65536) };
+                // SAFETY: as just said.
+                let mut fut = Box::pin(unsafe { f.read_direct(0, dst, &keep) });
+                let waker = std::task::Waker::noop();
+                let mut cx = std::task::Context::from_waker(waker);
+                let _ = fut.as_mut().poll(&mut cx);
+            }
+            assert!(
+                Arc::strong_count(&mem) >= 2,
+                "in-flight op holds the memory"
+            );
+            drop(keep);
+            // Other I/O lets the reaper see the orphan's completion.
+            for _ in 0..100 {
+                if Arc::strong_count(&mem) == 1 {
+                    break;
+                }
+                let _ = f.read(0, 4096).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(Arc::strong_count(&mem), 1, "released after completion");
+        });
     }
 }

@@ -17,7 +17,7 @@ use qblk_qcow2::mapping::{ClusterDescriptor, L1Entry, L2Entry, SubclusterState};
 use qblk_qcow2::{FormatError, Geometry, Header};
 
 use crate::buf::AlignedBuf;
-use crate::file::{CacheMode, HostFile};
+use crate::file::{CacheMode, HostFile, KeepAlive};
 
 /// Deepest backing chain followed by default (QEMU-like bound; the image
 /// itself is depth 0).
@@ -334,7 +334,13 @@ impl Image {
 
     /// The engine's counters so far.
     pub fn stats(&self) -> crate::stats::Stats {
-        self.counters.snapshot()
+        let mut s = self.counters.snapshot();
+        for f in std::iter::once(&self.file).chain(self.data_file.as_ref()) {
+            let (direct, bounced) = f.direct_counts();
+            s.direct_ios += direct;
+            s.bounced_ios += bounced;
+        }
+        s
     }
 
     pub fn header(&self) -> &Header {
@@ -440,6 +446,34 @@ impl Image {
         offset: u64,
         buf: &'a mut [u8],
     ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+        self.read_impl(offset, buf, None)
+    }
+
+    /// Like [`Image::read`], but the host file writes straight into `buf`
+    /// (no bounce buffer, no copy) wherever data is stored as it is read:
+    /// allocated clusters of unencrypted images and raw backing files, with
+    /// offset, length and address aligned for O_DIRECT.
+    ///
+    /// # Safety
+    /// `buf` must lie in memory that stays valid (mapped, not freed or
+    /// reused) for as long as `keep` or any clone of it lives.
+    pub unsafe fn read_direct<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a mut [u8],
+        keep: &'a KeepAlive,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+        self.read_impl(offset, buf, Some(keep))
+    }
+
+    /// The read path; with `keep`, `buf` satisfies [`Image::read_direct`]'s
+    /// contract.
+    fn read_impl<'a>(
+        &'a self,
+        offset: u64,
+        buf: &'a mut [u8],
+        keep: Option<&'a KeepAlive>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
             let len = buf.len() as u64;
             if offset.checked_add(len).is_none_or(|end| end > self.size()) {
@@ -468,23 +502,25 @@ impl Image {
                         }
                         run += (g.cluster_size() as usize).min(buf.len() - done - run);
                     }
-                    self.read_data(host + in_cluster, &mut buf[done..done + run])
+                    self.read_data(host + in_cluster, &mut buf[done..done + run], keep)
                         .await?;
                     done += run;
                     continue;
                 }
                 let out = &mut buf[done..done + chunk];
                 match desc {
-                    ClusterDescriptor::Unallocated => self.read_below(pos, out).await?,
+                    ClusterDescriptor::Unallocated => self.read_below(pos, out, keep).await?,
                     ClusterDescriptor::Zero { .. } => out.fill(0),
                     ClusterDescriptor::Standard {
                         host, subclusters, ..
                     } => {
-                        self.read_subclusters(pos, host.0, subclusters, out).await?;
+                        self.read_subclusters(pos, host.0, subclusters, out, keep)
+                            .await?;
                     }
                     ClusterDescriptor::UnallocatedSubclusters { subclusters } => {
                         // No host cluster: every allocated bit is clear.
-                        self.read_subclusters(pos, 0, subclusters, out).await?;
+                        self.read_subclusters(pos, 0, subclusters, out, keep)
+                            .await?;
                     }
                     ClusterDescriptor::Compressed { host, len } => {
                         let data = self.decompress(host.0, len).await?;
@@ -506,6 +542,7 @@ impl Image {
         host_cluster: u64,
         bitmap: qblk_qcow2::mapping::SubclusterBitmap,
         out: &mut [u8],
+        keep: Option<&KeepAlive>,
     ) -> Result<()> {
         let g = self.geometry;
         let sc_size = g.subcluster_size();
@@ -526,10 +563,11 @@ impl Image {
             let part = &mut out[done..done + n];
             match state {
                 SubclusterState::Allocated => {
-                    self.read_data(host_cluster + in_cluster, part).await?
+                    self.read_data(host_cluster + in_cluster, part, keep)
+                        .await?
                 }
                 SubclusterState::Zero => part.fill(0),
-                SubclusterState::Unallocated => self.read_below(p, part).await?,
+                SubclusterState::Unallocated => self.read_below(p, part, keep).await?,
             }
             done += n;
         }
@@ -537,13 +575,23 @@ impl Image {
     }
 
     /// Reads guest data from a standard cluster (image or data file).
-    pub(crate) async fn read_data(&self, host_offset: u64, out: &mut [u8]) -> Result<()> {
+    /// Reads stored guest data at `host_offset` (decrypting it if the image
+    /// is encrypted). With `keep`, `out` satisfies
+    /// [`HostFile::read_direct`]'s contract.
+    pub(crate) async fn read_data(
+        &self,
+        host_offset: u64,
+        out: &mut [u8],
+        keep: Option<&KeepAlive>,
+    ) -> Result<()> {
         let file = self.data_file.as_ref().unwrap_or(&self.file);
         if self.header.crypt_method == CryptMethod::None {
-            return file
-                .read_into(host_offset, out)
-                .await
-                .map_err(io_err(file.path(), "read data"));
+            let r = match keep {
+                // SAFETY: forwarded from read_direct's contract.
+                Some(keep) => unsafe { file.read_direct(host_offset, out, keep) }.await,
+                None => file.read_into(host_offset, out).await,
+            };
+            return r.map_err(io_err(file.path(), "read data"));
         }
         // Decrypt whole sectors, then copy out the part asked for.
         let crypto = self.crypto_or_err()?;
@@ -569,7 +617,7 @@ impl Image {
 
     /// Reads what shows through an unallocated range: the backing file, or
     /// zeros (also beyond the end of a shorter backing file).
-    async fn read_below(&self, pos: u64, out: &mut [u8]) -> Result<()> {
+    async fn read_below(&self, pos: u64, out: &mut [u8], keep: Option<&KeepAlive>) -> Result<()> {
         let (size, is_raw) = match &self.backing {
             None => {
                 out.fill(0);
@@ -584,11 +632,16 @@ impl Image {
             return Ok(());
         }
         match &self.backing {
-            Some(Backing::Qcow2(img)) => img.read(pos, &mut out[..avail]).await,
-            Some(Backing::Raw { file, .. }) if is_raw => file
-                .read_into(pos, &mut out[..avail])
-                .await
-                .map_err(io_err(file.path(), "read backing file")),
+            Some(Backing::Qcow2(img)) => img.read_impl(pos, &mut out[..avail], keep).await,
+            Some(Backing::Raw { file, .. }) if is_raw => {
+                let out = &mut out[..avail];
+                let r = match keep {
+                    // SAFETY: forwarded from read_direct's contract.
+                    Some(keep) => unsafe { file.read_direct(pos, out, keep) }.await,
+                    None => file.read_into(pos, out).await,
+                };
+                r.map_err(io_err(file.path(), "read backing file"))
+            }
             _ => Ok(()),
         }
     }

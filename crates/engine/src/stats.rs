@@ -29,6 +29,11 @@ pub struct Stats {
     pub in_place_writes: u64,
     /// Bytes read and rewritten around guest data by copy-on-write.
     pub cow_bytes: u64,
+    /// Direct (caller-memory) reads and writes of guest data, and those of
+    /// them that had to go through a bounce buffer instead (misaligned for
+    /// O_DIRECT).
+    pub direct_ios: u64,
+    pub bounced_ios: u64,
 }
 
 impl Counters {
@@ -46,6 +51,8 @@ impl Counters {
             allocating_writes: g(&self.allocating_writes),
             in_place_writes: g(&self.in_place_writes),
             cow_bytes: g(&self.cow_bytes),
+            direct_ios: 0,
+            bounced_ios: 0,
         }
     }
 }

@@ -496,11 +496,34 @@ impl Image {
     /// Writes guest bytes at `offset`. The data is on its way to the disk
     /// when this returns; it is durable after the next [`Image::flush`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let r = self.write_inner(offset, data).await;
+        let r = self.write_inner(offset, data, None).await;
         self.on_error(r).await
     }
 
-    async fn write_inner(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// Like [`Image::write`], but the host file reads `data` directly
+    /// (no bounce buffer, no copy) wherever the data goes to disk as it is:
+    /// in-place writes and whole new clusters of unencrypted images, with
+    /// offset, length and address aligned for O_DIRECT.
+    ///
+    /// # Safety
+    /// `data` must lie in memory that stays valid (mapped, not freed or
+    /// reused) for as long as `keep` or any clone of it lives.
+    pub async unsafe fn write_direct(
+        &self,
+        offset: u64,
+        data: &[u8],
+        keep: &crate::file::KeepAlive,
+    ) -> Result<()> {
+        let r = self.write_inner(offset, data, Some(keep)).await;
+        self.on_error(r).await
+    }
+
+    async fn write_inner(
+        &self,
+        offset: u64,
+        data: &[u8],
+        keep: Option<&crate::file::KeepAlive>,
+    ) -> Result<()> {
         self.check_writable(offset, data.len() as u64)?;
         let g = self.geometry;
         let mut done = 0usize;
@@ -525,12 +548,12 @@ impl Image {
                         chunk += n;
                     }
                     Counters::add(&self.counters.in_place_writes, 1);
-                    self.write_data(host + in_cluster, &data[done..done + chunk])
+                    self.write_data(host + in_cluster, &data[done..done + chunk], keep)
                         .await?
                 }
                 None => {
                     Counters::add(&self.counters.allocating_writes, 1);
-                    self.allocating_write(pos, &data[done..done + chunk])
+                    self.allocating_write(pos, &data[done..done + chunk], keep)
                         .await?;
                 }
             }
@@ -607,16 +630,26 @@ impl Image {
         ))
     }
 
-    async fn write_data(&self, host_offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes guest data at `host_offset` (encrypting it if the image is).
+    /// With `keep`, `data` must satisfy [`HostFile::write_direct`]'s
+    /// contract (the callers' `unsafe` entry point promised it).
+    async fn write_data(
+        &self,
+        host_offset: u64,
+        data: &[u8],
+        keep: Option<&crate::file::KeepAlive>,
+    ) -> Result<()> {
         self.check_data_target(host_offset, data.len() as u64)?;
         let file = self.data_file.as_ref().unwrap_or(&self.file);
         if self.crypto.is_none()
             && self.header.crypt_method == qblk_qcow2::header::CryptMethod::None
         {
-            return file
-                .write(host_offset, data)
-                .await
-                .map_err(io(self, "write data"));
+            let r = match keep {
+                // SAFETY: forwarded from write_direct's contract.
+                Some(keep) => unsafe { file.write_direct(host_offset, data, keep) }.await,
+                None => file.write(host_offset, data).await,
+            };
+            return r.map_err(io(self, "write data"));
         }
         let crypto = self.crypto_or_err()?;
         let sector = crate::crypto::SECTOR;
@@ -627,7 +660,7 @@ impl Image {
         let _guard = if skip != 0 || buf.len() != data.len() {
             // Partial sectors: decrypt what is there, patch, re-encrypt.
             let guard = self.crypto_rmw.lock().await;
-            self.read_data(start, &mut buf).await?;
+            self.read_data(start, &mut buf, None).await?;
             Some(guard)
         } else {
             None
@@ -645,7 +678,12 @@ impl Image {
     /// copy-on-write with no lock held; publish the L2 entry under the lock.
     /// The guest cluster's own lock, held throughout, orders every
     /// allocation, zeroing or discard of that cluster.
-    async fn allocating_write(&self, pos: u64, data: &[u8]) -> Result<()> {
+    async fn allocating_write(
+        &self,
+        pos: u64,
+        data: &[u8],
+        keep: Option<&crate::file::KeepAlive>,
+    ) -> Result<()> {
         let g = self.geometry;
         let cs = g.cluster_size();
         let in_cluster = g.offset_in_cluster(pos);
@@ -654,7 +692,7 @@ impl Image {
         // The mapping may have changed while this task waited.
         let (desc, _) = self.descriptor_and_entry(pos).await?;
         if let Some(host) = self.in_place_target(&desc, in_cluster, data.len() as u64) {
-            return self.write_data(host + in_cluster, data).await;
+            return self.write_data(host + in_cluster, data, keep).await;
         }
         let external = self.header.has_external_data_file();
 
@@ -703,7 +741,7 @@ impl Image {
 
         // Phase 2: guest data and copy-on-write, no lock held.
         let written = self
-            .write_new_cluster_data(desc, pos, data, host, old_ref.is_some())
+            .write_new_cluster_data(desc, pos, data, host, old_ref.is_some(), keep)
             .await;
 
         // Phase 3: publish, or give the cluster back.
@@ -742,12 +780,13 @@ impl Image {
         data: &[u8],
         host: u64,
         moves_data: bool,
+        keep: Option<&crate::file::KeepAlive>,
     ) -> Result<L2Entry> {
         let g = self.geometry;
         let in_cluster = g.offset_in_cluster(pos);
         let cluster_start = pos - in_cluster;
         if !g.extended_l2() {
-            self.write_whole_cluster(cluster_start, in_cluster, data, host)
+            self.write_whole_cluster(cluster_start, in_cluster, data, host, keep)
                 .await?;
             return Ok(L2Entry::standard(
                 qblk_qcow2::HostOffset(host),
@@ -768,7 +807,7 @@ impl Image {
         };
         if moves_data {
             // A shared cluster moves: copy every subcluster it has.
-            self.write_whole_cluster(cluster_start, in_cluster, data, host)
+            self.write_whole_cluster(cluster_start, in_cluster, data, host, keep)
                 .await?;
         } else {
             // Only the touched subclusters are written (edges completed from
@@ -780,7 +819,7 @@ impl Image {
             let at = (in_cluster - start) as usize;
             Counters::add(&self.counters.cow_bytes, (buf.len() - data.len()) as u64);
             buf[at..at + data.len()].copy_from_slice(data);
-            self.write_data(host + start, &buf).await?;
+            self.write_data(host + start, &buf, None).await?;
         }
         Ok(L2Entry::standard(
             qblk_qcow2::HostOffset(host),
@@ -815,9 +854,22 @@ impl Image {
         in_cluster: u64,
         data: &[u8],
         host: u64,
+        keep: Option<&crate::file::KeepAlive>,
     ) -> Result<()> {
         let cs = self.geometry.cluster_size() as usize;
         self.check_data_target(host, cs as u64)?;
+        if data.len() == cs
+            && keep.is_some()
+            && self.header.crypt_method == qblk_qcow2::header::CryptMethod::None
+        {
+            // The guest data is the whole cluster: it goes to disk as it
+            // is (a data file is exactly the virtual size: not past it).
+            let n = match &self.data_file {
+                Some(_) => (self.size() - cluster_start).min(cs as u64) as usize,
+                None => cs,
+            };
+            return self.write_data(host, &data[..n], keep).await;
+        }
         let mut buf = AlignedBuf::zeroed(cs);
         if data.len() != cs {
             Counters::add(&self.counters.cow_bytes, (cs - data.len()) as u64);

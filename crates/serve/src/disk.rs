@@ -4,7 +4,7 @@
 use std::io;
 use std::path::Path;
 
-use qblk_engine::file::{CacheMode, HostFile};
+use qblk_engine::file::{CacheMode, HostFile, KeepAlive};
 use qblk_engine::image::{self, Image};
 
 /// An error of a disk operation, as logged.
@@ -85,6 +85,47 @@ impl Disk {
         match self {
             Disk::Qcow2(i) => Ok(i.read(offset, buf).await?),
             Disk::Raw(r) => r.file.read_into(offset, buf).await.map_err(r.err("read")),
+        }
+    }
+
+    /// [`Disk::read`] without copies where the format allows.
+    ///
+    /// # Safety
+    /// `buf` must lie in memory that stays valid for as long as `keep` or
+    /// any clone of it lives.
+    pub async unsafe fn read_direct(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        keep: &KeepAlive,
+    ) -> Result<()> {
+        match self {
+            // SAFETY: forwarded from this function's contract.
+            Disk::Qcow2(i) => Ok(unsafe { i.read_direct(offset, buf, keep) }.await?),
+            // SAFETY: forwarded from this function's contract.
+            Disk::Raw(r) => unsafe { r.file.read_direct(offset, buf, keep) }
+                .await
+                .map_err(r.err("read")),
+        }
+    }
+
+    /// [`Disk::write`] without copies where the format allows.
+    ///
+    /// # Safety
+    /// As for [`Disk::read_direct`].
+    pub async unsafe fn write_direct(
+        &self,
+        offset: u64,
+        data: &[u8],
+        keep: &KeepAlive,
+    ) -> Result<()> {
+        match self {
+            // SAFETY: forwarded from this function's contract.
+            Disk::Qcow2(i) => Ok(unsafe { i.write_direct(offset, data, keep) }.await?),
+            // SAFETY: forwarded from this function's contract.
+            Disk::Raw(r) => unsafe { r.file.write_direct(offset, data, keep) }
+                .await
+                .map_err(r.err("write")),
         }
     }
 

@@ -272,7 +272,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let closed = qblk_engine::runtime::block_on(device.disk.close());
     let _ = std::fs::remove_file(&opts.socket);
     if let Some(s) = device.disk.stats() {
-        info!(?s, "engine counters");
+        info!(
+            allocating_writes = s.allocating_writes,
+            in_place_writes = s.in_place_writes,
+            metadata_writes = s.metadata_writes,
+            fsyncs = s.fsyncs,
+            cow_bytes = s.cow_bytes,
+            direct_ios = s.direct_ios,
+            bounced_ios = s.bounced_ios,
+            "engine counters"
+        );
     }
     result?;
     closed.map_err(ServeError::Close)?;

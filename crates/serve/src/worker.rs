@@ -26,6 +26,8 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 
+use qblk_engine::file::KeepAlive;
+
 use crate::device::Device;
 use crate::request::{self, Desc, IoSeg, Limits, Mem, Op, Parsed, Request};
 
@@ -404,20 +406,23 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
     let disk = &device.disk;
     let result = match &r.op {
         Op::Read { offset, bufs } => {
-            // SAFETY: the parser mapped these runs inside guest memory,
-            // which `r.mem` keeps mapped until this request completes, and
-            // refused overlapping runs. The guest does not touch a buffer
-            // it has handed to the device before the used entry appears
-            // (and if it does, it only races with its own data).
+            let keep: KeepAlive = r.mem.clone();
+            // SAFETY: the parser mapped these runs inside guest memory and
+            // refused overlapping ones; `r.mem` (and so `keep`) keeps that
+            // memory mapped. The guest does not touch a buffer it has handed
+            // to the device before the used entry appears (and if it does,
+            // it only races with its own data).
             let mut out = unsafe { slices(bufs) };
             if let [one] = out.as_mut_slice() {
-                disk.read(*offset, one).await
+                // SAFETY: `one` lies in the memory `keep` keeps mapped.
+                unsafe { disk.read_direct(*offset, one, &keep) }.await
             } else {
                 let mut at = *offset;
                 let reads = out.into_iter().map(|s| {
                     let o = at;
                     at += s.len() as u64;
-                    disk.read(o, s)
+                    // SAFETY: `s` lies in the memory `keep` keeps mapped.
+                    unsafe { disk.read_direct(o, s, &keep) }
                 });
                 futures_util::future::join_all(reads)
                     .await
@@ -426,10 +431,12 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
             }
         }
         Op::Write { offset, bufs } => {
+            let keep: KeepAlive = r.mem.clone();
             // SAFETY: as for reads; the slices are only read from.
             let data = unsafe { slices(bufs) };
             let r = if let [one] = data.as_slice() {
-                disk.write(*offset, one).await
+                // SAFETY: `one` lies in the memory `keep` keeps mapped.
+                unsafe { disk.write_direct(*offset, one, &keep) }.await
             } else {
                 // Scattered guest pages: gathered so the engine sees one
                 // write (and allocates whole clusters without copy-on-write).
