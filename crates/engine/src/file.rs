@@ -18,6 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::buf::{AlignedBuf, BUF_ALIGN};
 use crate::uring::Ring;
 
+/// Largest single read or write: the SQE length is 32 bits; this keeps
+/// every split block-aligned.
+const MAX_IO_BYTES: u32 = !(BUF_ALIGN as u32 - 1);
+
 /// Keeps memory that I/O goes to or from directly alive: each operation on
 /// that memory holds a clone until its completion arrives, even if the
 /// future waiting for it is dropped or leaked. The daemon passes its
@@ -225,7 +229,7 @@ impl HostFile {
         let len = dst.len();
         let mut done = 0usize;
         while done < len {
-            let want = u32::try_from(len - done).unwrap_or(u32::MAX & !(BUF_ALIGN as u32 - 1));
+            let want = u32::try_from(len - done).unwrap_or(MAX_IO_BYTES);
             let entry = io_uring::opcode::Read::new(
                 io_uring::types::Fd(self.fd()),
                 dst[done..].as_mut_ptr(),
@@ -265,8 +269,7 @@ impl HostFile {
         let ring = Ring::current()?;
         let mut done = 0usize;
         while done < data.len() {
-            let want =
-                u32::try_from(data.len() - done).unwrap_or(u32::MAX & !(BUF_ALIGN as u32 - 1));
+            let want = u32::try_from(data.len() - done).unwrap_or(MAX_IO_BYTES);
             let entry = io_uring::opcode::Write::new(
                 io_uring::types::Fd(self.fd()),
                 data[done..].as_ptr(),
