@@ -3,7 +3,7 @@
 //! Threads: the main thread accepts frontends one at a time and owns the
 //! lifecycle; vhost-user-backend runs the protocol on one thread per
 //! connection and watches each queue's kick eventfd on one epoll thread per
-//! queue; each queue has a worker thread ([`worker`]) that serves its
+//! queue; each queue has a worker thread (`worker.rs`) that serves its
 //! requests with the engine. A signal thread turns SIGTERM/SIGINT into an
 //! orderly stop.
 //!
