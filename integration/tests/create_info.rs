@@ -301,7 +301,7 @@ fn info_on_images_qemu_made() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let sh = |args: &[&str]| {
-        ok(run(args[0], &args[1..], d), &args.join(" "));
+        qblk_integration::sh(d, args);
     };
     sh(&[
         "qemu-img",

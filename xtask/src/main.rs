@@ -9,8 +9,13 @@
 //!   on `qblk.sock`, creating a default image of SIZE (default 10G) if none
 //!   exists.
 //! - `fuzz [TARGET] [SECONDS]`: run a cargo-fuzz target for a bounded time.
+//! - `bench [--runtime S] [--rounds N] [--only TEXT]`: qblk against
+//!   qemu-storage-daemon and raw io_uring; writes bench/RESULTS.md and
+//!   bench/ratios.svg.
 //!
 //! Plain Rust and std only, so it builds before anything else.
+
+mod bench;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("e2e") => e2e(),
+        Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("run") => run_main_job(
             args.get(1).map(String::as_str),
             args.get(2).map(String::as_str),
@@ -52,7 +58,7 @@ fn main() -> ExitCode {
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60),
         ),
         _ => Err(
-            "usage: cargo xtask test | e2e | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
+            "usage: cargo xtask test | e2e | bench [--runtime S] [--rounds N] [--only TEXT] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
         ),
     };
     match result {

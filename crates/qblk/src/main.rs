@@ -77,6 +77,39 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// Image file.
         image: PathBuf,
     },
+    /// Drive a vhost-user-blk socket (qblk's, qemu-storage-daemon's, any)
+    /// without a VM and report IOPS, bandwidth and latency percentiles.
+    Bench {
+        /// The daemon's unix socket.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// randread, randwrite, read, write or randrw (half and half).
+        #[arg(long, default_value = "randread")]
+        rw: String,
+        /// Request size (K, M suffixes; a multiple of 512).
+        #[arg(long, default_value = "4k")]
+        bs: String,
+        /// Requests in flight per queue.
+        #[arg(long, default_value_t = 32)]
+        iodepth: usize,
+        /// Queues (one client thread each).
+        #[arg(long, default_value_t = 1)]
+        queues: usize,
+        /// How long to run: 10s, 500ms, 2m, or seconds.
+        #[arg(long, default_value = "10s")]
+        runtime: String,
+        /// Use only the first SIZE bytes of the disk (default: all).
+        #[arg(long, value_name = "SIZE")]
+        span: Option<String>,
+        /// Random offsets are multiples of SIZE (default: --bs), each
+        /// visited once before any repeats; `--stride 64k` on an empty
+        /// image makes every write allocate a cluster.
+        #[arg(long, value_name = "SIZE")]
+        stride: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a new image (qemu-img create's options and defaults).
     #[command(
         after_help = "OPTIONS for qcow2 (-o): cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, \
@@ -233,8 +266,60 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// "10s", "500ms", "2m" or plain seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("bad duration '{s}': use e.g. 10s, 500ms, 2m");
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    if !(secs > 0.0 && secs < 86400.0) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 fn run(cli: Cli) -> Result<ExitCode, BoxError> {
     match cli.command {
+        Command::Bench {
+            socket,
+            rw,
+            bs,
+            iodepth,
+            queues,
+            runtime,
+            span,
+            stride,
+            json,
+        } => {
+            let opts = qblk_bench::BenchOptions {
+                socket,
+                rw: qblk_bench::Rw::parse(&rw).ok_or_else(|| {
+                    format!("--rw '{rw}': use randread, randwrite, read, write or randrw")
+                })?,
+                bs: parse_size(&bs)?,
+                iodepth,
+                queues,
+                runtime: parse_duration(&runtime)?,
+                span: span.as_deref().map(parse_size).transpose()?,
+                stride: stride.as_deref().map(parse_size).transpose()?,
+                progress: true,
+            };
+            let result = qblk_bench::run(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!("{}", result.human());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             socket,
             format,

@@ -344,7 +344,10 @@ fn accept_loop(
             daemon.request_shutdown();
         }
         match daemon.wait() {
-            Ok(()) => info!("frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
         *lock(&stop.connection) = None;

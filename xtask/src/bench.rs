@@ -1,0 +1,676 @@
+//! `cargo xtask bench`: qblk against qemu-storage-daemon and raw io_uring,
+//! workload by workload, in one run.
+//!
+//! Every daemon serves an image made by the same recipe in the same place.
+//! qblk runs with its default O_DIRECT cache, qemu-storage-daemon with
+//! `aio=io_uring,cache.direct=on`; both are driven by `qblk bench` (blkio's
+//! vhost-user-blk client), and raw is fio with io_uring and O_DIRECT on a
+//! raw file of the same size. Runs alternate between the three, round after
+//! round; each figure is the median of its rounds. CPU time is the daemon
+//! process's user + system time over the run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Result, cargo, root, sh};
+
+const IMAGE_SIZE: &str = "8G";
+/// The span of "allocated data" workloads, written before they run.
+const DATA_SPAN: u64 = 1 << 30;
+
+struct Workload {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    iodepth: u32,
+    queues: u32,
+    /// On a fresh empty image, each write to a new cluster.
+    allocating: bool,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "4k randwrite, empty image (allocating), QD32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        queues: 1,
+        allocating: true,
+    },
+    Workload {
+        name: "4k randwrite, allocated, QD32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        queues: 1,
+        allocating: false,
+    },
+    Workload {
+        name: "4k randread, allocated, QD32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        queues: 1,
+        allocating: false,
+    },
+    Workload {
+        name: "4k randread, allocated, QD1",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 1,
+        queues: 1,
+        allocating: false,
+    },
+    Workload {
+        name: "1M write, allocated, QD8",
+        rw: "write",
+        bs: "1M",
+        iodepth: 8,
+        queues: 1,
+        allocating: false,
+    },
+    Workload {
+        name: "1M read, allocated, QD8",
+        rw: "read",
+        bs: "1M",
+        iodepth: 8,
+        queues: 1,
+        allocating: false,
+    },
+    Workload {
+        name: "4k randwrite, empty image (allocating), QD32, 2 queues",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        queues: 2,
+        allocating: true,
+    },
+    Workload {
+        name: "4k randwrite, allocated, QD32, 2 queues",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        queues: 2,
+        allocating: false,
+    },
+    Workload {
+        name: "4k randread, allocated, QD32, 2 queues",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        queues: 2,
+        allocating: false,
+    },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Qblk,
+    Qsd,
+    Raw,
+}
+
+/// One measured run.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    iops: f64,
+    /// Daemon CPU seconds per million I/Os (0 for raw).
+    cpu_per_mio: f64,
+    /// qblk only: metadata writes per allocating write.
+    meta_per_alloc: f64,
+}
+
+/// Options: `--runtime SECONDS`, `--rounds N`, `--only SUBSTRING`.
+pub struct Options {
+    pub runtime: u32,
+    pub rounds: u32,
+    pub only: Option<String>,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Options {
+            runtime: 8,
+            rounds: 2,
+            only: None,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
+            match a.as_str() {
+                "--runtime" => o.runtime = val()?.parse().map_err(|e| format!("--runtime: {e}"))?,
+                "--rounds" => o.rounds = val()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+                "--only" => o.only = Some(val()?),
+                other => return Err(format!("unknown bench option {other}")),
+            }
+        }
+        if o.rounds == 0 || o.runtime == 0 {
+            return Err("--runtime and --rounds must be positive".into());
+        }
+        Ok(o)
+    }
+}
+
+fn run_out(program: &str, args: &[&str], dir: &Path) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The number after `"key":` in a flat JSON object.
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// A tracing field `name=123` in a log.
+fn log_number(log: &str, name: &str) -> Option<f64> {
+    let at = log.rfind(&format!("{name}="))? + name.len() + 1;
+    let rest = &log[at..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// User + system CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are
+    // fields 14 and 15 (1-based), in clock ticks of 1/100 s on Linux.
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(
+        program: &str,
+        args: &[String],
+        dir: &Path,
+        socket: &Path,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let _ = std::fs::remove_file(socket);
+        let log_file = std::fs::File::create(&log).map_err(|e| format!("log: {e}"))?;
+        let child = Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
+        let mut d = Daemon { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Ok(Some(s)) = d.child.try_wait() {
+                return Err(format!(
+                    "{program} exited ({s}) before listening: {}",
+                    std::fs::read_to_string(&d.log).unwrap_or_default()
+                ));
+            }
+            if Instant::now() > deadline {
+                d.stop();
+                return Err(format!("{program} did not listen within 30 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    /// SIGTERM and wait; returns the log.
+    fn stop(&mut self) -> String {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+struct Bench {
+    dir: PathBuf,
+    qblk: String,
+    runtime: u32,
+}
+
+impl Bench {
+    fn qemu_img(&self, args: &[&str]) -> Result {
+        run_out("qemu-img", args, &self.dir).map(|_| ())
+    }
+
+    /// A fresh image named `name`: empty, or with DATA_SPAN written.
+    fn make_image(&self, name: &str, filled: bool, raw: bool) -> Result {
+        let _ = std::fs::remove_file(self.dir.join(name));
+        let fmt = if raw { "raw" } else { "qcow2" };
+        self.qemu_img(&["create", "-q", "-f", fmt, name, IMAGE_SIZE])?;
+        if filled {
+            let cmd = format!("write -P 0x5a 0 {DATA_SPAN}");
+            run_out("qemu-io", &["-f", fmt, "-c", &cmd, name], &self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn bench_args(&self, w: &Workload, socket: &Path) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "bench",
+            "--json",
+            "--socket",
+            &socket.display().to_string(),
+            "--rw",
+            w.rw,
+            "--bs",
+            w.bs,
+            "--iodepth",
+            &w.iodepth.to_string(),
+            "--queues",
+            &w.queues.to_string(),
+            "--runtime",
+            &format!("{}s", self.runtime),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if w.allocating {
+            a.extend(["--stride".into(), "64k".into()]);
+        } else {
+            a.extend(["--span".into(), DATA_SPAN.to_string()]);
+        }
+        a
+    }
+
+    /// Runs the workload against a daemon serving `image`.
+    fn daemon_run(&self, w: &Workload, target: Target, image: &str) -> Result<Sample> {
+        let socket = self.dir.join(format!("{target:?}.sock").to_lowercase());
+        let log = self.dir.join(format!("{target:?}.log").to_lowercase());
+        let queues = w.queues.to_string();
+        let (program, args): (&str, Vec<String>) = match target {
+            Target::Qblk => (
+                self.qblk.as_str(),
+                vec![
+                    "serve".into(),
+                    "--socket".into(),
+                    socket.display().to_string(),
+                    "--queues".into(),
+                    queues,
+                    image.into(),
+                ],
+            ),
+            Target::Qsd => (
+                "qemu-storage-daemon",
+                vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=file0,filename={image},aio=io_uring,cache.direct=on"
+                    ),
+                    "--blockdev".into(),
+                    "driver=qcow2,node-name=disk0,file=file0".into(),
+                    "--export".into(),
+                    format!(
+                        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                        socket.display()
+                    ),
+                ],
+            ),
+            Target::Raw => unreachable!("raw runs fio"),
+        };
+        let mut d = Daemon::start(program, &args, &self.dir, &socket, log)?;
+        let pid = d.child.id();
+        let cpu0 = cpu_seconds(pid);
+        let out = run_out(
+            &self.qblk,
+            &self
+                .bench_args(w, &socket)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            &self.dir,
+        );
+        let cpu = cpu_seconds(pid) - cpu0;
+        let log = d.stop();
+        let out = out?;
+        let iops = json_number(&out, "iops").ok_or(format!("no iops in {out}"))?;
+        let ops = json_number(&out, "ops").unwrap_or(0.0);
+        let mut s = Sample {
+            iops,
+            cpu_per_mio: if ops > 0.0 { cpu / ops * 1e6 } else { 0.0 },
+            meta_per_alloc: 0.0,
+        };
+        if target == Target::Qblk {
+            let allocs = log_number(&log, "allocating_writes").unwrap_or(0.0);
+            let meta = log_number(&log, "metadata_writes").unwrap_or(0.0);
+            if allocs > 0.0 {
+                s.meta_per_alloc = meta / allocs;
+            }
+        }
+        Ok(s)
+    }
+
+    /// fio with io_uring and O_DIRECT on the raw file.
+    fn raw_run(&self, w: &Workload) -> Result<Sample> {
+        let size = if w.allocating {
+            IMAGE_SIZE.to_string()
+        } else {
+            DATA_SPAN.to_string()
+        };
+        let args: Vec<String> = vec![
+            "--name=raw".into(),
+            "--filename=raw.img".into(),
+            "--ioengine=io_uring".into(),
+            "--direct=1".into(),
+            format!("--rw={}", w.rw),
+            format!("--bs={}", w.bs),
+            format!("--iodepth={}", w.iodepth),
+            format!("--numjobs={}", w.queues),
+            format!("--size={size}"),
+            "--offset_increment=0".into(),
+            "--group_reporting".into(),
+            "--time_based".into(),
+            format!("--runtime={}", self.runtime),
+            "--output-format=terse".into(),
+            "--terse-version=3".into(),
+        ];
+        let out = run_out(
+            "fio",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &self.dir,
+        )?;
+        let f: Vec<&str> = out.trim().split(';').collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // terse v3: field 8 is read IOPS, field 49 write IOPS (1-based).
+        Ok(Sample {
+            iops: num(7) + num(48),
+            ..Sample::default()
+        })
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Row {
+    name: &'static str,
+    qblk: Vec<Sample>,
+    qsd: Vec<Sample>,
+    raw: Vec<Sample>,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let qsd = run_out("qemu-storage-daemon", &["--version"], Path::new("."))
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    format!("{cores} cores ({cpu}), Linux {kernel}; {qsd}")
+}
+
+/// A bar chart of the ratios, as SVG.
+fn svg(rows: &[(String, f64, f64)]) -> String {
+    let bar_h = 14.0;
+    let row_h = 40.0;
+    let left = 330.0;
+    let scale = 160.0; // pixels per 1.0x
+    let max_ratio = rows
+        .iter()
+        .flat_map(|r| [r.1, r.2])
+        .fold(2.0f64, f64::max)
+        .min(6.0);
+    let width = left + scale * max_ratio + 80.0;
+    let height = 60.0 + row_h * rows.len() as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="20" font-size="14">qblk throughput relative to qemu-storage-daemon (blue) and raw io_uring (grey)</text>"##
+    );
+    for k in 0..=(max_ratio.ceil() as u32) {
+        let x = left + scale * f64::from(k);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x}" y1="30" x2="{x}" y2="{}" stroke="#ccc"/><text x="{x}" y="{}" text-anchor="middle">{k}x</text>"##,
+            height - 20.0,
+            height - 5.0
+        );
+    }
+    for (i, (name, vs_qsd, vs_raw)) in rows.iter().enumerate() {
+        let y = 40.0 + row_h * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 8.0,
+            y + bar_h,
+            name.replace('&', "&amp;").replace('<', "&lt;")
+        );
+        for (j, (v, color)) in [(*vs_qsd, "#3672c4"), (*vs_raw, "#999")].iter().enumerate() {
+            let by = y + j as f64 * (bar_h + 2.0);
+            let w = scale * v.min(max_ratio);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{left}" y="{by}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.1}" y="{:.1}">{v:.2}</text>"#,
+                left + w + 4.0,
+                by + bar_h - 3.0
+            );
+        }
+    }
+    let _ = writeln!(s, "</svg>");
+    s
+}
+
+pub fn bench(opts: &Options) -> Result {
+    crate::install_packages()?;
+    sh(&cargo(), &["build", "--release", "--quiet", "-p", "qblk"])?;
+    let dir = std::env::temp_dir().join(format!("qblk-bench-{}", std::process::id()));
+    // Keep the images on the same file system as the target directory
+    // would be if /tmp is a tmpfs without O_DIRECT: use target/bench.
+    let dir = if is_tmpfs(&std::env::temp_dir()) {
+        root().join("target/bench-work")
+    } else {
+        dir
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    let b = Bench {
+        dir: dir.clone(),
+        qblk: root().join("target/release/qblk").display().to_string(),
+        runtime: opts.runtime,
+    };
+    let mut rows = Vec::new();
+    for w in WORKLOADS {
+        if let Some(only) = &opts.only {
+            if !w.name.contains(only.as_str()) {
+                continue;
+            }
+        }
+        eprintln!("xtask bench: {}", w.name);
+        let mut row = Row {
+            name: w.name,
+            qblk: Vec::new(),
+            qsd: Vec::new(),
+            raw: Vec::new(),
+        };
+        if !w.allocating {
+            b.make_image("data.qcow2", true, false)?;
+        }
+        b.make_image("raw.img", !w.allocating, true)?;
+        for round in 0..opts.rounds {
+            // Alternate the order from round to round.
+            let order: &[Target] = if round % 2 == 0 {
+                &[Target::Qblk, Target::Qsd, Target::Raw]
+            } else {
+                &[Target::Raw, Target::Qsd, Target::Qblk]
+            };
+            for &t in order {
+                let sample = match t {
+                    Target::Raw => b.raw_run(w)?,
+                    _ => {
+                        let image = if w.allocating {
+                            b.make_image("empty.qcow2", false, false)?;
+                            "empty.qcow2"
+                        } else {
+                            "data.qcow2"
+                        };
+                        b.daemon_run(w, t, image)?
+                    }
+                };
+                eprintln!("  round {round} {t:?}: {:.0} IOPS", sample.iops);
+                match t {
+                    Target::Qblk => row.qblk.push(sample),
+                    Target::Qsd => row.qsd.push(sample),
+                    Target::Raw => row.raw.push(sample),
+                }
+            }
+        }
+        rows.push(row);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| workload | qblk IOPS | qsd IOPS | raw IOPS | qblk/qsd | qblk/raw | qblk CPU s per M I/O | qsd CPU s per M I/O | qblk CPU / qsd CPU | qblk metadata writes per allocating write |"
+    );
+    let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut ratios = Vec::new();
+    for r in &rows {
+        let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+        let q = m(&r.qblk, |s| s.iops);
+        let d = m(&r.qsd, |s| s.iops);
+        let raw = m(&r.raw, |s| s.iops);
+        let qc = m(&r.qblk, |s| s.cpu_per_mio);
+        let dc = m(&r.qsd, |s| s.cpu_per_mio);
+        let meta = m(&r.qblk, |s| s.meta_per_alloc);
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let _ = writeln!(
+            table,
+            "| {} | {q:.0} | {d:.0} | {raw:.0} | {:.2} | {:.2} | {qc:.2} | {dc:.2} | {:.2} | {} |",
+            r.name,
+            ratio(q, d),
+            ratio(q, raw),
+            ratio(qc, dc),
+            if meta > 0.0 {
+                format!("{meta:.3}")
+            } else {
+                "-".into()
+            }
+        );
+        ratios.push((r.name.to_string(), ratio(q, d), ratio(q, raw)));
+    }
+    let date = run_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"], Path::new("."))?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmark results\n");
+    let _ = writeln!(
+        md,
+        "Latest `cargo xtask bench --runtime {} --rounds {}`{}: {}",
+        opts.runtime,
+        opts.rounds,
+        opts.only
+            .as_ref()
+            .map(|o| format!(" --only '{o}'"))
+            .unwrap_or_default(),
+        date.trim()
+    );
+    let _ = writeln!(md, "on {}.\n", machine());
+    let _ = writeln!(
+        md,
+        "Each figure is the median of {} alternating runs of {} s. qblk serves with its \
+         default O_DIRECT cache, qemu-storage-daemon (qsd) with \
+         `aio=io_uring,cache.direct=on`; both on the same qcow2 recipe (`qemu-img create -f qcow2 \
+         IMG 8G`, 64 KiB clusters; for \"allocated\" workloads the first 1 GiB written by qemu-io \
+         first), driven by `qblk bench` over vhost-user. raw is fio (io_uring, O_DIRECT) on a raw \
+         file of the same size: this host's limit. Allocating runs start from a fresh empty image \
+         and write each 64 KiB cluster once (`--stride 64k`). CPU is the daemon process's user + \
+         system time over the run.\n",
+        opts.rounds, opts.runtime
+    );
+    md.push_str(&table);
+    let _ = writeln!(md, "\n![ratios](ratios.svg)");
+    print!("{table}");
+    let out = root().join("bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("mkdir bench: {e}"))?;
+    std::fs::write(out.join("RESULTS.md"), md).map_err(|e| format!("write RESULTS.md: {e}"))?;
+    std::fs::write(out.join("ratios.svg"), svg(&ratios))
+        .map_err(|e| format!("write ratios.svg: {e}"))?;
+    eprintln!("xtask bench: wrote bench/RESULTS.md and bench/ratios.svg");
+    Ok(())
+}
+
+fn is_tmpfs(p: &Path) -> bool {
+    run_out(
+        "stat",
+        &["-f", "-c", "%T", &p.display().to_string()],
+        Path::new("."),
+    )
+    .map(|t| t.trim() == "tmpfs")
+    .unwrap_or(false)
+}
