@@ -697,6 +697,9 @@ impl Image {
         let external = self.header.has_external_data_file();
 
         // Phase 1: where the data goes, and which reference it replaces.
+        // `hole`: the new cluster lies past everything the file ever held
+        // (a hole that reads as zeros).
+        let mut hole = false;
         let (host, old_ref, fresh) = {
             let mut a = self.alloc.lock().await;
             let Alloc { rc, header, .. } = &mut *a;
@@ -734,14 +737,36 @@ impl Image {
                     preallocated: None, ..
                 }
                 | ClusterDescriptor::UnallocatedSubclusters { .. } => {
-                    (rc.alloc_cluster(self, header).await?, None, true)
+                    let end = rc.end;
+                    let h = rc.alloc_cluster(self, header).await?;
+                    hole = h / cs >= end;
+                    (h, None, true)
                 }
             }
         };
+        // What the rest of the cluster must read as is zeros, and the hole
+        // already reads so: only the guest's bytes need writing (no
+        // copy-on-write of zeros). Not for encrypted images, whose zeros
+        // are ciphertext.
+        let zeros_in_place = hole
+            && self.header.crypt_method == qblk_qcow2::header::CryptMethod::None
+            && match desc {
+                ClusterDescriptor::Zero { .. } => true,
+                ClusterDescriptor::Unallocated => !self.backing_exists(),
+                _ => false,
+            };
 
         // Phase 2: guest data and copy-on-write, no lock held.
         let written = self
-            .write_new_cluster_data(desc, pos, data, host, old_ref.is_some(), keep)
+            .write_new_cluster_data(
+                desc,
+                pos,
+                data,
+                host,
+                old_ref.is_some(),
+                zeros_in_place,
+                keep,
+            )
             .await;
 
         // Phase 3: publish, or give the cluster back.
@@ -780,14 +805,19 @@ impl Image {
         data: &[u8],
         host: u64,
         moves_data: bool,
+        zeros_in_place: bool,
         keep: Option<&crate::file::KeepAlive>,
     ) -> Result<L2Entry> {
         let g = self.geometry;
         let in_cluster = g.offset_in_cluster(pos);
         let cluster_start = pos - in_cluster;
         if !g.extended_l2() {
-            self.write_whole_cluster(cluster_start, in_cluster, data, host, keep)
-                .await?;
+            if zeros_in_place {
+                self.write_data(host + in_cluster, data, keep).await?;
+            } else {
+                self.write_whole_cluster(cluster_start, in_cluster, data, host, keep)
+                    .await?;
+            }
             return Ok(L2Entry::standard(
                 qblk_qcow2::HostOffset(host),
                 true,
