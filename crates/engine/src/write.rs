@@ -72,7 +72,17 @@ struct Refcounts {
     /// Clusters at or beyond this index are neither in the file nor
     /// allocated this session.
     end: u64,
+    /// The file's length as this session left it: past the clusters in
+    /// use, the file is extended ahead of allocation in large steps.
+    file_len: u64,
+    /// The file's length at open: trimmed back to no shorter than this.
+    opened_len: u64,
+    /// Extending ahead failed once (e.g. no fallocate here): don't retry.
+    no_prealloc: bool,
 }
+
+/// The smallest step by which the file is extended ahead of allocation.
+const PREALLOC_MIN: u64 = 64 << 20;
 
 fn io<'a>(img: &'a Image, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {
@@ -151,6 +161,9 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
         cursor: 0,
         pending_free: HashSet::new(),
         end: g.clusters_for(file_len),
+        file_len,
+        opened_len: file_len,
+        no_prealloc: false,
     });
     a.lazy = header.is_v3() && header.lazy_refcounts();
     a.header = Some(header);
@@ -260,6 +273,28 @@ impl Refcounts {
             self.pending_free.insert(cluster);
         }
         Ok(())
+    }
+
+    /// Makes sure the file reaches `end` bytes, extending it ahead in
+    /// large steps with fallocate (blocks reserved, reading as zeros).
+    /// Guest writes into a new cluster then land inside the file: on
+    /// Linux file systems a direct write that extends a file takes the
+    /// inode lock exclusively and leaves io_uring's fast path; one inside
+    /// it does not. Best effort: without fallocate, writes extend the file.
+    async fn extend_file_to(&mut self, img: &Image, end: u64) {
+        if end <= self.file_len || self.no_prealloc || img.data_file.is_some() {
+            return;
+        }
+        let step = PREALLOC_MIN.max(self.file_len / 8);
+        let target = (end + step).next_multiple_of(img.geometry.cluster_size());
+        match img
+            .file
+            .fallocate(0, self.file_len, target - self.file_len)
+            .await
+        {
+            Ok(()) => self.file_len = target,
+            Err(_) => self.no_prealloc = true,
+        }
     }
 
     /// Allocates one free cluster (refcount 1) and returns its offset.
@@ -740,6 +775,7 @@ impl Image {
                     let end = rc.end;
                     let h = rc.alloc_cluster(self, header).await?;
                     hole = h / cs >= end;
+                    rc.extend_file_to(self, h + cs).await;
                     (h, None, true)
                 }
             }
@@ -1145,6 +1181,14 @@ impl Image {
     async fn close_inner(&self) -> Result<()> {
         let mut a = self.alloc.lock().await;
         self.writeback(&mut a).await?;
+        // Give back what was reserved ahead and never used.
+        if let Some(rc) = a.rc.as_mut() {
+            let used = (rc.end * self.geometry.cluster_size()).max(rc.opened_len);
+            if rc.file_len > used {
+                self.file.set_len(used).map_err(io(self, "trim the file"))?;
+                rc.file_len = used;
+            }
+        }
         if !a.marked_dirty {
             return Ok(());
         }

@@ -77,6 +77,8 @@ pub(crate) struct Backend {
     device: Arc<Device>,
     queues: Arc<Vec<QueueHandle>>,
     mem: GuestMemoryAtomic<Mem>,
+    /// The epoll fd of each vring thread (by thread index), once known.
+    epoll_fds: std::sync::Mutex<Vec<i32>>,
 }
 
 impl Backend {
@@ -89,6 +91,14 @@ impl Backend {
             device,
             queues,
             mem,
+            epoll_fds: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records the epoll fds of the connection's vring threads.
+    pub(crate) fn set_epoll_fds(&self, fds: Vec<i32>) {
+        if let Ok(mut f) = self.epoll_fds.lock() {
+            *f = fds;
         }
     }
 }
@@ -212,7 +222,12 @@ impl VhostUserBackend for Backend {
             vrings.get(usize::from(device_event)),
         ) {
             (Some(q), Some(vring)) => {
-                q.kick(vring, &self.mem);
+                let epoll_fd = self
+                    .epoll_fds
+                    .lock()
+                    .ok()
+                    .and_then(|f| f.get(thread_id).copied());
+                q.kick(vring, &self.mem, epoll_fd);
                 Ok(())
             }
             _ => Err(io::Error::new(

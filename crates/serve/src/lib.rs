@@ -322,8 +322,15 @@ fn accept_loop(
         let mem = GuestMemoryAtomic::new(Mem::new());
         let backend = Arc::new(Backend::new(device.clone(), queues.clone(), mem.clone()));
         device.reset();
-        let mut daemon = VhostUserDaemon::new("qblk-vhost".into(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("qblk-vhost".into(), backend.clone(), mem)
             .map_err(|e| ServeError::Start(e.to_string()))?;
+        backend.set_epoll_fds(
+            daemon
+                .get_epoll_handlers()
+                .iter()
+                .map(|h| h.as_raw_fd())
+                .collect(),
+        );
 
         *lock(&stop.listener_fd) = Some(listener.as_raw_fd());
         // A stop requested before the fd was recorded would be missed.

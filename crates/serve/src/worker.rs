@@ -19,12 +19,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
 use tracing::{debug, error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::event::EventConsumer;
 
 use qblk_engine::file::KeepAlive;
 
@@ -42,7 +47,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 const BAD_REQUEST_LOG_EVERY: u64 = 1000;
 
 enum Cmd {
-    Attach(Vring, GuestMemoryAtomic<Mem>),
+    /// Serve this vring; with the kick eventfd when the worker is to watch
+    /// it itself.
+    Attach(Vring, GuestMemoryAtomic<Mem>, Option<EventConsumer>),
     Detach(std::sync::mpsc::Sender<()>),
     Exit,
 }
@@ -94,13 +101,40 @@ impl QueueHandle {
         })
     }
 
-    /// The guest kicked `vring` (or it was just enabled).
-    pub(crate) fn kick(&self, vring: &Vring, mem: &GuestMemoryAtomic<Mem>) {
+    /// The guest kicked `vring` (or it was just enabled); called on the
+    /// vring's epoll thread, whose epoll instance is `epoll_fd`.
+    ///
+    /// The first kick attaches the vring to the worker and hands the worker
+    /// the kick eventfd: from then on the worker's own runtime watches it
+    /// and the epoll thread stops watching it, so a kick wakes one thread,
+    /// the one that serves it. The worker only waits for the eventfd's
+    /// edge-triggered wakeups and never reads its counter, so if
+    /// vhost-user-backend registers the fd again (it does when the ring is
+    /// re-enabled) the epoll thread's reads cannot find it empty.
+    pub(crate) fn kick(&self, vring: &Vring, mem: &GuestMemoryAtomic<Mem>, epoll_fd: Option<i32>) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
         if !self.attached.swap(true, Ordering::AcqRel) {
-            let _ = self.cmds.send(Cmd::Attach(vring.clone(), mem.clone()));
+            let kick = {
+                let state = vring.get_ref();
+                state
+                    .get_kick()
+                    .as_ref()
+                    .and_then(|k| Some((k.as_raw_fd(), k.try_clone().ok()?)))
+            };
+            let (kick_fd, own) = match (kick, epoll_fd) {
+                (Some((fd, dup)), Some(_)) => (Some(fd), Some(dup)),
+                _ => (None, None),
+            };
+            let _ = self.cmds.send(Cmd::Attach(vring.clone(), mem.clone(), own));
+            if let (Some(fd), Some(epfd)) = (kick_fd, epoll_fd) {
+                // SAFETY: epoll_ctl on the epoll instance of this thread's
+                // vhost-user-backend handler (alive while it calls us) and the
+                // kick fd it registered; a null event is allowed for DEL.
+                let _ =
+                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+            }
         }
         self.kick.notify_one();
     }
@@ -152,10 +186,23 @@ impl Worker {
             tokio::select! {
                 biased;
                 cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Attach(vring, mem)) => {
-                        debug!(queue = self.index, "vring attached");
+                    Some(Cmd::Attach(vring, mem, kick_fd)) => {
                         let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone()));
                         tokio::task::spawn_local(q.clone().completer());
+                        if let Some(fd) = kick_fd {
+                            // SAFETY: the AsyncFd owns `fd` (our own duplicate of
+                            // the kick eventfd), which stays open and unchanged
+                            // until the AsyncFd drops.
+                            let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                                .map_err(std::io::Error::from);
+                            match afd {
+                                Ok(afd) => {
+                                    tokio::task::spawn_local(q.clone().watch_kicks(afd));
+                                }
+                                Err(e) => warn!(queue = self.index, "cannot watch the kick fd: {e}"),
+                            }
+                        }
+                        debug!(queue = self.index, "vring attached");
                         queue = Some(q);
                     }
                     Some(Cmd::Detach(ack)) => {
@@ -365,6 +412,23 @@ impl Queue {
                 return;
             }
             self.publish();
+        }
+    }
+
+    /// Runs as a local task: processes the ring on every kick, until the
+    /// queue is detached.
+    async fn watch_kicks(self: Rc<Self>, fd: AsyncFd<EventConsumer>) {
+        loop {
+            let Ok(mut ready) = fd.readable().await else {
+                return;
+            };
+            // Cleared before processing: a kick that arrives meanwhile
+            // makes the fd ready again.
+            ready.clear_ready();
+            if self.stopped.get() {
+                return;
+            }
+            self.process();
         }
     }
 
