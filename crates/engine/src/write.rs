@@ -81,6 +81,16 @@ struct Refcounts {
     no_prealloc: bool,
 }
 
+/// What the rest of a newly allocated cluster needs besides the guest's
+/// bytes.
+#[derive(Debug, Clone, Copy)]
+struct Fill {
+    /// A shared cluster moves: every subcluster it has is copied.
+    moves_data: bool,
+    /// It must read as zeros and already does (a hole): nothing.
+    zeros_in_place: bool,
+}
+
 /// The smallest step by which the file is extended ahead of allocation.
 const PREALLOC_MIN: u64 = 64 << 20;
 
@@ -799,8 +809,10 @@ impl Image {
                 pos,
                 data,
                 host,
-                old_ref.is_some(),
-                zeros_in_place,
+                Fill {
+                    moves_data: old_ref.is_some(),
+                    zeros_in_place,
+                },
                 keep,
             )
             .await;
@@ -840,10 +852,13 @@ impl Image {
         pos: u64,
         data: &[u8],
         host: u64,
-        moves_data: bool,
-        zeros_in_place: bool,
+        fill: Fill,
         keep: Option<&crate::file::KeepAlive>,
     ) -> Result<L2Entry> {
+        let Fill {
+            moves_data,
+            zeros_in_place,
+        } = fill;
         let g = self.geometry;
         let in_cluster = g.offset_in_cluster(pos);
         let cluster_start = pos - in_cluster;
