@@ -93,6 +93,8 @@ struct Fill {
 
 /// The smallest step by which the file is extended ahead of allocation.
 const PREALLOC_MIN: u64 = 64 << 20;
+/// The largest step (an eighth of the file in between).
+const PREALLOC_MAX: u64 = 1 << 30;
 
 fn io<'a>(img: &'a Image, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {
@@ -295,7 +297,7 @@ impl Refcounts {
         if end <= self.file_len || self.no_prealloc || img.data_file.is_some() {
             return;
         }
-        let step = PREALLOC_MIN.max(self.file_len / 8);
+        let step = (self.file_len / 8).clamp(PREALLOC_MIN, PREALLOC_MAX);
         let target = (end + step).next_multiple_of(img.geometry.cluster_size());
         match img
             .file
