@@ -543,7 +543,9 @@ impl Image {
     /// Writes guest bytes at `offset`. The data is on its way to the disk
     /// when this returns; it is durable after the next [`Image::flush`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let r = self.write_inner(offset, data, None).await;
+        // Boxed: the write path's state is large, and a caller that spawns
+        // a task per request would otherwise copy it into every task.
+        let r = Box::pin(self.write_inner(offset, data, None)).await;
         self.on_error(r).await
     }
 
@@ -561,7 +563,7 @@ impl Image {
         data: &[u8],
         keep: &crate::file::KeepAlive,
     ) -> Result<()> {
-        let r = self.write_inner(offset, data, Some(keep)).await;
+        let r = Box::pin(self.write_inner(offset, data, Some(keep))).await;
         self.on_error(r).await
     }
 

@@ -508,7 +508,7 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
                 disk.write(*offset, &whole).await
             };
             match r {
-                Ok(()) if !device.writeback() => disk.flush().await,
+                Ok(()) if !device.writeback() => Box::pin(disk.flush()).await,
                 r => r,
             }
         }
@@ -516,7 +516,7 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
             if device.config.readonly {
                 Ok(())
             } else {
-                disk.flush().await
+                Box::pin(disk.flush()).await
             }
         }
         Op::GetId { dst } => {
@@ -534,10 +534,12 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
             }
             return (ok, written);
         }
-        Op::Discard { offset, len } => disk.discard(*offset, *len).await,
+        // Rare operations with large futures: boxed, so that every request
+        // task does not carry their state.
+        Op::Discard { offset, len } => Box::pin(disk.discard(*offset, *len)).await,
         Op::WriteZeroes { offset, len, unmap } => {
-            match disk.write_zeroes(*offset, *len, *unmap).await {
-                Ok(()) if !device.writeback() => disk.flush().await,
+            match Box::pin(disk.write_zeroes(*offset, *len, *unmap)).await {
+                Ok(()) if !device.writeback() => Box::pin(disk.flush()).await,
                 r => r,
             }
         }
