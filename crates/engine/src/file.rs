@@ -55,6 +55,9 @@ pub struct HostFile {
     /// `read_direct`/`write_direct` calls, and those that bounced.
     direct_ios: AtomicU64,
     bounced_ios: AtomicU64,
+    /// Crash simulation: the history of this file's writes and syncs.
+    #[cfg(feature = "fault-injection")]
+    rec: Option<Arc<crate::fault::Recorder>>,
 }
 
 /// The offset and memory alignments O_DIRECT needs on this file: what
@@ -104,6 +107,12 @@ impl HostFile {
             rmw: tokio::sync::Mutex::new(()),
             direct_ios: AtomicU64::new(0),
             bounced_ios: AtomicU64::new(0),
+            #[cfg(feature = "fault-injection")]
+            rec: if writable {
+                crate::fault::Recorder::for_path(path)
+            } else {
+                None
+            },
         })
     }
 
@@ -185,6 +194,28 @@ impl HostFile {
         dst.copy_from_slice(&buf);
         Ok(())
     }
+
+    /// Crash simulation: a write of `data` at `offset` is being submitted.
+    #[cfg(feature = "fault-injection")]
+    fn rec_submit(&self, offset: u64, data: &[u8]) -> Option<usize> {
+        self.rec.as_ref().map(|r| r.write_submitted(offset, data))
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn rec_submit(&self, _offset: u64, _data: &[u8]) -> Option<usize> {
+        None
+    }
+
+    /// Crash simulation: that write completed (successfully or not).
+    #[cfg(feature = "fault-injection")]
+    fn rec_done(&self, id: Option<usize>) {
+        if let (Some(r), Some(id)) = (self.rec.as_ref(), id) {
+            r.write_done(id);
+        }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn rec_done(&self, _id: Option<usize>) {}
 
     /// Whether I/O of `len` bytes at `offset` to or from `addr` can go
     /// straight to caller memory (and counts the answer).
@@ -277,8 +308,10 @@ impl HostFile {
             )
             .offset(offset + done as u64)
             .build();
+            let rec = self.rec_submit(offset + done as u64, &data[done..done + want as usize]);
             // SAFETY: as in read_direct.
             let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
+            self.rec_done(rec);
             let n = r? as usize;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
@@ -337,6 +370,7 @@ impl HostFile {
         let mut buf = buf;
         while done < buf.len() {
             let rest = buf.len() - done;
+            let rec = self.rec_submit(offset + done as u64, &buf[done..]);
             let (r, b) = if done == 0 {
                 ring.write(self.fd(), offset, buf, rest).await
             } else {
@@ -347,6 +381,7 @@ impl HostFile {
                     .await;
                 (r, buf)
             };
+            self.rec_done(rec);
             buf = b;
             let n = r? as usize;
             if n == 0 {
@@ -373,7 +408,14 @@ impl HostFile {
 
     /// fdatasync.
     pub async fn flush(&self) -> io::Result<()> {
-        Ring::current()?.fsync(self.fd(), true).await.0.map(|_| ())
+        #[cfg(feature = "fault-injection")]
+        let covered = self.rec.as_ref().map(|r| r.sync_issued());
+        let r = Ring::current()?.fsync(self.fd(), true).await.0.map(|_| ());
+        #[cfg(feature = "fault-injection")]
+        if let (Ok(()), Some(rec), Some(ids)) = (&r, self.rec.as_ref(), covered) {
+            rec.sync_done(ids);
+        }
+        r
     }
 }
 

@@ -8,6 +8,8 @@
 pub mod buf;
 pub mod check;
 pub mod crypto;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod file;
 pub mod image;
 pub mod map;

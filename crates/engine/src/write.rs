@@ -69,6 +69,11 @@ struct Refcounts {
     /// Clusters whose last reference was dropped since the last writeback:
     /// not reusable until that writeback is durable.
     pending_free: HashSet<u64>,
+    /// References dropped from tables in memory whose refcount decrement
+    /// waits until the tables without them are durable (applied at the end
+    /// of a writeback, written by the next): on disk a refcount must never
+    /// fall below the references to the cluster, even for a moment.
+    deferred_releases: Vec<u64>,
     /// Clusters at or beyond this index are neither in the file nor
     /// allocated this session.
     end: u64,
@@ -172,6 +177,7 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
         dirty_blocks: BTreeSet::new(),
         cursor: 0,
         pending_free: HashSet::new(),
+        deferred_releases: Vec::new(),
         end: g.clusters_for(file_len),
         file_len,
         opened_len: file_len,
@@ -285,6 +291,12 @@ impl Refcounts {
             self.pending_free.insert(cluster);
         }
         Ok(())
+    }
+
+    /// Drops one reference to `cluster` once the tables that no longer
+    /// hold it are durable (see `deferred_releases`).
+    fn release(&mut self, cluster: u64) {
+        self.deferred_releases.push(cluster);
     }
 
     /// Makes sure the file reaches `end` bytes, extending it ahead in
@@ -839,7 +851,7 @@ impl Image {
             .await?;
         if let Some((off, len)) = old_ref {
             for c in off / cs..=(off + len - 1) / cs {
-                rc.adjust(self, c, -1).await?;
+                rc.release(c);
             }
         }
         if self.needs_writeback(&a) {
@@ -1012,7 +1024,7 @@ impl Image {
                         let src = self.l2_table(off.0).await?;
                         let mut copy = AlignedBuf::zeroed(cs as usize);
                         copy.copy_from_slice(&src);
-                        rc.adjust(self, off.0 / cs, -1).await?;
+                        rc.release(off.0 / cs);
                         copy
                     }
                     None => AlignedBuf::zeroed(cs as usize),
@@ -1258,7 +1270,7 @@ impl Image {
         self.set_l2_entry(rc, header, cluster_start, entry).await?;
         if let Some((off, len)) = drop {
             for c in off / cs..=(off + len - 1) / cs {
-                rc.adjust(self, c, -1).await?;
+                rc.release(c);
             }
         }
         self.bump_write_gen();
@@ -1446,6 +1458,7 @@ impl Image {
             .store(new_size, std::sync::atomic::Ordering::Release);
         if new_offset != old_offset && !old_l1.is_empty() {
             let old_clusters = g.clusters_for(old_l1.len() as u64 * 8);
+            // The header naming the new table is durable already.
             for c in 0..old_clusters {
                 rc.adjust(self, old_offset / cs + c, -1).await?;
             }
@@ -1532,7 +1545,7 @@ impl Image {
         if !tables_dirty && (!refcounts_dirty || defer_refcounts) {
             self.sync_all().await?;
             a.synced_gen = covered;
-            return Ok(());
+            return self.apply_releases(a).await;
         }
         if defer_refcounts {
             if !a.marked_dirty {
@@ -1594,11 +1607,31 @@ impl Image {
         // Freed clusters become reusable now: stop packing compressed data
         // into a cluster that may be among them.
         a.compressed_tail = None;
+        self.apply_releases(a).await?;
         let rc = a.rc.as_mut().expect("refcounts");
         if let Some(&lowest) = rc.pending_free.iter().min() {
             rc.cursor = rc.cursor.min(lowest);
         }
         rc.pending_free.clear();
+        Ok(())
+    }
+
+    /// Applies the deferred refcount decrements (every table that dropped
+    /// those references has just been made durable) and, unless refcounts
+    /// are lazy, writes them, so a flushed image has no leaks either.
+    async fn apply_releases(&self, a: &mut Alloc) -> Result<()> {
+        let lazy = a.lazy;
+        let rc = a.rc.as_mut().expect("writable image has refcounts");
+        if rc.deferred_releases.is_empty() {
+            return Ok(());
+        }
+        for c in std::mem::take(&mut rc.deferred_releases) {
+            rc.adjust(self, c, -1).await?;
+        }
+        if !lazy {
+            rc.write_blocks(self).await?;
+            self.sync_image("flush").await?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,190 @@
+//! Crash simulation for tests (feature `fault-injection`).
+//!
+//! A [`Recorder`] attached to a file (by path, before the engine opens it)
+//! sees every write the engine submits to it, every completion, and every
+//! fdatasync, in order. From that history [`Recorder::crash_image`] builds
+//! what the disk could hold after a power cut at any point: everything a
+//! completed fdatasync covered (writes that had completed when it was
+//! issued), plus any subset of the other writes submitted by then, applied
+//! in submission order and possibly torn at sector boundaries. Lost writes,
+//! reordered writes and torn writes are all in the model; only what the
+//! engine made durable is guaranteed.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The unit a write may be torn at.
+pub const SECTOR: usize = 512;
+
+/// One thing that happened to the file.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A write was submitted.
+    Write {
+        id: usize,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// A write completed.
+    Done { id: usize },
+    /// An fdatasync completed; it made these writes durable.
+    Synced { ids: Vec<usize> },
+    /// A point the test marked (e.g. "guest flush returned").
+    Marker { tag: u64 },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    events: Vec<Event>,
+    next_id: usize,
+    done: HashSet<usize>,
+    durable: HashSet<usize>,
+}
+
+/// The history of one file.
+#[derive(Debug)]
+pub struct Recorder {
+    initial: Vec<u8>,
+    state: Mutex<State>,
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<Recorder>>> {
+    static R: OnceLock<Mutex<HashMap<PathBuf, Arc<Recorder>>>> = OnceLock::new();
+    R.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn key(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
+
+impl Recorder {
+    /// Starts recording writes to `path` (as it is now) by files the engine
+    /// opens from now on.
+    pub fn attach(path: &Path) -> std::io::Result<Arc<Recorder>> {
+        let r = Arc::new(Recorder {
+            initial: std::fs::read(path)?,
+            state: Mutex::new(State::default()),
+        });
+        registry()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key(path), r.clone());
+        Ok(r)
+    }
+
+    /// Stops recording `path`.
+    pub fn detach(path: &Path) {
+        registry()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key(path));
+    }
+
+    pub(crate) fn for_path(path: &Path) -> Option<Arc<Recorder>> {
+        let reg = registry()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reg.is_empty() {
+            return None;
+        }
+        reg.get(&key(path)).cloned()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn write_submitted(&self, offset: u64, data: &[u8]) -> usize {
+        let mut s = self.state();
+        let id = s.next_id;
+        s.next_id += 1;
+        s.events.push(Event::Write {
+            id,
+            offset,
+            data: data.to_vec(),
+        });
+        id
+    }
+
+    pub(crate) fn write_done(&self, id: usize) {
+        let mut s = self.state();
+        s.done.insert(id);
+        s.events.push(Event::Done { id });
+    }
+
+    /// Called when an fdatasync is issued: the writes it will cover.
+    pub(crate) fn sync_issued(&self) -> Vec<usize> {
+        let s = self.state();
+        s.done.difference(&s.durable).copied().collect()
+    }
+
+    pub(crate) fn sync_done(&self, ids: Vec<usize>) {
+        let mut s = self.state();
+        s.durable.extend(ids.iter().copied());
+        s.events.push(Event::Synced { ids });
+    }
+
+    /// Marks a point in the history; returns its event index.
+    pub fn mark(&self, tag: u64) -> usize {
+        let mut s = self.state();
+        s.events.push(Event::Marker { tag });
+        s.events.len() - 1
+    }
+
+    /// The history so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.state().events.clone()
+    }
+
+    /// The file's contents after a power cut just after event `cut` (all
+    /// events when `cut` is past the end). `pick(n)` chooses in `0..n`;
+    /// it decides which unsynced writes land and how they tear.
+    pub fn crash_image(&self, cut: usize, pick: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
+        let events = self.events();
+        let upto = &events[..events.len().min(cut + 1)];
+        let mut durable = HashSet::new();
+        for e in upto {
+            if let Event::Synced { ids } = e {
+                durable.extend(ids.iter().copied());
+            }
+        }
+        let mut img = self.initial.clone();
+        let put = |img: &mut Vec<u8>, offset: usize, data: &[u8]| {
+            if img.len() < offset + data.len() {
+                img.resize(offset + data.len(), 0);
+            }
+            img[offset..offset + data.len()].copy_from_slice(data);
+        };
+        for e in upto {
+            let Event::Write { id, offset, data } = e else {
+                continue;
+            };
+            let offset = *offset as usize;
+            if durable.contains(id) {
+                put(&mut img, offset, data);
+                continue;
+            }
+            // Not durable: lost (1 in 3), whole (1 in 3), or torn.
+            match pick(3) {
+                0 => {}
+                1 => put(&mut img, offset, data),
+                _ => {
+                    // Torn: each sector (aligned to the file) lands or not.
+                    let mut at = 0usize;
+                    while at < data.len() {
+                        let end = ((offset + at) / SECTOR + 1) * SECTOR - offset;
+                        let end = end.min(data.len());
+                        if pick(2) == 1 {
+                            put(&mut img, offset + at, &data[at..end]);
+                        }
+                        at = end;
+                    }
+                }
+            }
+        }
+        img
+    }
+}
