@@ -117,6 +117,12 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon log ---\n{}--- end of daemon log ---",
+                self.log()
+            );
+        }
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };

@@ -281,8 +281,6 @@ impl Queue {
             return;
         }
         let event_idx = self.device.event_idx.load(Ordering::Acquire);
-        let guard = self.mem.memory();
-        let mem: Arc<Mem> = guard.clone().into_inner();
         let limits = Limits {
             size: self.device.config.size,
             readonly: self.device.config.readonly,
@@ -301,6 +299,11 @@ impl Queue {
                     self.throttled.set(true);
                     return;
                 }
+                // A fresh view of guest memory for every chain: the
+                // frontend may add a region (and use it) while this loop
+                // runs.
+                let guard = self.mem.memory();
+                let mem: Arc<Mem> = guard.clone().into_inner();
                 let chain = {
                     let mut state = self.vring.get_mut();
                     virtio_queue::QueueT::pop_descriptor_chain(state.get_queue_mut(), guard.clone())
