@@ -652,3 +652,145 @@ fn formats_are_never_guessed_and_options_are_checked() {
         assert!(!d.join("bad.sock").exists());
     }
 }
+
+/// `kill -9` of the daemon at random moments under write load with
+/// flushes: after a restart every write acknowledged before a completed
+/// flush reads back, and the image has no corruption (leaks are allowed).
+#[test]
+fn kill_9_loses_no_flushed_write() {
+    for opts in ["lazy_refcounts=off", "lazy_refcounts=on,cluster_size=16k"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        const SIZE: usize = 32 << 20;
+        sh(
+            d,
+            &[
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "disk.qcow2",
+                "32M",
+            ],
+        );
+        let mut model = vec![0u8; SIZE];
+        let mut seed = 0x1234_5678_u64;
+        let mut next = move |bound: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % bound
+        };
+        for round in 0..6u64 {
+            let mut daemon = Daemon::qblk(d, "k.sock", &["disk.qcow2"]);
+            let pid = daemon.pid() as i32;
+            let delay = 20 + next(300);
+            let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = killed.clone();
+            let killer = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(delay));
+                // SAFETY: kill(2) on the daemon's pid.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            });
+            // Writes in batches; a batch counts once its flush returned.
+            let mut unflushed: Vec<(usize, usize)> = Vec::new();
+            if let Ok(mut c) = Client::connect(&daemon.socket, 1) {
+                'load: for batch in 0u64.. {
+                    let mut pending = Vec::new();
+                    for i in 0..16usize {
+                        let len = 512 * (1 + next(128) as usize);
+                        // One 2 MiB slot per write: a batch's writes never
+                        // overlap, so their order does not matter.
+                        let off =
+                            i * (2 << 20) + 512 * next((((2 << 20) - len) / 512) as u64) as usize;
+                        let at = i * (1 << 16);
+                        let tag = (round * 31 + batch * 7 + i as u64) as u8 | 1;
+                        for (k, b) in c.buf()[at..at + len].iter_mut().enumerate() {
+                            *b = tag.wrapping_add((k / 512) as u8);
+                        }
+                        let p = c.ptr(at);
+                        c.queues[0].write(off as u64, p, len, i, blkio::ReqFlags::empty());
+                        pending.push((off, len, at));
+                    }
+                    unflushed.extend(pending.iter().map(|&(o, l, _)| (o, l)));
+                    if !completes(&mut c, 16, &killed) {
+                        break 'load;
+                    }
+                    c.queues[0].flush(99, blkio::ReqFlags::empty());
+                    if !completes(&mut c, 1, &killed) {
+                        break 'load;
+                    }
+                    // Durable now: into the model, in submission order.
+                    for &(off, len, at) in &pending {
+                        let data = c.buf()[at..at + len].to_vec();
+                        model[off..off + len].copy_from_slice(&data);
+                    }
+                    unflushed.clear();
+                }
+            }
+            killer.join().unwrap();
+            let _ = daemon.stop_with(libc::SIGKILL);
+            drop(daemon);
+            // Restart and read everything back.
+            let mut daemon = Daemon::qblk(d, "k.sock", &["disk.qcow2"]);
+            {
+                let mut c = Client::connect(&daemon.socket, 1).unwrap();
+                let mut got = Vec::with_capacity(SIZE);
+                for chunk in 0..SIZE / (8 << 20) {
+                    got.extend(c.read_vec((chunk * (8 << 20)) as u64, 8 << 20));
+                }
+                for (at, (g, m)) in got.iter().zip(&model).enumerate() {
+                    let exempt = unflushed.iter().any(|&(o, l)| at >= o && at < o + l);
+                    assert!(
+                        exempt || g == m,
+                        "{opts} round {round}: flushed byte {at:#x} is {g:#x}, not {m:#x}"
+                    );
+                }
+                // What did land of the last batch is the guest's now.
+                model.copy_from_slice(&got);
+            }
+            assert!(daemon.stop().success(), "{}", daemon.log());
+            let out = run("qemu-img", &["check", "--output=json", "disk.qcow2"], d);
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("qemu-img check JSON");
+            assert_eq!(
+                v["corruptions"].as_u64().unwrap_or(0),
+                0,
+                "{opts} round {round}: {v}"
+            );
+            assert_eq!(
+                v["check-errors"].as_u64().unwrap_or(0),
+                0,
+                "{opts} round {round}: {v}"
+            );
+        }
+    }
+}
+
+/// Waits for `n` completions; false once the daemon has been killed.
+fn completes(c: &mut Client, n: usize, killed: &std::sync::atomic::AtomicBool) -> bool {
+    let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> =
+        (0..n).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    let mut got = 0;
+    while got < n {
+        let mut timeout = Duration::from_millis(100);
+        match c.queues[0].do_io(&mut completions[got..], 1, Some(&mut timeout), None) {
+            Ok(0) if !killed.load(std::sync::atomic::Ordering::Acquire) => {}
+            Ok(0) | Err(_) => return false,
+            Ok(k) => {
+                for comp in &completions[got..got + k] {
+                    // SAFETY: do_io initialised these completions.
+                    if unsafe { comp.assume_init_ref() }.ret != 0 {
+                        return false;
+                    }
+                }
+                got += k;
+            }
+        }
+    }
+    true
+}
