@@ -677,6 +677,7 @@ fn kill_9_loses_no_flushed_write() {
             ],
         );
         let mut model = vec![0u8; SIZE];
+        let mut flushed_batches = 0;
         let mut seed = 0x1234_5678_u64;
         let mut next = move |bound: u64| {
             seed = seed
@@ -730,6 +731,7 @@ fn kill_9_loses_no_flushed_write() {
                         model[off..off + len].copy_from_slice(&data);
                     }
                     unflushed.clear();
+                    flushed_batches += 1;
                 }
             }
             killer.join().unwrap();
@@ -768,6 +770,10 @@ fn kill_9_loses_no_flushed_write() {
                 "{opts} round {round}: {v}"
             );
         }
+        assert!(
+            flushed_batches > 6,
+            "{opts}: the daemon died before any real load"
+        );
     }
 }
 
