@@ -800,3 +800,95 @@ fn completes(c: &mut Client, n: usize, killed: &std::sync::atomic::AtomicBool) -
     }
     true
 }
+
+#[test]
+fn backing_files_only_from_allowed_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("images")).unwrap();
+    std::fs::create_dir_all(d.join("vm")).unwrap();
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "images/base.qcow2",
+            "4M",
+        ],
+    );
+    sh(
+        d,
+        &["qemu-io", "-c", "write -P 0x6b 0 64k", "images/base.qcow2"],
+    );
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../images/base.qcow2",
+            "-F",
+            "qcow2",
+            "vm/top.qcow2",
+        ],
+    );
+    // Outside the image's directory: refused, naming the file and why.
+    let out = qblk(&["serve", "--socket", "b.sock", "vm/top.qcow2"], d);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("backing file refused") && err.contains("--allow-backing-dir"),
+        "{err}"
+    );
+    assert!(!d.join("b.sock").exists());
+    // Allowed explicitly: served, and the guest sees the backing data.
+    let mut daemon = Daemon::qblk(
+        d,
+        "b.sock",
+        &["--allow-backing-dir", "images", "vm/top.qcow2"],
+    );
+    {
+        let mut c = Client::connect(&daemon.socket, 1).unwrap();
+        assert_eq!(c.read_vec(0, 4096), vec![0x6b; 4096]);
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log());
+
+    // A backing file without a recorded format is probed as qcow2 only:
+    // a raw one is refused rather than guessed.
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "raw", "vm/base.raw", "4M"],
+    );
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "vm/nofmt.qcow2",
+        ],
+    );
+    // Make the recorded backing format an unknown header extension.
+    let mut bytes = std::fs::read(d.join("vm/nofmt.qcow2")).unwrap();
+    let at = bytes
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .expect("backing format extension");
+    bytes[at..at + 4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+    std::fs::write(d.join("vm/nofmt.qcow2"), bytes).unwrap();
+    let out = qblk(&["serve", "--socket", "b.sock", "vm/nofmt.qcow2"], d);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("backing"), "{}", stderr(&out));
+}

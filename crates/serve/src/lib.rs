@@ -81,6 +81,10 @@ pub enum ServeError {
     },
     #[error("cannot open the disk")]
     Open(#[source] disk::DiskError),
+    #[error(
+        "cannot open the disk (backing files may lie only under the image's directory or a directory given with --allow-backing-dir)"
+    )]
+    OpenBacking(#[source] disk::DiskError),
     #[error("{}: cannot open raw disk", path.display())]
     OpenRaw {
         path: PathBuf,
@@ -179,7 +183,10 @@ pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
             }
             qblk_engine::runtime::block_on(Image::open(&opts.image, &o))
                 .map(Disk::Qcow2)
-                .map_err(|e| ServeError::Open(e.into()))
+                .map_err(|e| match e {
+                    qblk_engine::image::Error::Backing { .. } => ServeError::OpenBacking(e.into()),
+                    e => ServeError::Open(e.into()),
+                })
         }
     }
 }
