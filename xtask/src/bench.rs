@@ -619,7 +619,7 @@ pub fn bench(opts: &Options) -> Result {
             ratio(q, raw),
             ratio(qc, dc),
             if meta > 0.0 {
-                format!("{meta:.3}")
+                format!("{meta:.4}")
             } else {
                 "-".into()
             }
