@@ -321,19 +321,9 @@ pub fn md5_file(path: &Path) -> String {
 
 /// md5 of what QEMU reads from `image` (`qemu-img convert -O raw`).
 pub fn qemu_md5(dir: &Path, image: &str) -> String {
-    let raw = dir.join(format!("{image}.as-raw"));
-    crate::sh(
-        dir,
-        &[
-            "qemu-img",
-            "convert",
-            "-O",
-            "raw",
-            image,
-            raw.to_str().expect("utf-8"),
-        ],
-    );
-    let sum = md5_file(&raw);
-    let _ = std::fs::remove_file(&raw);
+    let raw = format!("{image}.as-raw");
+    crate::sh(dir, &["qemu-img", "convert", "-O", "raw", image, &raw]);
+    let sum = md5_file(&dir.join(&raw));
+    let _ = std::fs::remove_file(dir.join(&raw));
     sum
 }

@@ -86,6 +86,33 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `qemu-img create -f qcow2 NAME SIZE` in `dir`.
+pub fn create_qcow2(dir: &Path, name: &str, size: &str) {
+    sh(
+        dir,
+        &["qemu-img", "create", "-q", "-f", "qcow2", name, size],
+    );
+}
+
+/// `qemu-img create -f qcow2 -o OPTS NAME SIZE` in `dir`.
+pub fn create_qcow2_opts(dir: &Path, opts: &str, name: &str, size: &str) {
+    sh(
+        dir,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, name, size,
+        ],
+    );
+}
+
+/// What QEMU reads from `image`: `qemu-img convert -O raw`, as bytes.
+pub fn qemu_raw(dir: &Path, image: &str) -> Vec<u8> {
+    let raw = format!("{image}.as-raw");
+    sh(dir, &["qemu-img", "convert", "-O", "raw", image, &raw]);
+    let data = std::fs::read(dir.join(&raw)).expect("read converted image");
+    let _ = std::fs::remove_file(dir.join(&raw));
+    data
+}
+
 /// `qemu-img info --output=json`.
 pub fn qemu_info(image: &str, dir: &Path) -> Value {
     let s = ok(

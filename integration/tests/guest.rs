@@ -8,7 +8,7 @@ use std::path::Path;
 
 use qblk_integration::guest::{Disk, Vm, qemu_md5};
 use qblk_integration::vhost::Daemon;
-use qblk_integration::{qemu_check_clean, sh};
+use qblk_integration::{create_qcow2, qemu_check_clean, sh};
 
 fn disk(daemon: &Daemon, queues: u16) -> Disk {
     Disk {
@@ -66,18 +66,7 @@ echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
 fn fio_verify_discard_and_two_queues() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "disk.qcow2",
-            "128M",
-        ],
-    );
+    create_qcow2(d, "disk.qcow2", "128M");
     let daemon = Daemon::qblk(
         d,
         "fio.sock",
@@ -139,10 +128,7 @@ echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
 fn filesystem_survives_reboot_and_a_second_vm() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &["qemu-img", "create", "-q", "-f", "qcow2", "fs.qcow2", "64M"],
-    );
+    create_qcow2(d, "fs.qcow2", "64M");
     let daemon = Daemon::qblk(d, "fs.sock", &["fs.qcow2"]);
     // First VM: phases 1 and 2 across a guest reboot (a device reset on
     // the same vhost-user connection).
@@ -181,10 +167,7 @@ echo "MD5 vda $(md5sum /dev/vda | cut -d' ' -f1)"
 fn readonly_export_refuses_guest_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &["qemu-img", "create", "-q", "-f", "qcow2", "ro.qcow2", "16M"],
-    );
+    create_qcow2(d, "ro.qcow2", "16M");
     sh(d, &["qemu-io", "-c", "write -P 0x42 0 1M", "ro.qcow2"]);
     let before = std::fs::read(d.join("ro.qcow2")).unwrap();
     let daemon = Daemon::qblk(d, "ro.sock", &["--readonly", "ro.qcow2"]);
@@ -430,10 +413,7 @@ echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
 fn qemu_reconnects_to_a_restarted_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &["qemu-img", "create", "-q", "-f", "qcow2", "rc.qcow2", "32M"],
-    );
+    create_qcow2(d, "rc.qcow2", "32M");
     let mut first = Daemon::qblk(d, "rc.sock", &["rc.qcow2"]);
     let mut vm = Vm::start(
         d,

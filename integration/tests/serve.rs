@@ -2,12 +2,13 @@
 //! for well-formed traffic, and a hand-driven virtqueue for chains no real
 //! driver sends.
 
-use std::path::Path;
 use std::time::Duration;
 
 use qblk_integration::rawq::{D, DATA, RawFrontend};
 use qblk_integration::vhost::{Client, Daemon};
-use qblk_integration::{qblk, qemu_check_clean, qemu_info, run, sh, stderr};
+use qblk_integration::{
+    create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, qemu_info, qemu_raw, run, sh, stderr,
+};
 
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
@@ -29,34 +30,12 @@ fn pattern(offset: u64, len: usize, generation: u8) -> Vec<u8> {
         .collect()
 }
 
-/// The image's contents as QEMU reads them.
-fn qemu_contents(dir: &Path, image: &str, size: usize) -> Vec<u8> {
-    sh(
-        dir,
-        &["qemu-img", "convert", "-O", "raw", image, "contents.raw"],
-    );
-    let data = std::fs::read(dir.join("contents.raw")).expect("read converted image");
-    assert_eq!(data.len(), size);
-    data
-}
-
 #[test]
 fn every_request_type_through_blkio() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     const SIZE: usize = 16 << 20;
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "disk.qcow2",
-            "16M",
-        ],
-    );
+    create_qcow2(d, "disk.qcow2", "16M");
     let mut daemon = Daemon::qblk(d, "s.sock", &["disk.qcow2"]);
     let mut model = vec![0u8; SIZE];
     {
@@ -108,25 +87,14 @@ fn every_request_type_through_blkio() {
     }
     assert!(daemon.stop().success(), "{}", daemon.log());
     qemu_check_clean("disk.qcow2", d);
-    assert!(qemu_contents(d, "disk.qcow2", SIZE) == model);
+    assert!(qemu_raw(d, "disk.qcow2") == model);
 }
 
 #[test]
 fn several_queues_serve_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "disk.qcow2",
-            "64M",
-        ],
-    );
+    create_qcow2(d, "disk.qcow2", "64M");
     let mut daemon = Daemon::qblk(d, "s.sock", &["--queues", "2", "disk.qcow2"]);
     {
         let mut c = Client::connect(&daemon.socket, 2).unwrap();
@@ -181,18 +149,7 @@ fn several_queues_serve_at_once() {
 fn a_new_frontend_is_served_after_one_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "disk.qcow2",
-            "16M",
-        ],
-    );
+    create_qcow2(d, "disk.qcow2", "16M");
     let mut daemon = Daemon::qblk(d, "s.sock", &["--queues", "2", "disk.qcow2"]);
     for round in 0..4u8 {
         let mut c = Client::connect(&daemon.socket, 1 + i32::from(round % 2)).unwrap();
@@ -237,18 +194,7 @@ fn send(raw: &mut RawFrontend, chain: &[D], status: u64) -> (u32, u8) {
 fn bad_guest_input_gets_an_error_and_the_daemon_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "disk.qcow2",
-            "1M",
-        ],
-    );
+    create_qcow2(d, "disk.qcow2", "1M");
     let mut daemon = Daemon::qblk(d, "s.sock", &["--serial", "qblk-serial-0001", "disk.qcow2"]);
     let mut raw = RawFrontend::connect(&daemon.socket);
     let hdr = DATA;
@@ -480,18 +426,7 @@ fn bad_guest_input_gets_an_error_and_the_daemon_goes_on() {
 fn readonly_export_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "disk.qcow2",
-            "1M",
-        ],
-    );
+    create_qcow2(d, "disk.qcow2", "1M");
     sh(d, &["qemu-io", "-c", "write -P 0x33 0 64k", "disk.qcow2"]);
     let before = std::fs::read(d.join("disk.qcow2")).unwrap();
     let mut daemon = Daemon::qblk(d, "s.sock", &["--readonly", "disk.qcow2"]);
@@ -532,20 +467,7 @@ fn sigterm_and_sigint_leave_the_image_clean() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let opts = format!("lazy_refcounts={}", if lazy { "on" } else { "off" });
-        sh(
-            d,
-            &[
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &opts,
-                "disk.qcow2",
-                "64M",
-            ],
-        );
+        create_qcow2_opts(d, &opts, "disk.qcow2", "64M");
         let mut daemon = Daemon::qblk(d, "s.sock", &["disk.qcow2"]);
         let mut c = Client::connect(&daemon.socket, 1).unwrap();
         // Writes still in flight when the signal arrives.
@@ -571,7 +493,7 @@ fn sigterm_and_sigint_leave_the_image_clean() {
         let info = qemu_info("disk.qcow2", d);
         assert_eq!(info["dirty-flag"], serde_json::json!(false), "{info}");
         qemu_check_clean("disk.qcow2", d);
-        let contents = qemu_contents(d, "disk.qcow2", 64 << 20);
+        let contents = qemu_raw(d, "disk.qcow2");
         for i in 0..32usize {
             assert!(
                 contents[i << 20..(i << 20) + 65536] == pattern((i as u64) << 20, 65536, 9),
@@ -662,20 +584,7 @@ fn kill_9_loses_no_flushed_write() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         const SIZE: usize = 32 << 20;
-        sh(
-            d,
-            &[
-                "qemu-img",
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                opts,
-                "disk.qcow2",
-                "32M",
-            ],
-        );
+        create_qcow2_opts(d, opts, "disk.qcow2", "32M");
         let mut model = vec![0u8; SIZE];
         let mut flushed_batches = 0;
         let mut seed = 0x1234_5678_u64;
@@ -807,18 +716,7 @@ fn backing_files_only_from_allowed_directories() {
     let d = dir.path();
     std::fs::create_dir_all(d.join("images")).unwrap();
     std::fs::create_dir_all(d.join("vm")).unwrap();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "images/base.qcow2",
-            "4M",
-        ],
-    );
+    create_qcow2(d, "images/base.qcow2", "4M");
     sh(
         d,
         &["qemu-io", "-c", "write -P 0x6b 0 64k", "images/base.qcow2"],
