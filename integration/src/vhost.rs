@@ -23,13 +23,32 @@ impl Daemon {
     /// Starts `qblk serve --socket SOCKET ARGS...` in `dir` and waits for the
     /// socket to appear.
     pub fn qblk(dir: &Path, socket: &str, args: &[&str]) -> Self {
+        Self::try_qblk(dir, socket, args).unwrap_or_else(|(status, log)| {
+            panic!("daemon exited ({status}) before listening:\n{log}")
+        })
+    }
+
+    /// Like [`Daemon::qblk`], but a daemon that exits before listening is
+    /// an `Err` of its exit status and log, not a panic.
+    pub fn try_qblk(dir: &Path, socket: &str, args: &[&str]) -> Result<Self, (ExitStatus, String)> {
         let mut full = vec!["serve", "--socket", socket];
         full.extend_from_slice(args);
-        Self::spawn(qblk_bin(), &full, dir, socket)
+        Self::try_spawn(qblk_bin(), &full, dir, socket)
     }
 
     /// Starts any program that listens on `socket` in `dir`.
     pub fn spawn(program: &Path, args: &[&str], dir: &Path, socket: &str) -> Self {
+        Self::try_spawn(program, args, dir, socket).unwrap_or_else(|(status, log)| {
+            panic!("daemon exited ({status}) before listening:\n{log}")
+        })
+    }
+
+    fn try_spawn(
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+        socket: &str,
+    ) -> Result<Self, (ExitStatus, String)> {
         let socket = dir.join(socket);
         let _ = std::fs::remove_file(&socket);
         let log = dir.join(format!(
@@ -52,11 +71,11 @@ impl Daemon {
             socket,
             log,
         };
-        d.wait_for_socket();
-        d
+        d.wait_for_socket()?;
+        Ok(d)
     }
 
-    fn wait_for_socket(&mut self) {
+    fn wait_for_socket(&mut self) -> Result<(), (ExitStatus, String)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.socket.exists() {
             if let Some(status) = self
@@ -64,7 +83,8 @@ impl Daemon {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("daemon exited ({status}) before listening:\n{}", self.log());
+                self.child = None;
+                return Err((status, self.log()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -73,6 +93,7 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// What the daemon wrote to stderr so far.

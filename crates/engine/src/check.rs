@@ -66,6 +66,22 @@ struct Checker<'a> {
     count_refcounts: bool,
 }
 
+impl Checker<'_> {
+    /// Counts a reference to `[offset, offset + len)`, unless it reaches a
+    /// cluster or more past the end of the file, which is corruption
+    /// (qemu-img check's rule and message; such a reference is not counted).
+    fn reference(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if end > self.file_len && end - self.file_len >= self.geometry.cluster_size() {
+            self.report.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {len:#x}"
+            ));
+            return;
+        }
+        self.tally.reference(offset, len);
+    }
+}
+
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
     move |source| Error::Io {
         path: path.to_owned(),
@@ -117,11 +133,10 @@ impl Checker<'_> {
     async fn tally_all(&mut self, path: &Path) -> Result<Vec<Option<u64>>> {
         let h = self.header;
         let cs = self.geometry.cluster_size();
-        self.tally.reference(0, cs);
+        self.reference(0, cs);
 
         // Active L1 table and everything below it.
-        self.tally
-            .reference(h.l1_table_offset, u64::from(h.l1_size) * 8);
+        self.reference(h.l1_table_offset, u64::from(h.l1_size) * 8);
         self.walk_l1(h.l1_table_offset, h.l1_size, true).await?;
 
         // Internal snapshots.
@@ -148,10 +163,9 @@ impl Checker<'_> {
                     }
                 }
             };
-            self.tally.reference(h.snapshots_offset, len);
+            self.reference(h.snapshots_offset, len);
             for s in &snaps {
-                self.tally
-                    .reference(s.l1_table_offset, u64::from(s.l1_size) * 8);
+                self.reference(s.l1_table_offset, u64::from(s.l1_size) * 8);
                 self.walk_l1(s.l1_table_offset, s.l1_size, false).await?;
             }
         }
@@ -169,7 +183,7 @@ impl Checker<'_> {
         let h = self.header;
         let cs = self.geometry.cluster_size();
         let rt_len = u64::from(h.refcount_table_clusters) * cs;
-        self.tally.reference(h.refcount_table_offset, rt_len);
+        self.reference(h.refcount_table_offset, rt_len);
         let rt = self
             .read(h.refcount_table_offset, rt_len, "read refcount table")
             .await?;
@@ -193,7 +207,7 @@ impl Checker<'_> {
                 blocks.push(None);
                 continue;
             }
-            self.tally.reference(off.0, cs);
+            self.reference(off.0, cs);
             blocks.push(Some(off.0));
         }
         Ok(blocks)
@@ -204,8 +218,7 @@ impl Checker<'_> {
         let cs = self.geometry.cluster_size();
         // Persistent bitmaps (only while the autoclear bit vouches for them).
         if let Some(ext) = h.bitmaps_extension() {
-            self.tally
-                .reference(ext.bitmap_directory_offset, ext.bitmap_directory_size);
+            self.reference(ext.bitmap_directory_offset, ext.bitmap_directory_size);
             let dir = self
                 .read(
                     ext.bitmap_directory_offset,
@@ -217,7 +230,7 @@ impl Checker<'_> {
                 Ok(entries) => {
                     for e in entries {
                         let len = u64::from(e.bitmap_table_size) * 8;
-                        self.tally.reference(e.bitmap_table_offset, len);
+                        self.reference(e.bitmap_table_offset, len);
                         if e.bitmap_table_offset.saturating_add(len) > self.file_len {
                             // Never allocate for a table the file cannot hold.
                             self.report.corruption(format!(
@@ -236,7 +249,7 @@ impl Checker<'_> {
                                 cs,
                                 e.bitmap_table_offset + i as u64 * 8,
                             ) {
-                                Ok(BitmapTableEntry::Allocated(o)) => self.tally.reference(o.0, cs),
+                                Ok(BitmapTableEntry::Allocated(o)) => self.reference(o.0, cs),
                                 Ok(_) => {}
                                 Err(err) => self.report.corruption(format!("ERROR {err}")),
                             }
@@ -249,7 +262,7 @@ impl Checker<'_> {
 
         // LUKS header.
         if let Some(p) = h.encryption_header() {
-            self.tally.reference(p.offset, p.length);
+            self.reference(p.offset, p.length);
         }
         Ok(())
     }
@@ -316,6 +329,24 @@ impl Checker<'_> {
                         self.record(c, 0, referenced, file_clusters, &mut highest);
                     }
                 }
+            }
+        }
+        // Clusters past everything compared above (references past the end
+        // of the file, which are not counted): their stored refcounts, for
+        // the COPIED checks only, as qemu-img reads them.
+        let mut beyond: Vec<u64> = wanted.keys().copied().filter(|&c| c >= end).collect();
+        beyond.sort_unstable();
+        let mut cached: Option<(u64, crate::buf::AlignedBuf)> = None;
+        for c in beyond {
+            let bi = c / per_block;
+            let Some(off) = blocks.get(bi as usize).copied().flatten() else {
+                continue;
+            };
+            if cached.as_ref().is_none_or(|(o, _)| *o != off) {
+                cached = Some((off, self.read(off, cs, "read refcount block").await?));
+            }
+            if let (Some((_, buf)), Some(w)) = (cached.as_ref(), wanted.get_mut(&c)) {
+                *w = get_refcount(buf, order, (c - bi * per_block) as usize);
             }
         }
         if !self.tally.out_of_range.is_empty() {
@@ -403,7 +434,7 @@ impl Checker<'_> {
                 ));
                 continue;
             }
-            self.tally.reference(l2_offset.0, cs);
+            self.reference(l2_offset.0, cs);
             if active {
                 self.active_l1.push((i, raw));
             }
@@ -429,7 +460,7 @@ impl Checker<'_> {
                 };
                 match d {
                     ClusterDescriptor::Compressed { host, len } => {
-                        self.tally.reference(host.0, len);
+                        self.reference(host.0, len);
                         if active {
                             self.report.allocated_clusters += 1;
                             self.report.compressed_clusters += 1;
@@ -451,7 +482,7 @@ impl Checker<'_> {
                             self.active_data.push((host.0, e.word));
                         }
                         if !self.header.has_external_data_file() {
-                            self.tally.reference(host.0, cs);
+                            self.reference(host.0, cs);
                         }
                     }
                     ClusterDescriptor::Zero {

@@ -235,7 +235,7 @@ impl Image {
             let file = HostFile::open(&open_path, writable, opts.cache)
                 .map_err(io_err(&path, "open"))?
                 .named(path.clone());
-            let (header, _) = read_header(&file, &path).await?;
+            let (header, file_len) = read_header(&file, &path).await?;
             let crypto = match header.crypt_method {
                 CryptMethod::None => None,
                 CryptMethod::Aes => {
@@ -260,12 +260,29 @@ impl Image {
             let mut l1 = Vec::with_capacity(header.l1_size as usize);
             for (i, raw) in l1_bytes.chunks_exact(8).enumerate() {
                 let entry = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+                let at = header.l1_table_offset + i as u64 * 8;
                 entry
-                    .validate(&geometry, header.l1_table_offset + i as u64 * 8)
+                    .validate(&geometry, at)
                     .map_err(|source| Error::Format {
                         path: path.clone(),
                         source,
                     })?;
+                // An L2 table is written (and synced) before an L1 entry
+                // names it, so one past the end of the file is damage: a
+                // write through it would put metadata out there.
+                if let Some(l2) = entry.l2_offset().filter(|l2| l2.0 >= file_len) {
+                    return Err(Error::Format {
+                        path: path.clone(),
+                        source: FormatError::new(
+                            "l1_table.entry",
+                            at,
+                            qblk_qcow2::Problem::PastEndOfFile {
+                                value: l2.0,
+                                file_len,
+                            },
+                        ),
+                    });
+                }
                 l1.push(entry);
             }
 

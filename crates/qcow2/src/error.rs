@@ -24,6 +24,8 @@ pub enum Problem {
     UnknownIncompatible { bits: u64, names: String },
     #[error("{0}")]
     Inconsistent(&'static str),
+    #[error("{value:#x} lies past the end of the file ({file_len} bytes)")]
+    PastEndOfFile { value: u64, file_len: u64 },
     #[error("value overflows 64 bits")]
     Overflow,
     #[error("not valid UTF-8")]

@@ -1,0 +1,258 @@
+//! Damaged images through `qblk serve`, in the spirit of QEMU's iotests 060,
+//! 080, 108, 138 and 261: each is refused at open with a clear error, or
+//! served with the damaged requests failing (IOERR) and the rest working;
+//! the daemon never crashes or hangs, and `qblk check` flags every one.
+
+use std::path::Path;
+
+use qblk_integration::vhost::{Client, Daemon};
+use qblk_integration::{create_qcow2, qblk, sh, stderr};
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn put64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}
+
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+
+/// How a case must come out.
+#[derive(Debug, PartialEq)]
+enum Expect {
+    /// `qblk serve` exits non-zero before listening; stderr contains this.
+    Refused(&'static str),
+    /// Served; some reads or writes fail, the rest work.
+    Contained,
+    /// Served; the damage does not show in requests (as in QEMU), only to
+    /// `qblk check`.
+    Unseen,
+}
+
+/// A 4 MiB image with data in its first MiB (64 KiB clusters): header,
+/// refcount table, refcount block, L1, L2, then data.
+fn base(d: &Path, name: &str) -> Vec<u8> {
+    create_qcow2(d, name, "4M");
+    sh(d, &["qemu-io", "-c", "write -P 0x11 0 1M", name]);
+    std::fs::read(d.join(name)).expect("read image")
+}
+
+#[test]
+fn damaged_images_are_refused_or_contained() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = base(d, "good.qcow2");
+    let l1 = be64(&good, 40) as usize;
+    let rt = be64(&good, 48) as usize;
+    let l2 = (be64(&good, l1) & !COPIED & ((1 << 56) - 1)) as usize;
+    let data0 = (be64(&good, l2) & !COPIED) as usize;
+
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "good.qcow2",
+            "zip.qcow2",
+        ],
+    );
+    let zip = std::fs::read(d.join("zip.qcow2")).unwrap();
+    let zl1 = be64(&zip, 40) as usize;
+    let zl2 = (be64(&zip, zl1) & !COPIED) as usize;
+
+    type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Vec<u8>, Patch, Expect)> = vec![
+        (
+            "l1_overlaps_header",
+            good.clone(),
+            Box::new(|b| put64(b, 40, 0)),
+            Expect::Refused("L1"),
+        ),
+        (
+            "l1_size_huge",
+            good.clone(),
+            Box::new(|b| put32(b, 36, 0x7fff_ffff)),
+            Expect::Refused("l1_size"),
+        ),
+        (
+            "refcount_table_huge",
+            good.clone(),
+            Box::new(|b| put32(b, 56, 0x00ff_ffff)),
+            Expect::Refused("refcount"),
+        ),
+        (
+            "snapshots_huge",
+            good.clone(),
+            Box::new(|b| put32(b, 60, 0xffff_ffff)),
+            Expect::Refused("snapshot"),
+        ),
+        (
+            "header_length_bad",
+            good.clone(),
+            Box::new(|b| put32(b, 100, 50)),
+            Expect::Refused("header_length"),
+        ),
+        (
+            "unknown_incompatible_bit",
+            good.clone(),
+            Box::new(|b| put64(b, 72, 1 << 40)),
+            Expect::Refused("incompatible"),
+        ),
+        (
+            "refcount_table_misaligned",
+            good.clone(),
+            Box::new(move |b| put64(b, 48, rt as u64 + 0x200)),
+            Expect::Refused("refcount"),
+        ),
+        (
+            "random_bytes",
+            good.clone(),
+            Box::new(|b| {
+                let mut x = 0x1234_5678_u64;
+                for byte in b.iter_mut() {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    *byte = (x >> 56) as u8;
+                }
+            }),
+            Expect::Refused("qcow2"),
+        ),
+        (
+            "truncated_header",
+            good.clone(),
+            Box::new(|b| b.truncate(40)),
+            Expect::Refused(""),
+        ),
+        (
+            "l2_misaligned",
+            good.clone(),
+            Box::new(move |b| put64(b, l1, (l2 as u64 + 0x200) | COPIED)),
+            Expect::Refused("not a multiple"),
+        ),
+        (
+            "l2_past_end_of_file",
+            good.clone(),
+            Box::new(move |b| put64(b, l1, (1 << 40) | COPIED)),
+            Expect::Refused("past the end of the file"),
+        ),
+        (
+            "data_points_at_refcount_table",
+            good.clone(),
+            Box::new(move |b| put64(b, l2, rt as u64 | COPIED)),
+            Expect::Contained,
+        ),
+        (
+            "data_cluster_shared",
+            good.clone(),
+            Box::new(move |b| put64(b, l2 + 8, data0 as u64 | COPIED)),
+            Expect::Unseen,
+        ),
+        (
+            "compressed_past_end_of_file",
+            zip.clone(),
+            Box::new(move |b| {
+                let e = be64(b, zl2);
+                // Keep the length field, move the offset 1 TiB out.
+                put64(b, zl2, (e & !((1 << 54) - 1)) | (1 << 40) | COMPRESSED);
+            }),
+            Expect::Contained,
+        ),
+        (
+            "truncated_data",
+            good.clone(),
+            // Reads past the end of the file are zeros (as in QEMU).
+            Box::new(move |b| b.truncate(data0 + 4096)),
+            Expect::Unseen,
+        ),
+    ];
+
+    let mut contained = 0;
+    let mut wrong = Vec::new();
+    for (name, mut bytes, patch, expect) in cases {
+        patch(&mut bytes);
+        let file = format!("{name}.qcow2");
+        std::fs::write(d.join(&file), &bytes).unwrap();
+        // qblk check flags every damaged image (before anything serves it).
+        let out = qblk(&["check", &file], d);
+        assert!(
+            !out.status.success(),
+            "{name}: qblk check found nothing: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+        match (Daemon::try_qblk(d, "h.sock", &[&file]), &expect) {
+            (Err((status, log)), Expect::Refused(needle)) => {
+                assert!(!status.success(), "{name}: {status}");
+                assert!(
+                    log.starts_with("qblk: ")
+                        && log.contains(&file)
+                        && log.to_lowercase().contains(&needle.to_lowercase()),
+                    "{name}: unclear refusal: {log}"
+                );
+                assert!(
+                    std::fs::read(d.join(&file)).unwrap() == bytes,
+                    "{name}: a refused image was written"
+                );
+            }
+            (Ok(mut daemon), Expect::Contained | Expect::Unseen) => {
+                let mut c = Client::connect(&daemon.socket, 1).unwrap();
+                // Every 64 KiB of the disk, then writes over the damage and
+                // beside it: each request completes, some fail.
+                let mut failed = 0;
+                let mut ok = 0;
+                for at in (0..4u64 << 20).step_by(65536) {
+                    if c.read(at, 0, 65536) == 0 {
+                        ok += 1
+                    } else {
+                        failed += 1
+                    }
+                }
+                c.buf()[..65536].fill(0x77);
+                for at in [0u64, 65536, 3 << 20] {
+                    if c.write(at, 0, 65536) == 0 {
+                        ok += 1
+                    } else {
+                        failed += 1
+                    }
+                }
+                let _ = c.flush();
+                // Still serving: the healthy end of the disk reads.
+                assert_eq!(
+                    c.read((4 << 20) - 65536, 0, 65536),
+                    0,
+                    "{name}: {}",
+                    daemon.log()
+                );
+                drop(c);
+                if expect == Expect::Contained {
+                    assert!(failed > 0, "{name}: nothing failed ({ok} ok)");
+                }
+                assert!(ok > 0, "{name}: nothing worked");
+                assert!(daemon.alive(), "{name}: daemon died: {}", daemon.log());
+                assert!(daemon.stop().success(), "{name}: {}", daemon.log());
+                contained += 1;
+            }
+            (Ok(mut daemon), Expect::Refused(_)) => {
+                let _ = daemon.stop();
+                wrong.push(format!("{name}: served, but should have been refused"));
+            }
+            (Err((_, log)), Expect::Contained | Expect::Unseen) => {
+                wrong.push(format!(
+                    "{name}: refused, but should have been served: {log}"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert_eq!(contained, 4, "cases served");
+}
