@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use qblk_integration::vhost::{Client, Daemon};
-use qblk_integration::{create_qcow2, qblk, sh, stderr};
+use qblk_integration::{create_qcow2, qblk, qemu_info, sh, stderr};
 
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -240,6 +240,16 @@ fn damaged_images_are_refused_or_contained() {
                 assert!(ok > 0, "{name}: nothing worked");
                 assert!(daemon.alive(), "{name}: daemon died: {}", daemon.log());
                 assert!(daemon.stop().success(), "{name}: {}", daemon.log());
+                if name == "data_points_at_refcount_table" {
+                    // A guest write aimed at metadata is refused and the
+                    // image marked corrupt (later opens are read-only).
+                    let info = qemu_info(&file, d);
+                    assert_eq!(
+                        info["format-specific"]["data"]["corrupt"],
+                        serde_json::json!(true),
+                        "{name}: {info}"
+                    );
+                }
                 contained += 1;
             }
             (Ok(mut daemon), Expect::Refused(_)) => {
