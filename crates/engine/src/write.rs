@@ -359,6 +359,8 @@ impl Refcounts {
                 let block = self.block(img, c).await?.expect("block exists");
                 self.set_in(img, block, c, 1)?;
                 self.end = self.end.max(c + 1);
+                // Every new cluster, data or table, lands inside the file.
+                self.extend_file_to(img, (c + 1) * cs).await;
                 return Ok(c * cs);
             }
         }
@@ -801,7 +803,6 @@ impl Image {
                     let end = rc.end;
                     let h = rc.alloc_cluster(self, header).await?;
                     hole = h / cs >= end;
-                    rc.extend_file_to(self, h + cs).await;
                     (h, None, true)
                 }
             }
