@@ -501,7 +501,7 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
             let keep: KeepAlive = r.mem.clone();
             // SAFETY: as for reads; the slices are only read from.
             let data = unsafe { slices(bufs) };
-            let r = if let [one] = data.as_slice() {
+            if let [one] = data.as_slice() {
                 // SAFETY: `one` lies in the memory `keep` keeps mapped.
                 unsafe { disk.write_direct(*offset, one, &keep) }.await
             } else {
@@ -509,10 +509,6 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
                 // write (and allocates whole clusters without copy-on-write).
                 let whole: Vec<u8> = data.concat();
                 disk.write(*offset, &whole).await
-            };
-            match r {
-                Ok(()) if !device.writeback() => Box::pin(disk.flush()).await,
-                r => r,
             }
         }
         Op::Flush => {
@@ -541,11 +537,15 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
         // task does not carry their state.
         Op::Discard { offset, len } => Box::pin(disk.discard(*offset, *len)).await,
         Op::WriteZeroes { offset, len, unmap } => {
-            match Box::pin(disk.write_zeroes(*offset, *len, *unmap)).await {
-                Ok(()) if !device.writeback() => Box::pin(disk.flush()).await,
-                r => r,
-            }
+            Box::pin(disk.write_zeroes(*offset, *len, *unmap)).await
         }
+    };
+    // A write-through cache (the guest's choice through CONFIG_WCE, or a
+    // driver without FLUSH): data is durable before the request completes.
+    let writes = matches!(r.op, Op::Write { .. } | Op::WriteZeroes { .. });
+    let result = match result {
+        Ok(()) if writes && !device.writeback() => Box::pin(disk.flush()).await,
+        result => result,
     };
     match result {
         Ok(()) => (ok, 0),
