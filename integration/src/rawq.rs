@@ -209,6 +209,30 @@ impl RawFrontend {
         self.kick.write(1).expect("kick");
     }
 
+    /// Publishes descriptor `head` `n` times in a row and kicks once: the
+    /// same chain in `n` avail slots.
+    pub fn publish_many(&mut self, head: u16, n: u16) {
+        for _ in 0..n {
+            let slot = AVAIL + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
+            self.write(slot, &head.to_le_bytes());
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
+    }
+
+    /// Moves the avail index `ahead` entries past the last published one
+    /// without filling the slots (a driver claiming more requests than the
+    /// queue holds when `ahead` exceeds the queue size) and kicks.
+    pub fn jump_avail_idx(&mut self, ahead: u16) {
+        self.avail_idx = self.avail_idx.wrapping_add(ahead);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
+    }
+
     /// Waits for the next used entry: `(id, len)`, or None after `timeout`.
     pub fn wait_used(&mut self, timeout: Duration) -> Option<(u32, u32)> {
         let deadline = std::time::Instant::now() + timeout;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qblk_integration::rawq::{D, DATA, RawFrontend};
+use qblk_integration::rawq::{D, DATA, QUEUE_SIZE, RawFrontend};
 use qblk_integration::vhost::{Client, Daemon};
 use qblk_integration::{
     create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, qemu_info, qemu_raw, run, sh, stderr,
@@ -412,6 +412,19 @@ fn bad_guest_input_gets_an_error_and_the_daemon_goes_on() {
         send(&mut raw, &[h, D(buf, 512, true), status], st),
         (513, S_OK)
     );
+
+    // One chain in every avail slot at once: each is served.
+    raw.publish_many(0, QUEUE_SIZE);
+    for i in 0..QUEUE_SIZE {
+        let used = raw.wait_used(Duration::from_secs(30));
+        assert_eq!(used, Some((0, 513)), "repeated head, entry {i}");
+    }
+    // An avail index claiming more requests than the queue holds: the
+    // queue is broken (nothing is popped, nothing completes), the daemon
+    // lives, and the next frontend is served.
+    raw.jump_avail_idx(QUEUE_SIZE + 100);
+    assert_eq!(raw.wait_used(Duration::from_millis(500)), None);
+    assert!(daemon.alive(), "{}", daemon.log());
     drop(raw);
     let mut c = Client::connect(&daemon.socket, 1).unwrap();
     assert_eq!(c.read_vec(512, 512), vec![0x5a; 512]);

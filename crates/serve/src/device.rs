@@ -2,6 +2,7 @@
 //! the state the queue workers share.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -9,7 +10,7 @@ use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -19,6 +20,43 @@ use crate::config::{CONFIG_LEN, CONFIG_WRITEBACK, DeviceConfig, MAX_QUEUE_SIZE};
 use crate::disk::{Disk, DiskError};
 use crate::request::Mem;
 use crate::worker::{QueueHandle, Vring};
+
+/// The end of the largest virtio-blk configuration layout (96 bytes in
+/// virtio 1.3, with the secure-erase and zoned fields), rounded up.
+const MAX_CONFIG_READ: u64 = 256;
+
+/// Checks that every region of a frontend's memory table lies inside its
+/// file. `mmap` accepts a mapping longer than the file, and touching its
+/// tail would kill the daemon with SIGBUS; a frontend that shrinks the file
+/// *after* sharing it can still do that (as with every vhost-user backend
+/// that maps guest memory), but a table that is wrong from the start is
+/// refused here.
+fn check_memory(mem: &Mem) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(file) = region.file_offset() else {
+            continue;
+        };
+        let meta = file.file().metadata()?;
+        if !meta.file_type().is_file() {
+            // Devices (e.g. /dev/shm-less setups) have no length to check.
+            continue;
+        }
+        let end = file.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "region at guest address {:#x} maps {:#x} bytes from offset {:#x} of a {:#x}-byte file",
+                    region.start_addr().0,
+                    region.len(),
+                    file.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// What every queue worker shares: the disk and the device's settings.
 #[derive(Debug)]
@@ -79,6 +117,9 @@ pub(crate) struct Backend {
     mem: GuestMemoryAtomic<Mem>,
     /// The epoll fd of each vring thread (by thread index), once known.
     epoll_fds: std::sync::Mutex<Vec<i32>>,
+    /// Exit-event consumers given to the library (see
+    /// [`Backend::close_exit_events`]).
+    exit_consumers: std::sync::Mutex<Vec<RawFd>>,
 }
 
 impl Backend {
@@ -92,6 +133,27 @@ impl Backend {
             queues,
             mem,
             epoll_fds: std::sync::Mutex::new(Vec::new()),
+            exit_consumers: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes the exit-event descriptors handed to the connection's vring
+    /// threads. vhost-user-backend 0.24 registers them in its epoll with
+    /// `into_raw_fd` and never closes them: one descriptor per queue thread
+    /// per connection, until the daemon runs out. Call only after the
+    /// connection's `VhostUserDaemon` is dropped (its threads joined).
+    pub(crate) fn close_exit_events(&self) {
+        let fds = match self.exit_consumers.lock() {
+            Ok(mut f) => std::mem::take(&mut *f),
+            Err(_) => return,
+        };
+        for fd in fds {
+            // SAFETY: `fd` is the consumer end made in `exit_event`, whose
+            // ownership the library took with `into_raw_fd` and abandoned;
+            // its thread has been joined, so nothing uses or closes it.
+            // (vhost-user-backend is pinned to the version with this
+            // behaviour: a release that closes it must drop this.)
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 
@@ -151,7 +213,13 @@ impl VhostUserBackend for Backend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // Bytes past the fields this device has read as zero, as they do on
-        // a device that does not offer the features behind them.
+        // a device that does not offer the features behind them — up to
+        // the end of the largest layout any virtio version defines. A read
+        // beyond that is refused: an empty answer is the protocol's error.
+        if u64::from(offset) + u64::from(size) > MAX_CONFIG_READ {
+            warn!(offset, size, "refused a config read past the config space");
+            return Vec::new();
+        }
         let space = self.device.config.space(self.device.writeback());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_LEN);
@@ -179,9 +247,20 @@ impl VhostUserBackend for Backend {
         ))
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
-        // The same GuestMemoryAtomic the workers hold; they take a fresh
-        // snapshot of it for every batch of requests.
+    fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> io::Result<()> {
+        // This is the same GuestMemoryAtomic the workers hold; they take a
+        // fresh snapshot of it for every chain. The library has already
+        // installed the new table, so a table that fails the check is
+        // replaced by an empty one: the frontend gets an error, and no
+        // request can touch the bad region.
+        if let Err(e) = check_memory(&mem.memory()) {
+            warn!("refused the frontend's memory table: {e}");
+            let guard = mem
+                .lock()
+                .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
+            guard.replace(Mem::new());
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -192,7 +271,10 @@ impl VhostUserBackend for Backend {
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Needed so the epoll threads end when a connection's daemon is
         // dropped; without it the drop would wait for them forever.
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        self.exit_consumers.lock().ok()?.push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

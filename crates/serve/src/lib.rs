@@ -374,6 +374,7 @@ fn accept_loop(
             error!("flush after disconnect failed: {e}");
         }
         drop(daemon);
+        backend.close_exit_events();
     }
     Ok(())
 }

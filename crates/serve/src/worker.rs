@@ -240,6 +240,8 @@ struct Queue {
     idle: Notify,
     done: RefCell<Vec<(u16, u32)>>,
     done_wanted: Notify,
+    /// Wakes the kick watcher when the queue is detached.
+    detached: Notify,
     bad_requests: Cell<u64>,
 }
 
@@ -263,6 +265,7 @@ impl Queue {
             idle: Notify::new(),
             done: RefCell::new(Vec::new()),
             done_wanted: Notify::new(),
+            detached: Notify::new(),
             bad_requests: Cell::new(0),
         }
     }
@@ -420,10 +423,21 @@ impl Queue {
 
     /// Runs as a local task: processes the ring on every kick, until the
     /// queue is detached.
+    ///
+    /// It must end when the queue is detached even though no kick will
+    /// come (the frontend is gone): it holds the queue, and with it the
+    /// vring's eventfds and the whole guest memory mapping.
     async fn watch_kicks(self: Rc<Self>, fd: AsyncFd<EventConsumer>) {
         loop {
-            let Ok(mut ready) = fd.readable().await else {
+            if self.stopped.get() {
                 return;
+            }
+            let mut ready = tokio::select! {
+                r = fd.readable() => match r {
+                    Ok(ready) => ready,
+                    Err(_) => return,
+                },
+                () = self.detached.notified() => return,
             };
             // Cleared before processing: a kick that arrives meanwhile
             // makes the fd ready again.
@@ -437,6 +451,9 @@ impl Queue {
 
     async fn drain(&self) {
         self.stopped.set(true);
+        // The kick watcher is parked in its select (tasks on this thread
+        // run one at a time) or has not run yet and will see `stopped`.
+        self.detached.notify_waiters();
         loop {
             let idle = self.idle.notified();
             if self.inflight.get() == 0 {
