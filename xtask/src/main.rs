@@ -40,7 +40,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 ];
 
 /// Fuzz targets and how long `xtask test` runs each.
-const FUZZ_TARGETS: &[&str] = &["header", "image"];
+const FUZZ_TARGETS: &[&str] = &["header", "image", "request"];
 const FUZZ_SMOKE_SECONDS: u32 = 20;
 
 fn main() -> ExitCode {

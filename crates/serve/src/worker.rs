@@ -313,13 +313,7 @@ impl Queue {
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let descs: Vec<Desc> = chain
-                    .map(|d| Desc {
-                        addr: d.addr(),
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                    })
-                    .collect();
+                let descs: Vec<Desc> = chain.map(Desc::from).collect();
                 self.start(head, request::parse(&descs, &mem, &limits), &mem);
             }
             if !event_idx {
