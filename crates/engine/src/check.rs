@@ -12,10 +12,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use qblk_qcow2::bitmap::{BitmapTableEntry, parse_bitmap_directory};
-use qblk_qcow2::error::Problem;
 use qblk_qcow2::mapping::{ClusterDescriptor, L1Entry, L2Entry};
 use qblk_qcow2::refcount::{RefcountTableEntry, get_refcount};
-use qblk_qcow2::snapshot::{MAX_SNAPSHOT_TABLE_BYTES, parse_snapshot_table};
 use qblk_qcow2::tally::{RefcountMismatch, RefcountTally, compare};
 use qblk_qcow2::{Geometry, Header};
 
@@ -110,7 +108,7 @@ pub async fn check(path: &Path, cache: CacheMode) -> Result<CheckReport> {
         active_data: Vec::new(),
         count_refcounts: true,
     };
-    let blocks = c.tally_all(path).await?;
+    let blocks = c.tally_all().await?;
     c.compare(blocks).await?;
     Ok(c.report)
 }
@@ -130,7 +128,7 @@ impl Checker<'_> {
 
     /// Tallies every reference; returns the refcount table's block offsets
     /// (empty when refcount structures are not counted).
-    async fn tally_all(&mut self, path: &Path) -> Result<Vec<Option<u64>>> {
+    async fn tally_all(&mut self) -> Result<Vec<Option<u64>>> {
         let h = self.header;
         let cs = self.geometry.cluster_size();
         self.reference(0, cs);
@@ -140,29 +138,9 @@ impl Checker<'_> {
         self.walk_l1(h.l1_table_offset, h.l1_size, true).await?;
 
         // Internal snapshots.
-        if h.nb_snapshots > 0 {
-            let mut want = 64u64 << 10;
-            let (snaps, len) = loop {
-                let buf = self
-                    .read(h.snapshots_offset, want, "read snapshot table")
-                    .await?;
-                match parse_snapshot_table(&buf, h.snapshots_offset, h.nb_snapshots, cs) {
-                    Ok(r) => break r,
-                    Err(e)
-                        if matches!(e.problem, Problem::Truncated { .. })
-                            && want < MAX_SNAPSHOT_TABLE_BYTES
-                            && h.snapshots_offset + want < self.file_len =>
-                    {
-                        want = (want * 4).min(MAX_SNAPSHOT_TABLE_BYTES);
-                    }
-                    Err(source) => {
-                        return Err(Error::Format {
-                            path: path.to_owned(),
-                            source,
-                        });
-                    }
-                }
-            };
+        if let Some((snaps, len)) =
+            crate::layout::read_snapshot_table(self.file, h, cs, self.file_len).await?
+        {
             self.reference(h.snapshots_offset, len);
             for s in &snaps {
                 self.reference(s.l1_table_offset, u64::from(s.l1_size) * 8);
@@ -605,7 +583,7 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
         active_data: Vec::new(),
         count_refcounts: false,
     };
-    c.tally_all(path).await?;
+    c.tally_all().await?;
     if !c.tally.out_of_range.is_empty() {
         return Err(Error::Unsupported {
             path: path.to_owned(),

@@ -187,6 +187,9 @@ pub(crate) struct Tables {
     pub(crate) l1_dirty: bool,
     pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
     pub(crate) l2_dirty: std::collections::HashMap<u64, Arc<AlignedBuf>>,
+    /// The metadata clusters found at open (writable images; empty
+    /// otherwise): guest data never goes there.
+    pub(crate) meta: Arc<crate::layout::MetaMap>,
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -251,6 +254,38 @@ impl Image {
                 },
             };
             let geometry = header.geometry();
+
+            // The tables the header names lie inside the file: reading past
+            // its end gives zeros, and writing through such a table would
+            // put metadata out there.
+            for (field, at, offset, len) in [
+                (
+                    "header.l1_table_offset",
+                    40,
+                    header.l1_table_offset,
+                    u64::from(header.l1_size) * 8,
+                ),
+                (
+                    "header.refcount_table_offset",
+                    48,
+                    header.refcount_table_offset,
+                    u64::from(header.refcount_table_clusters) * geometry.cluster_size(),
+                ),
+            ] {
+                if len > 0 && offset.saturating_add(len) > file_len {
+                    return Err(Error::Format {
+                        path: path.clone(),
+                        source: FormatError::new(
+                            field,
+                            at,
+                            qblk_qcow2::Problem::PastEndOfFile {
+                                value: offset,
+                                file_len,
+                            },
+                        ),
+                    });
+                }
+            }
 
             // L1 table: validated once, at open.
             let l1_bytes = file
@@ -332,6 +367,7 @@ impl Image {
                     l1_dirty: false,
                     l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),
                     l2_dirty: std::collections::HashMap::new(),
+                    meta: Arc::default(),
                 }),
                 alloc: tokio::sync::Mutex::new(crate::write::Alloc::default()),
                 counters: crate::stats::Counters::default(),

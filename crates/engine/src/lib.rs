@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod fault;
 pub mod file;
 pub mod image;
+mod layout;
 pub mod map;
 pub mod runtime;
 pub mod stats;

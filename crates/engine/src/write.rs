@@ -30,7 +30,9 @@ use qblk_qcow2::{GuestOffset, HostCluster};
 
 use crate::buf::AlignedBuf;
 use crate::image::{Error, Image, Result};
+use crate::layout::MetaMap;
 use crate::stats::Counters;
+use tracing::warn;
 
 /// Dirty L2 tables allowed before an allocating write forces a writeback.
 const MAX_DIRTY_L2_TABLES: usize = 256;
@@ -84,6 +86,10 @@ struct Refcounts {
     opened_len: u64,
     /// Extending ahead failed once (e.g. no fallocate here): don't retry.
     no_prealloc: bool,
+    /// Metadata found at open: never allocated, whatever its refcount.
+    meta: Arc<MetaMap>,
+    /// Whether a metadata cluster with refcount 0 was reported.
+    warned_meta_free: bool,
 }
 
 /// What the rest of a newly allocated cluster needs besides the guest's
@@ -168,8 +174,12 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
         table.push(e.0);
     }
     let file_len = img.file.file_len().map_err(io(img, "stat"))?;
+    let l1 = img.lock_tables().l1.clone();
+    let meta = Arc::new(MetaMap::build(&img.file, h, &g, &l1, &table, file_len).await?);
+    img.lock_tables().meta = meta.clone();
     let mut a = img.alloc.lock().await;
     a.rc = Some(Refcounts {
+        meta,
         table,
         table_dirty: false,
         blocks: lru::LruCache::unbounded(),
@@ -182,6 +192,7 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<()> {
         file_len,
         opened_len: file_len,
         no_prealloc: false,
+        warned_meta_free: false,
     });
     a.lazy = header.is_v3() && header.lazy_refcounts();
     a.header = Some(header);
@@ -356,6 +367,20 @@ impl Refcounts {
                 continue;
             }
             if self.get(img, c).await? == 0 {
+                if let Some(kind) = self.meta.kind(c) {
+                    // Metadata with a refcount of 0: damaged refcounts, or
+                    // a structure freed since open. Never hand it out.
+                    if !self.warned_meta_free {
+                        warn!(
+                            image = %img.path.display(),
+                            "cluster at {:#x} holds {} but its refcount is 0; not reusing it (run qblk check)",
+                            c * cs,
+                            kind.name()
+                        );
+                        self.warned_meta_free = true;
+                    }
+                    continue;
+                }
                 let block = self.block(img, c).await?.expect("block exists");
                 self.set_in(img, block, c, 1)?;
                 self.end = self.end.max(c + 1);
@@ -659,18 +684,21 @@ impl Image {
             return Ok(());
         }
         let cs = self.geometry.cluster_size();
-        let (l1_offset, l1_len, rt_offset, rt_len, onto_l2) = {
+        let (l1_offset, l1_len, rt_offset, rt_len, onto_l2, onto_meta) = {
             let t = self.lock_tables();
             let first = host - host % cs;
             let onto_l2 = (first..host.saturating_add(len))
                 .step_by(cs as usize)
                 .any(|c| t.l2_dirty.contains_key(&c) || t.l2_clean.contains(&c));
+            let onto_meta =
+                (first / cs..host.saturating_add(len).div_ceil(cs)).find_map(|c| t.meta.kind(c));
             (
                 t.l1_offset,
                 t.l1.len() as u64 * 8,
                 t.refcount_table.0,
                 t.refcount_table.1,
                 onto_l2,
+                onto_meta,
             )
         };
         let overlaps = |start: u64, n: u64| {
@@ -684,6 +712,8 @@ impl Image {
             "the L1 table"
         } else if overlaps(rt_offset, rt_len) {
             "the refcount table"
+        } else if let Some(kind) = onto_meta {
+            kind.name()
         } else {
             return Ok(());
         };

@@ -32,6 +32,8 @@ pub enum Problem {
     NotUtf8,
     #[error("appears more than once")]
     Duplicate,
+    #[error("points into {what} (cluster at {offset:#x})")]
+    Overlaps { offset: u64, what: &'static str },
 }
 
 /// An error in qcow2 on-disk data, naming the field and its file offset.
