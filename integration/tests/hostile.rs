@@ -12,6 +12,10 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
 fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_be_bytes());
 }
@@ -380,6 +384,22 @@ fn damaged_images_are_refused_or_contained() {
                         "{name}: {info}"
                     );
                 }
+                let after = std::fs::read(d.join(&file)).unwrap();
+                // Nothing went where the damage pointed: the refcount table
+                // a data entry named is byte-for-byte what it was, and no
+                // write landed at the bogus offsets 1 TiB out.
+                let own_rt = be64(&bytes, 48) as usize;
+                let rt_len = 65536 * be32(&bytes, 56) as usize;
+                assert_eq!(
+                    after[own_rt..own_rt + rt_len],
+                    bytes[own_rt..own_rt + rt_len],
+                    "{name}: the refcount table changed"
+                );
+                assert!(
+                    (after.len() as u64) < 1 << 30,
+                    "{name}: the file grew to {} bytes",
+                    after.len()
+                );
                 contained += 1;
             }
             (Ok(mut daemon), Expect::Refused(_)) => {
