@@ -71,7 +71,7 @@ impl MetaMap {
 
     /// Marks `len` bytes from `offset` as `kind`; a cluster already
     /// claimed by another kind is an overlap, reported against `field` at
-    /// file offset `at`.
+    /// file offset `at`. Returns the clusters claimed for the first time.
     fn claim(
         &mut self,
         g: &Geometry,
@@ -80,9 +80,10 @@ impl MetaMap {
         kind: Kind,
         field: &'static str,
         at: u64,
-    ) -> std::result::Result<(), FormatError> {
+    ) -> std::result::Result<Vec<u64>, FormatError> {
+        let mut fresh = Vec::new();
         if len == 0 {
-            return Ok(());
+            return Ok(fresh);
         }
         let cs = g.cluster_size();
         let end = offset
@@ -100,10 +101,11 @@ impl MetaMap {
                         },
                     ));
                 }
-                _ => {}
+                Some(_) => {}
+                None => fresh.push(c),
             }
         }
-        Ok(())
+        Ok(fresh)
     }
 
     /// Maps the metadata of the image in `file`: header, L1 table, refcount
@@ -188,35 +190,43 @@ impl MetaMap {
                     .map_err(format)?;
             }
         }
+        // Snapshot L1 tables may share clusters (a hostile table can name
+        // one 32 MiB table 65536 times); each cluster is read once, so the
+        // work is bounded by the file's size.
         for s in snapshots.iter().flat_map(|(s, _)| s) {
-            let at = header.snapshots_offset;
             let len = u64::from(s.l1_size) * 8;
-            m.claim(
-                g,
-                s.l1_table_offset,
-                len,
-                Kind::SnapshotL1,
-                "snapshot.l1_table_offset",
-                at,
-            )
-            .map_err(format)?;
-            if s.l1_table_offset.saturating_add(len) > file_len {
-                continue; // qblk check reports it; nothing of it to map
-            }
-            let bytes = file
-                .read(s.l1_table_offset, len as usize)
-                .await
-                .map_err(|source| Error::Io {
-                    path: path.clone(),
-                    op: "read snapshot L1 table",
-                    source,
-                })?;
-            for (i, raw) in bytes.chunks_exact(8).enumerate() {
-                let e = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
-                if let Some(l2) = e.l2_offset() {
-                    let at = s.l1_table_offset + i as u64 * 8;
-                    m.claim(g, l2.0, cs, Kind::L2, "snapshot_l1_table.entry", at)
-                        .map_err(format)?;
+            let table_end = s.l1_table_offset.saturating_add(len);
+            let fresh = m
+                .claim(
+                    g,
+                    s.l1_table_offset,
+                    len,
+                    Kind::SnapshotL1,
+                    "snapshot.l1_table_offset",
+                    header.snapshots_offset,
+                )
+                .map_err(format)?;
+            for c in fresh {
+                let start = (c * cs).max(s.l1_table_offset);
+                let end = ((c + 1) * cs).min(table_end);
+                if end > file_len {
+                    continue; // qblk check reports it; nothing of it to map
+                }
+                let bytes = file
+                    .read(start, (end - start) as usize)
+                    .await
+                    .map_err(|source| Error::Io {
+                        path: path.clone(),
+                        op: "read snapshot L1 table",
+                        source,
+                    })?;
+                for (i, raw) in bytes.chunks_exact(8).enumerate() {
+                    let e = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+                    if let Some(l2) = e.l2_offset() {
+                        let at = start + i as u64 * 8;
+                        m.claim(g, l2.0, cs, Kind::L2, "snapshot_l1_table.entry", at)
+                            .map_err(format)?;
+                    }
                 }
             }
         }
