@@ -38,7 +38,7 @@ fn check_memory(mem: &Mem) -> io::Result<()> {
         };
         let meta = file.file().metadata()?;
         if !meta.file_type().is_file() {
-            // Devices (e.g. /dev/shm-less setups) have no length to check.
+            // Not a regular file (a device): no length to check against.
             continue;
         }
         let end = file.start().checked_add(region.len());
