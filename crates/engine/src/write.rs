@@ -704,16 +704,18 @@ impl Image {
         let overlaps = |start: u64, n: u64| {
             n > 0 && host < start.saturating_add(n) && start < host.saturating_add(len)
         };
-        let what = if overlaps(0, cs) {
-            "the image header"
+        // The metadata map holds every structure found at open, the header
+        // among them; the L1 and refcount tables are also checked where
+        // they are now (they move when they grow), and cached L2 tables
+        // cover the ones allocated since open.
+        let what = if let Some(kind) = onto_meta {
+            kind.name()
         } else if onto_l2 {
             "an L2 table"
         } else if overlaps(l1_offset, l1_len) {
             "the L1 table"
         } else if overlaps(rt_offset, rt_len) {
             "the refcount table"
-        } else if let Some(kind) = onto_meta {
-            kind.name()
         } else {
             return Ok(());
         };
