@@ -59,6 +59,13 @@ impl RawFrontend {
         assert!(fd >= 0, "memfd_create");
         // SAFETY: a fresh descriptor we own.
         let memfd = unsafe { File::from_raw_fd(fd) };
+        Self::connect_with_memory(socket, memfd)
+    }
+
+    /// Like [`RawFrontend::connect`], with guest memory in `memfd` (any
+    /// file: a regular file on disk makes memory the kernel will not pin
+    /// long-term).
+    pub fn connect_with_memory(socket: &Path, memfd: File) -> Self {
         memfd.set_len(MEM_SIZE as u64).expect("size memfd");
         // SAFETY: mapping the whole memfd shared; checked below.
         let mem = unsafe {

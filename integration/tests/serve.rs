@@ -30,6 +30,162 @@ fn pattern(offset: u64, len: usize, generation: u8) -> Vec<u8> {
         .collect()
 }
 
+/// The value of `name=N` in the daemon's closing counters.
+fn counter(log: &str, name: &str) -> u64 {
+    let at = log
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("no {name} in {log}"));
+    log[at + name.len() + 1..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("counter value")
+}
+
+/// Kilobytes of the daemon's memory pinned (io_uring registered buffers).
+fn pinned_kib(daemon: &Daemon) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmPin in /proc/PID/status")
+}
+
+#[test]
+fn pinned_guest_memory_serves_the_same_bytes_and_is_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    const SIZE: usize = 32 << 20;
+    create_qcow2(d, "disk.qcow2", "32M");
+    let mut daemon = Daemon::qblk(
+        d,
+        "s.sock",
+        &["--queues", "2", "--pin-guest-memory", "disk.qcow2"],
+    );
+    let mut model = vec![0u8; SIZE];
+    let mut aligned = 0u64;
+    for round in 0..2u8 {
+        assert_eq!(pinned_kib(&daemon), 0, "nothing pinned between frontends");
+        let mut c = Client::connect(&daemon.socket, 2).unwrap();
+        // Each queue's ring pins the 64 MiB buffer region once a helper
+        // thread has faulted it in; until then requests are served
+        // unpinned.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pinned_kib(&daemon) < 2 * (64 << 10) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(pinned_kib(&daemon) >= 2 * (64 << 10), "{}", daemon.log());
+        // 1 MiB transfers, single pages, unaligned sectors (those bounce),
+        // on both queues; the buffers lie in the region blkio added after
+        // the memory table was first sent.
+        let writes: &[(u64, usize, usize)] = &[
+            (0, 1 << 20, 0),
+            (5 << 20, 4096, 1),
+            (7 << 20 | 512, 1536, 0),
+            (9 << 20, 1 << 20, 1),
+            (12 << 20, 65536 * 3, 0),
+        ];
+        for (i, &(off, len, q)) in writes.iter().enumerate() {
+            let data = pattern(off, len, round * 16 + i as u8);
+            let at = 2 << 20;
+            c.buf()[at..at + len].copy_from_slice(&data);
+            let p = c.ptr(at);
+            c.queues[q].write(off, p, len, 0, blkio::ReqFlags::empty());
+            assert_eq!(c.wait(q, 1)[0].1, 0);
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+            if off % 4096 == 0 {
+                aligned += 1;
+            }
+        }
+        for &(off, len, q) in writes {
+            let at = 4 << 20;
+            let p = c.ptr(at);
+            c.queues[q].read(off, p, len, 0, blkio::ReqFlags::empty());
+            assert_eq!(c.wait(q, 1)[0].1, 0);
+            assert!(c.buf()[at..at + len] == model[off as usize..off as usize + len]);
+            if off % 4096 == 0 {
+                aligned += 1;
+            }
+        }
+        assert_eq!(c.flush(), 0);
+        drop(c);
+        // The frontend is gone: its memory is unpinned (and unmapped).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pinned_kib(&daemon) != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(pinned_kib(&daemon), 0, "pinned after the frontend left");
+    }
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("guest memory pinned"), "{log}");
+    // Every direct transfer that did not bounce (through the daemon's own
+    // memory, for a misaligned one) went through a registered buffer.
+    let fixed = counter(&log, "fixed_ios");
+    assert!(fixed >= aligned, "{log}");
+    assert!(
+        fixed >= counter(&log, "direct_ios") - counter(&log, "bounced_ios"),
+        "{log}"
+    );
+    qemu_check_clean("disk.qcow2", d);
+    assert!(qemu_raw(d, "disk.qcow2") == model);
+}
+
+#[test]
+fn guest_memory_that_cannot_be_pinned_is_served_unpinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create_qcow2(d, "disk.qcow2", "1M");
+    let mut daemon = Daemon::qblk(d, "s.sock", &["--pin-guest-memory", "disk.qcow2"]);
+    // Guest memory in a regular file on disk (not shmem or hugetlbfs):
+    // the kernel refuses to pin it long-term.
+    let mem_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let mem_file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(mem_dir.path().join("guest-ram"))
+        .unwrap();
+    let ram_path = mem_dir.path().join("guest-ram");
+    let mut raw = RawFrontend::connect_with_memory(&daemon.socket, mem_file);
+    // The attempt is made once the memory is faulted in; requests are
+    // served before and after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !daemon.log().contains("cannot pin guest memory") {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = DATA + 64;
+    let data = pattern(4096, 4096, 7);
+    raw.write(DATA + 8192, &data);
+    let h = raw.header(DATA, T_OUT, 8);
+    let w = raw.roundtrip(
+        &[h, D(DATA + 8192, 4096, false), D(status, 1, true)],
+        status,
+    );
+    assert_eq!(w, (1, S_OK));
+    let h = raw.header(DATA, T_IN, 8);
+    let r = raw.roundtrip(
+        &[h, D(DATA + 16384, 4096, true), D(status, 1, true)],
+        status,
+    );
+    assert_eq!(r, (4097, S_OK));
+    assert_eq!(raw.read(DATA + 16384, 4096), data);
+    drop(raw);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert_eq!(counter(&daemon.log(), "fixed_ios"), 0, "{}", daemon.log());
+    // Memory that cannot be pinned is not faulted in either: that would
+    // have written all of a file on disk.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&ram_path).unwrap().blocks() * 512;
+    assert!(
+        allocated < 4 << 20,
+        "{allocated} bytes of guest RAM file written"
+    );
+}
+
 #[test]
 fn every_request_type_through_blkio() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,18 +286,9 @@ fn several_queues_serve_at_once() {
     // Page-aligned buffers and cluster-aligned offsets: every data transfer
     // went between guest memory and the image file without a bounce.
     let log = daemon.log();
-    let counter = |name: &str| -> u64 {
-        let at = log
-            .find(&format!("{name}="))
-            .unwrap_or_else(|| panic!("no {name} in {log}"));
-        log[at + name.len() + 1..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .and_then(|n| n.parse().ok())
-            .expect("counter value")
-    };
-    assert!(counter("direct_ios") >= 129, "{log}");
-    assert_eq!(counter("bounced_ios"), 0, "{log}");
+    assert!(counter(&log, "direct_ios") >= 129, "{log}");
+    assert_eq!(counter(&log, "bounced_ios"), 0, "{log}");
+    assert_eq!(counter(&log, "fixed_ios"), 0, "not asked to pin: {log}");
     qemu_check_clean("disk.qcow2", d);
 }
 

@@ -55,6 +55,8 @@ pub struct HostFile {
     /// `read_direct`/`write_direct` calls, and those that bounced.
     direct_ios: AtomicU64,
     bounced_ios: AtomicU64,
+    /// Direct transfers that went through a registered buffer.
+    fixed_ios: AtomicU64,
     /// Crash simulation: the history of this file's writes and syncs.
     #[cfg(feature = "fault-injection")]
     rec: Option<Arc<crate::fault::Recorder>>,
@@ -107,6 +109,7 @@ impl HostFile {
             rmw: tokio::sync::Mutex::new(()),
             direct_ios: AtomicU64::new(0),
             bounced_ios: AtomicU64::new(0),
+            fixed_ios: AtomicU64::new(0),
             #[cfg(feature = "fault-injection")]
             rec: if writable {
                 crate::fault::Recorder::for_path(path)
@@ -231,13 +234,20 @@ impl HostFile {
         ok
     }
 
-    /// `(direct, bounced)`: direct reads and writes asked for, and how
-    /// many of them went through a bounce buffer.
-    pub fn direct_counts(&self) -> (u64, u64) {
+    /// `(direct, bounced, fixed)`: direct reads and writes asked for, how
+    /// many of them went through a bounce buffer, and how many transfers
+    /// used a registered buffer.
+    pub fn direct_counts(&self) -> (u64, u64, u64) {
         (
             self.direct_ios.load(Ordering::Relaxed),
             self.bounced_ios.load(Ordering::Relaxed),
+            self.fixed_ios.load(Ordering::Relaxed),
         )
+    }
+
+    /// Counts a transfer through a registered buffer.
+    fn count_fixed(&self) {
+        self.fixed_ios.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Like [`HostFile::read_into`], but the kernel reads straight into
@@ -261,13 +271,19 @@ impl HostFile {
         let mut done = 0usize;
         while done < len {
             let want = u32::try_from(len - done).unwrap_or(MAX_IO_BYTES);
-            let entry = io_uring::opcode::Read::new(
-                io_uring::types::Fd(self.fd()),
-                dst[done..].as_mut_ptr(),
-                want,
-            )
-            .offset(offset + done as u64)
-            .build();
+            let fd = io_uring::types::Fd(self.fd());
+            let ptr = dst[done..].as_mut_ptr();
+            let entry = match ring.fixed_index(ptr, want as usize) {
+                Some(index) => {
+                    self.count_fixed();
+                    io_uring::opcode::ReadFixed::new(fd, ptr, want, index)
+                        .offset(offset + done as u64)
+                        .build()
+                }
+                None => io_uring::opcode::Read::new(fd, ptr, want)
+                    .offset(offset + done as u64)
+                    .build(),
+            };
             // SAFETY: the entry points into dst, which the caller keeps
             // valid while `keep` lives; the operation holds a clone of
             // `keep` until its completion, however its future ends.
@@ -301,13 +317,19 @@ impl HostFile {
         let mut done = 0usize;
         while done < data.len() {
             let want = u32::try_from(data.len() - done).unwrap_or(MAX_IO_BYTES);
-            let entry = io_uring::opcode::Write::new(
-                io_uring::types::Fd(self.fd()),
-                data[done..].as_ptr(),
-                want,
-            )
-            .offset(offset + done as u64)
-            .build();
+            let fd = io_uring::types::Fd(self.fd());
+            let ptr = data[done..].as_ptr();
+            let entry = match ring.fixed_index(ptr, want as usize) {
+                Some(index) => {
+                    self.count_fixed();
+                    io_uring::opcode::WriteFixed::new(fd, ptr, want, index)
+                        .offset(offset + done as u64)
+                        .build()
+                }
+                None => io_uring::opcode::Write::new(fd, ptr, want)
+                    .offset(offset + done as u64)
+                    .build(),
+            };
             let rec = self.rec_submit(offset + done as u64, &data[done..done + want as usize]);
             // SAFETY: as in read_direct.
             let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
@@ -484,7 +506,7 @@ mod tests {
             buf.fill(0xab);
             // SAFETY: as above.
             unsafe { f.write_direct(8192, &buf, &keep) }.await.unwrap();
-            assert_eq!(f.direct_counts(), (2, 0));
+            assert_eq!(f.direct_counts(), (2, 0, 0));
             // Misaligned memory bounces, with the same result.
             let mut odd = vec![0u8; 4097];
             // SAFETY: as above.
@@ -492,7 +514,7 @@ mod tests {
                 .await
                 .unwrap();
             assert!(odd[1..].iter().all(|&b| b == 0xab));
-            assert_eq!(f.direct_counts(), (3, 1));
+            assert_eq!(f.direct_counts(), (3, 1, 0));
             // Past the end of the file: zeros.
             let mut tail = AlignedBuf::zeroed(8192);
             tail.fill(1);
@@ -531,6 +553,69 @@ mod tests {
                 tokio::task::yield_now().await;
             }
             assert_eq!(Arc::strong_count(&mem), 1, "released after completion");
+        });
+    }
+
+    #[test]
+    fn direct_io_goes_through_registered_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content: Vec<u8> = (0..262144u32).map(|i| (i / 13) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        block_on(async {
+            let f = HostFile::open(&path, true, CacheMode::None).unwrap();
+            let ring = Ring::current().unwrap();
+            // Two "regions" of caller memory; only they are registered.
+            let mem = Arc::new(std::sync::Mutex::new((
+                AlignedBuf::zeroed(65536),
+                AlignedBuf::zeroed(131072),
+            )));
+            let keep: KeepAlive = mem.clone();
+            let (a, b) = {
+                let mut m = mem.lock().unwrap();
+                (m.0.as_mut_ptr(), m.1.as_mut_ptr())
+            };
+            // SAFETY: both regions live in `mem`, which `keep` (held by the
+            // ring while registered) keeps alive.
+            let bytes = unsafe { ring.register_memory(&[(a, 65536), (b, 131072)], keep.clone()) }
+                .expect("registering 192 KiB needs no more than the default memlock limit");
+            assert_eq!(bytes, 196608);
+            assert_eq!(ring.fixed_index(a, 65536), ring.fixed_index(a, 1));
+            assert!(ring.fixed_index(a, 65537).is_none(), "runs past the region");
+            // SAFETY: the slices lie in `mem`, kept alive by `keep`, and
+            // are used one at a time, each operation awaited.
+            let ra = unsafe { std::slice::from_raw_parts_mut(a, 65536) };
+            // SAFETY: as above.
+            let rb = unsafe { std::slice::from_raw_parts_mut(b, 131072) };
+            // SAFETY: as above.
+            unsafe { f.read_direct(4096, &mut rb[8192..8192 + 16384], &keep) }
+                .await
+                .unwrap();
+            assert_eq!(&rb[8192..8192 + 16384], &content[4096..20480]);
+            assert_eq!(f.direct_counts(), (1, 0, 1));
+            ra.fill(0x5a);
+            // SAFETY: as above.
+            unsafe { f.write_direct(65536, ra, &keep) }.await.unwrap();
+            assert_eq!(f.direct_counts(), (2, 0, 2));
+            // Memory outside the registration takes the ordinary path.
+            let mut other = AlignedBuf::zeroed(65536);
+            // SAFETY: `other` outlives the awaited read.
+            unsafe { f.read_direct(65536, &mut other, &keep) }
+                .await
+                .unwrap();
+            assert!(other.iter().all(|&x| x == 0x5a));
+            assert_eq!(f.direct_counts(), (3, 0, 2));
+            // Unregistered: ordinary again, and the ring lets `keep` go.
+            ring.unregister_memory();
+            assert!(ring.fixed_index(a, 4096).is_none());
+            // SAFETY: as above.
+            unsafe { f.read_direct(0, &mut rb[..4096], &keep) }
+                .await
+                .unwrap();
+            assert_eq!(&rb[..4096], &content[..4096]);
+            assert_eq!(f.direct_counts(), (4, 0, 2));
+            drop(keep);
+            assert_eq!(Arc::strong_count(&mem), 1);
         });
     }
 }

@@ -389,9 +389,10 @@ impl Image {
     pub fn stats(&self) -> crate::stats::Stats {
         let mut s = self.counters.snapshot();
         for f in std::iter::once(&self.file).chain(self.data_file.as_ref()) {
-            let (direct, bounced) = f.direct_counts();
+            let (direct, bounced, fixed) = f.direct_counts();
             s.direct_ios += direct;
             s.bounced_ios += bounced;
+            s.fixed_ios += fixed;
         }
         s
     }

@@ -34,6 +34,9 @@ pub struct Stats {
     /// O_DIRECT).
     pub direct_ios: u64,
     pub bounced_ios: u64,
+    /// Transfers of direct reads and writes that used guest memory
+    /// registered with the ring (no per-operation page pinning).
+    pub fixed_ios: u64,
 }
 
 impl Counters {
@@ -53,6 +56,7 @@ impl Counters {
             cow_bytes: g(&self.cow_bytes),
             direct_ios: 0,
             bounced_ios: 0,
+            fixed_ios: 0,
         }
     }
 }

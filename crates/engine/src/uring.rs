@@ -37,6 +37,17 @@ pub const RING_ENTRIES: u32 = 256;
 /// (4 and 16 were slower).
 const SUBMIT_BATCH: u32 = 8;
 
+/// Most bytes in one registered buffer (the kernel's limit).
+const FIXED_BUF_MAX: usize = 1 << 30;
+
+/// Consecutive registered buffers cut from one larger region overlap by
+/// this much, so that any transfer up to this size lies wholly inside one
+/// of them (a virtio-blk segment is at most 1 MiB).
+const FIXED_BUF_OVERLAP: usize = 4 << 20;
+
+/// Most registered buffers per ring (the kernel's limit).
+const FIXED_BUF_COUNT_MAX: usize = 1 << 14;
+
 /// Counters of one ring, for benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingStats {
@@ -44,6 +55,60 @@ pub struct RingStats {
     pub ops: u64,
     /// `io_uring_enter` calls made to submit them.
     pub submit_calls: u64,
+}
+
+/// Memory registered with the ring as fixed buffers: reads and writes
+/// that lie inside it skip the kernel's per-operation page pinning.
+struct Fixed {
+    /// `(start address, length)` of buffer `i`, sorted by start address.
+    bufs: Vec<(usize, usize)>,
+    /// Keeps the memory mapped while the ring refers to it.
+    _keep: Box<dyn Any>,
+}
+
+impl Fixed {
+    /// The buffer holding all of `[addr, addr + len)`, if one does.
+    fn find(&self, addr: usize, len: usize) -> Option<u16> {
+        let end = addr.checked_add(len)?;
+        // Buffers starting at or before `addr`; with overlapping buffers
+        // the last two are the only candidates.
+        let after = self.bufs.partition_point(|&(start, _)| start <= addr);
+        (after.saturating_sub(2)..after)
+            .rev()
+            .find(|&i| {
+                let (start, n) = self.bufs[i];
+                end <= start + n
+            })
+            .and_then(|i| u16::try_from(i).ok())
+    }
+}
+
+/// Cuts `regions` into buffers the kernel accepts, sorted by address.
+fn fixed_buffers(regions: &[(*mut u8, usize)]) -> io::Result<Vec<(usize, usize)>> {
+    let mut bufs = Vec::new();
+    for &(ptr, len) in regions {
+        let start = ptr as usize;
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(FIXED_BUF_MAX);
+            bufs.push((start + off, n));
+            if off + n == len {
+                break;
+            }
+            off += FIXED_BUF_MAX - FIXED_BUF_OVERLAP;
+        }
+    }
+    if bufs.len() > FIXED_BUF_COUNT_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} buffers needed, the kernel takes {FIXED_BUF_COUNT_MAX}",
+                bufs.len()
+            ),
+        ));
+    }
+    bufs.sort_unstable();
+    Ok(bufs)
 }
 
 struct Slot {
@@ -62,6 +127,7 @@ struct Inner {
     unsubmitted: Cell<u32>,
     submit_wanted: Rc<Notify>,
     stats: Cell<RingStats>,
+    fixed: RefCell<Option<Fixed>>,
 }
 
 impl Inner {
@@ -210,6 +276,7 @@ impl Ring {
             unsubmitted: Cell::new(0),
             submit_wanted: Rc::new(Notify::new()),
             stats: Cell::new(RingStats::default()),
+            fixed: RefCell::new(None),
         });
         // SAFETY: the AsyncFd owns efd, which stays open and unchanged
         // until the AsyncFd drops.
@@ -259,6 +326,71 @@ impl Ring {
 
     pub fn stats(&self) -> RingStats {
         self.inner.stats.get()
+    }
+
+    /// Registers `regions` with the ring as fixed buffers, replacing what
+    /// was registered before; returns the bytes registered.
+    ///
+    /// The kernel pins every page of them (faulting them in) for as long
+    /// as they stay registered, and I/O to or from them then skips the
+    /// per-operation pinning: [`Ring::fixed_index`] finds the buffer for a
+    /// transfer. Pinning needs `RLIMIT_MEMLOCK` room or `CAP_IPC_LOCK`, and
+    /// memory the kernel can pin long-term (anonymous, shmem or hugetlbfs).
+    ///
+    /// A pinned page stays the one I/O goes to even if its owner drops it
+    /// from the mapping's file (a balloon or virtio-mem punching holes in
+    /// guest memory): such memory must not be registered.
+    ///
+    /// # Safety
+    /// Each region must be mapped memory that stays mapped for as long as
+    /// `keep` lives (the ring keeps `keep` while the regions are
+    /// registered).
+    pub unsafe fn register_memory<B: 'static>(
+        &self,
+        regions: &[(*mut u8, usize)],
+        keep: B,
+    ) -> io::Result<u64> {
+        self.unregister_memory();
+        let bufs = fixed_buffers(regions)?;
+        let iovecs: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|&(start, len)| libc::iovec {
+                iov_base: start as *mut libc::c_void,
+                iov_len: len,
+            })
+            .collect();
+        if iovecs.is_empty() {
+            return Ok(0);
+        }
+        // SAFETY: every iovec lies in a region the caller keeps mapped while
+        // `keep` lives, and `keep` stays with the registration.
+        unsafe {
+            self.inner
+                .ring
+                .borrow()
+                .submitter()
+                .register_buffers(&iovecs)
+        }?;
+        let bytes = regions.iter().map(|&(_, len)| len as u64).sum();
+        *self.inner.fixed.borrow_mut() = Some(Fixed {
+            bufs,
+            _keep: Box::new(keep),
+        });
+        Ok(bytes)
+    }
+
+    /// Drops the registered buffers, if any. Operations already submitted
+    /// on them finish on the pages they were given.
+    pub fn unregister_memory(&self) {
+        if self.inner.fixed.borrow_mut().take().is_some() {
+            // Only fails if nothing is registered.
+            let _ = self.inner.ring.borrow().submitter().unregister_buffers();
+        }
+    }
+
+    /// The registered buffer that holds all of `[ptr, ptr + len)`.
+    pub fn fixed_index(&self, ptr: *const u8, len: usize) -> Option<u16> {
+        self.inner.fixed.borrow().as_ref()?.find(ptr as usize, len)
     }
 
     /// Queues `entry` and returns the future of its completion, which owns
@@ -505,5 +637,52 @@ mod tests {
             let (r, _) = ring.read(-1, 0, vec![0u8; 16], 16).await;
             assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
         });
+    }
+
+    #[test]
+    fn big_regions_are_cut_into_overlapping_buffers() {
+        let gib = 1usize << 30;
+        let base = 0x7f00_0000_0000usize;
+        let bufs = fixed_buffers(&[
+            ((base + 4 * gib) as *mut u8, 4096),
+            (base as *mut u8, 2 * gib + 8192),
+        ])
+        .unwrap();
+        let step = FIXED_BUF_MAX - FIXED_BUF_OVERLAP;
+        assert_eq!(
+            bufs,
+            vec![
+                (base, gib),
+                (base + step, gib),
+                (base + 2 * step, 2 * gib + 8192 - 2 * step),
+                (base + 4 * gib, 4096),
+            ]
+        );
+        let fixed = Fixed {
+            bufs,
+            _keep: Box::new(()),
+        };
+        // Every 1 MiB transfer of the big region lies inside one buffer,
+        // including those across a cut.
+        for at in [
+            0,
+            step - 1,
+            gib - (1 << 20),
+            gib - 4096,
+            2 * step + 1,
+            2 * gib + 8192 - (1 << 20),
+        ] {
+            let i = fixed.find(base + at, 1 << 20).expect("covered") as usize;
+            let (start, len) = fixed.bufs[i];
+            assert!(
+                start <= base + at && base + at + (1 << 20) <= start + len,
+                "{at}"
+            );
+        }
+        assert_eq!(fixed.find(base + 4 * gib, 4096), Some(3));
+        assert_eq!(fixed.find(base + 4 * gib, 4097), None);
+        assert_eq!(fixed.find(base + 2 * gib + 8192 - 1, 2), None);
+        assert_eq!(fixed.find(base - 1, 1), None);
+        assert_eq!(fixed.find(usize::MAX, 2), None);
     }
 }

@@ -71,6 +71,8 @@ pub struct Device {
     /// Whether VIRTIO_RING_F_EVENT_IDX was negotiated.
     pub(crate) event_idx: AtomicBool,
     io_errors: AtomicU64,
+    /// Register guest memory with each worker's io_uring (`--pin-guest-memory`).
+    pub pin_memory: bool,
 }
 
 impl Device {
@@ -82,6 +84,7 @@ impl Device {
             writeback: AtomicBool::new(true),
             event_idx: AtomicBool::new(false),
             io_errors: AtomicU64::new(0),
+            pin_memory: false,
         }
     }
 
@@ -260,6 +263,13 @@ impl VhostUserBackend for Backend {
                 .map_err(|_| io::Error::other("guest memory lock poisoned"))?;
             guard.replace(Mem::new());
             return Err(e);
+        }
+        if self.device.pin_memory {
+            // Start registering the new table now rather than at the
+            // queues' next kicks.
+            for q in self.queues.iter() {
+                q.memory_changed();
+            }
         }
         Ok(())
     }

@@ -66,6 +66,11 @@ pub struct ServeOptions {
     pub backing_dirs: Vec<PathBuf>,
     /// LUKS passphrase.
     pub key: Option<Vec<u8>>,
+    /// Register guest memory with the workers' io_uring instances: pins it
+    /// all for the connection's life, and spares the kernel pinning the
+    /// pages of every request. Not for guests whose memory the VMM
+    /// discards (balloon, virtio-mem, free page reporting).
+    pub pin_guest_memory: bool,
 }
 
 /// A failure that stops the daemon.
@@ -244,7 +249,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         cluster_size: disk.cluster_size(),
     };
     let serial = opts.serial.clone().unwrap_or_default().into_bytes();
-    let device = Arc::new(Device::new(disk, config, serial));
+    let mut device = Device::new(disk, config, serial);
+    device.pin_memory = opts.pin_guest_memory;
+    let device = Arc::new(device);
     info!(
         image = %opts.image.display(),
         size = config.size,
@@ -287,6 +294,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             cow_bytes = s.cow_bytes,
             direct_ios = s.direct_ios,
             bounced_ios = s.bounced_ios,
+            fixed_ios = s.fixed_ios,
             "engine counters"
         );
     }
