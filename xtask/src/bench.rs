@@ -2,10 +2,11 @@
 //! workload by workload, in one run.
 //!
 //! Every daemon serves an image made by the same recipe in the same place.
-//! qblk runs with its default O_DIRECT cache, qemu-storage-daemon with
-//! `aio=io_uring,cache.direct=on`; both are driven by `qblk bench` (blkio's
+//! qblk runs with its default O_DIRECT cache (and again with
+//! `--pin-guest-memory`), qemu-storage-daemon with
+//! `aio=io_uring,cache.direct=on`; all are driven by `qblk bench` (blkio's
 //! vhost-user-blk client), and raw is fio with io_uring and O_DIRECT on a
-//! raw file of the same size. Runs alternate between the three, round after
+//! raw file of the same size. Runs alternate between the four, round after
 //! round; each figure is the median of its rounds. CPU time is the daemon
 //! process's user + system time over the run.
 
@@ -108,6 +109,8 @@ const WORKLOADS: &[Workload] = &[
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Target {
     Qblk,
+    /// qblk with `--pin-guest-memory`.
+    QblkPinned,
     Qsd,
     Raw,
 }
@@ -329,17 +332,20 @@ impl Bench {
         let log = self.dir.join(format!("{target:?}.log").to_lowercase());
         let queues = w.queues.to_string();
         let (program, args): (&str, Vec<String>) = match target {
-            Target::Qblk => (
-                self.qblk.as_str(),
-                vec![
+            Target::Qblk | Target::QblkPinned => (self.qblk.as_str(), {
+                let mut a: Vec<String> = vec![
                     "serve".into(),
                     "--socket".into(),
                     socket.display().to_string(),
                     "--queues".into(),
                     queues,
-                    image.into(),
-                ],
-            ),
+                ];
+                if target == Target::QblkPinned {
+                    a.push("--pin-guest-memory".into());
+                }
+                a.push(image.into());
+                a
+            }),
             Target::Qsd => (
                 "qemu-storage-daemon",
                 vec![
@@ -380,7 +386,7 @@ impl Bench {
             cpu_per_mio: if ops > 0.0 { cpu / ops * 1e6 } else { 0.0 },
             meta_per_alloc: 0.0,
         };
-        if target == Target::Qblk {
+        if target != Target::Qsd {
             let allocs = log_number(&log, "allocating_writes").unwrap_or(0.0);
             let meta = log_number(&log, "metadata_writes").unwrap_or(0.0);
             if allocs > 0.0 {
@@ -445,6 +451,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Row {
     name: &'static str,
     qblk: Vec<Sample>,
+    pinned: Vec<Sample>,
     qsd: Vec<Sample>,
     raw: Vec<Sample>,
 }
@@ -473,15 +480,23 @@ fn machine() -> String {
     format!("{cores} cores ({cpu}), Linux {kernel}; {qsd}")
 }
 
+/// The ratios of one workload, for the chart.
+struct Ratios {
+    name: String,
+    vs_qsd: f64,
+    pinned_vs_qsd: f64,
+    vs_raw: f64,
+}
+
 /// A bar chart of the ratios, as SVG.
-fn svg(rows: &[(String, f64, f64)]) -> String {
-    let bar_h = 14.0;
-    let row_h = 40.0;
+fn svg(rows: &[Ratios]) -> String {
+    let bar_h = 12.0;
+    let row_h = 46.0;
     let left = 330.0;
     let scale = 160.0; // pixels per 1.0x
     let max_ratio = rows
         .iter()
-        .flat_map(|r| [r.1, r.2])
+        .flat_map(|r| [r.vs_qsd, r.pinned_vs_qsd, r.vs_raw])
         .fold(2.0f64, f64::max)
         .min(6.0);
     let width = left + scale * max_ratio + 80.0;
@@ -493,7 +508,7 @@ fn svg(rows: &[(String, f64, f64)]) -> String {
     );
     let _ = writeln!(
         s,
-        r##"<text x="10" y="20" font-size="14">qblk throughput relative to qemu-storage-daemon (blue) and raw io_uring (grey)</text>"##
+        r##"<text x="10" y="20" font-size="14">qblk throughput relative to qemu-storage-daemon (blue; green: --pin-guest-memory) and to raw io_uring (grey)</text>"##
     );
     for k in 0..=(max_ratio.ceil() as u32) {
         let x = left + scale * f64::from(k);
@@ -504,23 +519,28 @@ fn svg(rows: &[(String, f64, f64)]) -> String {
             height - 5.0
         );
     }
-    for (i, (name, vs_qsd, vs_raw)) in rows.iter().enumerate() {
+    for (i, r) in rows.iter().enumerate() {
         let y = 40.0 + row_h * i as f64;
         let _ = writeln!(
             s,
             r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
             left - 8.0,
-            y + bar_h,
-            name.replace('&', "&amp;").replace('<', "&lt;")
+            y + bar_h + 6.0,
+            r.name.replace('&', "&amp;").replace('<', "&lt;")
         );
-        for (j, (v, color)) in [(*vs_qsd, "#3672c4"), (*vs_raw, "#999")].iter().enumerate() {
-            let by = y + j as f64 * (bar_h + 2.0);
+        let bars = [
+            (r.vs_qsd, "#3672c4"),
+            (r.pinned_vs_qsd, "#3a9a4a"),
+            (r.vs_raw, "#999"),
+        ];
+        for (j, (v, color)) in bars.iter().enumerate() {
+            let by = y + j as f64 * (bar_h + 1.0);
             let w = scale * v.min(max_ratio);
             let _ = writeln!(
                 s,
                 r#"<rect x="{left}" y="{by}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.1}" y="{:.1}">{v:.2}</text>"#,
                 left + w + 4.0,
-                by + bar_h - 3.0
+                by + bar_h - 2.0
             );
         }
     }
@@ -556,6 +576,7 @@ pub fn bench(opts: &Options) -> Result {
         let mut row = Row {
             name: w.name,
             qblk: Vec::new(),
+            pinned: Vec::new(),
             qsd: Vec::new(),
             raw: Vec::new(),
         };
@@ -566,9 +587,9 @@ pub fn bench(opts: &Options) -> Result {
         for round in 0..opts.rounds {
             // Alternate the order from round to round.
             let order: &[Target] = if round % 2 == 0 {
-                &[Target::Qblk, Target::Qsd, Target::Raw]
+                &[Target::Qblk, Target::Qsd, Target::QblkPinned, Target::Raw]
             } else {
-                &[Target::Raw, Target::Qsd, Target::Qblk]
+                &[Target::Raw, Target::QblkPinned, Target::Qsd, Target::Qblk]
             };
             for &t in order {
                 let sample = match t {
@@ -586,6 +607,7 @@ pub fn bench(opts: &Options) -> Result {
                 eprintln!("  round {round} {t:?}: {:.0} IOPS", sample.iops);
                 match t {
                     Target::Qblk => row.qblk.push(sample),
+                    Target::QblkPinned => row.pinned.push(sample),
                     Target::Qsd => row.qsd.push(sample),
                     Target::Raw => row.raw.push(sample),
                 }
@@ -598,33 +620,46 @@ pub fn bench(opts: &Options) -> Result {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | qblk IOPS | qsd IOPS | raw IOPS | qblk/qsd | qblk/raw | qblk CPU s per M I/O | qsd CPU s per M I/O | qblk CPU / qsd CPU | qblk metadata writes per allocating write |"
+        "| workload | qblk IOPS | qblk pinned IOPS | qsd IOPS | raw IOPS | qblk/qsd | pinned/qsd | qblk/raw | pinned/raw | CPU s per M I/O: qblk | pinned | qsd | CPU qblk/qsd | CPU pinned/qsd | qblk metadata writes per allocating write |"
     );
-    let _ = writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(
+        table,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     let mut ratios = Vec::new();
     for r in &rows {
         let m = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
         let q = m(&r.qblk, |s| s.iops);
+        let p = m(&r.pinned, |s| s.iops);
         let d = m(&r.qsd, |s| s.iops);
         let raw = m(&r.raw, |s| s.iops);
         let qc = m(&r.qblk, |s| s.cpu_per_mio);
+        let pc = m(&r.pinned, |s| s.cpu_per_mio);
         let dc = m(&r.qsd, |s| s.cpu_per_mio);
         let meta = m(&r.qblk, |s| s.meta_per_alloc);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let _ = writeln!(
             table,
-            "| {} | {q:.0} | {d:.0} | {raw:.0} | {:.2} | {:.2} | {qc:.2} | {dc:.2} | {:.2} | {} |",
+            "| {} | {q:.0} | {p:.0} | {d:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {qc:.2} | {pc:.2} | {dc:.2} | {:.2} | {:.2} | {} |",
             r.name,
             ratio(q, d),
+            ratio(p, d),
             ratio(q, raw),
+            ratio(p, raw),
             ratio(qc, dc),
+            ratio(pc, dc),
             if meta > 0.0 {
                 format!("{meta:.4}")
             } else {
                 "-".into()
             }
         );
-        ratios.push((r.name.to_string(), ratio(q, d), ratio(q, raw)));
+        ratios.push(Ratios {
+            name: r.name.to_string(),
+            vs_qsd: ratio(q, d),
+            pinned_vs_qsd: ratio(p, d),
+            vs_raw: ratio(q, raw),
+        });
     }
     let date = run_out("date", &["-u", "+%Y-%m-%d %H:%M UTC"], Path::new("."))?;
     let mut md = String::new();
@@ -650,7 +685,8 @@ pub fn bench(opts: &Options) -> Result {
          first), driven by `qblk bench` over vhost-user. raw is fio (io_uring, O_DIRECT) on a raw \
          file of the same size: this host's limit. Allocating runs start from a fresh empty image \
          and write each 64 KiB cluster once (`--stride 64k`). CPU is the daemon process's user + \
-         system time over the run.\n",
+         system time over the run. \"qblk pinned\" is `qblk serve --pin-guest-memory` (guest \
+         memory registered with io_uring: not the default, see the README).\n",
         opts.rounds, opts.runtime
     );
     md.push_str(&table);
