@@ -20,7 +20,13 @@ fn disk(daemon: &Daemon, queues: u16) -> Disk {
 
 /// Stops the daemon (exit 0 expected), then checks the image with
 /// qemu-img and compares QEMU's reading of it with the guest's md5.
-fn stop_and_compare(dir: &Path, mut daemon: Daemon, image: &str, guest_md5: Option<&String>) {
+/// Returns the daemon's log.
+fn stop_and_compare(
+    dir: &Path,
+    mut daemon: Daemon,
+    image: &str,
+    guest_md5: Option<&String>,
+) -> String {
     let status = daemon.stop();
     assert!(
         status.success(),
@@ -34,6 +40,7 @@ fn stop_and_compare(dir: &Path, mut daemon: Daemon, image: &str, guest_md5: Opti
         guest,
         "{image}: QEMU reads something else than the guest saw"
     );
+    daemon.log()
 }
 
 const FIO_SCRIPT: &str = r#"
@@ -129,7 +136,10 @@ fn filesystem_survives_reboot_and_a_second_vm() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     create_qcow2(d, "fs.qcow2", "64M");
-    let daemon = Daemon::qblk(d, "fs.sock", &["fs.qcow2"]);
+    // With guest memory pinned: registered when the first VM's memory
+    // table arrives, kept across the reboot, let go when the VM goes and
+    // registered again for the second.
+    let daemon = Daemon::qblk(d, "fs.sock", &["--pin-guest-memory", "fs.qcow2"]);
     // First VM: phases 1 and 2 across a guest reboot (a device reset on
     // the same vhost-user connection).
     let vm = Vm::start(d, "fs1", FS_SCRIPT, &[disk(&daemon, 1)], true);
@@ -149,7 +159,21 @@ fn filesystem_survives_reboot_and_a_second_vm() {
         second.0,
         daemon.log()
     );
-    stop_and_compare(d, daemon, "fs.qcow2", second.md5s().get("vda"));
+    let log = stop_and_compare(d, daemon, "fs.qcow2", second.md5s().get("vda"));
+    assert!(
+        log.matches("guest memory pinned").count() >= 2,
+        "both VMs' memory pinned:\n{log}"
+    );
+    let fixed: u64 = log
+        .split("fixed_ios=")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("fixed_ios counter in the log");
+    assert!(
+        fixed > 1000,
+        "guest I/O went through registered buffers:\n{log}"
+    );
 }
 
 const READONLY_SCRIPT: &str = r#"

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod device;
 pub mod disk;
+mod pin;
 pub mod request;
 mod worker;
 

@@ -24,18 +24,17 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{
-    Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::event::EventConsumer;
 
 use qblk_engine::file::KeepAlive;
 
 use crate::device::Device;
+use crate::pin::Pinning;
 use crate::request::{self, Desc, IoSeg, Limits, Mem, Op, Parsed, Request};
 
 pub(crate) type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
@@ -258,98 +257,6 @@ struct Queue {
     pinning: RefCell<Pinning>,
 }
 
-/// Where registering guest memory with a worker's ring stands.
-#[derive(Default)]
-struct Pinning {
-    /// The memory registered with the ring.
-    registered: Option<Arc<Mem>>,
-    /// Memory being faulted in, to be registered next.
-    faulting: Option<Faulting>,
-    /// Registering failed: not tried again on this connection.
-    failed: bool,
-}
-
-/// A helper thread faulting in guest memory before it is registered.
-struct Faulting {
-    mem: Arc<Mem>,
-    done: Arc<AtomicBool>,
-    /// Asks the thread to stop early (the memory changed or went away).
-    cancel: Arc<AtomicBool>,
-}
-
-/// Whether the kernel can pin `region` long-term: memory in shmem (a
-/// memfd) or hugetlbfs, or anonymous memory.
-fn pinnable(region: &vm_memory::GuestRegionMmap) -> bool {
-    const TMPFS_MAGIC: u32 = 0x0102_1994;
-    const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
-    let Some(file) = region.file_offset() else {
-        return true;
-    };
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: fstatfs fills `st` for an open descriptor, or fails.
-    if unsafe { libc::fstatfs(file.file().as_raw_fd(), st.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: fstatfs succeeded, so `st` is initialised.
-    // (`f_type`'s width differs between architectures; the magics fit in
-    // 32 bits.)
-    let kind = unsafe { st.assume_init() }.f_type as u32;
-    kind == TMPFS_MAGIC || kind == HUGETLBFS_MAGIC
-}
-
-impl Faulting {
-    /// Bytes faulted in per `madvise` call, between checks for `cancel`.
-    const CHUNK: usize = 64 << 20;
-
-    fn start(queue: usize, mem: Arc<Mem>, kick: Arc<Notify>) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let cancel = Arc::new(AtomicBool::new(false));
-        let job = (mem.clone(), done.clone(), cancel.clone(), kick.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("qblk-pin{queue}"))
-            .spawn(move || {
-                let (mem, done, cancel, kick) = job;
-                'regions: for r in mem.iter() {
-                    if !pinnable(r) {
-                        // Registration will refuse it without faulting
-                        // anything in; populating a file on disk would
-                        // write it.
-                        continue;
-                    }
-                    let (base, len) = (r.as_ptr(), r.len() as usize);
-                    let mut off = 0;
-                    while off < len {
-                        if cancel.load(Ordering::Acquire) {
-                            break 'regions;
-                        }
-                        let n = (len - off).min(Self::CHUNK);
-                        // SAFETY: [base + off, + n) lies in a mapping of
-                        // `mem`, which this thread keeps alive; populating
-                        // only faults pages in, it changes no contents.
-                        // Failure (a kernel before 5.14) just leaves the
-                        // faulting to the registration.
-                        unsafe {
-                            libc::madvise(
-                                base.wrapping_add(off).cast(),
-                                n,
-                                libc::MADV_POPULATE_WRITE,
-                            )
-                        };
-                        off += n;
-                    }
-                }
-                done.store(true, Ordering::Release);
-                kick.notify_one();
-            });
-        if spawned.is_err() {
-            // No helper: the registration faults the memory in itself.
-            done.store(true, Ordering::Release);
-            kick.notify_one();
-        }
-        Self { mem, done, cancel }
-    }
-}
-
 impl Queue {
     fn new(
         index: usize,
@@ -376,82 +283,6 @@ impl Queue {
         }
     }
 
-    /// Registers `mem` with this thread's ring unless it already is (the
-    /// frontend may have changed its memory table since).
-    ///
-    /// Registering pins every page, faulting in those the guest has not
-    /// touched yet, which for fresh memory takes about a second per GiB.
-    /// So a helper thread faults the memory in first while the queue goes
-    /// on serving without registered buffers; when it is done it kicks the
-    /// worker, and the registration itself is quick.
-    fn pin(&self, mem: &Arc<Mem>) {
-        let mut p = self.pinning.borrow_mut();
-        if p.failed || p.registered.as_ref().is_some_and(|r| Arc::ptr_eq(r, mem)) {
-            return;
-        }
-        match &p.faulting {
-            Some(f) if Arc::ptr_eq(&f.mem, mem) => {
-                if !f.done.load(Ordering::Acquire) {
-                    return;
-                }
-                p.faulting = None;
-            }
-            _ => {
-                if let Some(f) = p.faulting.take() {
-                    f.cancel.store(true, Ordering::Release);
-                }
-                p.faulting = Some(Faulting::start(self.index, mem.clone(), self.kick.clone()));
-                return;
-            }
-        }
-        let regions: Vec<(*mut u8, usize)> =
-            mem.iter().map(|r| (r.as_ptr(), r.len() as usize)).collect();
-        let keep: KeepAlive = mem.clone();
-        let started = std::time::Instant::now();
-        let registered = qblk_engine::uring::Ring::current().and_then(|ring| {
-            // SAFETY: the regions are the mappings of `mem`, which stay
-            // mapped while `keep` (a clone of it) lives, and the ring holds
-            // `keep` while they are registered.
-            unsafe { ring.register_memory(&regions, keep) }
-        });
-        match registered {
-            Ok(bytes) => {
-                info!(
-                    queue = self.index,
-                    mib = bytes >> 20,
-                    ms = started.elapsed().as_millis() as u64,
-                    "guest memory pinned for fixed-buffer I/O"
-                );
-                p.registered = Some(mem.clone());
-            }
-            Err(e) => {
-                // The previous registration (if any) is gone: serve
-                // without one rather than refuse the guest.
-                p.registered = None;
-                p.failed = true;
-                warn!(
-                    queue = self.index,
-                    "cannot pin guest memory ({e}); serving without registered buffers \
-                     (pinning needs CAP_IPC_LOCK or `ulimit -l` above guest RAM, and guest \
-                     memory in shmem, hugetlbfs or anonymous memory)"
-                );
-            }
-        }
-    }
-
-    /// Lets go of the registered guest memory.
-    fn unpin(&self) {
-        let mut p = self.pinning.borrow_mut();
-        if let Some(f) = p.faulting.take() {
-            f.cancel.store(true, Ordering::Release);
-        }
-        if p.registered.take().is_some() {
-            if let Ok(ring) = qblk_engine::uring::Ring::current() {
-                ring.unregister_memory();
-            }
-        }
-    }
-
     /// Pops and starts every available request.
     fn process(self: &Rc<Self>) {
         if self.stopped.get() {
@@ -471,7 +302,10 @@ impl Queue {
             readonly: self.device.config.readonly,
         };
         if self.device.pin_memory {
-            self.pin(&self.mem.memory().into_inner());
+            let mem = self.mem.memory().into_inner();
+            self.pinning
+                .borrow_mut()
+                .update(self.index, &mem, &self.kick);
         }
         loop {
             if event_idx {
@@ -643,7 +477,7 @@ impl Queue {
         self.publish();
         // The frontend's memory is not to stay mapped (or pinned) after
         // it leaves.
-        self.unpin();
+        self.pinning.borrow_mut().release();
         // Let the completer task end.
         self.done_wanted.notify_one();
     }
