@@ -24,7 +24,9 @@ use std::collections::HashMap;
 
 use qblk_qcow2::error::{FormatError, Problem};
 use qblk_qcow2::mapping::L1Entry;
-use qblk_qcow2::snapshot::{MAX_SNAPSHOT_TABLE_BYTES, SnapshotEntry, parse_snapshot_table};
+use qblk_qcow2::snapshot::{
+    SNAPSHOT_TABLE_FIRST_READ, SnapshotEntry, next_snapshot_table_read, parse_snapshot_table,
+};
 use qblk_qcow2::{Geometry, Header};
 
 use crate::file::HostFile;
@@ -245,7 +247,7 @@ pub(crate) async fn read_snapshot_table(
     if h.nb_snapshots == 0 {
         return Ok(None);
     }
-    let mut want = 64u64 << 10;
+    let mut want = SNAPSHOT_TABLE_FIRST_READ;
     loop {
         let buf = file
             .read(h.snapshots_offset, want as usize)
@@ -273,12 +275,16 @@ pub(crate) async fn read_snapshot_table(
                 });
             }
             Ok(r) => return Ok(Some(r)),
-            Err(e)
-                if matches!(e.problem, Problem::Truncated { .. })
-                    && want < MAX_SNAPSHOT_TABLE_BYTES
-                    && h.snapshots_offset + want < file_len =>
-            {
-                want = (want * 4).min(MAX_SNAPSHOT_TABLE_BYTES);
+            Err(e) if matches!(e.problem, Problem::Truncated { .. }) => {
+                match next_snapshot_table_read(want, file_len.saturating_sub(h.snapshots_offset)) {
+                    Some(more) => want = more,
+                    None => {
+                        return Err(Error::Format {
+                            path: file.path().to_owned(),
+                            source: e,
+                        });
+                    }
+                }
             }
             Err(source) => {
                 return Err(Error::Format {

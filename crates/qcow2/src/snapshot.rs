@@ -11,6 +11,18 @@ pub const SNAPSHOT_ENTRY_MIN_BYTES: u64 = 40;
 pub const MAX_SNAPSHOT_EXTRA_DATA_BYTES: u32 = 1024;
 /// QEMU's limit on the whole table (QCOW_MAX_SNAPSHOTS_SIZE).
 pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * crate::header::MAX_SNAPSHOTS as u64;
+/// The first read of the snapshot table: room for hundreds of entries.
+pub const SNAPSHOT_TABLE_FIRST_READ: u64 = 64 << 10;
+
+/// After [`parse_snapshot_table`] found the `want` bytes read too short,
+/// the next, larger read; `None` when more cannot help: the table limit is
+/// reached, or the `available` bytes from the table's offset to the end of
+/// the file are all read already.
+pub fn next_snapshot_table_read(want: u64, available: u64) -> Option<u64> {
+    (want < MAX_SNAPSHOT_TABLE_BYTES && want < available)
+        .then(|| (want * 4).min(MAX_SNAPSHOT_TABLE_BYTES))
+}
+
 /// Extra data version 3 images must carry (vm_state_size_large + disk_size).
 pub const V3_MIN_SNAPSHOT_EXTRA_DATA_BYTES: usize = 16;
 
@@ -180,6 +192,28 @@ pub fn parse_snapshot_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_table_reads_grow_to_the_limit_or_the_end_of_the_file() {
+        let first = SNAPSHOT_TABLE_FIRST_READ;
+        assert_eq!(next_snapshot_table_read(first, u64::MAX), Some(4 * first));
+        assert_eq!(next_snapshot_table_read(first, first + 1), Some(4 * first));
+        assert_eq!(
+            next_snapshot_table_read(first, first),
+            None,
+            "whole file read"
+        );
+        assert_eq!(next_snapshot_table_read(first, 0), None);
+        let last = MAX_SNAPSHOT_TABLE_BYTES / 2;
+        assert_eq!(
+            next_snapshot_table_read(last, u64::MAX),
+            Some(MAX_SNAPSHOT_TABLE_BYTES)
+        );
+        assert_eq!(
+            next_snapshot_table_read(MAX_SNAPSHOT_TABLE_BYTES, u64::MAX),
+            None
+        );
+    }
 
     fn snap(id: &str, name: &str) -> SnapshotEntry {
         SnapshotEntry {

@@ -15,7 +15,9 @@ use qblk_qcow2::bitmap::{BitmapFlags, parse_bitmap_directory};
 use qblk_qcow2::error::Problem;
 use qblk_qcow2::header::CryptMethod;
 use qblk_qcow2::luks::{LUKS_HEADER_BYTES, LuksHeader};
-use qblk_qcow2::snapshot::{MAX_SNAPSHOT_TABLE_BYTES, SnapshotEntry, parse_snapshot_table};
+use qblk_qcow2::snapshot::{
+    SNAPSHOT_TABLE_FIRST_READ, SnapshotEntry, next_snapshot_table_read, parse_snapshot_table,
+};
 
 use crate::image::{ImageFormat, combine_like_qemu, open_read, probe, read_at, read_header};
 use crate::options::human_size;
@@ -338,7 +340,11 @@ pub fn read_snapshots(file: &File, path: &Path, header: &Header) -> Result<Vec<S
     if header.nb_snapshots == 0 {
         return Ok(Vec::new());
     }
-    let mut want: u64 = 64 << 10;
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io(path, "stat", e))?
+        .len();
+    let mut want = SNAPSHOT_TABLE_FIRST_READ;
     loop {
         let buf = read_at(file, path, header.snapshots_offset, want as usize)?;
         match parse_snapshot_table(
@@ -348,12 +354,19 @@ pub fn read_snapshots(file: &File, path: &Path, header: &Header) -> Result<Vec<S
             header.cluster_size(),
         ) {
             Ok((entries, _)) => return Ok(entries),
-            Err(e)
-                if matches!(e.problem, Problem::Truncated { .. })
-                    && (buf.len() as u64) == want
-                    && want < MAX_SNAPSHOT_TABLE_BYTES =>
-            {
-                want = (want * 4).min(MAX_SNAPSHOT_TABLE_BYTES);
+            Err(e) if matches!(e.problem, Problem::Truncated { .. }) => {
+                match next_snapshot_table_read(
+                    want,
+                    file_len.saturating_sub(header.snapshots_offset),
+                ) {
+                    Some(more) => want = more,
+                    None => {
+                        return Err(Error::Format {
+                            path: path.to_owned(),
+                            source: e,
+                        });
+                    }
+                }
             }
             Err(source) => {
                 return Err(Error::Format {
