@@ -74,10 +74,19 @@ fn fio_verify_discard_and_two_queues() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     create_qcow2(d, "disk.qcow2", "128M");
+    // Both queues served by one worker thread (and so one io_uring).
     let daemon = Daemon::qblk(
         d,
         "fio.sock",
-        &["--queues", "2", "--serial", "e2e-fio", "disk.qcow2"],
+        &[
+            "--queues",
+            "2",
+            "--threads",
+            "1",
+            "--serial",
+            "e2e-fio",
+            "disk.qcow2",
+        ],
     );
     let vm = Vm::start(d, "fio", FIO_SCRIPT, &[disk(&daemon, 2)], false);
     let console = vm.finish();

@@ -133,6 +133,94 @@ fn pinned_guest_memory_serves_the_same_bytes_and_is_let_go() {
     assert!(qemu_raw(d, "disk.qcow2") == model);
 }
 
+/// Names of the daemon's queue worker threads.
+fn worker_threads(daemon: &Daemon) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .expect("daemon tasks")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .filter(|n| n.starts_with("qblk-queue"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn queues_share_worker_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    create_qcow2(d, "disk.qcow2", "64M");
+    let mut daemon = Daemon::qblk(
+        d,
+        "s.sock",
+        &[
+            "--queues",
+            "4",
+            "--threads",
+            "2",
+            "--pin-guest-memory",
+            "disk.qcow2",
+        ],
+    );
+    // Queues 0 and 2 on one thread, 1 and 3 on the other.
+    assert_eq!(worker_threads(&daemon), ["qblk-queues0+", "qblk-queues1+"]);
+    {
+        let mut c = Client::connect(&daemon.socket, 4).unwrap();
+        assert_eq!(c.queues.len(), 4);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pinned_kib(&daemon) < 2 * (64 << 10) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // One registration per thread's ring, not per queue.
+        let pinned = pinned_kib(&daemon);
+        assert!(
+            (2 * (64 << 10)..3 * (64 << 10)).contains(&pinned),
+            "{pinned} KiB pinned"
+        );
+        // 16 writes of 64 KiB in flight on each queue, interleaved.
+        for q in 0..4 {
+            for i in 0..16usize {
+                let cluster = (i * 4 + q) as u64;
+                let at = (q * 16 + i) * 65536;
+                let data = pattern(cluster << 16, 65536, 9);
+                c.buf()[at..at + 65536].copy_from_slice(&data);
+                let p = c.ptr(at);
+                c.queues[q].write(cluster << 16, p, 65536, i, blkio::ReqFlags::empty());
+            }
+        }
+        for q in 0..4 {
+            for (_, ret) in c.wait(q, 16) {
+                assert_eq!(ret, 0);
+            }
+        }
+        assert_eq!(c.flush(), 0);
+        // Read back on the queue after the one that wrote.
+        for cluster in 0..64u64 {
+            let q = (cluster as usize + 1) % 4;
+            let p = c.ptr(0);
+            c.queues[q].read(cluster << 16, p, 65536, 0, blkio::ReqFlags::empty());
+            assert_eq!(c.wait(q, 1)[0].1, 0);
+            assert!(
+                c.buf()[..65536] == pattern(cluster << 16, 65536, 9),
+                "cluster {cluster}"
+            );
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pinned_kib(&daemon) != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(pinned_kib(&daemon), 0, "pinned after the frontend left");
+    // The next frontend uses two of the four queues.
+    let mut c = Client::connect(&daemon.socket, 2).unwrap();
+    assert!(c.read_vec(5 << 16, 65536) == pattern(5 << 16, 65536, 9));
+    drop(c);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(counter(&log, "fixed_ios") >= 64, "{log}");
+    qemu_check_clean("disk.qcow2", d);
+}
+
 #[test]
 fn guest_memory_that_cannot_be_pinned_is_served_unpinned() {
     let dir = tempfile::tempdir().unwrap();
@@ -717,6 +805,8 @@ fn formats_are_never_guessed_and_options_are_checked() {
     // Bad options: a clear error, no socket.
     for args in [
         &["--queues", "0", "new.qcow2"][..],
+        &["--threads", "0", "new.qcow2"],
+        &["--queues", "2", "--threads", "3", "new.qcow2"],
         &["--serial", "123456789012345678901", "new.qcow2"],
         &["--cache-size", "lots", "new.qcow2"],
         &["--readonly", "--create", "1G", "other.qcow2"],

@@ -57,9 +57,14 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// clusters.
         #[arg(long, value_name = "SIZE")]
         cache_size: Option<String>,
-        /// Number of virtqueues, each served by its own worker thread.
+        /// Number of virtqueues.
         #[arg(long, default_value_t = 1)]
         queues: u16,
+        /// Worker threads serving the queues (default: one per queue);
+        /// queue i is served by thread i mod N, and a thread's queues share
+        /// one io_uring.
+        #[arg(long, value_name = "N")]
+        threads: Option<u16>,
         /// Create IMAGE with this virtual size (default options) if it does
         /// not exist.
         #[arg(long, value_name = "SIZE")]
@@ -337,6 +342,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             cache,
             cache_size,
             queues,
+            threads,
             create,
             allow_backing_dir,
             key_file,
@@ -371,6 +377,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 },
                 cache_size: cache_size.as_deref().map(parse_size).transpose()?,
                 queues,
+                threads,
                 create: create.as_deref().map(parse_size).transpose()?,
                 backing_dirs: allow_backing_dir,
                 key,

@@ -61,6 +61,9 @@ pub struct ServeOptions {
     /// quarter of it on top).
     pub cache_size: Option<u64>,
     pub queues: u16,
+    /// Worker threads serving the queues (queue i on thread i mod
+    /// threads); `None`: one per queue.
+    pub threads: Option<u16>,
     /// Create the image with this size (default options) if it is missing.
     pub create: Option<u64>,
     /// Directories besides the image's own that backing files may lie in.
@@ -118,6 +121,14 @@ fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
             "--queues {} is outside 1..={MAX_QUEUES}",
             opts.queues
         )));
+    }
+    if let Some(t) = opts.threads {
+        if t == 0 || t > opts.queues {
+            return Err(ServeError::Usage(format!(
+                "--threads {t} is outside 1..={} (the number of queues)",
+                opts.queues
+            )));
+        }
     }
     if let Some(s) = &opts.serial {
         if s.len() > virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize {
@@ -257,6 +268,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         image = %opts.image.display(),
         size = config.size,
         queues = opts.queues,
+        threads = opts.threads.unwrap_or(opts.queues),
         readonly = opts.readonly,
         "disk open"
     );
@@ -307,12 +319,18 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
 
 /// Accepts frontends one after another until asked to stop.
 fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<(), ServeError> {
-    let mut queues = Vec::with_capacity(usize::from(opts.queues));
-    for i in 0..usize::from(opts.queues) {
-        let q = QueueHandle::spawn(i, device.clone())
-            .map_err(|e| ServeError::Start(format!("cannot start queue worker {i}: {e}")))?;
-        queues.push(q);
+    // Queue i is served by thread i mod threads.
+    let threads = usize::from(opts.threads.unwrap_or(opts.queues));
+    let mut queues: Vec<Option<QueueHandle>> = (0..opts.queues).map(|_| None).collect();
+    for t in 0..threads {
+        let indices: Vec<usize> = (t..usize::from(opts.queues)).step_by(threads).collect();
+        let handles = QueueHandle::spawn_thread(&indices, device)
+            .map_err(|e| ServeError::Start(format!("cannot start worker thread {t}: {e}")))?;
+        for (i, h) in indices.into_iter().zip(handles) {
+            queues[i] = Some(h);
+        }
     }
+    let queues: Vec<QueueHandle> = queues.into_iter().flatten().collect();
     let queues = Arc::new(queues);
     *lock(&stop.queues) = Some(queues.clone());
     let mut listener = Listener::new(&opts.socket, true).map_err(|source| ServeError::Listen {
@@ -324,6 +342,9 @@ fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<()
     *lock(&stop.queues) = None;
     for q in queues.iter() {
         q.exit();
+    }
+    for q in queues.iter() {
+        q.join();
     }
     result
 }

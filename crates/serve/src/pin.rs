@@ -27,8 +27,10 @@ pub(crate) struct Pinning {
     registered: Option<Arc<Mem>>,
     /// Memory being faulted in, to be registered next.
     faulting: Option<Faulting>,
-    /// Registering failed: not tried again on this connection.
+    /// Registering failed: not tried again until every queue is detached.
     failed: bool,
+    /// Queues attached on this thread (all of one connection).
+    users: usize,
 }
 
 /// A helper thread faulting in guest memory before it is registered.
@@ -187,8 +189,23 @@ impl Pinning {
         }
     }
 
+    /// A queue of this thread was attached.
+    pub(crate) fn attach(&mut self) {
+        self.users += 1;
+    }
+
+    /// A queue of this thread was detached: when it was the last, the
+    /// registration goes (the connection is over, or the device reset).
+    pub(crate) fn detach(&mut self) {
+        self.users = self.users.saturating_sub(1);
+        if self.users == 0 {
+            self.release();
+            self.failed = false;
+        }
+    }
+
     /// Lets go of the registered guest memory (and stops faulting in).
-    pub(crate) fn release(&mut self) {
+    fn release(&mut self) {
         if let Some(f) = self.faulting.take() {
             f.cancel.store(true, Ordering::Release);
         }

@@ -64,7 +64,8 @@ pub(crate) struct QueueHandle {
     attached: Arc<AtomicBool>,
     /// Set when the daemon stops: kicks no longer attach the vring.
     closed: AtomicBool,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The worker thread, shared with the other queues it serves.
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -78,28 +79,55 @@ impl std::fmt::Debug for Cmd {
 }
 
 impl QueueHandle {
-    /// Starts the worker thread of queue `index`.
-    pub(crate) fn spawn(index: usize, device: Arc<Device>) -> std::io::Result<Self> {
-        let kick = Arc::new(Notify::new());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let attached = Arc::new(AtomicBool::new(false));
-        let worker = Worker {
-            index,
-            device,
-            kick: kick.clone(),
-            attached: attached.clone(),
+    /// Starts one worker thread serving the queues `indices` together
+    /// (one runtime, one io_uring); returns their handles in that order.
+    pub(crate) fn spawn_thread(
+        indices: &[usize],
+        device: &Arc<Device>,
+    ) -> std::io::Result<Vec<Self>> {
+        let mut handles = Vec::with_capacity(indices.len());
+        let mut workers = Vec::with_capacity(indices.len());
+        for &index in indices {
+            let kick = Arc::new(Notify::new());
+            let (tx, rx) = mpsc::unbounded_channel();
+            let attached = Arc::new(AtomicBool::new(false));
+            let worker = Worker {
+                index,
+                device: device.clone(),
+                kick: kick.clone(),
+                attached: attached.clone(),
+            };
+            workers.push((worker, rx));
+            handles.push((index, kick, tx, attached));
+        }
+        let name = match indices {
+            [one] => format!("qblk-queue{one}"),
+            [first, ..] => format!("qblk-queues{first}+"),
+            [] => return Ok(Vec::new()),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("qblk-queue{index}"))
-            .spawn(move || qblk_engine::runtime::block_on(worker.run(rx)))?;
-        Ok(Self {
-            index,
-            kick,
-            cmds: tx,
-            attached,
-            closed: AtomicBool::new(false),
-            thread: Mutex::new(Some(thread)),
-        })
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            qblk_engine::runtime::block_on(async move {
+                // The queues of a thread share its ring, and so what is
+                // registered with it.
+                let pinning = Rc::new(RefCell::new(Pinning::default()));
+                let runs = workers
+                    .into_iter()
+                    .map(|(w, rx)| w.run(rx, pinning.clone()));
+                futures_util::future::join_all(runs).await;
+            })
+        })?;
+        let thread = Arc::new(Mutex::new(Some(thread)));
+        Ok(handles
+            .into_iter()
+            .map(|(index, kick, cmds, attached)| Self {
+                index,
+                kick,
+                cmds,
+                attached,
+                closed: AtomicBool::new(false),
+                thread: thread.clone(),
+            })
+            .collect())
     }
 
     /// The guest kicked `vring` (or it was just enabled); called on the
@@ -172,10 +200,16 @@ impl QueueHandle {
         self.detach();
     }
 
-    /// Ends the worker thread (after detaching).
+    /// Ends the queue's worker (after detaching). Its thread ends once
+    /// every queue it serves has been told to exit: see [`QueueHandle::join`].
     pub(crate) fn exit(&self) {
         self.detach();
         let _ = self.cmds.send(Cmd::Exit);
+    }
+
+    /// Waits for the worker thread to end (after [`QueueHandle::exit`] of
+    /// every queue it serves).
+    pub(crate) fn join(&self) {
         if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = t.join();
         }
@@ -190,14 +224,14 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+    async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>, pinning: Rc<RefCell<Pinning>>) {
         let mut queue: Option<Rc<Queue>> = None;
         loop {
             tokio::select! {
                 biased;
                 cmd = cmds.recv() => match cmd {
                     Some(Cmd::Attach(vring, mem, kick_fd)) => {
-                        let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone()));
+                        let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone(), pinning.clone()));
                         tokio::task::spawn_local(q.clone().completer());
                         if let Some(fd) = kick_fd {
                             // SAFETY: the AsyncFd owns `fd` (our own duplicate of
@@ -253,8 +287,9 @@ struct Queue {
     /// Wakes the kick watcher when the queue is detached.
     detached: Notify,
     bad_requests: Cell<u64>,
-    /// Guest memory registered with this thread's ring (`--pin-guest-memory`).
-    pinning: RefCell<Pinning>,
+    /// Guest memory registered with this thread's ring (`--pin-guest-memory`),
+    /// shared with the thread's other queues.
+    pinning: Rc<RefCell<Pinning>>,
 }
 
 impl Queue {
@@ -264,7 +299,9 @@ impl Queue {
         mem: GuestMemoryAtomic<Mem>,
         device: Arc<Device>,
         kick: Arc<Notify>,
+        pinning: Rc<RefCell<Pinning>>,
     ) -> Self {
+        pinning.borrow_mut().attach();
         Self {
             index,
             vring,
@@ -279,7 +316,7 @@ impl Queue {
             done_wanted: Notify::new(),
             detached: Notify::new(),
             bad_requests: Cell::new(0),
-            pinning: RefCell::new(Pinning::default()),
+            pinning,
         }
     }
 
@@ -477,7 +514,7 @@ impl Queue {
         self.publish();
         // The frontend's memory is not to stay mapped (or pinned) after
         // it leaves.
-        self.pinning.borrow_mut().release();
+        self.pinning.borrow_mut().detach();
         // Let the completer task end.
         self.done_wanted.notify_one();
     }
