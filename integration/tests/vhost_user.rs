@@ -200,10 +200,24 @@ type Case = Box<dyn Fn(&mut Conn, RawFd) -> Outcome>;
 
 #[test]
 fn malformed_messages_get_an_error_or_a_disconnect() {
+    malformed_messages(&[]);
+}
+
+/// The same with guest memory pinned: every memory table a frontend sends
+/// (good, refused, replaced) goes through registration too.
+#[test]
+fn malformed_messages_with_pinned_memory() {
+    malformed_messages(&["--pin-guest-memory"]);
+}
+
+fn malformed_messages(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     create_qcow2(d, "disk.qcow2", "16M");
-    let mut daemon = Daemon::qblk(d, "v.sock", &["--queues", "2", "disk.qcow2"]);
+    let mut args = vec!["--queues", "2"];
+    args.extend_from_slice(extra);
+    args.push("disk.qcow2");
+    let mut daemon = Daemon::qblk(d, "v.sock", &args);
     let mem = memfd(MEM);
     let good_region = [0, MEM, 0x7f00_0000_0000, 0];
 
@@ -562,6 +576,11 @@ fn malformed_messages_get_an_error_or_a_disconnect() {
         fds_after.len()
     );
     assert!(daemon.stop().success(), "{}", daemon.log());
+    if extra.contains(&"--pin-guest-memory") {
+        let log = daemon.log();
+        assert!(log.contains("guest memory pinned"), "{log}");
+        assert!(!log.contains("cannot pin"), "{log}");
+    }
 }
 
 impl Conn {

@@ -23,7 +23,7 @@ use crate::request::Mem;
 /// Where registering guest memory with a worker's ring stands.
 #[derive(Default)]
 pub(crate) struct Pinning {
-    /// The memory registered with the ring.
+    /// The memory table registered with the ring (or found empty).
     registered: Option<Arc<Mem>>,
     /// Memory being faulted in, to be registered next.
     faulting: Option<Faulting>,
@@ -126,6 +126,13 @@ impl Pinning {
                 .as_ref()
                 .is_some_and(|r| Arc::ptr_eq(r, mem))
         {
+            return;
+        }
+        if mem.num_regions() == 0 {
+            // No memory (a refused table was replaced by an empty one):
+            // nothing to register, and nothing to fail on.
+            self.release();
+            self.registered = Some(mem.clone());
             return;
         }
         match &self.faulting {
