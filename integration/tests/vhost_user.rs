@@ -211,7 +211,7 @@ fn malformed_messages_with_pinned_memory() {
 }
 
 fn malformed_messages(extra: &[&str]) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("temp dir");
     let d = dir.path();
     create_qcow2(d, "disk.qcow2", "16M");
     let mut args = vec!["--queues", "2"];
@@ -223,7 +223,7 @@ fn malformed_messages(extra: &[&str]) {
 
     // Warm up once with a real client, so descriptors opened on first use
     // (the image, io_uring instances, worker eventfds) are counted.
-    let mut c = Client::connect(&daemon.socket, 2).unwrap();
+    let mut c = Client::connect(&daemon.socket, 2).expect("warm-up client");
     c.buf()[..4096].fill(0x42);
     assert_eq!(c.write(0, 0, 4096), 0);
     drop(c);
@@ -558,7 +558,7 @@ fn malformed_messages(extra: &[&str]) {
     );
 
     // The next frontend is served, and the data is intact.
-    let mut c = Client::connect(&daemon.socket, 2).unwrap();
+    let mut c = Client::connect(&daemon.socket, 2).expect("client after the malformed messages");
     assert_eq!(c.read_vec(0, 4096), vec![0x42; 4096]);
     drop(c);
     // Every descriptor the messages carried was closed, and nothing of a
