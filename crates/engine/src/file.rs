@@ -576,10 +576,14 @@ mod tests {
                 (m.0.as_mut_ptr(), m.1.as_mut_ptr())
             };
             // SAFETY: both regions live in `mem`, which `keep` (held by the
-            // ring while registered) keeps alive.
-            let bytes = unsafe { ring.register_memory(&[(a, 65536), (b, 131072)], keep.clone()) }
-                .expect("registering 192 KiB needs no more than the default memlock limit");
-            assert_eq!(bytes, 196608);
+            // ring while registered, and here until the end) keeps alive.
+            let shared =
+                unsafe { crate::uring::SharedMemory::register(&[(a, 65536), (b, 131072)]) }
+                    .expect("registering 192 KiB needs no more than the default memlock limit");
+            assert_eq!(shared.bytes(), 196608);
+            // SAFETY: as just said.
+            unsafe { ring.adopt_memory(&shared, keep.clone()) }.expect("adopt");
+            drop(shared);
             assert_eq!(ring.fixed_index(a, 65536), ring.fixed_index(a, 1));
             assert!(ring.fixed_index(a, 65537).is_none(), "runs past the region");
             // SAFETY: the slices lie in `mem`, kept alive by `keep`, and

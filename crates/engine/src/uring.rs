@@ -111,6 +111,69 @@ fn fixed_buffers(regions: &[(*mut u8, usize)]) -> io::Result<Vec<(usize, usize)>
     Ok(bufs)
 }
 
+fn iovecs(bufs: &[(usize, usize)]) -> Vec<libc::iovec> {
+    bufs.iter()
+        .map(|&(start, len)| libc::iovec {
+            iov_base: start as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect()
+}
+
+/// Memory registered once, with a ring of its own, for the rings of
+/// several threads to share through [`Ring::adopt_memory`].
+///
+/// Registering pins every page (faulting it in) for as long as the
+/// registration, or a ring's clone of it, lasts. Pinning needs
+/// `RLIMIT_MEMLOCK` room or `CAP_IPC_LOCK`, and memory the kernel can pin
+/// long-term (anonymous, shmem or hugetlbfs). A pinned page stays the one
+/// I/O goes to even if its owner drops it from the mapping's file (a
+/// balloon or virtio-mem punching holes in guest memory): such memory must
+/// not be registered.
+pub struct SharedMemory {
+    ring: IoUring,
+    /// `(start address, length)` of buffer `i`, sorted by start address.
+    bufs: Vec<(usize, usize)>,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for SharedMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedMemory")
+            .field("buffers", &self.bufs.len())
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl SharedMemory {
+    /// Pins and registers `regions` (blocking: faulting memory in takes
+    /// time).
+    ///
+    /// # Safety
+    /// Each region must be mapped memory that stays mapped, at these
+    /// addresses, for as long as any ring uses the registration (see
+    /// [`Ring::adopt_memory`]).
+    pub unsafe fn register(regions: &[(*mut u8, usize)]) -> io::Result<Self> {
+        let bufs = fixed_buffers(regions)?;
+        let ring = IoUring::new(1)?;
+        if !bufs.is_empty() {
+            // SAFETY: every iovec lies in a region the caller keeps mapped.
+            unsafe { ring.submitter().register_buffers(&iovecs(&bufs)) }?;
+        }
+        Ok(Self {
+            ring,
+            bufs,
+            bytes: regions.iter().map(|&(_, len)| len as u64).sum(),
+        })
+    }
+
+    /// Bytes registered.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 struct Slot {
     result: Option<i32>,
     waker: Option<Waker>,
@@ -328,55 +391,47 @@ impl Ring {
         self.inner.stats.get()
     }
 
-    /// Registers `regions` with the ring as fixed buffers, replacing what
-    /// was registered before; returns the bytes registered.
+    /// Makes `shared`'s buffers this ring's registered buffers, replacing
+    /// what was registered before; returns whether the registration was
+    /// cloned (Linux 6.12 and later: the pages stay pinned once, however
+    /// many rings share them) rather than registered again (older kernels:
+    /// pinned again for this ring).
     ///
-    /// The kernel pins every page of them (faulting them in) for as long
-    /// as they stay registered, and I/O to or from them then skips the
-    /// per-operation pinning: [`Ring::fixed_index`] finds the buffer for a
-    /// transfer. Pinning needs `RLIMIT_MEMLOCK` room or `CAP_IPC_LOCK`, and
-    /// memory the kernel can pin long-term (anonymous, shmem or hugetlbfs).
-    ///
-    /// A pinned page stays the one I/O goes to even if its owner drops it
-    /// from the mapping's file (a balloon or virtio-mem punching holes in
-    /// guest memory): such memory must not be registered.
+    /// I/O to or from the memory then skips the per-operation pinning:
+    /// [`Ring::fixed_index`] finds the buffer for a transfer.
     ///
     /// # Safety
-    /// Each region must be mapped memory that stays mapped for as long as
-    /// `keep` lives (the ring keeps `keep` while the regions are
-    /// registered).
-    pub unsafe fn register_memory<B: 'static>(
+    /// The memory must stay mapped, at the addresses it was registered
+    /// with, for as long as `keep` lives (the ring keeps `keep` while the
+    /// buffers are registered).
+    pub unsafe fn adopt_memory<B: 'static>(
         &self,
-        regions: &[(*mut u8, usize)],
+        shared: &SharedMemory,
         keep: B,
-    ) -> io::Result<u64> {
+    ) -> io::Result<bool> {
         self.unregister_memory();
-        let bufs = fixed_buffers(regions)?;
-        let iovecs: Vec<libc::iovec> = bufs
-            .iter()
-            .map(|&(start, len)| libc::iovec {
-                iov_base: start as *mut libc::c_void,
-                iov_len: len,
-            })
-            .collect();
-        if iovecs.is_empty() {
-            return Ok(0);
+        if shared.bufs.is_empty() {
+            return Ok(false);
         }
-        // SAFETY: every iovec lies in a region the caller keeps mapped while
-        // `keep` lives, and `keep` stays with the registration.
-        unsafe {
-            self.inner
-                .ring
-                .borrow()
-                .submitter()
-                .register_buffers(&iovecs)
-        }?;
-        let bytes = regions.iter().map(|&(_, len)| len as u64).sum();
+        let cloned = {
+            let ring = self.inner.ring.borrow();
+            let submitter = ring.submitter();
+            match submitter.register_buffers_clone(shared.ring.as_raw_fd()) {
+                Ok(()) => true,
+                Err(_) => {
+                    // SAFETY: the buffers lie in memory the caller keeps
+                    // mapped while `keep` lives, and `keep` stays with the
+                    // registration.
+                    unsafe { submitter.register_buffers(&iovecs(&shared.bufs)) }?;
+                    false
+                }
+            }
+        };
         *self.inner.fixed.borrow_mut() = Some(Fixed {
-            bufs,
+            bufs: shared.bufs.clone(),
             _keep: Box::new(keep),
         });
-        Ok(bytes)
+        Ok(cloned)
     }
 
     /// Drops the registered buffers, if any. Operations already submitted

@@ -18,6 +18,7 @@ use vmm_sys_util::event::{
 
 use crate::config::{CONFIG_LEN, CONFIG_WRITEBACK, DeviceConfig, MAX_QUEUE_SIZE};
 use crate::disk::{Disk, DiskError};
+use crate::pin::SharedPins;
 use crate::request::Mem;
 use crate::worker::{QueueHandle, Vring};
 
@@ -123,6 +124,8 @@ pub(crate) struct Backend {
     /// Exit-event consumers given to the library (see
     /// [`Backend::close_exit_events`]).
     exit_consumers: std::sync::Mutex<Vec<RawFd>>,
+    /// Pinning of this connection's memory tables (`--pin-guest-memory`).
+    pins: Arc<SharedPins>,
 }
 
 impl Backend {
@@ -137,6 +140,7 @@ impl Backend {
             mem,
             epoll_fds: std::sync::Mutex::new(Vec::new()),
             exit_consumers: std::sync::Mutex::new(Vec::new()),
+            pins: Arc::new(SharedPins::default()),
         }
     }
 
@@ -319,7 +323,7 @@ impl VhostUserBackend for Backend {
                     .lock()
                     .ok()
                     .and_then(|f| f.get(thread_id).copied());
-                q.kick(vring, &self.mem, epoll_fd);
+                q.kick(vring, &self.mem, &self.pins, epoll_fd);
                 Ok(())
             }
             _ => Err(io::Error::new(

@@ -1,49 +1,138 @@
-//! `--pin-guest-memory`: registering the frontend's memory with a queue
-//! worker's io_uring, so reads and writes of guest buffers skip the
-//! kernel's per-request page pinning.
+//! `--pin-guest-memory`: registering the frontend's memory with the queue
+//! workers' io_uring instances, so reads and writes of guest buffers skip
+//! the kernel's per-request page pinning.
 //!
 //! Registering pins every page, faulting in those the guest has not
-//! touched yet, which for fresh memory takes about a second per GiB. So a
-//! helper thread faults the memory in first while the queue goes on
-//! serving without registered buffers; when it is done it kicks the
-//! worker, whose registration then takes about a millisecond per 64 MiB.
+//! touched yet, which for fresh memory takes about a second per GiB. So
+//! for each memory table of a connection one helper thread faults the
+//! memory in and registers it with a ring of its own ([`SharedMemory`]),
+//! while the queues go on serving without registered buffers; then it
+//! kicks the queue that asked, and each worker thread adopts the
+//! registration into its ring at its next look (a clone of it on Linux
+//! 6.12 and later, so the pages are pinned once however many threads
+//! serve the queues).
 
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
 use tracing::{info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use qblk_engine::file::KeepAlive;
+use qblk_engine::uring::{Ring, SharedMemory};
 
 use crate::request::Mem;
 
-/// Where registering guest memory with a worker's ring stands.
-#[derive(Default)]
-pub(crate) struct Pinning {
-    /// The memory table registered with the ring (or found empty).
-    registered: Option<Arc<Mem>>,
-    /// Memory being faulted in, to be registered next.
-    faulting: Option<Faulting>,
-    /// Registering failed: not tried again until every queue is detached.
-    failed: bool,
-    /// Queues attached on this thread (all of one connection).
-    users: usize,
+/// Bytes faulted in per `madvise` call, between checks for cancellation.
+const FAULT_CHUNK: usize = 64 << 20;
+
+/// The pinning of one connection's memory tables, shared by its queues.
+#[derive(Debug, Default)]
+pub(crate) struct SharedPins {
+    job: Mutex<Option<Arc<Job>>>,
 }
 
-/// A helper thread faulting in guest memory before it is registered.
-struct Faulting {
+/// Pinning one memory table: a helper thread's work and its outcome.
+#[derive(Debug)]
+struct Job {
     mem: Arc<Mem>,
-    done: Arc<AtomicBool>,
-    /// Asks the thread to stop early (the memory changed or went away).
-    cancel: Arc<AtomicBool>,
+    /// Asks the helper to stop early (the table changed).
+    cancel: AtomicBool,
+    result: OnceLock<Result<SharedMemory, String>>,
+    /// The kicks of the queues waiting for the result.
+    waiters: Mutex<Vec<Arc<Notify>>>,
+}
+
+impl SharedPins {
+    /// The job pinning `mem`, started if this is the first ask (a job for
+    /// an older table is cancelled). `kick` wakes the asking queue when
+    /// the job is done, unless it is done already.
+    fn job_for(&self, queue: usize, mem: &Arc<Mem>, kick: &Arc<Notify>) -> Arc<Job> {
+        let mut slot = self.job.lock().unwrap_or_else(|e| e.into_inner());
+        let job = match slot.as_ref().filter(|j| Arc::ptr_eq(&j.mem, mem)) {
+            Some(job) => job.clone(),
+            None => {
+                if let Some(old) = slot.take() {
+                    old.cancel.store(true, Ordering::Release);
+                }
+                let job = Arc::new(Job {
+                    mem: mem.clone(),
+                    cancel: AtomicBool::new(false),
+                    result: OnceLock::new(),
+                    waiters: Mutex::new(Vec::new()),
+                });
+                let work = job.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("qblk-pin{queue}"))
+                    .spawn(move || work.finish(work.run()));
+                if let Err(e) = spawned {
+                    job.finish(Err(format!("cannot start a thread to pin it: {e}")));
+                }
+                *slot = Some(job.clone());
+                job
+            }
+        };
+        // Registered before the caller looks at the result: a result set
+        // after that look finds this kick.
+        let mut waiters = job.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if !waiters.iter().any(|w| Arc::ptr_eq(w, kick)) {
+            waiters.push(kick.clone());
+        }
+        drop(waiters);
+        job
+    }
+}
+
+impl Job {
+    /// Records the outcome and wakes the queues waiting for it.
+    fn finish(&self, result: Result<SharedMemory, String>) {
+        let _ = self.result.set(result);
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in waiters {
+            w.notify_one();
+        }
+    }
+
+    /// Faults the pinnable regions in, then registers them.
+    fn run(&self) -> Result<SharedMemory, String> {
+        let regions: Vec<(*mut u8, usize)> = self
+            .mem
+            .iter()
+            .filter(|r| pinnable(r))
+            .map(|r| (r.as_ptr(), r.len() as usize))
+            .collect();
+        if regions.is_empty() {
+            return Err("none of its regions is in shmem or hugetlbfs".into());
+        }
+        for &(base, len) in &regions {
+            let mut off = 0;
+            while off < len {
+                if self.cancel.load(Ordering::Acquire) {
+                    return Err("replaced by a newer memory table".into());
+                }
+                let n = (len - off).min(FAULT_CHUNK);
+                // SAFETY: [base + off, + n) lies in a mapping of `mem`,
+                // which the job keeps alive; populating only faults pages
+                // in, it changes no contents. Failure (a kernel before
+                // 5.14) leaves the faulting to the registration.
+                unsafe {
+                    libc::madvise(base.wrapping_add(off).cast(), n, libc::MADV_POPULATE_WRITE)
+                };
+                off += n;
+            }
+        }
+        // SAFETY: the regions are mappings of `mem`; every ring that adopts
+        // the registration keeps a clone of `mem` (see `Pinning::update`).
+        unsafe { SharedMemory::register(&regions) }.map_err(|e| e.to_string())
+    }
 }
 
 /// Whether the kernel can pin `region` long-term: memory in shmem (a
 /// memfd) or hugetlbfs, or anonymous memory. (It refuses other file
-/// mappings: their pages may be written back and replaced.)
+/// mappings: their pages may be written back and replaced; and
+/// populating a file on disk would write it.)
 fn pinnable(region: &GuestRegionMmap) -> bool {
     const TMPFS_MAGIC: u32 = 0x0102_1994;
     const HUGETLBFS_MAGIC: u32 = 0x9584_58f6;
@@ -62,140 +151,18 @@ fn pinnable(region: &GuestRegionMmap) -> bool {
     kind == TMPFS_MAGIC || kind == HUGETLBFS_MAGIC
 }
 
-impl Faulting {
-    /// Bytes faulted in per `madvise` call, between checks for `cancel`.
-    const CHUNK: usize = 64 << 20;
-
-    fn start(queue: usize, mem: Arc<Mem>, kick: Arc<Notify>) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let cancel = Arc::new(AtomicBool::new(false));
-        let job = (mem.clone(), done.clone(), cancel.clone(), kick.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("qblk-pin{queue}"))
-            .spawn(move || {
-                let (mem, done, cancel, kick) = job;
-                'regions: for r in mem.iter() {
-                    if !pinnable(r) {
-                        // Registration will refuse it without faulting
-                        // anything in; populating a file on disk would
-                        // write it.
-                        continue;
-                    }
-                    let (base, len) = (r.as_ptr(), r.len() as usize);
-                    let mut off = 0;
-                    while off < len {
-                        if cancel.load(Ordering::Acquire) {
-                            break 'regions;
-                        }
-                        let n = (len - off).min(Self::CHUNK);
-                        // SAFETY: [base + off, + n) lies in a mapping of
-                        // `mem`, which this thread keeps alive; populating
-                        // only faults pages in, it changes no contents.
-                        // Failure (a kernel before 5.14) just leaves the
-                        // faulting to the registration.
-                        unsafe {
-                            libc::madvise(
-                                base.wrapping_add(off).cast(),
-                                n,
-                                libc::MADV_POPULATE_WRITE,
-                            )
-                        };
-                        off += n;
-                    }
-                }
-                done.store(true, Ordering::Release);
-                kick.notify_one();
-            });
-        if spawned.is_err() {
-            // No helper: the registration faults the memory in itself.
-            done.store(true, Ordering::Release);
-            kick.notify_one();
-        }
-        Self { mem, done, cancel }
-    }
+/// Where one worker thread's ring stands with guest memory.
+#[derive(Debug, Default)]
+pub(crate) struct Pinning {
+    /// The memory table adopted by the ring (or found empty).
+    adopted: Option<Arc<Mem>>,
+    /// Pinning failed: not tried again until every queue is detached.
+    failed: bool,
+    /// Queues attached on this thread (all of one connection).
+    users: usize,
 }
 
 impl Pinning {
-    /// Registers `mem` with this thread's ring unless it already is (the
-    /// frontend may have changed its memory table since), or starts
-    /// faulting it in; `kick` wakes the worker when that is done.
-    pub(crate) fn update(&mut self, queue: usize, mem: &Arc<Mem>, kick: &Arc<Notify>) {
-        if self.failed
-            || self
-                .registered
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, mem))
-        {
-            return;
-        }
-        if mem.num_regions() == 0 {
-            // No memory (a refused table was replaced by an empty one):
-            // nothing to register, and nothing to fail on.
-            self.release();
-            self.registered = Some(mem.clone());
-            return;
-        }
-        match &self.faulting {
-            Some(f) if Arc::ptr_eq(&f.mem, mem) => {
-                if !f.done.load(Ordering::Acquire) {
-                    return;
-                }
-                self.faulting = None;
-            }
-            _ => {
-                if let Some(f) = self.faulting.take() {
-                    f.cancel.store(true, Ordering::Release);
-                }
-                self.faulting = Some(Faulting::start(queue, mem.clone(), kick.clone()));
-                return;
-            }
-        }
-        // Regions the kernel cannot pin are left out (their requests go
-        // unpinned) rather than failing the whole table.
-        let regions: Vec<(*mut u8, usize)> = mem
-            .iter()
-            .filter(|r| pinnable(r))
-            .map(|r| (r.as_ptr(), r.len() as usize))
-            .collect();
-        let keep: KeepAlive = mem.clone();
-        let started = std::time::Instant::now();
-        let registered = if regions.is_empty() {
-            Err(std::io::Error::other(
-                "none of its regions is in shmem or hugetlbfs",
-            ))
-        } else {
-            qblk_engine::uring::Ring::current().and_then(|ring| {
-                // SAFETY: the regions are mappings of `mem`, which stay
-                // mapped while `keep` (a clone of it) lives, and the ring
-                // holds `keep` while they are registered.
-                unsafe { ring.register_memory(&regions, keep) }
-            })
-        };
-        match registered {
-            Ok(bytes) => {
-                info!(
-                    queue,
-                    mib = bytes >> 20,
-                    ms = started.elapsed().as_millis() as u64,
-                    "guest memory pinned for fixed-buffer I/O"
-                );
-                self.registered = Some(mem.clone());
-            }
-            Err(e) => {
-                // Serve without registered buffers rather than refuse the
-                // guest; and let go of any earlier table's.
-                self.failed = true;
-                self.release();
-                warn!(
-                    queue,
-                    "cannot pin guest memory ({e}); serving without registered buffers \
-                     (pinning needs CAP_IPC_LOCK or `ulimit -l` above guest RAM, and guest \
-                     memory in shmem, hugetlbfs or anonymous memory)"
-                );
-            }
-        }
-    }
-
     /// A queue of this thread was attached.
     pub(crate) fn attach(&mut self) {
         self.users += 1;
@@ -211,13 +178,68 @@ impl Pinning {
         }
     }
 
-    /// Lets go of the registered guest memory (and stops faulting in).
-    fn release(&mut self) {
-        if let Some(f) = self.faulting.take() {
-            f.cancel.store(true, Ordering::Release);
+    /// Brings this thread's ring up to date with `mem`, the memory table
+    /// queue `queue` sees: adopts its registration if `pins` has finished
+    /// it, or has it started (`kick` wakes the queue when it is done).
+    pub(crate) fn update(
+        &mut self,
+        pins: &SharedPins,
+        queue: usize,
+        mem: &Arc<Mem>,
+        kick: &Arc<Notify>,
+    ) {
+        if self.failed || self.adopted.as_ref().is_some_and(|a| Arc::ptr_eq(a, mem)) {
+            return;
         }
-        if self.registered.take().is_some() {
-            if let Ok(ring) = qblk_engine::uring::Ring::current() {
+        if mem.num_regions() == 0 {
+            // No memory (a refused table was replaced by an empty one):
+            // nothing to register, and nothing to fail on.
+            self.release();
+            self.adopted = Some(mem.clone());
+            return;
+        }
+        let job = pins.job_for(queue, mem, kick);
+        let Some(result) = job.result.get() else {
+            return;
+        };
+        let adopted = result.as_ref().map_err(Clone::clone).and_then(|shared| {
+            let ring = Ring::current().map_err(|e| e.to_string())?;
+            let keep: KeepAlive = mem.clone();
+            // SAFETY: the registration covers mappings of `mem`, which stay
+            // mapped while `keep` (a clone of it) lives, and the ring holds
+            // `keep` while the buffers are registered.
+            let cloned = unsafe { ring.adopt_memory(shared, keep) }.map_err(|e| e.to_string())?;
+            Ok((shared.bytes(), cloned))
+        });
+        match adopted {
+            Ok((bytes, cloned)) => {
+                info!(
+                    queue,
+                    mib = bytes >> 20,
+                    cloned,
+                    "guest memory pinned for fixed-buffer I/O"
+                );
+                self.adopted = Some(mem.clone());
+            }
+            Err(e) => {
+                // Serve without registered buffers rather than refuse the
+                // guest; and let go of any earlier table's.
+                self.release();
+                self.failed = true;
+                warn!(
+                    queue,
+                    "cannot pin guest memory ({e}); serving without registered buffers \
+                     (pinning needs CAP_IPC_LOCK or `ulimit -l` above guest RAM, and guest \
+                     memory in shmem, hugetlbfs or anonymous memory)"
+                );
+            }
+        }
+    }
+
+    /// Lets go of the ring's registration.
+    fn release(&mut self) {
+        if self.adopted.take().is_some() {
+            if let Ok(ring) = Ring::current() {
                 ring.unregister_memory();
             }
         }

@@ -34,7 +34,7 @@ use vmm_sys_util::event::EventConsumer;
 use qblk_engine::file::KeepAlive;
 
 use crate::device::Device;
-use crate::pin::Pinning;
+use crate::pin::{Pinning, SharedPins};
 use crate::request::{self, Desc, IoSeg, Limits, Mem, Op, Parsed, Request};
 
 pub(crate) type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
@@ -50,7 +50,12 @@ const BAD_REQUEST_LOG_EVERY: u64 = 1000;
 enum Cmd {
     /// Serve this vring; with the kick eventfd when the worker is to watch
     /// it itself.
-    Attach(Vring, GuestMemoryAtomic<Mem>, Option<EventConsumer>),
+    Attach(
+        Vring,
+        GuestMemoryAtomic<Mem>,
+        Option<EventConsumer>,
+        Arc<SharedPins>,
+    ),
     Detach(std::sync::mpsc::Sender<()>),
     Exit,
 }
@@ -140,7 +145,13 @@ impl QueueHandle {
     /// edge-triggered wakeups and never reads its counter, so if
     /// vhost-user-backend registers the fd again (it does when the ring is
     /// re-enabled) the epoll thread's reads cannot find it empty.
-    pub(crate) fn kick(&self, vring: &Vring, mem: &GuestMemoryAtomic<Mem>, epoll_fd: Option<i32>) {
+    pub(crate) fn kick(
+        &self,
+        vring: &Vring,
+        mem: &GuestMemoryAtomic<Mem>,
+        pins: &Arc<SharedPins>,
+        epoll_fd: Option<i32>,
+    ) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -156,7 +167,9 @@ impl QueueHandle {
                 (Some((fd, dup)), Some(_)) => (Some(fd), Some(dup)),
                 _ => (None, None),
             };
-            let _ = self.cmds.send(Cmd::Attach(vring.clone(), mem.clone(), own));
+            let _ = self
+                .cmds
+                .send(Cmd::Attach(vring.clone(), mem.clone(), own, pins.clone()));
             if let (Some(fd), Some(epfd)) = (kick_fd, epoll_fd) {
                 // SAFETY: epoll_ctl on the epoll instance of this thread's
                 // vhost-user-backend handler (alive while it calls us) and the
@@ -230,8 +243,8 @@ impl Worker {
             tokio::select! {
                 biased;
                 cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Attach(vring, mem, kick_fd)) => {
-                        let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone(), pinning.clone()));
+                    Some(Cmd::Attach(vring, mem, kick_fd, pins)) => {
+                        let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone(), pinning.clone(), pins));
                         tokio::task::spawn_local(q.clone().completer());
                         if let Some(fd) = kick_fd {
                             // SAFETY: the AsyncFd owns `fd` (our own duplicate of
@@ -290,6 +303,8 @@ struct Queue {
     /// Guest memory registered with this thread's ring (`--pin-guest-memory`),
     /// shared with the thread's other queues.
     pinning: Rc<RefCell<Pinning>>,
+    /// The connection's pinning jobs, shared with its other queues.
+    pins: Arc<SharedPins>,
 }
 
 impl Queue {
@@ -300,6 +315,7 @@ impl Queue {
         device: Arc<Device>,
         kick: Arc<Notify>,
         pinning: Rc<RefCell<Pinning>>,
+        pins: Arc<SharedPins>,
     ) -> Self {
         pinning.borrow_mut().attach();
         Self {
@@ -317,6 +333,7 @@ impl Queue {
             detached: Notify::new(),
             bad_requests: Cell::new(0),
             pinning,
+            pins,
         }
     }
 
@@ -342,7 +359,7 @@ impl Queue {
             let mem = self.mem.memory().into_inner();
             self.pinning
                 .borrow_mut()
-                .update(self.index, &mem, &self.kick);
+                .update(&self.pins, self.index, &mem, &self.kick);
         }
         loop {
             if event_idx {
