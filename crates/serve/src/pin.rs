@@ -85,6 +85,15 @@ impl SharedPins {
     }
 }
 
+impl Drop for SharedPins {
+    /// The connection is over: a helper still at work stops.
+    fn drop(&mut self) {
+        if let Some(job) = self.job.get_mut().ok().and_then(Option::take) {
+            job.cancel.store(true, Ordering::Release);
+        }
+    }
+}
+
 impl Job {
     /// Records the outcome and wakes the queues waiting for it.
     fn finish(&self, result: Result<SharedMemory, String>) {
