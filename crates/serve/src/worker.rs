@@ -1,5 +1,7 @@
-//! Queue workers: one thread per virtqueue, each with its own current-thread
-//! tokio runtime, `LocalSet` and io_uring (the engine's per-thread ring).
+//! Queue workers: one thread per virtqueue (or per group of them, with
+//! `--threads`), each with its own current-thread tokio runtime, `LocalSet`
+//! and io_uring (the engine's per-thread ring), which the queues of a
+//! thread share.
 //!
 //! A worker pops every available descriptor chain, parses it, and runs each
 //! request as a local task; the task's engine I/O goes out through this
