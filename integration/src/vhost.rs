@@ -157,6 +157,18 @@ impl Drop for Daemon {
     }
 }
 
+/// The value of `name=N` in a daemon log (the closing engine counters).
+pub fn log_counter(log: &str, name: &str) -> u64 {
+    let at = log
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("no {name} in {log}"));
+    log[at + name.len() + 1..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("counter value")
+}
+
 /// A vhost-user-blk client: one blkio instance, its queues and a shared
 /// memory region for buffers.
 pub struct Client {

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use qblk_integration::guest::{Disk, Vm, qemu_md5};
-use qblk_integration::vhost::Daemon;
+use qblk_integration::vhost::{Daemon, log_counter};
 use qblk_integration::{create_qcow2, qemu_check_clean, sh};
 
 fn disk(daemon: &Daemon, queues: u16) -> Disk {
@@ -173,12 +173,7 @@ fn filesystem_survives_reboot_and_a_second_vm() {
         log.matches("guest memory pinned").count() >= 2,
         "both VMs' memory pinned:\n{log}"
     );
-    let fixed: u64 = log
-        .split("fixed_ios=")
-        .nth(1)
-        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .expect("fixed_ios counter in the log");
+    let fixed = log_counter(&log, "fixed_ios");
     assert!(
         fixed > 1000,
         "guest I/O went through registered buffers:\n{log}"

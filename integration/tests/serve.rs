@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use qblk_integration::rawq::{D, DATA, QUEUE_SIZE, RawFrontend};
-use qblk_integration::vhost::{Client, Daemon};
+use qblk_integration::vhost::{Client, Daemon, log_counter};
 use qblk_integration::{
     create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, qemu_info, qemu_raw, run, sh, stderr,
 };
@@ -28,18 +28,6 @@ fn pattern(offset: u64, len: usize, generation: u8) -> Vec<u8> {
             x as u8 ^ generation
         })
         .collect()
-}
-
-/// The value of `name=N` in the daemon's closing counters.
-fn counter(log: &str, name: &str) -> u64 {
-    let at = log
-        .find(&format!("{name}="))
-        .unwrap_or_else(|| panic!("no {name} in {log}"));
-    log[at + name.len() + 1..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("counter value")
 }
 
 /// Kilobytes of the daemon's memory pinned (io_uring registered buffers).
@@ -120,10 +108,10 @@ fn pinned_guest_memory_serves_the_same_bytes_and_is_let_go() {
     assert!(log.contains("guest memory pinned"), "{log}");
     // Every direct transfer that did not bounce (through the daemon's own
     // memory, for a misaligned one) went through a registered buffer.
-    let fixed = counter(&log, "fixed_ios");
+    let fixed = log_counter(&log, "fixed_ios");
     assert!(fixed >= aligned, "{log}");
     assert!(
-        fixed >= counter(&log, "direct_ios") - counter(&log, "bounced_ios"),
+        fixed >= log_counter(&log, "direct_ios") - log_counter(&log, "bounced_ios"),
         "{log}"
     );
     qemu_check_clean("disk.qcow2", d);
@@ -140,6 +128,29 @@ fn worker_threads(daemon: &Daemon) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// Puts `per_queue` writes of 64 KiB in flight on every queue of `c` at
+/// once, to interleaved clusters (of n queues, queue q writes clusters q,
+/// q + n, q + 2n, ...; cluster k gets `pattern(k << 16, 65536,
+/// generation)`), and waits for them all to succeed.
+fn write_interleaved(c: &mut Client, per_queue: usize, generation: u8) {
+    let n = c.queues.len();
+    for q in 0..n {
+        for i in 0..per_queue {
+            let cluster = (i * n + q) as u64;
+            let at = (q * per_queue + i) * 65536;
+            let data = pattern(cluster << 16, 65536, generation);
+            c.buf()[at..at + 65536].copy_from_slice(&data);
+            let p = c.ptr(at);
+            c.queues[q].write(cluster << 16, p, 65536, i, blkio::ReqFlags::empty());
+        }
+    }
+    for q in 0..n {
+        for (_, ret) in c.wait(q, per_queue) {
+            assert_eq!(ret, 0, "write on queue {q}");
+        }
+    }
 }
 
 /// Waits until `needle` appears `count` times in the daemon's log.
@@ -203,22 +214,7 @@ fn queues_share_worker_threads() {
             daemon.log()
         );
         assert_pinned_once(&daemon, 64 << 10, 2);
-        // 16 writes of 64 KiB in flight on each queue, interleaved.
-        for q in 0..4 {
-            for i in 0..16usize {
-                let cluster = (i * 4 + q) as u64;
-                let at = (q * 16 + i) * 65536;
-                let data = pattern(cluster << 16, 65536, 9);
-                c.buf()[at..at + 65536].copy_from_slice(&data);
-                let p = c.ptr(at);
-                c.queues[q].write(cluster << 16, p, 65536, i, blkio::ReqFlags::empty());
-            }
-        }
-        for q in 0..4 {
-            for (_, ret) in c.wait(q, 16) {
-                assert_eq!(ret, 0);
-            }
-        }
+        write_interleaved(&mut c, 16, 9);
         assert_eq!(c.flush(), 0);
         // Read back on the queue after the one that wrote.
         for cluster in 0..64u64 {
@@ -243,7 +239,7 @@ fn queues_share_worker_threads() {
     drop(c);
     assert!(daemon.stop().success(), "{}", daemon.log());
     let log = daemon.log();
-    assert!(counter(&log, "fixed_ios") >= 64, "{log}");
+    assert!(log_counter(&log, "fixed_ios") >= 64, "{log}");
     qemu_check_clean("disk.qcow2", d);
 }
 
@@ -289,7 +285,12 @@ fn guest_memory_that_cannot_be_pinned_is_served_unpinned() {
     assert_eq!(raw.read(DATA + 16384, 4096), data);
     drop(raw);
     assert!(daemon.stop().success(), "{}", daemon.log());
-    assert_eq!(counter(&daemon.log(), "fixed_ios"), 0, "{}", daemon.log());
+    assert_eq!(
+        log_counter(&daemon.log(), "fixed_ios"),
+        0,
+        "{}",
+        daemon.log()
+    );
     // Memory that cannot be pinned is not faulted in either: that would
     // have written all of a file on disk.
     use std::os::unix::fs::MetadataExt;
@@ -369,23 +370,7 @@ fn several_queues_serve_at_once() {
     {
         let mut c = Client::connect(&daemon.socket, 2).unwrap();
         assert_eq!(c.queues.len(), 2);
-        // 64 writes of 64 KiB in flight on each queue, to interleaved
-        // clusters (queue q writes clusters q, q+2, ...).
-        for q in 0..2 {
-            for i in 0..64usize {
-                let cluster = (i * 2 + q) as u64;
-                let at = (q * 64 + i) * 65536;
-                let data = pattern(cluster << 16, 65536, 1);
-                c.buf()[at..at + 65536].copy_from_slice(&data);
-                let p = c.ptr(at);
-                c.queues[q].write(cluster << 16, p, 65536, i, blkio::ReqFlags::empty());
-            }
-        }
-        for q in 0..2 {
-            for (_, ret) in c.wait(q, 64) {
-                assert_eq!(ret, 0);
-            }
-        }
+        write_interleaved(&mut c, 64, 1);
         assert_eq!(c.flush(), 0);
         let back = c.read_vec(0, 128 << 16);
         for cluster in 0..128u64 {
@@ -400,9 +385,9 @@ fn several_queues_serve_at_once() {
     // Page-aligned buffers and cluster-aligned offsets: every data transfer
     // went between guest memory and the image file without a bounce.
     let log = daemon.log();
-    assert!(counter(&log, "direct_ios") >= 129, "{log}");
-    assert_eq!(counter(&log, "bounced_ios"), 0, "{log}");
-    assert_eq!(counter(&log, "fixed_ios"), 0, "not asked to pin: {log}");
+    assert!(log_counter(&log, "direct_ios") >= 129, "{log}");
+    assert_eq!(log_counter(&log, "bounced_ios"), 0, "{log}");
+    assert_eq!(log_counter(&log, "fixed_ios"), 0, "not asked to pin: {log}");
     qemu_check_clean("disk.qcow2", d);
 }
 

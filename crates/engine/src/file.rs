@@ -245,9 +245,28 @@ impl HostFile {
         )
     }
 
-    /// Counts a transfer through a registered buffer.
-    fn count_fixed(&self) {
-        self.fixed_ios.fetch_add(1, Ordering::Relaxed);
+    /// The SQE of a direct read into, or write from, `len` bytes at `ptr`:
+    /// through the ring's registered buffer when one holds them.
+    fn transfer_entry(
+        &self,
+        ring: &Ring,
+        write: bool,
+        ptr: *mut u8,
+        len: u32,
+        offset: u64,
+    ) -> io_uring::squeue::Entry {
+        use io_uring::opcode::{Read, ReadFixed, Write, WriteFixed};
+        let fd = io_uring::types::Fd(self.fd());
+        let fixed = ring.fixed_index(ptr, len as usize);
+        if fixed.is_some() {
+            self.fixed_ios.fetch_add(1, Ordering::Relaxed);
+        }
+        match (write, fixed) {
+            (false, Some(i)) => ReadFixed::new(fd, ptr, len, i).offset(offset).build(),
+            (false, None) => Read::new(fd, ptr, len).offset(offset).build(),
+            (true, Some(i)) => WriteFixed::new(fd, ptr, len, i).offset(offset).build(),
+            (true, None) => Write::new(fd, ptr, len).offset(offset).build(),
+        }
     }
 
     /// Like [`HostFile::read_into`], but the kernel reads straight into
@@ -271,19 +290,13 @@ impl HostFile {
         let mut done = 0usize;
         while done < len {
             let want = u32::try_from(len - done).unwrap_or(MAX_IO_BYTES);
-            let fd = io_uring::types::Fd(self.fd());
-            let ptr = dst[done..].as_mut_ptr();
-            let entry = match ring.fixed_index(ptr, want as usize) {
-                Some(index) => {
-                    self.count_fixed();
-                    io_uring::opcode::ReadFixed::new(fd, ptr, want, index)
-                        .offset(offset + done as u64)
-                        .build()
-                }
-                None => io_uring::opcode::Read::new(fd, ptr, want)
-                    .offset(offset + done as u64)
-                    .build(),
-            };
+            let entry = self.transfer_entry(
+                &ring,
+                false,
+                dst[done..].as_mut_ptr(),
+                want,
+                offset + done as u64,
+            );
             // SAFETY: the entry points into dst, which the caller keeps
             // valid while `keep` lives; the operation holds a clone of
             // `keep` until its completion, however its future ends.
@@ -317,19 +330,10 @@ impl HostFile {
         let mut done = 0usize;
         while done < data.len() {
             let want = u32::try_from(data.len() - done).unwrap_or(MAX_IO_BYTES);
-            let fd = io_uring::types::Fd(self.fd());
-            let ptr = data[done..].as_ptr();
-            let entry = match ring.fixed_index(ptr, want as usize) {
-                Some(index) => {
-                    self.count_fixed();
-                    io_uring::opcode::WriteFixed::new(fd, ptr, want, index)
-                        .offset(offset + done as u64)
-                        .build()
-                }
-                None => io_uring::opcode::Write::new(fd, ptr, want)
-                    .offset(offset + done as u64)
-                    .build(),
-            };
+            // The kernel only reads from `data` (the pointer is mutable
+            // because the entry builder is shared with reads).
+            let ptr = data[done..].as_ptr().cast_mut();
+            let entry = self.transfer_entry(&ring, true, ptr, want, offset + done as u64);
             let rec = self.rec_submit(offset + done as u64, &data[done..done + want as usize]);
             // SAFETY: as in read_direct.
             let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
