@@ -17,6 +17,7 @@ use qblk_qcow2::refcount::{RefcountTableEntry, get_refcount};
 use qblk_qcow2::tally::{RefcountMismatch, RefcountTally, compare};
 use qblk_qcow2::{Geometry, Header};
 
+use crate::commit::{Commit, Edge, End, Files};
 use crate::file::{CacheMode, HostFile};
 use crate::image::{Error, Result, read_header};
 
@@ -80,12 +81,8 @@ impl Checker<'_> {
     }
 }
 
-fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        op,
-        source,
-    }
+fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + use<> {
+    Error::io(path, op, None)
 }
 
 /// Checks the image at `path`. An `Err` means the image could not be
@@ -556,12 +553,23 @@ async fn fix_leaks(path: &Path, report: &CheckReport) -> Result<()> {
         )
         .expect("lowering a refcount always fits");
     }
+    // The lowered refcounts, all at once, durable before this returns.
+    let mut c = Commit::new(End::Durable);
     for (off, b) in blocks {
-        file.write_aligned(off, b)
-            .await
-            .map_err(io(path, "write refcount block"))?;
+        let _ = c.write("write refcount block", off, b);
     }
-    file.flush().await.map_err(io(path, "flush"))
+    c.run(repair_files(&file)).await?;
+    Ok(())
+}
+
+/// The files a repair commits to: the image alone (its guest data is not
+/// touched).
+fn repair_files(file: &HostFile) -> Files<'_> {
+    Files {
+        image: file,
+        data: None,
+        counters: None,
+    }
 }
 
 /// Writes a new refcount table and blocks past everything in use, from the
@@ -602,25 +610,23 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
     // everything from cluster 0 through themselves.
     let end = tally.end().max(g.clusters_for(file_len));
     let per_block = g.refcount_block_entries();
-    let (mut rt, mut nb) = (1u64, 1u64);
-    loop {
-        let total = end + rt + nb;
-        let nb2 = total.div_ceil(per_block);
-        let rt2 = g.clusters_for(nb2 * 8);
-        if (rt2, nb2) == (rt, nb) {
-            break;
-        }
-        (rt, nb) = (rt2.max(rt), nb2.max(nb));
-    }
-    if rt > (qblk_qcow2::types::MAX_REFCOUNT_TABLE_BYTES / cs).max(1) {
-        return Err(Error::Unsupported {
-            path: path.to_owned(),
-            what: "rebuilt refcount table would exceed 8 MiB".into(),
-        });
-    }
+    let layout = qblk_qcow2::refcount::refcount_layout(
+        &g,
+        qblk_qcow2::HostCluster(0),
+        qblk_qcow2::ClusterCount(end),
+        Some(0),
+        |_| false,
+    )
+    .ok_or_else(|| Error::Unsupported {
+        path: path.to_owned(),
+        what: "rebuilt refcount table would exceed 8 MiB".into(),
+    })?;
+    let (rt, nb) = (layout.table_clusters.0, layout.new_blocks.len() as u64);
     let total = end + rt + nb;
     let first_block = end + rt;
     let max = g.refcount_max();
+    let mut commit = Commit::new(End::Durable);
+    let mut block_ids = Vec::new();
     for b in 0..nb {
         let mut buf = crate::buf::AlignedBuf::zeroed(cs as usize);
         for i in 0..per_block {
@@ -644,35 +650,33 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
             qblk_qcow2::refcount::set_refcount(&mut buf, g.refcount_order(), i as usize, value)
                 .expect("checked against max");
         }
-        file.write_aligned((first_block + b) * cs, buf)
-            .await
-            .map_err(io(path, "write refcount block"))?;
+        block_ids.push(commit.write("write refcount block", (first_block + b) * cs, buf));
     }
     let mut table = crate::buf::AlignedBuf::zeroed((rt * cs) as usize);
-    for b in 0..nb {
-        let e = RefcountTableEntry::new(qblk_qcow2::HostOffset((first_block + b) * cs));
-        table[b as usize * 8..b as usize * 8 + 8].copy_from_slice(&e.0.to_be_bytes());
-    }
-    file.write_aligned(end * cs, table)
-        .await
-        .map_err(io(path, "write refcount table"))?;
-    file.flush().await.map_err(io(path, "flush"))?;
+    qblk_qcow2::encode_table(
+        (0..nb).map(|b| RefcountTableEntry::new(qblk_qcow2::HostOffset((first_block + b) * cs)).0),
+        &mut table,
+    );
+    block_ids.push(commit.write("write refcount table", end * cs, table));
 
+    // The header switches to them once they are durable, and its dirty bit
+    // goes with the old refcounts.
     header.refcount_table_offset = end * cs;
     header.refcount_table_clusters = u32::try_from(rt).expect("bounded by 8 MiB");
     header
         .incompatible_features
         .remove(qblk_qcow2::header::IncompatibleFeatures::DIRTY);
-    let bytes = header.encode().map_err(|source| Error::Format {
-        path: path.to_owned(),
-        source,
-    })?;
-    file.write(0, &bytes)
-        .await
-        .map_err(io(path, "write header"))?;
-    file.flush().await.map_err(io(path, "flush"))?;
+    let bytes = header.encode().map_err(Error::format(path))?;
+    let mut hbuf = crate::buf::AlignedBuf::zeroed(bytes.len());
+    hbuf.copy_from_slice(&bytes);
+    let h = commit.write("write header", 0, hbuf);
+    commit.after_all(h, &block_ids, Edge::Durable);
+    commit.run(repair_files(&file)).await?;
 
-    // COPIED flags of the active tables, from the new refcounts.
+    // COPIED flags of the active tables, from the new refcounts: one more
+    // commit, after the switch (a crash before it leaves flags that only
+    // cost copy-on-write, which check reports and the next rebuild fixes).
+    let mut fixes_commit = Commit::new(End::Durable);
     let external = header.has_external_data_file();
     for (index, raw) in active_l1 {
         let entry = L1Entry(raw);
@@ -680,12 +684,13 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
         let want = tally.get(l2 / cs) == 1;
         if want != entry.copied() {
             let fixed = L1Entry::new(qblk_qcow2::HostOffset(l2), want);
-            file.write(
+            let mut entry = crate::buf::AlignedBuf::zeroed(8);
+            qblk_qcow2::encode_table([fixed.0], &mut entry);
+            let _ = fixes_commit.write(
+                "write L1 entry",
                 header.l1_table_offset + index as u64 * 8,
-                &fixed.0.to_be_bytes(),
-            )
-            .await
-            .map_err(io(path, "write L1 entry"))?;
+                entry,
+            );
         }
     }
     let copied_bit = qblk_qcow2::mapping::COPIED;
@@ -733,11 +738,10 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
                 }
             }
             if changed {
-                file.write_aligned(l2.0, table)
-                    .await
-                    .map_err(io(path, "write L2 table"))?;
+                let _ = fixes_commit.write("write L2 table", l2.0, table);
             }
         }
     }
-    file.flush().await.map_err(io(path, "flush"))
+    fixes_commit.run(repair_files(&file)).await?;
+    Ok(())
 }

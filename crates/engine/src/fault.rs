@@ -47,6 +47,44 @@ struct State {
 pub struct Recorder {
     initial: Vec<u8>,
     state: Mutex<State>,
+    /// Metadata writes held back by a test (see [`Recorder::stall`]).
+    stalls: Mutex<Vec<Arc<Stall>>>,
+}
+
+/// A gate that holds every metadata write of one kind until released.
+#[derive(Debug)]
+pub struct Stall {
+    op: &'static str,
+    released: std::sync::atomic::AtomicBool,
+    /// How many writes reached the gate.
+    hits: std::sync::atomic::AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl Stall {
+    /// Lets the held writes (and every later one) go.
+    pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// How many writes have reached the gate so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    async fn wait(&self) {
+        self.hits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        loop {
+            // Created before the check: a release in between still wakes it.
+            let notified = self.notify.notified();
+            if self.released.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<Recorder>>> {
@@ -65,6 +103,7 @@ impl Recorder {
         let r = Arc::new(Recorder {
             initial: std::fs::read(path)?,
             state: Mutex::new(State::default()),
+            stalls: Mutex::new(Vec::new()),
         });
         registry()
             .lock()
@@ -125,6 +164,39 @@ impl Recorder {
         let mut s = self.state();
         s.durable.extend(ids.iter().copied());
         s.events.push(Event::Synced { ids });
+    }
+
+    /// Holds every metadata write of kind `op` ("write L2 table", "write
+    /// refcount block", "write header"…) until the returned gate is
+    /// released: a test can leave a commit stuck in its I/O and watch what
+    /// else goes on meanwhile.
+    pub fn stall(&self, op: &'static str) -> Arc<Stall> {
+        let s = Arc::new(Stall {
+            op,
+            released: std::sync::atomic::AtomicBool::new(false),
+            hits: std::sync::atomic::AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
+        });
+        self.stalls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(s.clone());
+        s
+    }
+
+    /// Waits at every unreleased gate for `op`.
+    pub(crate) async fn stall_point(&self, op: &'static str) {
+        let gates: Vec<Arc<Stall>> = self
+            .stalls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.op == op)
+            .cloned()
+            .collect();
+        for g in gates {
+            g.wait().await;
+        }
     }
 
     /// Marks a point in the history; returns its event index.

@@ -220,6 +220,17 @@ impl HostFile {
     #[cfg(not(feature = "fault-injection"))]
     fn rec_done(&self, _id: Option<usize>) {}
 
+    /// Crash tests: where a metadata write of kind `op` may be held back
+    /// by a test (see `fault::Recorder::stall`). Nothing in the product.
+    pub(crate) async fn stall_point(&self, op: &'static str) {
+        #[cfg(feature = "fault-injection")]
+        if let Some(r) = &self.rec {
+            r.stall_point(op).await;
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        let _ = op;
+    }
+
     /// Whether I/O of `len` bytes at `offset` to or from `addr` can go
     /// straight to caller memory (and counts the answer).
     fn direct(&self, offset: u64, addr: *const u8, len: usize) -> bool {
@@ -418,9 +429,29 @@ impl HostFile {
         Ok(())
     }
 
-    /// Sets the file's length (resize only; not on the data path).
-    pub fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+    /// Sets the file's length without blocking the thread: through the
+    /// ring (`IORING_OP_FTRUNCATE`, Linux 6.9 and later), or on a helper
+    /// thread where the kernel lacks it (Debian 12's 6.1).
+    pub async fn set_len(&self, len: u64) -> io::Result<()> {
+        let ring = Ring::current()?;
+        if ring.supports_ftruncate() {
+            return ring.ftruncate(self.fd(), len).await.0.map(|_| ());
+        }
+        self.set_len_on_helper(len).await
+    }
+
+    /// `ftruncate` on a short-lived helper thread, awaited here.
+    async fn set_len_on_helper(&self, len: u64) -> io::Result<()> {
+        let file = self.file.try_clone()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("qblk-truncate".into())
+            .spawn(move || {
+                // The receiver waits for this; if it went away, nobody asks.
+                let _ = tx.send(file.set_len(len));
+            })?;
+        rx.await
+            .unwrap_or_else(|_| Err(io::Error::other("truncate helper thread ended")))
     }
 
     /// fallocate(2) through the ring: `mode` is `FALLOC_FL_*`.
@@ -489,6 +520,23 @@ mod tests {
             20000,
             "writes inside the file do not extend it"
         );
+    }
+
+    #[test]
+    fn set_len_through_the_ring_and_through_the_helper() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [1u8; 10000]).unwrap();
+        block_on(async {
+            let f = HostFile::open(&path, true, CacheMode::None).unwrap();
+            f.set_len(8192).await.unwrap();
+            assert_eq!(f.file_len().unwrap(), 8192);
+            // The fallback of kernels without IORING_OP_FTRUNCATE.
+            f.set_len_on_helper(4096).await.unwrap();
+            assert_eq!(f.file_len().unwrap(), 4096);
+            f.set_len(65536).await.unwrap();
+            assert_eq!(f.file_len().unwrap(), 65536);
+        });
     }
 
     #[test]

@@ -29,44 +29,7 @@ pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
 /// QEMU (8 MiB of 16-bit refcounts covers 256 GiB of 64 KiB clusters).
 pub const DEFAULT_REFCOUNT_CACHE_BYTES: u64 = DEFAULT_L2_CACHE_BYTES / 4;
 
-/// An engine error. Messages are short; sources carry the detail.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    #[error("{}: {op}", path.display())]
-    Io {
-        path: PathBuf,
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: invalid qcow2 image", path.display())]
-    Format {
-        path: PathBuf,
-        #[source]
-        source: FormatError,
-    },
-    #[error("{}: {what}", path.display())]
-    Unsupported { path: PathBuf, what: String },
-    #[error("{}: backing file refused: {reason}", path.display())]
-    Backing { path: PathBuf, reason: String },
-    #[error("{}: compressed cluster at host offset {offset:#x} does not decompress: {reason}", path.display())]
-    Decompress {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
-    /// Metadata found inconsistent while serving a request. The image has
-    /// been marked corrupt (best effort) and takes no more writes.
-    #[error("{}: inconsistent metadata: {what}; image marked corrupt", path.display())]
-    Corrupt { path: PathBuf, what: String },
-    #[error("{}: image was marked corrupt: writes refused", path.display())]
-    MarkedCorrupt { path: PathBuf },
-    #[error("request [{offset:#x}, +{len:#x}) is beyond the virtual disk ({size} bytes)")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use crate::error::{Error, Result};
 
 /// Which backing files an image may open.
 #[derive(Debug, Clone)]
@@ -132,6 +95,13 @@ impl Default for OpenOptions {
     }
 }
 
+/// What lies below an image, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum BackingRef<'a> {
+    Qcow2(&'a Image),
+    Raw { file: &'a HostFile, size: u64 },
+}
+
 /// What lies below an image.
 #[derive(Debug)]
 pub(crate) enum Backing {
@@ -142,36 +112,27 @@ pub(crate) enum Backing {
 /// A qcow2 image open for reading (and, if opened so, writing).
 #[derive(Debug)]
 pub struct Image {
-    pub(crate) path: PathBuf,
-    /// The header as opened; fields the write path changes (refcount
-    /// table location, autoclear bits) are tracked by the allocator.
-    pub(crate) header: Header,
-    pub(crate) geometry: Geometry,
-    pub(crate) file: HostFile,
-    pub(crate) data_file: Option<HostFile>,
-    pub(crate) backing: Option<Backing>,
-    pub(crate) writable: bool,
+    path: PathBuf,
+    /// The header as opened; what the write path changes (the refcount
+    /// table's and L1 table's location, the size, feature bits) is the
+    /// writer's.
+    header: Header,
+    geometry: Geometry,
+    file: HostFile,
+    data_file: Option<HostFile>,
+    backing: Option<Backing>,
     /// The virtual disk size (grows with `resize`).
-    pub(crate) size: std::sync::atomic::AtomicU64,
+    size: std::sync::atomic::AtomicU64,
     /// The mapping tables. Held only for in-memory lookups and updates,
     /// never across an await.
-    pub(crate) tables: Mutex<Tables>,
-    /// The allocator: serialises allocation and metadata writeback.
-    pub(crate) alloc: tokio::sync::Mutex<crate::write::Alloc>,
-    pub(crate) counters: crate::stats::Counters,
-    /// Set once metadata was found inconsistent: no more writes.
-    pub(crate) corrupt: std::sync::atomic::AtomicBool,
-    /// Counts completed writes, so a flush can tell whether a writeback
-    /// that already finished covered everything acknowledged before it.
-    pub(crate) write_gen: std::sync::atomic::AtomicU64,
-    pub(crate) refcount_cache_bytes: u64,
+    tables: Mutex<Tables>,
+    counters: crate::stats::Counters,
+    refcount_cache_bytes: u64,
     /// The unlocked data cipher of a LUKS image opened with its key.
-    pub(crate) crypto: Option<crate::crypto::Crypto>,
-    /// Serialises partial-sector writes to encrypted images (each decrypts,
-    /// patches and re-encrypts whole sectors).
-    pub(crate) crypto_rmw: tokio::sync::Mutex<()>,
-    /// Per-guest-cluster locks of allocations, zeroing and discards.
-    pub(crate) cluster_locks: Mutex<std::collections::HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    crypto: Option<crate::crypto::Crypto>,
+    /// What only a writable image has: the allocator, the commit lock,
+    /// guest-cluster locks (`crate::write`).
+    writer: Option<crate::write::Writer>,
 }
 
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
@@ -187,17 +148,16 @@ pub(crate) struct Tables {
     pub(crate) l1_dirty: bool,
     pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
     pub(crate) l2_dirty: std::collections::HashMap<u64, Arc<AlignedBuf>>,
+    /// Moves on whenever L2 tables were written back: a table read from
+    /// disk before that may be older than what the disk holds now.
+    pub(crate) l2_epoch: u64,
     /// The metadata clusters found at open (writable images; empty
     /// otherwise): guest data never goes there.
     pub(crate) meta: Arc<crate::layout::MetaMap>,
 }
 
-fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + 'a {
-    move |source| Error::Io {
-        path: path.to_owned(),
-        op,
-        source,
-    }
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + use<> {
+    Error::io(path, op, None)
 }
 
 impl Image {
@@ -212,7 +172,7 @@ impl Image {
             img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
         }
         if opts.writable {
-            crate::write::prepare_for_writing(&img).await?;
+            img.writer = Some(crate::write::prepare_for_writing(&img).await?);
         }
         Ok(img)
     }
@@ -358,7 +318,6 @@ impl Image {
                 file,
                 data_file,
                 backing,
-                writable,
                 size: std::sync::atomic::AtomicU64::new(size),
                 tables: Mutex::new(Tables {
                     l1_offset,
@@ -367,16 +326,13 @@ impl Image {
                     l1_dirty: false,
                     l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),
                     l2_dirty: std::collections::HashMap::new(),
+                    l2_epoch: 0,
                     meta: Arc::default(),
                 }),
-                alloc: tokio::sync::Mutex::new(crate::write::Alloc::default()),
                 counters: crate::stats::Counters::default(),
-                corrupt: std::sync::atomic::AtomicBool::new(false),
-                write_gen: std::sync::atomic::AtomicU64::new(0),
                 refcount_cache_bytes: opts.refcount_cache_bytes,
                 crypto,
-                crypto_rmw: tokio::sync::Mutex::new(()),
-                cluster_locks: Mutex::new(std::collections::HashMap::new()),
+                writer: None,
             })
         })
     }
@@ -421,6 +377,53 @@ impl Image {
         &self.path
     }
 
+    /// Whether the image was opened for writing.
+    pub fn is_writable(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The image file (all metadata lives here).
+    pub(crate) fn file(&self) -> &HostFile {
+        &self.file
+    }
+
+    /// The external data file, if the image has one.
+    pub(crate) fn data_file(&self) -> Option<&HostFile> {
+        self.data_file.as_ref()
+    }
+
+    pub(crate) fn backing(&self) -> Option<BackingRef<'_>> {
+        self.backing.as_ref().map(|b| match b {
+            Backing::Qcow2(img) => BackingRef::Qcow2(img),
+            Backing::Raw { file, size } => BackingRef::Raw { file, size: *size },
+        })
+    }
+
+    pub(crate) fn counters(&self) -> &crate::stats::Counters {
+        &self.counters
+    }
+
+    pub(crate) fn refcount_cache_bytes(&self) -> u64 {
+        self.refcount_cache_bytes
+    }
+
+    pub(crate) fn crypto(&self) -> Option<&crate::crypto::Crypto> {
+        self.crypto.as_ref()
+    }
+
+    pub(crate) fn writer(&self) -> Option<&crate::write::Writer> {
+        self.writer.as_ref()
+    }
+
+    /// The virtual size after a resize is durable.
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn lock_tables(&self) -> std::sync::MutexGuard<'_, Tables> {
         // A panic while holding this lock is a bug; the tables stay usable.
         self.tables
@@ -430,34 +433,43 @@ impl Image {
 
     /// Loads (or finds in the cache) the L2 table at `offset`.
     pub(crate) async fn l2_table(&self, offset: u64) -> Result<Arc<AlignedBuf>> {
-        {
+        loop {
+            let epoch = {
+                let mut t = self.lock_tables();
+                if let Some(table) = t.l2_dirty.get(&offset) {
+                    return Ok(table.clone());
+                }
+                if let Some(table) = t.l2_clean.get(&offset) {
+                    crate::stats::Counters::add(&self.counters.l2_hits, 1);
+                    return Ok(table.clone());
+                }
+                t.l2_epoch
+            };
+            crate::stats::Counters::add(&self.counters.l2_misses, 1);
+            let cs = self.geometry.cluster_size() as usize;
+            let loaded = Arc::new(
+                self.file
+                    .read(offset, cs)
+                    .await
+                    .map_err(Error::io(&self.path, "read L2 table", offset))?,
+            );
             let mut t = self.lock_tables();
+            // Another task may have loaded (or changed) it meanwhile: theirs
+            // wins.
             if let Some(table) = t.l2_dirty.get(&offset) {
                 return Ok(table.clone());
             }
             if let Some(table) = t.l2_clean.get(&offset) {
-                crate::stats::Counters::add(&self.counters.l2_hits, 1);
                 return Ok(table.clone());
             }
+            if t.l2_epoch != epoch {
+                // Tables were written back while this one was read: the
+                // copy may predate one of them. Read again.
+                continue;
+            }
+            t.l2_clean.put(offset, loaded.clone());
+            return Ok(loaded);
         }
-        crate::stats::Counters::add(&self.counters.l2_misses, 1);
-        let cs = self.geometry.cluster_size() as usize;
-        let loaded = Arc::new(
-            self.file
-                .read(offset, cs)
-                .await
-                .map_err(io_err(&self.path, "read L2 table"))?,
-        );
-        let mut t = self.lock_tables();
-        // Another task may have loaded (or changed) it meanwhile: theirs wins.
-        if let Some(table) = t.l2_dirty.get(&offset) {
-            return Ok(table.clone());
-        }
-        if let Some(table) = t.l2_clean.get(&offset) {
-            return Ok(table.clone());
-        }
-        t.l2_clean.put(offset, loaded.clone());
-        Ok(loaded)
     }
 
     /// The descriptor of the guest cluster holding `guest_offset`.

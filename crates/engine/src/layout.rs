@@ -71,6 +71,11 @@ impl MetaMap {
         self.clusters.get(&cluster).copied()
     }
 
+    #[cfg(test)]
+    pub(crate) fn insert_for_test(&mut self, cluster: u64, kind: Kind) {
+        self.clusters.insert(cluster, kind);
+    }
+
     /// Marks `len` bytes from `offset` as `kind`; a cluster already
     /// claimed by another kind is an overlap, reported against `field` at
     /// file offset `at`. Returns the clusters claimed for the first time.
@@ -217,11 +222,7 @@ impl MetaMap {
                 let bytes = file
                     .read(start, (end - start) as usize)
                     .await
-                    .map_err(|source| Error::Io {
-                        path: path.clone(),
-                        op: "read snapshot L1 table",
-                        source,
-                    })?;
+                    .map_err(Error::io(&path, "read snapshot L1 table", start))?;
                 for (i, raw) in bytes.chunks_exact(8).enumerate() {
                     let e = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
                     if let Some(l2) = e.l2_offset() {
@@ -252,11 +253,7 @@ pub(crate) async fn read_snapshot_table(
         let buf = file
             .read(h.snapshots_offset, want as usize)
             .await
-            .map_err(|source| Error::Io {
-                path: file.path().to_owned(),
-                op: "read snapshot table",
-                source,
-            })?;
+            .map_err(Error::io(file.path(), "read snapshot table", h.snapshots_offset))?;
         match parse_snapshot_table(&buf, h.snapshots_offset, h.nb_snapshots, cluster_size) {
             // Zeros read past the end would parse as empty snapshots. (The
             // table's last entry may end short of its 8-byte padding: QEMU

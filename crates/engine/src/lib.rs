@@ -7,7 +7,9 @@
 
 pub mod buf;
 pub mod check;
+mod commit;
 pub mod crypto;
+pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod file;
@@ -19,4 +21,5 @@ pub mod stats;
 pub mod uring;
 mod write;
 
+pub use error::{Corruption, Error, Result};
 pub use image::{Image, OpenOptions};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use qblk_qcow2::mapping::{ClusterDescriptor, SubclusterState};
 
 use crate::file::HostFile;
-use crate::image::{Backing, Image, Result};
+use crate::image::{BackingRef as Backing, Image, Result};
 
 /// One run of guest bytes with the same status (qemu-img map's entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +123,7 @@ impl Image {
         depth: u32,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<MapEntry>> + 'a>> {
         Box::pin(async move {
-            let g = self.geometry;
+            let g = self.geometry();
             let in_cluster = g.offset_in_cluster(pos);
             // A range with no L2 table is one run, however large.
             let l1_index = g.l1_index(g.guest_cluster(qblk_qcow2::GuestOffset(pos))) as usize;
@@ -138,9 +138,9 @@ impl Image {
             }
             let mut len = (g.cluster_size() - in_cluster).min(max);
             let desc = self.descriptor(pos).await?;
-            let host_file = self.data_file.as_ref().unwrap_or(&self.file);
+            let host_file = self.data_file().unwrap_or(self.file());
             // Like QEMU, encrypted data has no usable host offset.
-            let encrypted = self.header.crypt_method != qblk_qcow2::header::CryptMethod::None;
+            let encrypted = self.header().crypt_method != qblk_qcow2::header::CryptMethod::None;
             let entry = |present, zero, data, compressed, offset: Option<u64>, len| MapEntry {
                 start: pos,
                 length: len,
@@ -219,7 +219,7 @@ impl Image {
             offset: None,
             file: None,
         };
-        match &self.backing {
+        match self.backing() {
             None => Ok(nothing(len)),
             Some(Backing::Qcow2(img)) => {
                 if pos >= img.size() {
@@ -228,7 +228,7 @@ impl Image {
                 img.status(pos, len.min(img.size() - pos), depth + 1).await
             }
             Some(Backing::Raw { file, size }) => {
-                if pos >= *size {
+                if pos >= size {
                     return Ok(nothing(len));
                 }
                 let len = len.min(size - pos);

@@ -191,6 +191,8 @@ struct Inner {
     submit_wanted: Rc<Notify>,
     stats: Cell<RingStats>,
     fixed: RefCell<Option<Fixed>>,
+    /// The kernel takes `IORING_OP_FTRUNCATE` (Linux 6.9 and later).
+    ftruncate: bool,
 }
 
 impl Inner {
@@ -333,6 +335,9 @@ impl Ring {
         // SAFETY: efd is a fresh descriptor we own.
         let efd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let mut probe = io_uring::Probe::new();
+        let ftruncate = ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::Ftruncate::CODE);
         let inner = Rc::new(Inner {
             ring: RefCell::new(ring),
             slots: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
@@ -340,6 +345,7 @@ impl Ring {
             submit_wanted: Rc::new(Notify::new()),
             stats: Cell::new(RingStats::default()),
             fixed: RefCell::new(None),
+            ftruncate,
         });
         // SAFETY: the AsyncFd owns efd, which stays open and unchanged
         // until the AsyncFd drops.
@@ -524,6 +530,18 @@ impl Ring {
             types::FsyncFlags::empty()
         };
         let entry = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
+        // SAFETY: the entry points at no memory.
+        unsafe { self.submit(entry, ()) }
+    }
+
+    /// Whether [`Ring::ftruncate`] is available (probed at creation).
+    pub fn supports_ftruncate(&self) -> bool {
+        self.inner.ftruncate
+    }
+
+    /// ftruncate(`fd`, `len`); only where [`Ring::supports_ftruncate`].
+    pub fn ftruncate(&self, fd: i32, len: u64) -> Op<()> {
+        let entry = opcode::Ftruncate::new(types::Fd(fd), len).build();
         // SAFETY: the entry points at no memory.
         unsafe { self.submit(entry, ()) }
     }

@@ -101,3 +101,40 @@ impl PutBe for Vec<u8> {
 pub(crate) fn align8(len: usize) -> Option<usize> {
     len.checked_add(7).map(|v| v & !7)
 }
+
+/// Encodes a table of 64-bit entries (L1 table, refcount table) big-endian
+/// into the start of `out`; the rest of `out` is left as it is (zeros, for
+/// a fresh buffer: unallocated entries).
+///
+/// # Panics
+/// If `out` is shorter than the entries: the caller sizes the buffer from
+/// the table, so that is a bug of ours, not bad input.
+pub fn encode_table(entries: impl IntoIterator<Item = u64>, out: &mut [u8]) {
+    let mut chunks = out.chunks_exact_mut(8);
+    for e in entries {
+        chunks
+            .next()
+            .expect("table buffer holds every entry")
+            .copy_from_slice(&e.to_be_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_encode_big_endian_and_leave_the_tail() {
+        let mut out = vec![0xeeu8; 24];
+        encode_table([0x0102_0304_0506_0708, 0x10], &mut out);
+        assert_eq!(&out[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&out[8..16], &[0, 0, 0, 0, 0, 0, 0, 0x10]);
+        assert_eq!(&out[16..], &[0xee; 8]);
+    }
+
+    #[test]
+    #[should_panic(expected = "table buffer holds every entry")]
+    fn a_short_buffer_is_our_bug() {
+        encode_table([1, 2], &mut [0u8; 8]);
+    }
+}

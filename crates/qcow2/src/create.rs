@@ -261,7 +261,6 @@ impl CreatePlan {
     pub fn new(spec: &CreateSpec) -> Result<Self, CreateError> {
         let geometry = spec.validate()?;
         let size = spec.rounded_size()?;
-        let cs = geometry.cluster_size();
         let l1_entries = geometry.l1_entries_for(size);
         let l1_clusters = geometry.clusters_for(l1_entries * 8);
         let (mapped_clusters, l2_count) = if spec.preallocates_metadata() {
@@ -276,23 +275,17 @@ impl CreatePlan {
         };
 
         // Refcount blocks count every cluster including themselves and the
-        // refcount table: iterate to the fixed point.
+        // refcount table.
         let fixed = 1 + l1_clusters + l2_count + data_in_image;
-        let block_entries = geometry.refcount_block_entries();
-        let reftable_max_clusters = (MAX_REFCOUNT_TABLE_BYTES / cs).max(1);
-        let (mut rt, mut rb) = (1u64, 1u64);
-        loop {
-            let total = fixed + rt + rb;
-            let rb2 = total.div_ceil(block_entries);
-            let rt2 = geometry.clusters_for(rb2 * 8);
-            if rt2 > reftable_max_clusters {
-                return Err(CreateError::RefcountTableTooLarge);
-            }
-            if (rt2, rb2) == (rt, rb) {
-                break;
-            }
-            (rt, rb) = (rt2.max(rt), rb2.max(rb));
-        }
+        let layout = crate::refcount::refcount_layout(
+            &geometry,
+            crate::types::HostCluster(0),
+            crate::types::ClusterCount(fixed),
+            Some(0),
+            |_| false,
+        )
+        .ok_or(CreateError::RefcountTableTooLarge)?;
+        let (rt, rb) = (layout.table_clusters.0, layout.new_blocks.len() as u64);
 
         let refcount_table = Run {
             first: 1,
@@ -553,7 +546,7 @@ impl CreatePlan {
 }
 
 fn put_u64(buf: &mut [u8], index: usize, v: u64) {
-    buf[index * 8..index * 8 + 8].copy_from_slice(&v.to_be_bytes());
+    crate::be::encode_table([v], &mut buf[index * 8..]);
 }
 
 fn padded(mut bytes: Vec<u8>, cluster_size: u64) -> Vec<u8> {

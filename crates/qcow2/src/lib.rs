@@ -38,4 +38,5 @@ pub mod types;
 
 pub use error::{FormatError, Problem};
 pub use header::Header;
-pub use types::{Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};
+pub use be::encode_table;
+pub use types::{ClusterCount, Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};

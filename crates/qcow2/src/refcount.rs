@@ -2,7 +2,7 @@
 //! (refcount_order 0..=6: 1, 2, 4, 8, 16, 32 and 64 bits per entry).
 
 use crate::error::{Problem, Result, check_aligned, err};
-use crate::types::{Geometry, HostOffset};
+use crate::types::{ClusterCount, Geometry, HostCluster, HostOffset, MAX_REFCOUNT_TABLE_BYTES};
 
 /// Reserved bits of a refcount table entry: 0-8.
 const REFTABLE_RESERVED: u64 = 0x1ff;
@@ -109,6 +109,88 @@ pub fn set_refcount(
     Ok(())
 }
 
+/// Where new refcount structures go: the answer of [`refcount_layout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefcountLayout {
+    /// Clusters of the new refcount table (zero when the table stays).
+    pub table_clusters: ClusterCount,
+    /// Refcount table indexes that get a new block, ascending; the k-th
+    /// block lies k clusters after the new table (or after the run, when
+    /// the table stays).
+    pub new_blocks: Vec<u64>,
+}
+
+impl RefcountLayout {
+    /// Clusters the new structures take: the table and the blocks.
+    pub fn clusters(&self) -> ClusterCount {
+        ClusterCount(self.table_clusters.0 + self.new_blocks.len() as u64)
+    }
+}
+
+/// Lays out refcount structures for `count` clusters starting at `start`
+/// that are about to be used: an optional new refcount table of at least
+/// `new_table_entries` entries right after them, then a new refcount block
+/// for every table index the run (table and blocks included) reaches that
+/// `has_block` says has none. Blocks count every cluster, themselves and
+/// the table among them, so this is a fixed point: more blocks may reach
+/// further and need more blocks (and a bigger table).
+///
+/// Used by image creation (`start` 0: everything new), by the refcount
+/// rebuild of check and of a dirty image, and by the allocator (runs of
+/// new clusters, refcount table growth). Returns `None` if the table would
+/// exceed QEMU's 8 MiB limit. With no new table, a block index past the
+/// caller's table means the table must grow first.
+pub fn refcount_layout(
+    geometry: &Geometry,
+    start: HostCluster,
+    count: ClusterCount,
+    new_table_entries: Option<u64>,
+    has_block: impl Fn(u64) -> bool,
+) -> Option<RefcountLayout> {
+    let per_block = geometry.refcount_block_entries();
+    let table_max_clusters = (MAX_REFCOUNT_TABLE_BYTES / geometry.cluster_size()).max(1);
+    let missing = |total: u64| -> Option<Vec<u64>> {
+        let last = start.0.checked_add(total)?.checked_sub(1)?;
+        Some(
+            (start.0 / per_block..=last / per_block)
+                .filter(|&i| !has_block(i))
+                .collect(),
+        )
+    };
+    let mut table = u64::from(new_table_entries.is_some());
+    let mut blocks: Vec<u64> = Vec::new();
+    loop {
+        // A new table is followed by at least one block's worth of reach,
+        // so the cluster after the structures is covered as well.
+        let reach = match new_table_entries {
+            Some(_) => (blocks.len() as u64).max(1),
+            None => blocks.len() as u64,
+        };
+        let total = count.0.checked_add(table)?.checked_add(reach)?;
+        let need = if total == 0 { Vec::new() } else { missing(total)? };
+        let need_table = match new_table_entries {
+            Some(min) => {
+                let entries = need.last().map_or(0, |&i| i + 1).max(min);
+                geometry.clusters_for(entries.checked_mul(8)?).max(table)
+            }
+            None => 0,
+        };
+        if need_table > table_max_clusters {
+            return None;
+        }
+        if need_table == table && need.len() == blocks.len() {
+            return Some(RefcountLayout {
+                table_clusters: ClusterCount(table),
+                new_blocks: need,
+            });
+        }
+        table = need_table;
+        if need.len() >= blocks.len() {
+            blocks = need;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +237,63 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_new_image_counts_its_own_table_and_blocks() {
+        // 64 KiB clusters, 16-bit refcounts: 32768 entries per block.
+        let g = Geometry::new(16, false, 4).unwrap();
+        let l = refcount_layout(&g, HostCluster(0), ClusterCount(3), Some(0), |_| false).unwrap();
+        assert_eq!(l.table_clusters, ClusterCount(1));
+        assert_eq!(l.new_blocks, vec![0]);
+        // 32766 used clusters + table + block = 32768: one block still.
+        let l = refcount_layout(&g, HostCluster(0), ClusterCount(32766), Some(0), |_| false)
+            .unwrap();
+        assert_eq!(l.new_blocks, vec![0]);
+        // One more and the block must count a second block.
+        let l = refcount_layout(&g, HostCluster(0), ClusterCount(32767), Some(0), |_| false)
+            .unwrap();
+        assert_eq!(l.new_blocks, vec![0, 1]);
+    }
+
+    #[test]
+    fn the_fixed_point_covers_every_new_cluster() {
+        for (bits, order) in [(9, 0), (9, 4), (12, 6), (16, 4), (16, 0)] {
+            let g = Geometry::new(bits, false, order).unwrap();
+            let per_block = g.refcount_block_entries();
+            for start in [0u64, 1, per_block - 1, 5 * per_block + 3] {
+                for count in [0u64, 1, 7, per_block, 3 * per_block + 1] {
+                    // Blocks exist for every index below start's block.
+                    let has = |i: u64| i < start / per_block;
+                    for table in [None, Some(0), Some(200)] {
+                        let Some(l) =
+                            refcount_layout(&g, HostCluster(start), ClusterCount(count), table, has)
+                        else {
+                            continue;
+                        };
+                        let end = start + count + l.clusters().0;
+                        let covered = |c: u64| has(c / per_block) || l.new_blocks.contains(&(c / per_block));
+                        assert!(
+                            (start..end).all(covered),
+                            "bits {bits} order {order} start {start} count {count} {table:?}: {l:?}"
+                        );
+                        if let Some(min) = table {
+                            let entries = l.table_clusters.0 * g.cluster_size() / 8;
+                            assert!(entries >= min);
+                            assert!(l.new_blocks.iter().all(|&i| i < entries));
+                        } else {
+                            assert_eq!(l.table_clusters, ClusterCount(0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_table_past_8_mib_is_refused() {
+        let g = Geometry::new(9, false, 6).unwrap();
+        assert!(refcount_layout(&g, HostCluster(0), ClusterCount(1), Some(1 << 21), |_| false).is_none());
     }
 
     #[test]

@@ -70,6 +70,28 @@ offset_type!(
     /// Index of a host cluster: host offset >> cluster_bits.
     HostCluster
 );
+offset_type!(
+    /// A number of clusters (a length, never an index or an offset).
+    ClusterCount
+);
+
+impl HostCluster {
+    /// The cluster `n` clusters after this one, or `None` on overflow.
+    pub fn checked_add_count(self, n: ClusterCount) -> Option<HostCluster> {
+        self.0.checked_add(n.0).map(HostCluster)
+    }
+
+    /// The cluster right after this one.
+    pub fn next(self) -> HostCluster {
+        HostCluster(self.0 + 1)
+    }
+
+    /// Clusters from `self` up to (not including) `end`; zero if `end`
+    /// is not after `self`.
+    pub fn count_to(self, end: HostCluster) -> ClusterCount {
+        ClusterCount(end.0.saturating_sub(self.0))
+    }
+}
 
 /// Everything derived from cluster_bits, extended_l2 and refcount_order.
 ///

@@ -1,0 +1,79 @@
+//! Growing the virtual disk.
+//!
+//! A resize changes memory only, under the allocator lock: a larger L1
+//! table, when needed, gets a run of clusters past everything in use (its
+//! refcounts with it), and the header the allocator wants names it and the
+//! new size. The writeback that follows, with the commit lock held
+//! throughout, writes the new table after the L2 tables it names and
+//! switches the header once it is durable; the old table is freed after
+//! that. Guest requests see the new size only when the switch is durable.
+
+use qblk_qcow2::mapping::L1Entry;
+use qblk_qcow2::{ClusterCount, HostOffset};
+
+use crate::error::{Error, Result};
+use crate::image::Image;
+
+impl Image {
+    pub(super) async fn resize_inner(&self, new_size: u64) -> Result<()> {
+        let old_size = self.size();
+        let w = self.check_writable(0, 0)?;
+        let refuse = |what: String| Error::Unsupported {
+            path: self.path().to_owned(),
+            what,
+        };
+        if new_size % 512 != 0 || new_size > i64::MAX as u64 {
+            return Err(refuse(format!(
+                "new size {new_size} is not a multiple of 512 bytes"
+            )));
+        }
+        if new_size < old_size {
+            return Err(refuse("shrinking an image is not supported".into()));
+        }
+        let g = self.geometry();
+        let entries = g.l1_entries_for(new_size);
+        if entries > qblk_qcow2::types::MAX_L1_TABLE_BYTES / 8 {
+            return Err(refuse(format!(
+                "{new_size} bytes need an L1 table larger than 32 MiB"
+            )));
+        }
+        // One resize (and its commit) at a time.
+        let mut synced = w.commit.lock().await;
+        if let Some(f) = self.data_file() {
+            // A data file longer than the disk reads as zeros past it.
+            f.set_len(new_size)
+                .await
+                .map_err(Error::io(f.path(), "resize data file", new_size))?;
+        }
+        w.with_alloc(self, |a, _| {
+            let old_len = self.lock_tables().l1.len() as u64;
+            if entries > old_len {
+                let clusters = ClusterCount(g.clusters_for(entries * 8));
+                let start = a.rc.alloc_run(&mut a.header, clusters)?;
+                let new_offset = start.0 * g.cluster_size();
+                let mut t = self.lock_tables();
+                let old = (
+                    HostOffset(t.l1_offset),
+                    ClusterCount(g.clusters_for(old_len * 8)),
+                );
+                match a.l1_replaced {
+                    // Moved before, not written yet: free that one with the
+                    // next writeback; the one on disk is still the old one.
+                    Some(_) => a.rc.release(g.host_cluster(old.0), old.1),
+                    None => a.l1_replaced = Some(old),
+                }
+                t.l1.resize(entries as usize, L1Entry::UNALLOCATED);
+                t.l1_offset = new_offset;
+                t.l1_dirty = true;
+                a.header.l1_table_offset = new_offset;
+                a.header.l1_size = u32::try_from(entries).expect("bounded by the 32 MiB limit");
+            }
+            a.header.size = new_size;
+            Ok(())
+        })
+        .await?;
+        w.writeback_locked(self, &mut synced, false).await?;
+        self.set_size(new_size);
+        Ok(())
+    }
+}
