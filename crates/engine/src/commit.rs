@@ -267,7 +267,12 @@ impl Failed {
 
 /// One planned write (and, in crash tests, the point where a test may
 /// stall it).
-async fn write_one(files: Files<'_>, op: &'static str, offset: u64, bytes: AlignedBuf) -> Result<()> {
+async fn write_one(
+    files: Files<'_>,
+    op: &'static str,
+    offset: u64,
+    bytes: AlignedBuf,
+) -> Result<()> {
     files.image.stall_point(op).await;
     if let Some(c) = files.counters {
         Counters::add(&c.metadata_writes, 1);
@@ -387,7 +392,13 @@ mod tests {
         c.after_all(h, &[t1, t2], Edge::Durable);
         assert_eq!(planned_offsets(&c).len(), 5);
         let (out, ev) = run_recorded(c, 0x50000);
-        assert_eq!(out, Outcome { writes: 5, syncs: 3 });
+        assert_eq!(
+            out,
+            Outcome {
+                writes: 5,
+                syncs: 3
+            }
+        );
         let sync_at: Vec<usize> = ev
             .iter()
             .enumerate()
@@ -414,7 +425,13 @@ mod tests {
         let b = c.write("write L2 table", 0x20000, buf(2, 4096));
         c.after(b, a, Edge::Completed);
         let (out, ev) = run_recorded(c, 0x30000);
-        assert_eq!(out, Outcome { writes: 2, syncs: 0 });
+        assert_eq!(
+            out,
+            Outcome {
+                writes: 2,
+                syncs: 0
+            }
+        );
         assert!(position(&ev, 'd', 0x10000) < position(&ev, 'w', 0x20000));
         assert!(ev.iter().all(|e| e.0 != 's'));
     }
@@ -440,7 +457,13 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            assert_eq!(out, Outcome { writes: 3, syncs: 1 });
+            assert_eq!(
+                out,
+                Outcome {
+                    writes: 3,
+                    syncs: 1
+                }
+            );
         });
         let bytes = std::fs::read(&path).unwrap();
         assert!(bytes[..100].iter().all(|&b| b == 3));
@@ -470,7 +493,13 @@ mod tests {
                 .await
                 .unwrap();
             // Data file and image before the table, the image after it.
-            assert_eq!(out, Outcome { writes: 1, syncs: 3 });
+            assert_eq!(
+                out,
+                Outcome {
+                    writes: 1,
+                    syncs: 3
+                }
+            );
             // Nothing planned: a durable commit still makes the data durable.
             let out = Commit::new(End::Durable)
                 .run(Files {
@@ -480,7 +509,13 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            assert_eq!(out, Outcome { writes: 0, syncs: 2 });
+            assert_eq!(
+                out,
+                Outcome {
+                    writes: 0,
+                    syncs: 2
+                }
+            );
         });
         let s = counters.snapshot();
         assert_eq!((s.metadata_writes, s.fsyncs), (1, 5));

@@ -447,12 +447,11 @@ impl Image {
             };
             crate::stats::Counters::add(&self.counters.l2_misses, 1);
             let cs = self.geometry.cluster_size() as usize;
-            let loaded = Arc::new(
-                self.file
-                    .read(offset, cs)
-                    .await
-                    .map_err(Error::io(&self.path, "read L2 table", offset))?,
-            );
+            let loaded = Arc::new(self.file.read(offset, cs).await.map_err(Error::io(
+                &self.path,
+                "read L2 table",
+                offset,
+            ))?);
             let mut t = self.lock_tables();
             // Another task may have loaded (or changed) it meanwhile: theirs
             // wins.

@@ -253,7 +253,11 @@ pub(crate) async fn read_snapshot_table(
         let buf = file
             .read(h.snapshots_offset, want as usize)
             .await
-            .map_err(Error::io(file.path(), "read snapshot table", h.snapshots_offset))?;
+            .map_err(Error::io(
+                file.path(),
+                "read snapshot table",
+                h.snapshots_offset,
+            ))?;
         match parse_snapshot_table(&buf, h.snapshots_offset, h.nb_snapshots, cluster_size) {
             // Zeros read past the end would parse as empty snapshots. (The
             // table's last entry may end short of its 8-byte padding: QEMU

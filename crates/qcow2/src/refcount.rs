@@ -167,7 +167,11 @@ pub fn refcount_layout(
             None => blocks.len() as u64,
         };
         let total = count.0.checked_add(table)?.checked_add(reach)?;
-        let need = if total == 0 { Vec::new() } else { missing(total)? };
+        let need = if total == 0 {
+            Vec::new()
+        } else {
+            missing(total)?
+        };
         let need_table = match new_table_entries {
             Some(min) => {
                 let entries = need.last().map_or(0, |&i| i + 1).max(min);
@@ -247,12 +251,12 @@ mod tests {
         assert_eq!(l.table_clusters, ClusterCount(1));
         assert_eq!(l.new_blocks, vec![0]);
         // 32766 used clusters + table + block = 32768: one block still.
-        let l = refcount_layout(&g, HostCluster(0), ClusterCount(32766), Some(0), |_| false)
-            .unwrap();
+        let l =
+            refcount_layout(&g, HostCluster(0), ClusterCount(32766), Some(0), |_| false).unwrap();
         assert_eq!(l.new_blocks, vec![0]);
         // One more and the block must count a second block.
-        let l = refcount_layout(&g, HostCluster(0), ClusterCount(32767), Some(0), |_| false)
-            .unwrap();
+        let l =
+            refcount_layout(&g, HostCluster(0), ClusterCount(32767), Some(0), |_| false).unwrap();
         assert_eq!(l.new_blocks, vec![0, 1]);
     }
 
@@ -266,13 +270,18 @@ mod tests {
                     // Blocks exist for every index below start's block.
                     let has = |i: u64| i < start / per_block;
                     for table in [None, Some(0), Some(200)] {
-                        let Some(l) =
-                            refcount_layout(&g, HostCluster(start), ClusterCount(count), table, has)
-                        else {
+                        let Some(l) = refcount_layout(
+                            &g,
+                            HostCluster(start),
+                            ClusterCount(count),
+                            table,
+                            has,
+                        ) else {
                             continue;
                         };
                         let end = start + count + l.clusters().0;
-                        let covered = |c: u64| has(c / per_block) || l.new_blocks.contains(&(c / per_block));
+                        let covered =
+                            |c: u64| has(c / per_block) || l.new_blocks.contains(&(c / per_block));
                         assert!(
                             (start..end).all(covered),
                             "bits {bits} order {order} start {start} count {count} {table:?}: {l:?}"
@@ -293,7 +302,12 @@ mod tests {
     #[test]
     fn a_table_past_8_mib_is_refused() {
         let g = Geometry::new(9, false, 6).unwrap();
-        assert!(refcount_layout(&g, HostCluster(0), ClusterCount(1), Some(1 << 21), |_| false).is_none());
+        assert!(
+            refcount_layout(&g, HostCluster(0), ClusterCount(1), Some(1 << 21), |_| {
+                false
+            })
+            .is_none()
+        );
     }
 
     #[test]

@@ -292,13 +292,8 @@ impl Refcounts {
                 // No block covers c: every cluster it would count is free.
                 // The new block lives at c and counts itself.
                 let mut buf = AlignedBuf::zeroed(g.cluster_size() as usize);
-                set_refcount(
-                    &mut buf,
-                    g.refcount_order(),
-                    g.refcount_block_index(c),
-                    1,
-                )
-                .expect("1 fits any refcount width");
+                set_refcount(&mut buf, g.refcount_order(), g.refcount_block_index(c), 1)
+                    .expect("1 fits any refcount width");
                 let at = self.offset(c).0;
                 self.dirty_blocks.insert(at);
                 self.insert_block(at, buf);
@@ -349,12 +344,11 @@ impl Refcounts {
             let start = self.end.max(self.cursor);
             let table = &self.table;
             let has = |i: u64| table.get(i as usize).copied().unwrap_or(0) != 0;
-            let layout = refcount_layout(&g, start, n, None, has).ok_or_else(|| {
-                Error::Unsupported {
+            let layout =
+                refcount_layout(&g, start, n, None, has).ok_or_else(|| Error::Unsupported {
                     path: self.path.clone(),
                     what: "the image is full: the refcount table would exceed 8 MiB".into(),
-                }
-            })?;
+                })?;
             let top = layout.new_blocks.last().copied();
             if let Some(top) = top.filter(|&t| t as usize >= self.table.len()) {
                 // Grow the table first; it moves past everything, so retry.
@@ -407,10 +401,12 @@ impl Refcounts {
         let entries = (min_index as u64 + 1).max(self.table.len() as u64 * 2);
         let table = &self.table;
         let has = |i: u64| table.get(i as usize).copied().unwrap_or(0) != 0;
-        let layout = refcount_layout(&g, start, ClusterCount(0), Some(entries), has)
-            .ok_or_else(|| Error::Unsupported {
-                path: self.path.clone(),
-                what: "the image is full: the refcount table would exceed 8 MiB".into(),
+        let layout =
+            refcount_layout(&g, start, ClusterCount(0), Some(entries), has).ok_or_else(|| {
+                Error::Unsupported {
+                    path: self.path.clone(),
+                    what: "the image is full: the refcount table would exceed 8 MiB".into(),
+                }
             })?;
         // Every block the new clusters need is checked before anything
         // changes (a block of an earlier cluster may have to be read).

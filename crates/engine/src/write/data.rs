@@ -284,10 +284,18 @@ impl Image {
                     | ClusterDescriptor::Zero {
                         preallocated: Some(host),
                         copied: false,
-                    } => (off(rc.alloc_cluster(header)?), Some((host, cs)), true, false),
-                    ClusterDescriptor::Compressed { host, len } => {
-                        (off(rc.alloc_cluster(header)?), Some((host, len)), true, false)
-                    }
+                    } => (
+                        off(rc.alloc_cluster(header)?),
+                        Some((host, cs)),
+                        true,
+                        false,
+                    ),
+                    ClusterDescriptor::Compressed { host, len } => (
+                        off(rc.alloc_cluster(header)?),
+                        Some((host, len)),
+                        true,
+                        false,
+                    ),
                     ClusterDescriptor::Unallocated
                     | ClusterDescriptor::Zero {
                         preallocated: None, ..
@@ -378,7 +386,11 @@ impl Image {
                 self.write_whole_cluster(w, cluster_start, in_cluster, data, host, keep)
                     .await?;
             }
-            return Ok(L2Entry::standard(HostOffset(host), true, SubclusterBitmap(0)));
+            return Ok(L2Entry::standard(
+                HostOffset(host),
+                true,
+                SubclusterBitmap(0),
+            ));
         }
         let scs = g.subcluster_size();
         let first = (in_cluster / scs) as u32;
@@ -403,10 +415,7 @@ impl Image {
             let mut buf = vec![0u8; (end - start) as usize];
             self.read(cluster_start + start, &mut buf).await?;
             let at = (in_cluster - start) as usize;
-            Counters::add(
-                &self.counters().cow_bytes,
-                (buf.len() - data.len()) as u64,
-            );
+            Counters::add(&self.counters().cow_bytes, (buf.len() - data.len()) as u64);
             buf[at..at + data.len()].copy_from_slice(data);
             self.write_data(w, host + start, &buf, None).await?;
         }

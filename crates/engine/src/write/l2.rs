@@ -57,7 +57,11 @@ impl Image {
     fn lookup(&self, pos: u64, staged: Option<&Staged>) -> Step<(ClusterDescriptor, L2Entry)> {
         let g = self.geometry();
         let cluster = g.guest_cluster(GuestOffset(pos));
-        let l1_entry = self.lock_tables().l1.get(g.l1_index(cluster) as usize).copied();
+        let l1_entry = self
+            .lock_tables()
+            .l1
+            .get(g.l1_index(cluster) as usize)
+            .copied();
         let Some(l2_offset) = l1_entry.and_then(|e| e.l2_offset()) else {
             return Ok((ClusterDescriptor::Unallocated, L2Entry::UNALLOCATED));
         };
@@ -91,14 +95,19 @@ impl Image {
         let cs = g.cluster_size();
         let cluster = g.guest_cluster(GuestOffset(guest));
         let l1_index = g.l1_index(cluster) as usize;
-        let l1_entry = self.lock_tables().l1.get(l1_index).copied().ok_or_else(|| {
-            Error::corrupt(
-                self.path(),
-                Corruption::PastL1 {
-                    guest: GuestOffset(guest),
-                },
-            )
-        })?;
+        let l1_entry = self
+            .lock_tables()
+            .l1
+            .get(l1_index)
+            .copied()
+            .ok_or_else(|| {
+                Error::corrupt(
+                    self.path(),
+                    Corruption::PastL1 {
+                        guest: GuestOffset(guest),
+                    },
+                )
+            })?;
         let (table_offset, current) = match l1_entry.l2_offset() {
             Some(off) if l1_entry.copied() => (off.0, self.cached_l2(off, staged)?),
             old => {
@@ -153,8 +162,10 @@ impl Image {
             let whole = in_cluster == 0 && (n == cs || pos + n == self.size());
             if whole && metadata_only {
                 let _cluster = w.lock_guest_cluster(pos).await;
-                w.with_alloc(self, |a, staged| self.zero_cluster(a, staged, pos, may_unmap))
-                    .await?;
+                w.with_alloc(self, |a, staged| {
+                    self.zero_cluster(a, staged, pos, may_unmap)
+                })
+                .await?;
                 w.bump_write_gen();
                 if w.needs_writeback(self) {
                     w.writeback(self).await?;
@@ -382,8 +393,10 @@ impl Image {
         // Phase 3: publish.
         let entry = L2Entry::compressed(&g, host, len)
             .ok_or_else(|| Error::corrupt(self.path(), Corruption::CompressedOffset { host }))?;
-        w.with_alloc(self, |a, staged| self.set_l2_entry(a, staged, offset, entry))
-            .await?;
+        w.with_alloc(self, |a, staged| {
+            self.set_l2_entry(a, staged, offset, entry)
+        })
+        .await?;
         w.bump_write_gen();
         Ok(())
     }

@@ -158,11 +158,11 @@ impl Writer {
                 Err(Miss::Fail(e)) => return Err(e),
                 Err(Miss::RefcountBlock(off)) => {
                     let cs = img.geometry().cluster_size() as usize;
-                    let block = img
-                        .file()
-                        .read(off.0, cs)
-                        .await
-                        .map_err(Error::io(img.path(), "read refcount block", off.0))?;
+                    let block = img.file().read(off.0, cs).await.map_err(Error::io(
+                        img.path(),
+                        "read refcount block",
+                        off.0,
+                    ))?;
                     self.lock_alloc().rc.insert_loaded(off, block);
                 }
                 Err(Miss::L2Table(off)) => {

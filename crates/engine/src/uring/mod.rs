@@ -26,6 +26,11 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+mod fixed;
+
+pub use fixed::SharedMemory;
+use fixed::{Fixed, iovecs};
+
 /// Submission queue entries per ring.
 pub const RING_ENTRIES: u32 = 256;
 
@@ -37,17 +42,6 @@ pub const RING_ENTRIES: u32 = 256;
 /// (4 and 16 were slower).
 const SUBMIT_BATCH: u32 = 8;
 
-/// Most bytes in one registered buffer (the kernel's limit).
-const FIXED_BUF_MAX: usize = 1 << 30;
-
-/// Consecutive registered buffers cut from one larger region overlap by
-/// this much, so that any transfer up to this size lies wholly inside one
-/// of them (a virtio-blk segment is at most 1 MiB).
-const FIXED_BUF_OVERLAP: usize = 4 << 20;
-
-/// Most registered buffers per ring (the kernel's limit).
-const FIXED_BUF_COUNT_MAX: usize = 1 << 14;
-
 /// Counters of one ring, for benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RingStats {
@@ -57,197 +51,155 @@ pub struct RingStats {
     pub submit_calls: u64,
 }
 
-/// Memory registered with the ring as fixed buffers: reads and writes
-/// that lie inside it skip the kernel's per-operation page pinning.
-struct Fixed {
-    /// `(start address, length)` of buffer `i`, sorted by start address.
-    bufs: Vec<(usize, usize)>,
-    /// Keeps the memory mapped while the ring refers to it.
-    _keep: Box<dyn Any>,
-}
-
-impl Fixed {
-    /// The buffer holding all of `[addr, addr + len)`, if one does.
-    fn find(&self, addr: usize, len: usize) -> Option<u16> {
-        let end = addr.checked_add(len)?;
-        // Buffers starting at or before `addr`; with overlapping buffers
-        // the last two are the only candidates.
-        let after = self.bufs.partition_point(|&(start, _)| start <= addr);
-        (after.saturating_sub(2)..after)
-            .rev()
-            .find(|&i| {
-                let (start, n) = self.bufs[i];
-                end <= start + n
-            })
-            .and_then(|i| u16::try_from(i).ok())
-    }
-}
-
-/// Cuts `regions` into buffers the kernel accepts, sorted by address.
-fn fixed_buffers(regions: &[(*mut u8, usize)]) -> io::Result<Vec<(usize, usize)>> {
-    let mut bufs = Vec::new();
-    for &(ptr, len) in regions {
-        let start = ptr as usize;
-        let mut off = 0;
-        while off < len {
-            let n = (len - off).min(FIXED_BUF_MAX);
-            bufs.push((start + off, n));
-            if off + n == len {
-                break;
-            }
-            off += FIXED_BUF_MAX - FIXED_BUF_OVERLAP;
-        }
-    }
-    if bufs.len() > FIXED_BUF_COUNT_MAX {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} buffers needed, the kernel takes {FIXED_BUF_COUNT_MAX}",
-                bufs.len()
-            ),
-        ));
-    }
-    bufs.sort_unstable();
-    Ok(bufs)
-}
-
-fn iovecs(bufs: &[(usize, usize)]) -> Vec<libc::iovec> {
-    bufs.iter()
-        .map(|&(start, len)| libc::iovec {
-            iov_base: start as *mut libc::c_void,
-            iov_len: len,
-        })
-        .collect()
-}
-
-/// Memory registered once, with a ring of its own, for the rings of
-/// several threads to share through [`Ring::adopt_memory`].
-///
-/// Registering pins every page (faulting it in) for as long as the
-/// registration, or a ring's clone of it, lasts. Pinning needs
-/// `RLIMIT_MEMLOCK` room or `CAP_IPC_LOCK`, and memory the kernel can pin
-/// long-term (anonymous, shmem or hugetlbfs). A pinned page stays the one
-/// I/O goes to even if its owner drops it from the mapping's file (a
-/// balloon or virtio-mem punching holes in guest memory): such memory must
-/// not be registered.
-pub struct SharedMemory {
-    ring: IoUring,
-    /// `(start address, length)` of buffer `i`, sorted by start address.
-    bufs: Vec<(usize, usize)>,
-    bytes: u64,
-}
-
-impl std::fmt::Debug for SharedMemory {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SharedMemory")
-            .field("buffers", &self.bufs.len())
-            .field("bytes", &self.bytes)
-            .finish()
-    }
-}
-
-impl SharedMemory {
-    /// Pins and registers `regions` (blocking: faulting memory in takes
-    /// time).
-    ///
-    /// # Safety
-    /// Each region must be mapped memory that stays mapped, at these
-    /// addresses, for as long as any ring uses the registration (see
-    /// [`Ring::adopt_memory`]).
-    pub unsafe fn register(regions: &[(*mut u8, usize)]) -> io::Result<Self> {
-        let bufs = fixed_buffers(regions)?;
-        let ring = IoUring::new(1)?;
-        if !bufs.is_empty() {
-            // SAFETY: every iovec lies in a region the caller keeps mapped.
-            unsafe { ring.submitter().register_buffers(&iovecs(&bufs)) }?;
-        }
-        Ok(Self {
-            ring,
-            bufs,
-            bytes: regions.iter().map(|&(_, len)| len as u64).sum(),
-        })
-    }
-
-    /// Bytes registered.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
+/// Where an operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Its entry is in the submission queue; the kernel has not taken it.
+    Queued,
+    /// The kernel took its entry and may be using its memory.
+    InKernel,
+    /// Its completion arrived (or it never reached the queue).
+    Done(i32),
 }
 
 struct Slot {
-    result: Option<i32>,
+    state: State,
+    /// Part of the entry's user_data: a completion for an older operation
+    /// that used this slot never matches.
+    generation: u32,
     waker: Option<Waker>,
     /// Set when the future was dropped before completion: the buffers the
-    /// SQE points at, kept alive until the CQE arrives.
+    /// entry points at, kept alive until the completion arrives.
     orphan: Option<Box<dyn Any>>,
     orphaned: bool,
+}
+
+/// An entry's user_data: slot key and generation.
+fn user_data(key: usize, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | key as u64
+}
+
+/// A submit error worth retrying soon: the kernel is short of room for
+/// completions or requests.
+fn transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+}
+
+/// Tests: what the next `io_uring_enter` should do instead of the usual.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+enum Inject {
+    /// Fail with this errno, taking nothing.
+    Fail(i32),
+    /// Take only this many entries.
+    Partial(u32),
 }
 
 struct Inner {
     ring: RefCell<IoUring>,
     slots: RefCell<Slab<Slot>>,
-    /// Entries pushed but not yet submitted.
-    unsubmitted: Cell<u32>,
+    /// Keys of the entries in the submission queue the kernel has not
+    /// taken yet, in the order they were pushed (the kernel takes them in
+    /// that order).
+    queued: RefCell<std::collections::VecDeque<usize>>,
+    next_generation: Cell<u32>,
     submit_wanted: Rc<Notify>,
     stats: Cell<RingStats>,
     fixed: RefCell<Option<Fixed>>,
     /// The kernel takes `IORING_OP_FTRUNCATE` (Linux 6.9 and later).
     ftruncate: bool,
+    #[cfg(test)]
+    inject: RefCell<std::collections::VecDeque<Inject>>,
 }
 
 impl Inner {
-    /// Submits everything queued.
-    fn submit(&self) -> io::Result<()> {
-        if self.unsubmitted.get() == 0 {
-            return Ok(());
-        }
-        let ring = self.ring.borrow();
-        loop {
-            match ring.submit() {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    // Completion queue backlog: reap, then retry.
-                    drop(ring);
-                    self.reap();
-                    return self.submit();
+    /// One `io_uring_enter` for everything queued: how many entries the
+    /// kernel took.
+    fn enter(&self) -> io::Result<usize> {
+        #[cfg(test)]
+        if let Some(i) = self.inject.borrow_mut().pop_front() {
+            return match i {
+                Inject::Fail(errno) => Err(io::Error::from_raw_os_error(errno)),
+                Inject::Partial(n) => {
+                    let ring = self.ring.borrow();
+                    // SAFETY: a plain submit of `n` queued entries, no
+                    // argument pointer.
+                    unsafe { ring.submitter().enter::<libc::sigset_t>(n, 0, 0, None) }
                 }
+            };
+        }
+        self.ring.borrow().submit()
+    }
+
+    /// Hands everything queued to the kernel. On an error the entries it
+    /// did not take stay queued (their memory stays owned), to be retried.
+    fn submit(&self) -> io::Result<()> {
+        while !self.queued.borrow().is_empty() {
+            let taken = match self.enter() {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => return Err(e),
+            };
+            let mut s = self.stats.get();
+            s.submit_calls += 1;
+            self.stats.set(s);
+            if taken == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+            }
+            let mut queued = self.queued.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            let n = taken.min(queued.len());
+            for key in queued.drain(..n) {
+                if let Some(slot) = slots.get_mut(key) {
+                    if slot.state == State::Queued {
+                        slot.state = State::InKernel;
+                    }
+                }
             }
         }
-        self.unsubmitted.set(0);
-        let mut s = self.stats.get();
-        s.submit_calls += 1;
-        self.stats.set(s);
         Ok(())
     }
 
-    /// Records every available completion and wakes its waiter.
+    /// Records every available completion and wakes its waiter. A
+    /// completion whose slot was reused since (another generation) or is
+    /// gone is dropped.
     fn reap(&self) {
         let mut ring = self.ring.borrow_mut();
         let mut slots = self.slots.borrow_mut();
         for cqe in ring.completion() {
-            let key = cqe.user_data() as usize;
+            let key = (cqe.user_data() & u64::from(u32::MAX)) as usize;
+            let generation = (cqe.user_data() >> 32) as u32;
             let Some(slot) = slots.get_mut(key) else {
                 continue;
             };
+            if slot.generation != generation || !matches!(slot.state, State::InKernel) {
+                continue;
+            }
             if slot.orphaned {
                 slots.remove(key);
                 continue;
             }
-            slot.result = Some(cqe.result());
+            slot.state = State::Done(cqe.result());
             if let Some(w) = slot.waker.take() {
                 w.wake();
             }
         }
+        drop(slots);
+        drop(ring);
+        if !self.queued.borrow().is_empty() {
+            // A submission held back for want of room may go now.
+            self.submit_wanted.notify_one();
+        }
     }
 
-    /// Pushes an entry, submitting first if the queue is full.
+    /// Pushes the entry of slot `key`, handing queued entries to the
+    /// kernel first if the queue is full. `Err` means the entry is not in
+    /// the queue (and never will be).
     ///
     /// # Safety
     /// Everything `entry` points at must stay valid until its completion
     /// has been reaped.
-    unsafe fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
+    unsafe fn push(&self, key: usize, entry: &squeue::Entry) -> io::Result<()> {
         loop {
             let pushed = {
                 let mut ring = self.ring.borrow_mut();
@@ -256,31 +208,70 @@ impl Inner {
                 unsafe { ring.submission().push(entry).is_ok() }
             };
             if pushed {
-                let n = self.unsubmitted.get() + 1;
-                self.unsubmitted.set(n);
-                if n >= SUBMIT_BATCH {
+                let n = {
+                    let mut q = self.queued.borrow_mut();
+                    q.push_back(key);
+                    q.len()
+                };
+                if n >= SUBMIT_BATCH as usize {
                     // Enough for the device to start on: the kernel issues
                     // a batch's I/O only at the end of the enter call, so
-                    // a large batch keeps the device idle meanwhile.
-                    self.submit()?;
+                    // a large batch keeps the device idle meanwhile. On an
+                    // error the entries stay queued for the submitter.
+                    let _ = self.submit();
                 }
                 return Ok(());
             }
-            self.unsubmitted.set(self.unsubmitted.get().max(1));
-            self.submit()?;
+            // The queue is full: make room, or give up on this one entry.
+            if let Err(e) = self.submit() {
+                if !transient(&e) {
+                    return Err(e);
+                }
+                self.reap();
+                self.submit()?;
+            }
         }
+    }
+
+    #[cfg(test)]
+    fn count(&self, f: impl Fn(&State) -> bool) -> usize {
+        self.slots
+            .borrow()
+            .iter()
+            .filter(|(_, s)| f(&s.state))
+            .count()
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // Every future is gone (each held an Rc), so every slot left is an
-        // orphan whose buffer the kernel may still write: wait for them all
-        // before the slab frees those buffers.
+        // orphan whose buffer the kernel may still use: wait for all that
+        // reached the kernel before the slab frees those buffers. Entries
+        // it never took are never used once the ring is closed.
         let _ = self.submit();
-        while !self.slots.borrow().is_empty() {
-            if self.ring.borrow().submit_and_wait(1).is_err() {
+        loop {
+            let in_kernel = self
+                .slots
+                .borrow()
+                .iter()
+                .any(|(_, s)| s.state == State::InKernel);
+            if !in_kernel {
                 break;
+            }
+            // Wait for a completion without submitting anything more (an
+            // entry submitted here would not be tracked as in the kernel).
+            // SAFETY: no argument pointer; 1 is IORING_ENTER_GETEVENTS.
+            let waited = unsafe {
+                self.ring
+                    .borrow()
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, 1, None)
+            };
+            match waited {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => break,
             }
             self.reap();
         }
@@ -341,11 +332,16 @@ impl Ring {
         let inner = Rc::new(Inner {
             ring: RefCell::new(ring),
             slots: RefCell::new(Slab::with_capacity(RING_ENTRIES as usize)),
-            unsubmitted: Cell::new(0),
+            queued: RefCell::new(std::collections::VecDeque::with_capacity(
+                RING_ENTRIES as usize,
+            )),
+            next_generation: Cell::new(0),
             submit_wanted: Rc::new(Notify::new()),
             stats: Cell::new(RingStats::default()),
             fixed: RefCell::new(None),
             ftruncate,
+            #[cfg(test)]
+            inject: RefCell::new(std::collections::VecDeque::new()),
         });
         // SAFETY: the AsyncFd owns efd, which stays open and unchanged
         // until the AsyncFd drops.
@@ -370,22 +366,28 @@ impl Ring {
         let weak = Rc::downgrade(&inner);
         let wanted = inner.submit_wanted.clone();
         tokio::task::spawn_local(async move {
+            let mut warned = false;
             loop {
                 wanted.notified().await;
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
-                if let Err(e) = inner.submit() {
-                    // Fail every queued operation rather than hang it.
-                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                    let mut slots = inner.slots.borrow_mut();
-                    for (_, slot) in slots.iter_mut() {
-                        if slot.result.is_none() {
-                            slot.result = Some(-errno);
-                            if let Some(w) = slot.waker.take() {
-                                w.wake();
-                            }
+                match inner.submit() {
+                    Ok(()) => warned = false,
+                    // Out of room: the reaper asks again once completions
+                    // have made some.
+                    Err(e) if transient(&e) => inner.reap(),
+                    Err(e) => {
+                        // Nothing queued may be failed: its entry is still
+                        // in the submission queue and the kernel may take
+                        // it on the next enter. Retry after a pause.
+                        if !warned {
+                            tracing::warn!("io_uring submit failed, retrying: {e}");
+                            warned = true;
                         }
+                        drop(inner);
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        wanted.notify_one();
                     }
                 }
             }
@@ -462,23 +464,30 @@ impl Ring {
     /// (heap memory that does not move when `keep` moves), or otherwise stay
     /// valid until the operation completes.
     pub unsafe fn submit<B: 'static>(&self, entry: squeue::Entry, keep: B) -> Op<B> {
+        let generation = self.inner.next_generation.get();
+        self.inner.next_generation.set(generation.wrapping_add(1));
         let key = self.inner.slots.borrow_mut().insert(Slot {
-            result: None,
+            state: State::Queued,
+            generation,
             waker: None,
             orphan: None,
             orphaned: false,
         });
-        let entry = entry.user_data(key as u64);
+        let entry = entry.user_data(user_data(key, generation));
         // SAFETY: forwarded from this function's contract.
-        let pushed = unsafe { self.inner.push(&entry) };
-        if let Err(e) = pushed {
-            let mut slots = self.inner.slots.borrow_mut();
-            slots[key].result = Some(-e.raw_os_error().unwrap_or(libc::EIO));
-        } else {
-            let mut s = self.inner.stats.get();
-            s.ops += 1;
-            self.inner.stats.set(s);
-            self.inner.submit_wanted.notify_one();
+        let pushed = unsafe { self.inner.push(key, &entry) };
+        match pushed {
+            Err(e) => {
+                // Never queued: nothing refers to the memory.
+                let mut slots = self.inner.slots.borrow_mut();
+                slots[key].state = State::Done(-e.raw_os_error().unwrap_or(libc::EIO));
+            }
+            Ok(()) => {
+                let mut s = self.inner.stats.get();
+                s.ops += 1;
+                self.inner.stats.set(s);
+                self.inner.submit_wanted.notify_one();
+            }
         }
         Op {
             inner: self.inner.clone(),
@@ -587,8 +596,8 @@ impl<B: 'static> Future for Op<B> {
         let this = self.get_mut();
         let mut slots = this.inner.slots.borrow_mut();
         let slot = &mut slots[this.key];
-        match slot.result {
-            Some(res) => {
+        match slot.state {
+            State::Done(res) => {
                 slots.remove(this.key);
                 this.done = true;
                 let keep = this.keep.take().expect("Op polled after completion");
@@ -599,7 +608,7 @@ impl<B: 'static> Future for Op<B> {
                 };
                 Poll::Ready((r, keep))
             }
-            None => {
+            State::Queued | State::InKernel => {
                 slot.waker = Some(cx.waker().clone());
                 Poll::Pending
             }
@@ -616,7 +625,7 @@ impl<B: 'static> Drop for Op<B> {
         let Some(slot) = slots.get_mut(self.key) else {
             return;
         };
-        if slot.result.is_some() {
+        if matches!(slot.state, State::Done(_)) {
             slots.remove(self.key);
         } else {
             slot.orphaned = true;
@@ -627,135 +636,4 @@ impl<B: 'static> Drop for Op<B> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::runtime::block_on;
-    use std::io::Write;
-
-    #[test]
-    fn read_write_fsync_round_trip() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&[7u8; 8192]).unwrap();
-        let fd = f.as_raw_fd();
-        block_on(async move {
-            let ring = Ring::current().unwrap();
-            let (r, buf) = ring.read(fd, 4096, vec![0u8; 4096], 4096).await;
-            assert_eq!(r.unwrap(), 4096);
-            assert!(buf.iter().all(|&b| b == 7));
-            let (r, _) = ring.write(fd, 100, vec![9u8; 10], 10).await;
-            assert_eq!(r.unwrap(), 10);
-            ring.fsync(fd, true).await.0.unwrap();
-            let (r, buf) = ring.read(fd, 96, vec![0u8; 16], 16).await;
-            assert_eq!(r.unwrap(), 16);
-            assert_eq!(&buf[..], &[7, 7, 7, 7, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 7, 7]);
-        });
-        drop(f);
-    }
-
-    #[test]
-    fn many_concurrent_ops_share_submissions() {
-        let mut f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..1 << 20).map(|i| (i / 4096) as u8).collect();
-        f.write_all(&data).unwrap();
-        let fd = f.as_raw_fd();
-        block_on(async move {
-            let ring = Ring::current().unwrap();
-            let before = ring.stats();
-            let mut tasks = Vec::new();
-            for i in 0..256u64 {
-                let ring = ring.clone();
-                tasks.push(tokio::task::spawn_local(async move {
-                    let (r, buf) = ring.read(fd, i * 4096, vec![0u8; 4096], 4096).await;
-                    assert_eq!(r.unwrap(), 4096);
-                    assert!(buf.iter().all(|&b| b == i as u8));
-                }));
-            }
-            for t in tasks {
-                t.await.unwrap();
-            }
-            let after = ring.stats();
-            assert_eq!(after.ops - before.ops, 256);
-            // Batched: one enter call per SUBMIT_BATCH operations (and
-            // one for a tail), far fewer than operations.
-            let calls = after.submit_calls - before.submit_calls;
-            assert!(
-                calls <= u64::from(256 / SUBMIT_BATCH) + 1,
-                "{before:?} {after:?}"
-            );
-        });
-        drop(f);
-    }
-
-    #[test]
-    fn dropped_ops_keep_their_buffers_until_completion() {
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(&[1u8; 65536]).unwrap();
-        let fd = f.as_raw_fd();
-        block_on(async move {
-            let ring = Ring::current().unwrap();
-            for i in 0..64 {
-                // Dropped right after submission.
-                drop(ring.read(fd, i * 1024, vec![0u8; 1024], 1024));
-            }
-            let (r, _) = ring.read(fd, 0, vec![0u8; 16], 16).await;
-            assert_eq!(r.unwrap(), 16);
-        });
-        drop(f);
-    }
-
-    #[test]
-    fn errors_come_back_as_io_errors() {
-        block_on(async {
-            let ring = Ring::current().unwrap();
-            let (r, _) = ring.read(-1, 0, vec![0u8; 16], 16).await;
-            assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
-        });
-    }
-
-    #[test]
-    fn big_regions_are_cut_into_overlapping_buffers() {
-        let gib = 1usize << 30;
-        let base = 0x7f00_0000_0000usize;
-        let bufs = fixed_buffers(&[
-            ((base + 4 * gib) as *mut u8, 4096),
-            (base as *mut u8, 2 * gib + 8192),
-        ])
-        .unwrap();
-        let step = FIXED_BUF_MAX - FIXED_BUF_OVERLAP;
-        assert_eq!(
-            bufs,
-            vec![
-                (base, gib),
-                (base + step, gib),
-                (base + 2 * step, 2 * gib + 8192 - 2 * step),
-                (base + 4 * gib, 4096),
-            ]
-        );
-        let fixed = Fixed {
-            bufs,
-            _keep: Box::new(()),
-        };
-        // Every 1 MiB transfer of the big region lies inside one buffer,
-        // including those across a cut.
-        for at in [
-            0,
-            step - 1,
-            gib - (1 << 20),
-            gib - 4096,
-            2 * step + 1,
-            2 * gib + 8192 - (1 << 20),
-        ] {
-            let i = fixed.find(base + at, 1 << 20).expect("covered") as usize;
-            let (start, len) = fixed.bufs[i];
-            assert!(
-                start <= base + at && base + at + (1 << 20) <= start + len,
-                "{at}"
-            );
-        }
-        assert_eq!(fixed.find(base + 4 * gib, 4096), Some(3));
-        assert_eq!(fixed.find(base + 4 * gib, 4097), None);
-        assert_eq!(fixed.find(base + 2 * gib + 8192 - 1, 2), None);
-        assert_eq!(fixed.find(base - 1, 1), None);
-        assert_eq!(fixed.find(usize::MAX, 2), None);
-    }
-}
+mod tests;
