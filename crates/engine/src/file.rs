@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::buf::{AlignedBuf, BUF_ALIGN};
+use crate::guest::{GuestSlice, In, Out};
 use crate::uring::Ring;
 
 /// Largest single read or write: the SQE length is 32 bits; this keeps
@@ -25,7 +26,7 @@ const MAX_IO_BYTES: u32 = !(BUF_ALIGN as u32 - 1);
 /// Keeps memory that I/O goes to or from directly alive: each operation on
 /// that memory holds a clone until its completion arrives, even if the
 /// future waiting for it is dropped or leaked. The daemon passes its
-/// guest-memory mapping.
+/// guest-memory mapping (see [`GuestSlice`]).
 pub type KeepAlive = Arc<dyn Any + Send + Sync>;
 
 /// How host files are cached.
@@ -209,6 +210,21 @@ impl HostFile {
         None
     }
 
+    /// Crash simulation: a write from guest memory is being submitted (the
+    /// bytes as they are now; the guest does not change a buffer it has
+    /// handed to the device).
+    #[cfg(feature = "fault-injection")]
+    fn rec_submit_guest(&self, offset: u64, data: &GuestSlice) -> Option<usize> {
+        self.rec
+            .as_ref()
+            .map(|r| r.write_submitted(offset, &data.to_vec()))
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn rec_submit_guest(&self, _offset: u64, _data: &GuestSlice) -> Option<usize> {
+        None
+    }
+
     /// Crash simulation: that write completed (successfully or not).
     #[cfg(feature = "fault-injection")]
     fn rec_done(&self, id: Option<usize>) {
@@ -280,86 +296,84 @@ impl HostFile {
         }
     }
 
-    /// Like [`HostFile::read_into`], but the kernel reads straight into
-    /// `dst` when offset, length and address allow (no bounce buffer, no
-    /// copy). Bytes past the end of the file read as zeros.
-    ///
-    /// # Safety
-    /// `dst` must lie in memory that stays valid (mapped, not freed or
-    /// reused) for as long as `keep` or any clone of it lives.
-    pub async unsafe fn read_direct(
-        &self,
-        offset: u64,
-        dst: &mut [u8],
-        keep: &KeepAlive,
-    ) -> io::Result<()> {
+    /// Reads into guest memory: the kernel writes straight into `dst` when
+    /// offset, length and address allow (no bounce buffer, no copy), else
+    /// through an aligned bounce buffer. Bytes past the end of the file
+    /// read as zeros.
+    pub async fn read_guest(&self, offset: u64, dst: &GuestSlice) -> io::Result<()> {
         if !self.direct(offset, dst.as_ptr(), dst.len()) {
-            return self.read_into(offset, dst).await;
+            let buf = self.read(offset, dst.len()).await?;
+            dst.copy_from(&buf);
+            return Ok(());
         }
         let ring = Ring::current()?;
         let len = dst.len();
         let mut done = 0usize;
         while done < len {
             let want = u32::try_from(len - done).unwrap_or(MAX_IO_BYTES);
-            let entry = self.transfer_entry(
-                &ring,
-                false,
-                dst[done..].as_mut_ptr(),
-                want,
-                offset + done as u64,
-            );
-            // SAFETY: the entry points into dst, which the caller keeps
-            // valid while `keep` lives; the operation holds a clone of
-            // `keep` until its completion, however its future ends.
-            let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
+            let part = dst.sub(done, want as usize);
+            let entry =
+                self.transfer_entry(&ring, false, part.as_ptr(), want, offset + done as u64);
+            // SAFETY: the entry points into guest memory that `keep` keeps
+            // mapped (GuestSlice::new's contract); the operation holds a
+            // clone of it until its completion, however its future ends.
+            let (r, _) = unsafe { ring.submit(entry, part.keep().clone()) }.await;
             let n = r? as usize;
             done += n;
             // End of file: nothing more, or a partial block.
             if n == 0 || done % self.align as usize != 0 {
-                dst[done..].fill(0);
+                dst.sub(done, len - done).fill(0);
                 break;
             }
         }
         Ok(())
     }
 
-    /// Like [`HostFile::write`], but the kernel reads straight from `data`
-    /// when offset, length and address allow.
-    ///
-    /// # Safety
-    /// As for [`HostFile::read_direct`].
-    pub async unsafe fn write_direct(
-        &self,
-        offset: u64,
-        data: &[u8],
-        keep: &KeepAlive,
-    ) -> io::Result<()> {
-        if !self.direct(offset, data.as_ptr(), data.len()) {
-            return self.write(offset, data).await;
+    /// Writes from guest memory: the kernel reads straight from `src` when
+    /// offset, length and address allow, else it is copied out first.
+    pub async fn write_guest(&self, offset: u64, src: &GuestSlice) -> io::Result<()> {
+        if !self.direct(offset, src.as_ptr(), src.len()) {
+            return self.write(offset, &src.to_vec()).await;
         }
         let ring = Ring::current()?;
+        let len = src.len();
         let mut done = 0usize;
-        while done < data.len() {
-            let want = u32::try_from(data.len() - done).unwrap_or(MAX_IO_BYTES);
-            // The kernel only reads from `data` (the pointer is mutable
-            // because the entry builder is shared with reads).
-            let ptr = data[done..].as_ptr().cast_mut();
-            let entry = self.transfer_entry(&ring, true, ptr, want, offset + done as u64);
-            let rec = self.rec_submit(offset + done as u64, &data[done..done + want as usize]);
-            // SAFETY: as in read_direct.
-            let (r, _) = unsafe { ring.submit(entry, keep.clone()) }.await;
+        while done < len {
+            let want = u32::try_from(len - done).unwrap_or(MAX_IO_BYTES);
+            let part = src.sub(done, want as usize);
+            let entry = self.transfer_entry(&ring, true, part.as_ptr(), want, offset + done as u64);
+            let rec = self.rec_submit_guest(offset + done as u64, &part);
+            // SAFETY: as in read_guest; the kernel only reads the memory.
+            let (r, _) = unsafe { ring.submit(entry, part.keep().clone()) }.await;
             self.rec_done(rec);
             let n = r? as usize;
             if n == 0 {
                 return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
             }
             done += n;
-            if done < data.len() && done % self.align as usize != 0 {
+            if done < len && done % self.align as usize != 0 {
                 // A short write that left us unaligned: the rest bounces.
-                return self.write(offset + done as u64, &data[done..]).await;
+                let rest = src.sub(done, len - done).to_vec();
+                return self.write(offset + done as u64, &rest).await;
             }
         }
         Ok(())
+    }
+
+    /// Reads into our buffer or guest memory.
+    pub(crate) async fn read_out(&self, offset: u64, out: &mut Out<'_>) -> io::Result<()> {
+        match out {
+            Out::Heap(b) => self.read_into(offset, b).await,
+            Out::Guest(g) => self.read_guest(offset, g).await,
+        }
+    }
+
+    /// Writes from our buffer or guest memory.
+    pub(crate) async fn write_in(&self, offset: u64, data: &In<'_>) -> io::Result<()> {
+        match data {
+            In::Heap(b) => self.write(offset, b).await,
+            In::Guest(g) => self.write_guest(offset, g).await,
+        }
     }
 
     /// Read-modify-write of the blocks around `data` (caller holds `rmw`).
@@ -539,63 +553,58 @@ mod tests {
         });
     }
 
+    /// `len` bytes of memory owned by a keep-alive, as guest memory.
+    fn guest_mem(len: usize) -> (Arc<std::sync::Mutex<AlignedBuf>>, GuestSlice) {
+        let mem = Arc::new(std::sync::Mutex::new(AlignedBuf::zeroed(len)));
+        let ptr = mem.lock().unwrap().as_mut_ptr();
+        let keep: KeepAlive = mem.clone();
+        // SAFETY: `len` bytes of `mem`, which `keep` keeps alive.
+        (mem, unsafe { GuestSlice::new(ptr, len, keep) })
+    }
+
     #[test]
-    fn direct_io_uses_caller_memory_and_survives_a_dropped_future() {
+    fn guest_io_uses_guest_memory_and_survives_a_dropped_future() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let content: Vec<u8> = (0..65536u32).map(|i| (i / 7) as u8).collect();
         std::fs::write(&path, &content).unwrap();
         block_on(async {
             let f = HostFile::open(&path, true, CacheMode::None).unwrap();
-            let keep: KeepAlive = Arc::new(());
-            // Aligned caller memory: straight in and out.
-            let mut buf = AlignedBuf::zeroed(16384);
-            // SAFETY: buf outlives every operation: each is awaited here.
-            unsafe { f.read_direct(4096, &mut buf, &keep) }
-                .await
-                .unwrap();
-            assert_eq!(&buf[..], &content[4096..20480]);
-            buf.fill(0xab);
-            // SAFETY: as above.
-            unsafe { f.write_direct(8192, &buf, &keep) }.await.unwrap();
+            // Aligned guest memory: straight in and out.
+            let (_mem, buf) = guest_mem(16384 + 1);
+            let aligned = buf.sub(0, 16384);
+            f.read_guest(4096, &aligned).await.unwrap();
+            assert_eq!(aligned.to_vec(), &content[4096..20480]);
+            aligned.fill(0xab);
+            f.write_guest(8192, &aligned).await.unwrap();
             assert_eq!(f.direct_counts(), (2, 0, 0));
             // Misaligned memory bounces, with the same result.
-            let mut odd = vec![0u8; 4097];
-            // SAFETY: as above.
-            unsafe { f.read_direct(8192, &mut odd[1..], &keep) }
-                .await
-                .unwrap();
-            assert!(odd[1..].iter().all(|&b| b == 0xab));
+            let odd = buf.sub(1, 4096);
+            f.read_guest(8192, &odd).await.unwrap();
+            assert!(odd.to_vec().iter().all(|&b| b == 0xab));
             assert_eq!(f.direct_counts(), (3, 1, 0));
             // Past the end of the file: zeros.
-            let mut tail = AlignedBuf::zeroed(8192);
+            let (_t, tail) = guest_mem(8192);
             tail.fill(1);
-            // SAFETY: as above.
-            unsafe { f.read_direct(61440, &mut tail, &keep) }
-                .await
-                .unwrap();
-            assert_eq!(&tail[..4096], &content[61440..]);
-            assert!(tail[4096..].iter().all(|&b| b == 0));
+            f.read_guest(61440, &tail).await.unwrap();
+            let v = tail.to_vec();
+            assert_eq!(&v[..4096], &content[61440..]);
+            assert!(v[4096..].iter().all(|&b| b == 0));
 
             // A future dropped while its read is in flight: the operation
-            // keeps `keep` (standing for the memory) until it completes.
-            let mem = Arc::new(std::sync::Mutex::new(AlignedBuf::zeroed(65536)));
-            let keep: KeepAlive = mem.clone();
-            let ptr = mem.lock().unwrap().as_mut_ptr();
+            // keeps the memory until it completes.
+            let (mem, dst) = guest_mem(65536);
             {
-                // SAFETY: ptr points into `mem`, which `keep` keeps alive.
-                let dst = unsafe { std::slice::from_raw_parts_mut(ptr, 65536) };
-                // SAFETY: as just said.
-                let mut fut = Box::pin(unsafe { f.read_direct(0, dst, &keep) });
+                let mut fut = Box::pin(f.read_guest(0, &dst));
                 let waker = std::task::Waker::noop();
                 let mut cx = std::task::Context::from_waker(waker);
                 let _ = fut.as_mut().poll(&mut cx);
             }
+            drop(dst);
             assert!(
                 Arc::strong_count(&mem) >= 2,
                 "in-flight op holds the memory"
             );
-            drop(keep);
             // Other I/O lets the reaper see the orphan's completion.
             for _ in 0..100 {
                 if Arc::strong_count(&mem) == 1 {
@@ -609,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn direct_io_goes_through_registered_memory() {
+    fn guest_io_goes_through_registered_memory() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let content: Vec<u8> = (0..262144u32).map(|i| (i / 13) as u8).collect();
@@ -617,7 +626,7 @@ mod tests {
         block_on(async {
             let f = HostFile::open(&path, true, CacheMode::None).unwrap();
             let ring = Ring::current().unwrap();
-            // Two "regions" of caller memory; only they are registered.
+            // Two "regions" of guest memory; only they are registered.
             let mem = Arc::new(std::sync::Mutex::new((
                 AlignedBuf::zeroed(65536),
                 AlignedBuf::zeroed(131072),
@@ -638,39 +647,28 @@ mod tests {
             drop(shared);
             assert_eq!(ring.fixed_index(a, 65536), ring.fixed_index(a, 1));
             assert!(ring.fixed_index(a, 65537).is_none(), "runs past the region");
-            // SAFETY: the slices lie in `mem`, kept alive by `keep`, and
-            // are used one at a time, each operation awaited.
-            let ra = unsafe { std::slice::from_raw_parts_mut(a, 65536) };
+            // SAFETY: the regions lie in `mem`, kept alive by `keep`.
+            let ra = unsafe { GuestSlice::new(a, 65536, keep.clone()) };
             // SAFETY: as above.
-            let rb = unsafe { std::slice::from_raw_parts_mut(b, 131072) };
-            // SAFETY: as above.
-            unsafe { f.read_direct(4096, &mut rb[8192..8192 + 16384], &keep) }
-                .await
-                .unwrap();
-            assert_eq!(&rb[8192..8192 + 16384], &content[4096..20480]);
+            let rb = unsafe { GuestSlice::new(b, 131072, keep.clone()) };
+            f.read_guest(4096, &rb.sub(8192, 16384)).await.unwrap();
+            assert_eq!(rb.sub(8192, 16384).to_vec(), &content[4096..20480]);
             assert_eq!(f.direct_counts(), (1, 0, 1));
             ra.fill(0x5a);
-            // SAFETY: as above.
-            unsafe { f.write_direct(65536, ra, &keep) }.await.unwrap();
+            f.write_guest(65536, &ra).await.unwrap();
             assert_eq!(f.direct_counts(), (2, 0, 2));
             // Memory outside the registration takes the ordinary path.
-            let mut other = AlignedBuf::zeroed(65536);
-            // SAFETY: `other` outlives the awaited read.
-            unsafe { f.read_direct(65536, &mut other, &keep) }
-                .await
-                .unwrap();
-            assert!(other.iter().all(|&x| x == 0x5a));
+            let (_o, other) = guest_mem(65536);
+            f.read_guest(65536, &other).await.unwrap();
+            assert!(other.to_vec().iter().all(|&x| x == 0x5a));
             assert_eq!(f.direct_counts(), (3, 0, 2));
             // Unregistered: ordinary again, and the ring lets `keep` go.
             ring.unregister_memory();
             assert!(ring.fixed_index(a, 4096).is_none());
-            // SAFETY: as above.
-            unsafe { f.read_direct(0, &mut rb[..4096], &keep) }
-                .await
-                .unwrap();
-            assert_eq!(&rb[..4096], &content[..4096]);
+            f.read_guest(0, &rb.sub(0, 4096)).await.unwrap();
+            assert_eq!(rb.sub(0, 4096).to_vec(), &content[..4096]);
             assert_eq!(f.direct_counts(), (4, 0, 2));
-            drop(keep);
+            drop((keep, ra, rb));
             assert_eq!(Arc::strong_count(&mem), 1);
         });
     }

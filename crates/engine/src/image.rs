@@ -17,7 +17,8 @@ use qblk_qcow2::mapping::{ClusterDescriptor, L1Entry, L2Entry, SubclusterState};
 use qblk_qcow2::{FormatError, Geometry, Header};
 
 use crate::buf::AlignedBuf;
-use crate::file::{CacheMode, HostFile, KeepAlive};
+use crate::file::{CacheMode, HostFile};
+use crate::guest::{GuestSlice, Out};
 
 /// Deepest backing chain followed by default (QEMU-like bound; the image
 /// itself is depth 0).
@@ -511,36 +512,26 @@ impl Image {
         offset: u64,
         buf: &'a mut [u8],
     ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
-        self.read_impl(offset, buf, None)
+        Box::pin(async move { self.read_impl(offset, Out::Heap(buf)).await })
     }
 
-    /// Like [`Image::read`], but the host file writes straight into `buf`
-    /// (no bounce buffer, no copy) wherever data is stored as it is read:
-    /// allocated clusters of unencrypted images and raw backing files, with
-    /// offset, length and address aligned for O_DIRECT.
-    ///
-    /// # Safety
-    /// `buf` must lie in memory that stays valid (mapped, not freed or
-    /// reused) for as long as `keep` or any clone of it lives.
-    pub unsafe fn read_direct<'a>(
-        &'a self,
-        offset: u64,
-        buf: &'a mut [u8],
-        keep: &'a KeepAlive,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
-        self.read_impl(offset, buf, Some(keep))
+    /// Reads guest bytes into guest memory: the host file writes straight
+    /// into it (no bounce buffer, no copy) wherever data is stored as it is
+    /// read — allocated clusters of unencrypted images and raw backing
+    /// files, with offset, length and address aligned for O_DIRECT.
+    pub async fn read_guest(&self, offset: u64, buf: GuestSlice) -> Result<()> {
+        self.read_impl(offset, Out::Guest(buf)).await
     }
 
-    /// The read path; with `keep`, `buf` satisfies [`Image::read_direct`]'s
-    /// contract.
+    /// The read path, into our buffer or guest memory.
     fn read_impl<'a>(
         &'a self,
         offset: u64,
-        buf: &'a mut [u8],
-        keep: Option<&'a KeepAlive>,
+        mut buf: Out<'a>,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
-            let len = buf.len() as u64;
+            let total = buf.len();
+            let len = total as u64;
             if offset.checked_add(len).is_none_or(|end| end > self.size()) {
                 return Err(Error::OutOfRange {
                     offset,
@@ -550,48 +541,45 @@ impl Image {
             }
             let g = self.geometry;
             let mut done = 0usize;
-            while done < buf.len() {
+            while done < total {
                 let pos = offset + done as u64;
                 let in_cluster = g.offset_in_cluster(pos);
-                let chunk = ((g.cluster_size() - in_cluster) as usize).min(buf.len() - done);
+                let chunk = ((g.cluster_size() - in_cluster) as usize).min(total - done);
                 let desc = self.descriptor(pos).await?;
                 if let Some(host) = fully_allocated(&g, &desc) {
                     // Extend over following clusters that continue this
                     // one on the host: one read for the whole run.
                     let mut run = chunk;
-                    while done + run < buf.len() {
+                    while done + run < total {
                         let next = offset + (done + run) as u64;
                         let d = self.descriptor(next).await?;
                         if fully_allocated(&g, &d) != Some(host + in_cluster + run as u64) {
                             break;
                         }
-                        run += (g.cluster_size() as usize).min(buf.len() - done - run);
+                        run += (g.cluster_size() as usize).min(total - done - run);
                     }
-                    self.read_data(host + in_cluster, &mut buf[done..done + run], keep)
+                    self.read_data(host + in_cluster, &mut buf.sub(done, run))
                         .await?;
                     done += run;
                     continue;
                 }
-                let out = &mut buf[done..done + chunk];
+                let mut out = buf.sub(done, chunk);
                 match desc {
-                    ClusterDescriptor::Unallocated => self.read_below(pos, out, keep).await?,
+                    ClusterDescriptor::Unallocated => self.read_below(pos, &mut out).await?,
                     ClusterDescriptor::Zero { .. } => out.fill(0),
                     ClusterDescriptor::Standard {
                         host, subclusters, ..
                     } => {
-                        self.read_subclusters(pos, host.0, subclusters, out, keep)
+                        self.read_subclusters(pos, host.0, subclusters, &mut out)
                             .await?;
                     }
                     ClusterDescriptor::UnallocatedSubclusters { subclusters } => {
                         // No host cluster: every allocated bit is clear.
-                        self.read_subclusters(pos, 0, subclusters, out, keep)
-                            .await?;
+                        self.read_subclusters(pos, 0, subclusters, &mut out).await?;
                     }
                     ClusterDescriptor::Compressed { host, len } => {
                         let data = self.decompress(host.0, len).await?;
-                        out.copy_from_slice(
-                            &data[in_cluster as usize..in_cluster as usize + chunk],
-                        );
+                        out.copy_from(&data[in_cluster as usize..in_cluster as usize + chunk]);
                     }
                 }
                 done += chunk;
@@ -606,13 +594,13 @@ impl Image {
         pos: u64,
         host_cluster: u64,
         bitmap: qblk_qcow2::mapping::SubclusterBitmap,
-        out: &mut [u8],
-        keep: Option<&KeepAlive>,
+        out: &mut Out<'_>,
     ) -> Result<()> {
         let g = self.geometry;
         let sc_size = g.subcluster_size();
+        let total = out.len();
         let mut done = 0usize;
-        while done < out.len() {
+        while done < total {
             let p = pos + done as u64;
             let in_cluster = g.offset_in_cluster(p);
             let index = (in_cluster / sc_size) as u32;
@@ -624,52 +612,37 @@ impl Image {
             {
                 end_in_cluster += sc_size;
             }
-            let n = ((end_in_cluster - in_cluster) as usize).min(out.len() - done);
-            let part = &mut out[done..done + n];
+            let n = ((end_in_cluster - in_cluster) as usize).min(total - done);
+            let mut part = out.sub(done, n);
             match state {
                 SubclusterState::Allocated => {
-                    self.read_data(host_cluster + in_cluster, part, keep)
-                        .await?
+                    self.read_data(host_cluster + in_cluster, &mut part).await?
                 }
                 SubclusterState::Zero => part.fill(0),
-                SubclusterState::Unallocated => self.read_below(p, part, keep).await?,
+                SubclusterState::Unallocated => self.read_below(p, &mut part).await?,
             }
             done += n;
         }
         Ok(())
     }
 
-    /// Reads guest data from a standard cluster (image or data file).
-    /// Reads stored guest data at `host_offset` (decrypting it if the image
-    /// is encrypted). With `keep`, `out` satisfies
-    /// [`HostFile::read_direct`]'s contract.
-    pub(crate) async fn read_data(
-        &self,
-        host_offset: u64,
-        out: &mut [u8],
-        keep: Option<&KeepAlive>,
-    ) -> Result<()> {
+    /// Reads stored guest data at `host_offset` (image or data file),
+    /// decrypting it if the image is encrypted.
+    pub(crate) async fn read_data(&self, host_offset: u64, out: &mut Out<'_>) -> Result<()> {
         let file = self.data_file.as_ref().unwrap_or(&self.file);
+        let io = Error::io(file.path(), "read data", host_offset);
         if self.header.crypt_method == CryptMethod::None {
-            let r = match keep {
-                // SAFETY: forwarded from read_direct's contract.
-                Some(keep) => unsafe { file.read_direct(host_offset, out, keep) }.await,
-                None => file.read_into(host_offset, out).await,
-            };
-            return r.map_err(io_err(file.path(), "read data"));
+            return file.read_out(host_offset, out).await.map_err(io);
         }
         // Decrypt whole sectors, then copy out the part asked for.
         let crypto = self.crypto_or_err()?;
         let sector = crate::crypto::SECTOR;
         let start = host_offset - host_offset % sector;
         let end = (host_offset + out.len() as u64).next_multiple_of(sector);
-        let mut buf = file
-            .read(start, (end - start) as usize)
-            .await
-            .map_err(io_err(file.path(), "read data"))?;
+        let mut buf = file.read(start, (end - start) as usize).await.map_err(io)?;
         crypto.decrypt(start / sector, &mut buf);
         let skip = (host_offset - start) as usize;
-        out.copy_from_slice(&buf[skip..skip + out.len()]);
+        out.copy_from(&buf[skip..skip + out.len()]);
         Ok(())
     }
 
@@ -682,32 +655,28 @@ impl Image {
 
     /// Reads what shows through an unallocated range: the backing file, or
     /// zeros (also beyond the end of a shorter backing file).
-    async fn read_below(&self, pos: u64, out: &mut [u8], keep: Option<&KeepAlive>) -> Result<()> {
-        let (size, is_raw) = match &self.backing {
+    async fn read_below(&self, pos: u64, out: &mut Out<'_>) -> Result<()> {
+        let size = match &self.backing {
             None => {
                 out.fill(0);
                 return Ok(());
             }
-            Some(Backing::Qcow2(img)) => (img.size(), false),
-            Some(Backing::Raw { size, .. }) => (*size, true),
+            Some(Backing::Qcow2(img)) => img.size(),
+            Some(Backing::Raw { size, .. }) => *size,
         };
-        let avail = size.saturating_sub(pos).min(out.len() as u64) as usize;
-        out[avail..].fill(0);
+        let total = out.len();
+        let avail = size.saturating_sub(pos).min(total as u64) as usize;
+        out.sub(avail, total - avail).fill(0);
         if avail == 0 {
             return Ok(());
         }
         match &self.backing {
-            Some(Backing::Qcow2(img)) => img.read_impl(pos, &mut out[..avail], keep).await,
-            Some(Backing::Raw { file, .. }) if is_raw => {
-                let out = &mut out[..avail];
-                let r = match keep {
-                    // SAFETY: forwarded from read_direct's contract.
-                    Some(keep) => unsafe { file.read_direct(pos, out, keep) }.await,
-                    None => file.read_into(pos, out).await,
-                };
-                r.map_err(io_err(file.path(), "read backing file"))
-            }
-            _ => Ok(()),
+            Some(Backing::Qcow2(img)) => img.read_impl(pos, out.sub(0, avail)).await,
+            Some(Backing::Raw { file, .. }) => file
+                .read_out(pos, &mut out.sub(0, avail))
+                .await
+                .map_err(Error::io(file.path(), "read backing file", pos)),
+            None => Ok(()),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod file;
+pub mod guest;
 pub mod image;
 mod layout;
 pub mod map;

@@ -4,7 +4,8 @@
 use std::io;
 use std::path::Path;
 
-use qblk_engine::file::{CacheMode, HostFile, KeepAlive};
+use qblk_engine::file::{CacheMode, HostFile};
+use qblk_engine::guest::GuestSlice;
 use qblk_engine::image::{self, Image};
 
 /// An error of a disk operation, as logged.
@@ -88,42 +89,21 @@ impl Disk {
         }
     }
 
-    /// [`Disk::read`] without copies where the format allows.
-    ///
-    /// # Safety
-    /// `buf` must lie in memory that stays valid for as long as `keep` or
-    /// any clone of it lives.
-    pub async unsafe fn read_direct(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-        keep: &KeepAlive,
-    ) -> Result<()> {
+    /// Reads into guest memory, without copies where the format allows.
+    pub async fn read_guest(&self, offset: u64, buf: GuestSlice) -> Result<()> {
         match self {
-            // SAFETY: forwarded from this function's contract.
-            Disk::Qcow2(i) => Ok(unsafe { i.read_direct(offset, buf, keep) }.await?),
-            // SAFETY: forwarded from this function's contract.
-            Disk::Raw(r) => unsafe { r.file.read_direct(offset, buf, keep) }
-                .await
-                .map_err(r.err("read")),
+            Disk::Qcow2(i) => Ok(i.read_guest(offset, buf).await?),
+            Disk::Raw(r) => r.file.read_guest(offset, &buf).await.map_err(r.err("read")),
         }
     }
 
-    /// [`Disk::write`] without copies where the format allows.
-    ///
-    /// # Safety
-    /// As for [`Disk::read_direct`].
-    pub async unsafe fn write_direct(
-        &self,
-        offset: u64,
-        data: &[u8],
-        keep: &KeepAlive,
-    ) -> Result<()> {
+    /// Writes from guest memory, without copies where the format allows.
+    pub async fn write_guest(&self, offset: u64, data: GuestSlice) -> Result<()> {
         match self {
-            // SAFETY: forwarded from this function's contract.
-            Disk::Qcow2(i) => Ok(unsafe { i.write_direct(offset, data, keep) }.await?),
-            // SAFETY: forwarded from this function's contract.
-            Disk::Raw(r) => unsafe { r.file.write_direct(offset, data, keep) }
+            Disk::Qcow2(i) => Ok(i.write_guest(offset, data).await?),
+            Disk::Raw(r) => r
+                .file
+                .write_guest(offset, &data)
                 .await
                 .map_err(r.err("write")),
         }

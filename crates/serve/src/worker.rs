@@ -34,6 +34,7 @@ use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::event::EventConsumer;
 
 use qblk_engine::file::KeepAlive;
+use qblk_engine::guest::GuestSlice;
 
 use crate::device::Device;
 use crate::pin::{Pinning, SharedPins};
@@ -539,17 +540,16 @@ impl Queue {
     }
 }
 
-/// Turns guest memory runs into slices for the engine.
-///
-/// # Safety
-/// Each run must lie in guest memory that stays mapped for `'a`, and no
-/// two runs may overlap.
-unsafe fn slices<'a>(bufs: &[IoSeg]) -> Vec<&'a mut [u8]> {
+/// Guest memory runs as the engine takes them.
+fn guest_slices(r: &Request, bufs: &[IoSeg]) -> Vec<GuestSlice> {
+    let keep: KeepAlive = r.mem.clone();
     bufs.iter()
         .map(|b| {
-            // SAFETY: the caller guarantees the run is mapped for 'a and
-            // that runs do not overlap, so no two slices alias.
-            unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) }
+            // SAFETY: the parser mapped each run inside guest memory, and
+            // `r.mem` (so `keep`) keeps that memory mapped. Runs may overlap
+            // and the guest may touch them: GuestSlice never forms a
+            // reference over them.
+            unsafe { GuestSlice::new(b.ptr, b.len, keep.clone()) }
         })
         .collect()
 }
@@ -562,23 +562,15 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
     let disk = &device.disk;
     let result = match &r.op {
         Op::Read { offset, bufs } => {
-            let keep: KeepAlive = r.mem.clone();
-            // SAFETY: the parser mapped these runs inside guest memory and
-            // refused overlapping ones; `r.mem` (and so `keep`) keeps that
-            // memory mapped. The guest does not touch a buffer it has handed
-            // to the device before the used entry appears (and if it does,
-            // it only races with its own data).
-            let mut out = unsafe { slices(bufs) };
-            if let [one] = out.as_mut_slice() {
-                // SAFETY: `one` lies in the memory `keep` keeps mapped.
-                unsafe { disk.read_direct(*offset, one, &keep) }.await
+            let mut out = guest_slices(r, bufs);
+            if out.len() == 1 {
+                disk.read_guest(*offset, out.remove(0)).await
             } else {
                 let mut at = *offset;
                 let reads = out.into_iter().map(|s| {
                     let o = at;
                     at += s.len() as u64;
-                    // SAFETY: `s` lies in the memory `keep` keeps mapped.
-                    unsafe { disk.read_direct(o, s, &keep) }
+                    disk.read_guest(o, s)
                 });
                 futures_util::future::join_all(reads)
                     .await
@@ -587,16 +579,13 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
             }
         }
         Op::Write { offset, bufs } => {
-            let keep: KeepAlive = r.mem.clone();
-            // SAFETY: as for reads; the slices are only read from.
-            let data = unsafe { slices(bufs) };
-            if let [one] = data.as_slice() {
-                // SAFETY: `one` lies in the memory `keep` keeps mapped.
-                unsafe { disk.write_direct(*offset, one, &keep) }.await
+            let mut data = guest_slices(r, bufs);
+            if data.len() == 1 {
+                disk.write_guest(*offset, data.remove(0)).await
             } else {
                 // Scattered guest pages: gathered so the engine sees one
                 // write (and allocates whole clusters without copy-on-write).
-                let whole: Vec<u8> = data.concat();
+                let whole: Vec<u8> = data.iter().flat_map(GuestSlice::to_vec).collect();
                 disk.write(*offset, &whole).await
             }
         }

@@ -18,7 +18,7 @@ use qblk_qcow2::{ClusterCount, HostCluster, HostOffset};
 use super::{Alloc, Writer};
 use crate::buf::AlignedBuf;
 use crate::error::{Corruption, Error, Result};
-use crate::file::KeepAlive;
+use crate::guest::{In, Out};
 use crate::image::Image;
 use crate::stats::Counters;
 
@@ -46,12 +46,7 @@ pub(super) fn clusters_of(img: &Image, off: HostOffset, len: u64) -> (HostCluste
 }
 
 impl Image {
-    pub(super) async fn write_inner(
-        &self,
-        offset: u64,
-        data: &[u8],
-        keep: Option<&KeepAlive>,
-    ) -> Result<()> {
+    pub(super) async fn write_inner(&self, offset: u64, data: In<'_>) -> Result<()> {
         let w = self.check_writable(offset, data.len() as u64)?;
         let g = self.geometry();
         let mut done = 0usize;
@@ -76,13 +71,12 @@ impl Image {
                         chunk += n;
                     }
                     Counters::add(&self.counters().in_place_writes, 1);
-                    self.write_data(w, host + in_cluster, &data[done..done + chunk], keep)
+                    self.write_data(w, host + in_cluster, &data.sub(done, chunk))
                         .await?
                 }
                 None => {
                     Counters::add(&self.counters().allocating_writes, 1);
-                    self.allocating_write(w, pos, &data[done..done + chunk], keep)
-                        .await?;
+                    self.allocating_write(w, pos, data.sub(done, chunk)).await?;
                 }
             }
             w.bump_write_gen();
@@ -170,25 +164,18 @@ impl Image {
     }
 
     /// Writes guest data at `host_offset` (encrypting it if the image is).
-    /// With `keep`, `data` must satisfy [`crate::file::HostFile::write_direct`]'s
-    /// contract (the callers' `unsafe` entry point promised it).
+    /// Guest memory goes to the disk as it is where it can.
     pub(super) async fn write_data(
         &self,
         w: &Writer,
         host_offset: u64,
-        data: &[u8],
-        keep: Option<&KeepAlive>,
+        data: &In<'_>,
     ) -> Result<()> {
         self.check_data_target(host_offset, data.len() as u64)?;
         let file = self.data_file().unwrap_or(self.file());
         let io = Error::io(file.path(), "write data", host_offset);
         if self.crypto().is_none() && self.header().crypt_method == CryptMethod::None {
-            let r = match keep {
-                // SAFETY: forwarded from write_direct's contract.
-                Some(keep) => unsafe { file.write_direct(host_offset, data, keep) }.await,
-                None => file.write(host_offset, data).await,
-            };
-            return r.map_err(io);
+            return file.write_in(host_offset, data).await.map_err(io);
         }
         let crypto = self.crypto_or_err()?;
         let sector = crate::crypto::SECTOR;
@@ -199,12 +186,12 @@ impl Image {
         let _guard = if skip != 0 || buf.len() != data.len() {
             // Partial sectors: decrypt what is there, patch, re-encrypt.
             let guard = w.crypto_rmw.lock().await;
-            self.read_data(start, &mut buf, None).await?;
+            self.read_data(start, &mut Out::Heap(&mut buf)).await?;
             Some(guard)
         } else {
             None
         };
-        buf[skip..skip + data.len()].copy_from_slice(data);
+        data.copy_to(&mut buf[skip..skip + data.len()]);
         crypto.encrypt(start / sector, &mut buf);
         file.write_aligned(start, buf).await.map_err(io)
     }
@@ -241,13 +228,7 @@ impl Image {
     /// phases (see the module documentation). The guest cluster's own
     /// lock, held throughout, orders every allocation, zeroing or discard
     /// of that cluster.
-    async fn allocating_write(
-        &self,
-        w: &Writer,
-        pos: u64,
-        data: &[u8],
-        keep: Option<&KeepAlive>,
-    ) -> Result<()> {
+    async fn allocating_write(&self, w: &Writer, pos: u64, data: In<'_>) -> Result<()> {
         let g = self.geometry();
         let cs = g.cluster_size();
         let in_cluster = g.offset_in_cluster(pos);
@@ -256,7 +237,7 @@ impl Image {
         // The mapping may have changed while this task waited.
         let (desc, _) = self.descriptor_and_entry(pos).await?;
         if let Some(host) = self.in_place_target(&desc, in_cluster, data.len() as u64) {
-            return self.write_data(w, host + in_cluster, data, keep).await;
+            return self.write_data(w, host + in_cluster, &data).await;
         }
         let external = self.header().has_external_data_file();
 
@@ -330,7 +311,7 @@ impl Image {
             zeros_in_place,
         };
         let written = self
-            .write_new_cluster_data(w, desc, pos, data, host, fill, keep)
+            .write_new_cluster_data(w, desc, pos, &data, host, fill)
             .await;
 
         // Phase 3: publish, or give the cluster back.
@@ -361,16 +342,14 @@ impl Image {
 
     /// Writes an allocating write's data (and copy-on-write) to `host`;
     /// returns the L2 entry that will map it.
-    #[allow(clippy::too_many_arguments)]
     async fn write_new_cluster_data(
         &self,
         w: &Writer,
         desc: ClusterDescriptor,
         pos: u64,
-        data: &[u8],
+        data: &In<'_>,
         host: u64,
         fill: Fill,
-        keep: Option<&KeepAlive>,
     ) -> Result<L2Entry> {
         let Fill {
             moves_data,
@@ -381,9 +360,9 @@ impl Image {
         let cluster_start = pos - in_cluster;
         if !g.extended_l2() {
             if zeros_in_place {
-                self.write_data(w, host + in_cluster, data, keep).await?;
+                self.write_data(w, host + in_cluster, data).await?;
             } else {
-                self.write_whole_cluster(w, cluster_start, in_cluster, data, host, keep)
+                self.write_whole_cluster(w, cluster_start, in_cluster, data, host)
                     .await?;
             }
             return Ok(L2Entry::standard(
@@ -405,7 +384,7 @@ impl Image {
         };
         if moves_data {
             // A shared cluster moves: copy every subcluster it has.
-            self.write_whole_cluster(w, cluster_start, in_cluster, data, host, keep)
+            self.write_whole_cluster(w, cluster_start, in_cluster, data, host)
                 .await?;
         } else {
             // Only the touched subclusters are written (edges completed from
@@ -416,8 +395,8 @@ impl Image {
             self.read(cluster_start + start, &mut buf).await?;
             let at = (in_cluster - start) as usize;
             Counters::add(&self.counters().cow_bytes, (buf.len() - data.len()) as u64);
-            buf[at..at + data.len()].copy_from_slice(data);
-            self.write_data(w, host + start, &buf, None).await?;
+            data.copy_to(&mut buf[at..at + data.len()]);
+            self.write_data(w, host + start, &In::Heap(&buf)).await?;
         }
         Ok(L2Entry::standard(
             HostOffset(host),
@@ -433,9 +412,8 @@ impl Image {
         w: &Writer,
         cluster_start: u64,
         in_cluster: u64,
-        data: &[u8],
+        data: &In<'_>,
         host: u64,
-        keep: Option<&KeepAlive>,
     ) -> Result<()> {
         let cs = self.geometry().cluster_size() as usize;
         self.check_data_target(host, cs as u64)?;
@@ -444,9 +422,9 @@ impl Image {
             Some(_) => (self.size() - cluster_start).min(cs as u64) as usize,
             None => cs,
         };
-        if data.len() == cs && keep.is_some() && self.header().crypt_method == CryptMethod::None {
+        if data.len() == cs && data.is_guest() && self.header().crypt_method == CryptMethod::None {
             // The guest data is the whole cluster: it goes to disk as it is.
-            return self.write_data(w, host, &data[..n], keep).await;
+            return self.write_data(w, host, &data.sub(0, n)).await;
         }
         let mut buf = AlignedBuf::zeroed(cs);
         if data.len() != cs {
@@ -455,7 +433,7 @@ impl Image {
             let len = (end - cluster_start) as usize;
             self.read(cluster_start, &mut buf[..len]).await?;
         }
-        buf[in_cluster as usize..in_cluster as usize + data.len()].copy_from_slice(data);
+        data.copy_to(&mut buf[in_cluster as usize..in_cluster as usize + data.len()]);
         if self.header().crypt_method != CryptMethod::None {
             self.crypto_or_err()?
                 .encrypt(host / crate::crypto::SECTOR, &mut buf);

@@ -15,6 +15,7 @@ use super::data::clusters_of;
 use super::{Alloc, Miss, Staged, Step};
 use crate::buf::AlignedBuf;
 use crate::error::{Corruption, Error, Result};
+use crate::guest::In;
 use crate::image::Image;
 
 /// Compresses one cluster the way QEMU does: raw deflate with a 4 KiB
@@ -184,7 +185,7 @@ impl Image {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK) as usize;
-            self.write_inner(pos + done, &zeros[..n], None).await?;
+            self.write_inner(pos + done, In::Heap(&zeros[..n])).await?;
             done += n as u64;
         }
         Ok(())
@@ -331,7 +332,7 @@ impl Image {
         cluster[..data.len()].copy_from_slice(data);
         let compressed = compress(h.compression_type, &cluster);
         let Some(compressed) = compressed.filter(|c| (c.len() as u64) < cs) else {
-            return self.write_inner(offset, data, None).await;
+            return self.write_inner(offset, In::Heap(data)).await;
         };
         let len = compressed.len() as u64;
         let _cluster = w.lock_guest_cluster(offset).await;

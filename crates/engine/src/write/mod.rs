@@ -40,6 +40,7 @@ use qblk_qcow2::{Header, HostOffset};
 
 use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
+use crate::guest::{GuestSlice, In};
 use crate::image::Image;
 
 pub(crate) use alloc::{Miss, Refcounts, Step};
@@ -248,25 +249,16 @@ impl Image {
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         // Boxed: the write path's state is large, and a caller that spawns
         // a task per request would otherwise copy it into every task.
-        let r = Box::pin(self.write_inner(offset, data, None)).await;
+        let r = Box::pin(self.write_inner(offset, In::Heap(data))).await;
         self.on_error(r).await
     }
 
-    /// Like [`Image::write`], but the host file reads `data` directly
-    /// (no bounce buffer, no copy) wherever the data goes to disk as it is:
-    /// in-place writes and whole new clusters of unencrypted images, with
-    /// offset, length and address aligned for O_DIRECT.
-    ///
-    /// # Safety
-    /// `data` must lie in memory that stays valid (mapped, not freed or
-    /// reused) for as long as `keep` or any clone of it lives.
-    pub async unsafe fn write_direct(
-        &self,
-        offset: u64,
-        data: &[u8],
-        keep: &crate::file::KeepAlive,
-    ) -> Result<()> {
-        let r = Box::pin(self.write_inner(offset, data, Some(keep))).await;
+    /// Like [`Image::write`], from guest memory: the host file reads it
+    /// directly (no bounce buffer, no copy) wherever the data goes to disk
+    /// as it is — in-place writes and whole new clusters of unencrypted
+    /// images, with offset, length and address aligned for O_DIRECT.
+    pub async fn write_guest(&self, offset: u64, data: GuestSlice) -> Result<()> {
+        let r = Box::pin(self.write_inner(offset, In::Guest(data))).await;
         self.on_error(r).await
     }
 
