@@ -40,6 +40,13 @@ pub fn qblk_bin() -> &'static Path {
     })
 }
 
+/// Whether `QBLK_BREAK` (a comma-separated list) names `what`: a test-only
+/// switch that breaks the property a test guards, so that `cargo xtask
+/// test` can check the test then fails.
+pub fn broken(what: &str) -> bool {
+    std::env::var("QBLK_BREAK").is_ok_and(|v| v.split(',').any(|s| s == what))
+}
+
 /// Runs a program, panicking with a clear message if it cannot start.
 pub fn run(program: &str, args: &[&str], dir: &Path) -> Output {
     Command::new(program)

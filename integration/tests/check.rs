@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::Path;
 
-use qblk_integration::{ok, qblk, run, sh};
+use qblk_integration::{broken, ok, qblk, run, sh};
 use serde_json::Value;
 
 fn check_json(program: &str, image: &str, d: &Path) -> (Option<i32>, Value) {
@@ -30,10 +30,28 @@ fn check_json(program: &str, image: &str, d: &Path) -> (Option<i32>, Value) {
     } else {
         run("qemu-img", &["check", "--output=json", image], d)
     };
-    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("filename");
-    }
+    // `QBLK_BREAK=check-unparsable` feeds garbage in place of the output,
+    // which must fail the test rather than compare equal to more garbage.
+    let stdout = if broken("check-unparsable") {
+        b"garbage, not JSON".to_vec()
+    } else {
+        out.stdout
+    };
+    // Both tools print a JSON report for every image here, damaged or not:
+    // output that does not parse is a failure, never a value to compare.
+    let mut v: Value = serde_json::from_slice(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "{program} check {image}: unparsable output ({e}), exit {:?}:\n\
+             stdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let Some(o) = v.as_object_mut() else {
+        panic!("{program} check {image}: the JSON report is not an object: {v}");
+    };
+    o.remove("filename");
     (out.status.code(), v)
 }
 

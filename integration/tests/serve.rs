@@ -7,7 +7,8 @@ use std::time::Duration;
 use qblk_integration::rawq::{D, DATA, QUEUE_SIZE, RawFrontend};
 use qblk_integration::vhost::{Client, Daemon, log_counter};
 use qblk_integration::{
-    create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, qemu_info, qemu_raw, run, sh, stderr,
+    broken, create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, qemu_info, qemu_raw, run, sh,
+    stderr,
 };
 
 const S_OK: u8 = 0;
@@ -839,8 +840,20 @@ fn formats_are_never_guessed_and_options_are_checked() {
 /// `kill -9` of the daemon at random moments under write load with
 /// flushes: after a restart every write acknowledged before a completed
 /// flush reads back, and the image has no corruption (leaks are allowed).
+/// Until the kill every request must succeed: a failed request, a broken
+/// connection or a refused connect while the daemon lives fails the test.
+/// Only the requests in flight at the kill may fail or never complete.
 #[test]
 fn kill_9_loses_no_flushed_write() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    // `QBLK_BREAK=killtest-error`: one write of the first batch goes past
+    // the end of the disk, so the live daemon fails it; the first kill
+    // waits 5 s longer, so that the failure is seen before it however
+    // loaded the machine.
+    let inject = broken("killtest-error");
     for opts in ["lazy_refcounts=off", "lazy_refcounts=on,cluster_size=16k"] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
@@ -848,6 +861,7 @@ fn kill_9_loses_no_flushed_write() {
         create_qcow2_opts(d, opts, "disk.qcow2", "32M");
         let mut model = vec![0u8; SIZE];
         let mut flushed_batches = 0;
+        let mut cut_by_kill = 0;
         let mut seed = 0x1234_5678_u64;
         let mut next = move |bound: u64| {
             seed = seed
@@ -858,26 +872,41 @@ fn kill_9_loses_no_flushed_write() {
         for round in 0..6u64 {
             let mut daemon = Daemon::qblk(d, "k.sock", &["disk.qcow2"]);
             let pid = daemon.pid() as i32;
-            let delay = 20 + next(300);
-            let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = killed.clone();
+            let mut delay = 20 + next(300);
+            if inject && round == 0 {
+                delay += 5000;
+            }
+            // Raised just before kill(2), never after: whatever the client
+            // sees while it is still clear, it saw from a live daemon.
+            let killing = Arc::new(AtomicBool::new(false));
+            let flag = killing.clone();
             let killer = std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(delay));
+                flag.store(true, Ordering::Release);
                 // SAFETY: kill(2) on the daemon's pid.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
-                flag.store(true, std::sync::atomic::Ordering::Release);
             });
             // Writes in batches; a batch counts once its flush returned.
             let mut unflushed: Vec<(usize, usize)> = Vec::new();
-            if let Ok(mut c) = Client::connect(&daemon.socket, 1) {
+            let client = Client::connect(&daemon.socket, 1);
+            if let Err(e) = &client {
+                assert!(
+                    killing.load(Ordering::Acquire),
+                    "{opts} round {round}: cannot connect to the live daemon: {e}"
+                );
+            }
+            if let Ok(mut c) = client {
                 'load: for batch in 0u64.. {
                     let mut pending = Vec::new();
                     for i in 0..16usize {
                         let len = 512 * (1 + next(128) as usize);
                         // One 2 MiB slot per write: a batch's writes never
                         // overlap, so their order does not matter.
-                        let off =
+                        let mut off =
                             i * (2 << 20) + 512 * next((((2 << 20) - len) / 512) as u64) as usize;
+                        if inject && round == 0 && batch == 0 && i == 0 {
+                            off = SIZE;
+                        }
                         let at = i * (1 << 16);
                         let tag = (round * 31 + batch * 7 + i as u64) as u8 | 1;
                         for (k, b) in c.buf()[at..at + len].iter_mut().enumerate() {
@@ -888,12 +917,20 @@ fn kill_9_loses_no_flushed_write() {
                         pending.push((off, len, at));
                     }
                     unflushed.extend(pending.iter().map(|&(o, l, _)| (o, l)));
-                    if !completes(&mut c, 16, &killed) {
-                        break 'load;
-                    }
-                    c.queues[0].flush(99, blkio::ReqFlags::empty());
-                    if !completes(&mut c, 1, &killed) {
-                        break 'load;
+                    let flushed = match completes(&mut c, 16, &killing) {
+                        Ok(true) => {
+                            c.queues[0].flush(99, blkio::ReqFlags::empty());
+                            completes(&mut c, 1, &killing)
+                        }
+                        other => other,
+                    };
+                    match flushed {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            cut_by_kill += 1;
+                            break 'load;
+                        }
+                        Err(e) => panic!("{opts} round {round} batch {batch}: {e}"),
                     }
                     // Durable now: into the model, in submission order.
                     for &(off, len, at) in &pending {
@@ -905,7 +942,14 @@ fn kill_9_loses_no_flushed_write() {
                 }
             }
             killer.join().unwrap();
-            let _ = daemon.stop_with(libc::SIGKILL);
+            // Our SIGKILL ended it, not a crash of its own before that.
+            let status = daemon.stop_with(libc::SIGKILL);
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGKILL),
+                "{opts} round {round}: the daemon ended ({status}) before the kill:\n{}",
+                daemon.log()
+            );
             drop(daemon);
             // Restart and read everything back.
             let mut daemon = Daemon::qblk(d, "k.sock", &["disk.qcow2"]);
@@ -944,31 +988,57 @@ fn kill_9_loses_no_flushed_write() {
             flushed_batches > 6,
             "{opts}: the daemon died before any real load"
         );
+        eprintln!(
+            "{opts}: {flushed_batches} batches flushed; of 6 rounds the kill cut {cut_by_kill} \
+             mid-batch and {} before the client connected",
+            6 - cut_by_kill
+        );
     }
 }
 
-/// Waits for `n` completions; false once the daemon has been killed.
-fn completes(c: &mut Client, n: usize, killed: &std::sync::atomic::AtomicBool) -> bool {
+/// Waits for `n` completions on queue 0. `Ok(true)`: all succeeded;
+/// `Ok(false)`: the daemon is being killed, and a request in flight failed
+/// or the wait gave up; `Err`: a request failed, or the connection broke,
+/// while the daemon was alive.
+fn completes(
+    c: &mut Client,
+    n: usize,
+    killing: &std::sync::atomic::AtomicBool,
+) -> Result<bool, String> {
+    let killed = || killing.load(std::sync::atomic::Ordering::Acquire);
     let mut completions: Vec<std::mem::MaybeUninit<blkio::Completion>> =
         (0..n).map(|_| std::mem::MaybeUninit::uninit()).collect();
     let mut got = 0;
     while got < n {
         let mut timeout = Duration::from_millis(100);
         match c.queues[0].do_io(&mut completions[got..], 1, Some(&mut timeout), None) {
-            Ok(0) if !killed.load(std::sync::atomic::Ordering::Acquire) => {}
-            Ok(0) | Err(_) => return false,
+            // Nothing yet: the daemon is busy, or dead.
+            Ok(0) if killed() => return Ok(false),
+            Ok(0) => {}
             Ok(k) => {
                 for comp in &completions[got..got + k] {
                     // SAFETY: do_io initialised these completions.
-                    if unsafe { comp.assume_init_ref() }.ret != 0 {
-                        return false;
+                    let comp = unsafe { comp.assume_init_ref() };
+                    if comp.ret != 0 {
+                        return if killed() {
+                            Ok(false)
+                        } else {
+                            // user_data is the write's slot, or 99 for
+                            // the flush.
+                            Err(format!(
+                                "request {} failed before the kill: {}",
+                                comp.user_data, comp.ret
+                            ))
+                        };
                     }
                 }
                 got += k;
             }
+            Err(_) if killed() => return Ok(false),
+            Err(e) => return Err(format!("the connection failed before the kill: {e}")),
         }
     }
-    true
+    Ok(true)
 }
 
 #[test]

@@ -13,8 +13,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qblk_integration::create_qcow2;
 use qblk_integration::vhost::{Client, Daemon};
+use qblk_integration::{broken, create_qcow2};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const GET_FEATURES: u32 = 1;
@@ -184,14 +184,31 @@ fn memfd(size: u64) -> File {
 }
 
 /// What the process has open, by target (`anon_inode:[eventfd]`, …).
+/// Not being able to list them fails the test: an empty list would pass
+/// any leak check, and a live daemon always has descriptors open (its
+/// socket, the image, its io_uring).
 fn open_fds(pid: u32) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .map(|p| p.display().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
+    // `QBLK_BREAK=fd-proc-unreadable` looks in a /proc that does not exist.
+    let proc = if broken("fd-proc-unreadable") {
+        "/nonexistent-proc"
+    } else {
+        "/proc"
+    };
+    let dir = format!("{proc}/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("cannot read {dir}: {e}"));
+    let mut v = Vec::new();
+    for entry in entries {
+        let path = entry
+            .unwrap_or_else(|e| panic!("cannot read {dir}: {e}"))
+            .path();
+        match std::fs::read_link(&path) {
+            Ok(target) => v.push(target.display().to_string()),
+            // Closed between the listing and the look: not open any more.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => panic!("cannot read {}: {e}", path.display()),
+        }
+    }
+    assert!(!v.is_empty(), "{dir} lists no descriptors of a live daemon");
     v.sort();
     v
 }

@@ -9,6 +9,12 @@
 //! raw file of the same size. Runs alternate between the four, round after
 //! round; each figure is the median of its rounds. CPU time is the daemon
 //! process's user + system time over the run.
+//!
+//! With `--baseline QBLK`, another qblk binary (say, one built from an
+//! older commit) serves each workload too, with the same options as the
+//! current one and next to it in every round, and the table gains its
+//! figures, the ratio current/baseline and the spread of both over the
+//! rounds: a difference inside the spread is noise.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -111,6 +117,8 @@ enum Target {
     Qblk,
     /// qblk with `--pin-guest-memory`.
     QblkPinned,
+    /// The `--baseline` binary, served as `Qblk` is.
+    Baseline,
     Qsd,
     Raw,
 }
@@ -125,11 +133,15 @@ struct Sample {
     meta_per_alloc: f64,
 }
 
-/// Options: `--runtime SECONDS`, `--rounds N`, `--only SUBSTRING`.
+/// Options: `--runtime SECONDS`, `--rounds N`, `--only SUBSTRING`,
+/// `--baseline QBLK`.
 pub struct Options {
     pub runtime: u32,
     pub rounds: u32,
     pub only: Option<String>,
+    /// Another qblk binary to serve each workload beside the current one
+    /// (absolute: the daemons run in the bench directory).
+    pub baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -138,17 +150,30 @@ impl Options {
             runtime: 8,
             rounds: 2,
             only: None,
+            baseline: None,
         };
+        let mut rounds = None;
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
             match a.as_str() {
                 "--runtime" => o.runtime = val()?.parse().map_err(|e| format!("--runtime: {e}"))?,
-                "--rounds" => o.rounds = val()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+                "--rounds" => {
+                    rounds = Some(val()?.parse().map_err(|e| format!("--rounds: {e}"))?);
+                }
                 "--only" => o.only = Some(val()?),
+                "--baseline" => {
+                    let path = val()?;
+                    let abs = std::fs::canonicalize(&path)
+                        .map_err(|e| format!("--baseline {path}: {e}"))?;
+                    o.baseline = Some(abs);
+                }
                 other => return Err(format!("unknown bench option {other}")),
             }
         }
+        // Against a baseline the spread over the rounds is what tells a
+        // difference from noise, and two rounds are a thin spread.
+        o.rounds = rounds.unwrap_or(if o.baseline.is_some() { 3 } else { 2 });
         if o.rounds == 0 || o.runtime == 0 {
             return Err("--runtime and --rounds must be positive".into());
         }
@@ -278,6 +303,8 @@ unsafe extern "C" {
 struct Bench {
     dir: PathBuf,
     qblk: String,
+    /// The `--baseline` binary, if any.
+    baseline: Option<String>,
     runtime: u32,
 }
 
@@ -332,20 +359,29 @@ impl Bench {
         let log = self.dir.join(format!("{target:?}.log").to_lowercase());
         let queues = w.queues.to_string();
         let (program, args): (&str, Vec<String>) = match target {
-            Target::Qblk | Target::QblkPinned => (self.qblk.as_str(), {
-                let mut a: Vec<String> = vec![
-                    "serve".into(),
-                    "--socket".into(),
-                    socket.display().to_string(),
-                    "--queues".into(),
-                    queues,
-                ];
-                if target == Target::QblkPinned {
-                    a.push("--pin-guest-memory".into());
-                }
-                a.push(image.into());
-                a
-            }),
+            Target::Qblk | Target::QblkPinned | Target::Baseline => (
+                if target == Target::Baseline {
+                    self.baseline
+                        .as_deref()
+                        .ok_or("a baseline run without --baseline")?
+                } else {
+                    self.qblk.as_str()
+                },
+                {
+                    let mut a: Vec<String> = vec![
+                        "serve".into(),
+                        "--socket".into(),
+                        socket.display().to_string(),
+                        "--queues".into(),
+                        queues,
+                    ];
+                    if target == Target::QblkPinned {
+                        a.push("--pin-guest-memory".into());
+                    }
+                    a.push(image.into());
+                    a
+                },
+            ),
             Target::Qsd => (
                 "qemu-storage-daemon",
                 vec![
@@ -448,10 +484,23 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The least and the greatest of `v` (0..0 if empty).
+fn spread(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
 struct Row {
     name: &'static str,
     qblk: Vec<Sample>,
     pinned: Vec<Sample>,
+    /// Empty without `--baseline`.
+    baseline: Vec<Sample>,
     qsd: Vec<Sample>,
     raw: Vec<Sample>,
 }
@@ -563,6 +612,7 @@ pub fn bench(opts: &Options) -> Result {
     let b = Bench {
         dir: dir.clone(),
         qblk: root().join("target/release/qblk").display().to_string(),
+        baseline: opts.baseline.as_ref().map(|p| p.display().to_string()),
         runtime: opts.runtime,
     };
     let mut rows = Vec::new();
@@ -577,6 +627,7 @@ pub fn bench(opts: &Options) -> Result {
             name: w.name,
             qblk: Vec::new(),
             pinned: Vec::new(),
+            baseline: Vec::new(),
             qsd: Vec::new(),
             raw: Vec::new(),
         };
@@ -585,13 +636,23 @@ pub fn bench(opts: &Options) -> Result {
         }
         b.make_image("raw.img", !w.allocating, true)?;
         for round in 0..opts.rounds {
-            // Alternate the order from round to round.
-            let order: &[Target] = if round % 2 == 0 {
-                &[Target::Qblk, Target::Qsd, Target::QblkPinned, Target::Raw]
-            } else {
-                &[Target::Raw, Target::QblkPinned, Target::Qsd, Target::Qblk]
-            };
-            for &t in order {
+            // Alternate the order from round to round. The baseline runs
+            // right after (or, in odd rounds, before) the current qblk, so
+            // the two meet the same state of the machine.
+            let mut order = vec![
+                Target::Qblk,
+                Target::Baseline,
+                Target::Qsd,
+                Target::QblkPinned,
+                Target::Raw,
+            ];
+            if opts.baseline.is_none() {
+                order.retain(|&t| t != Target::Baseline);
+            }
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for t in order {
                 let sample = match t {
                     Target::Raw => b.raw_run(w)?,
                     _ => {
@@ -608,6 +669,7 @@ pub fn bench(opts: &Options) -> Result {
                 match t {
                     Target::Qblk => row.qblk.push(sample),
                     Target::QblkPinned => row.pinned.push(sample),
+                    Target::Baseline => row.baseline.push(sample),
                     Target::Qsd => row.qsd.push(sample),
                     Target::Raw => row.raw.push(sample),
                 }
@@ -617,14 +679,25 @@ pub fn bench(opts: &Options) -> Result {
     }
     let _ = std::fs::remove_dir_all(&dir);
 
+    let with_baseline = opts.baseline.is_some();
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | qblk IOPS | qblk pinned IOPS | qsd IOPS | raw IOPS | qblk/qsd | pinned/qsd | qblk/raw | pinned/raw | CPU s per M I/O: qblk | pinned | qsd | CPU qblk/qsd | CPU pinned/qsd | qblk metadata writes per allocating write |"
+        "| workload | qblk IOPS | qblk pinned IOPS | qsd IOPS | raw IOPS | qblk/qsd | pinned/qsd | qblk/raw | pinned/raw | CPU s per M I/O: qblk | pinned | qsd | CPU qblk/qsd | CPU pinned/qsd | qblk metadata writes per allocating write |{}",
+        if with_baseline {
+            " baseline IOPS | qblk/baseline | qblk/baseline per round, min..max | qblk IOPS min..max | baseline IOPS min..max | qblk vs baseline, beyond the spread? | CPU s per M I/O: baseline | CPU qblk/baseline |"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         table,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
+        if with_baseline {
+            "---:|---:|---:|---:|---:|---|---:|---:|"
+        } else {
+            ""
+        }
     );
     let mut ratios = Vec::new();
     for r in &rows {
@@ -638,7 +711,7 @@ pub fn bench(opts: &Options) -> Result {
         let dc = m(&r.qsd, |s| s.cpu_per_mio);
         let meta = m(&r.qblk, |s| s.meta_per_alloc);
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        let _ = writeln!(
+        let _ = write!(
             table,
             "| {} | {q:.0} | {p:.0} | {d:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {qc:.2} | {pc:.2} | {dc:.2} | {:.2} | {:.2} | {} |",
             r.name,
@@ -654,6 +727,10 @@ pub fn bench(opts: &Options) -> Result {
                 "-".into()
             }
         );
+        if with_baseline {
+            table.push_str(&baseline_columns(r, opts.rounds));
+        }
+        table.push('\n');
         ratios.push(Ratios {
             name: r.name.to_string(),
             vs_qsd: ratio(q, d),
@@ -666,12 +743,16 @@ pub fn bench(opts: &Options) -> Result {
     let _ = writeln!(md, "# Benchmark results\n");
     let _ = writeln!(
         md,
-        "Latest `cargo xtask bench --runtime {} --rounds {}`{}: {}",
+        "Latest `cargo xtask bench --runtime {} --rounds {}`{}{}: {}",
         opts.runtime,
         opts.rounds,
         opts.only
             .as_ref()
             .map(|o| format!(" --only '{o}'"))
+            .unwrap_or_default(),
+        opts.baseline
+            .as_ref()
+            .map(|b| format!(" --baseline {}", b.display()))
             .unwrap_or_default(),
         date.trim()
     );
@@ -689,6 +770,18 @@ pub fn bench(opts: &Options) -> Result {
          memory registered with io_uring: not the default, see the README).\n",
         opts.rounds, opts.runtime
     );
+    if let Some(baseline) = &opts.baseline {
+        let _ = writeln!(
+            md,
+            "\"baseline\" is `{}`, served as qblk is (default options) and run next to it in \
+             every round, the order alternating; both are driven by the current `qblk bench`. \
+             min..max is the range over the {} rounds, and \"per round\" pairs the runs of one \
+             round. \"beyond the spread\" says higher or lower when the two ranges do not \
+             overlap, and within when they do: a difference within the spread is noise.\n",
+            baseline.display(),
+            opts.rounds
+        );
+    }
     md.push_str(&table);
     let _ = writeln!(md, "\n![ratios](ratios.svg)");
     print!("{table}");
@@ -699,6 +792,38 @@ pub fn bench(opts: &Options) -> Result {
         .map_err(|e| format!("write ratios.svg: {e}"))?;
     eprintln!("xtask bench: wrote bench/RESULTS.md and bench/ratios.svg");
     Ok(())
+}
+
+/// The `--baseline` cells of a row: the baseline's median IOPS, the
+/// ratio of the medians, the per-round ratios' range, both ranges, whether
+/// they are apart, and the CPU figures.
+fn baseline_columns(r: &Row, rounds: u32) -> String {
+    let iops = |v: &[Sample]| v.iter().map(|s| s.iops).collect::<Vec<_>>();
+    let (q, b) = (iops(&r.qblk), iops(&r.baseline));
+    let (qm, bm) = (median(q.clone()), median(b.clone()));
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    // Runs of the same round are neighbours in time: their ratio cancels
+    // what drifted between rounds.
+    let per_round: Vec<f64> = q.iter().zip(&b).map(|(&x, &y)| ratio(x, y)).collect();
+    let (rlo, rhi) = spread(&per_round);
+    let (qlo, qhi) = spread(&q);
+    let (blo, bhi) = spread(&b);
+    let verdict = if rounds < 2 {
+        "- (one round: no spread)"
+    } else if qlo > bhi {
+        "higher"
+    } else if qhi < blo {
+        "lower"
+    } else {
+        "within"
+    };
+    let cpu = |v: &[Sample]| median(v.iter().map(|s| s.cpu_per_mio).collect());
+    let (qc, bc) = (cpu(&r.qblk), cpu(&r.baseline));
+    format!(
+        " {bm:.0} | {:.2} | {rlo:.2}..{rhi:.2} | {qlo:.0}..{qhi:.0} | {blo:.0}..{bhi:.0} | {verdict} | {bc:.2} | {:.2} |",
+        ratio(qm, bm),
+        ratio(qc, bc)
+    )
 }
 
 fn is_tmpfs(p: &Path) -> bool {

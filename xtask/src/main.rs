@@ -1,17 +1,22 @@
 //! Project automation, run as `cargo xtask <command>`.
 //!
-//! - `test`: install what the tests need (Debian packages, cargo-fuzz), then
-//!   run formatting and lint checks, every test, and a short fuzz run. This
-//!   is the README's test command and what `.ci/run` calls.
+//! - `test`: install what the tests need (Debian packages, a nightly
+//!   toolchain and cargo-fuzz), then run formatting and lint checks, every
+//!   test, the tests again with their properties broken (each must fail),
+//!   and a short fuzz run. This is the README's test command and what
+//!   `.ci/run` calls.
 //! - `e2e`: install QEMU, a kernel, busybox and fio, then boot Linux guests
 //!   under QEMU TCG against `qblk serve` (integration/tests/guest.rs).
+//! - `must-fail`: the step of `test` that runs each guarded test with
+//!   `QBLK_BREAK` set to break what it guards (and the fuzz step as if
+//!   nightly could not be installed); each must fail, for that reason.
 //! - `run [IMAGE] [SIZE]`: build qblk and serve IMAGE (default `disk.qcow2`)
 //!   on `qblk.sock`, creating a default image of SIZE (default 10G) if none
 //!   exists.
 //! - `fuzz [TARGET] [SECONDS]`: run a cargo-fuzz target for a bounded time.
-//! - `bench [--runtime S] [--rounds N] [--only TEXT]`: qblk against
-//!   qemu-storage-daemon and raw io_uring; writes bench/RESULTS.md and
-//!   bench/ratios.svg.
+//! - `bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK]`:
+//!   qblk against qemu-storage-daemon and raw io_uring (and another qblk
+//!   binary); writes bench/RESULTS.md and bench/ratios.svg.
 //!
 //! Plain Rust and std only, so it builds before anything else.
 
@@ -43,11 +48,83 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 const FUZZ_TARGETS: &[&str] = &["header", "image", "request"];
 const FUZZ_SMOKE_SECONDS: u32 = 20;
 
+/// The environment switch with which a test breaks the property it guards
+/// (test-only code in the test itself), so that we can check it then fails.
+const BREAK_VAR: &str = "QBLK_BREAK";
+
+/// A test that must fail when `QBLK_BREAK` is `switch`, with `needle` in
+/// its output: the reason it was broken for, not a build error or another
+/// failure.
+struct Breakage {
+    switch: &'static str,
+    package: &'static str,
+    /// The test target (file under `tests/`).
+    target: &'static str,
+    test: &'static str,
+    needle: &'static str,
+}
+
+const BREAKAGES: &[Breakage] = &[
+    // A request the live daemon fails must not end the round quietly.
+    Breakage {
+        switch: "killtest-error",
+        package: "qblk-integration",
+        target: "serve",
+        test: "kill_9_loses_no_flushed_write",
+        needle: "failed before the kill",
+    },
+    // The "dirty lazy-refcounts" image must really be dirty.
+    Breakage {
+        switch: "lazy-not-dirty",
+        package: "qblk-engine",
+        target: "readback",
+        test: "images_qemu_made_read_back_exactly",
+        needle: "is not dirty after qemu-io's abort",
+    },
+    // Unparsable check output must not compare equal.
+    Breakage {
+        switch: "check-unparsable",
+        package: "qblk-integration",
+        target: "check",
+        test: "check_matches_qemu_img",
+        needle: "unparsable output",
+    },
+    // An unreadable /proc must not read as "no descriptors leaked".
+    Breakage {
+        switch: "fd-proc-unreadable",
+        package: "qblk-integration",
+        target: "vhost_user",
+        test: "malformed_messages_get_an_error_or_a_disconnect",
+        needle: "cannot read /nonexistent-proc/",
+    },
+    // A hostile image that hangs the engine, or makes it allocate more
+    // than the image justifies.
+    Breakage {
+        switch: "hostile-hang",
+        package: "qblk-engine",
+        target: "hostile",
+        test: "mutated_images_never_panic",
+        needle: "did not finish within",
+    },
+    Breakage {
+        switch: "hostile-alloc",
+        package: "qblk-engine",
+        target: "hostile",
+        test: "mutated_images_never_panic",
+        needle: "allocated a peak of",
+    },
+];
+
+/// What the fuzz step says when it cannot get a nightly toolchain; the
+/// `fuzz-no-nightly` breakage looks for it.
+const NO_NIGHTLY: &str = "the fuzz step needs a nightly toolchain";
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("e2e") => e2e(),
+        Some("must-fail") => must_fail(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("run") => run_main_job(
             args.get(1).map(String::as_str),
@@ -58,7 +135,7 @@ fn main() -> ExitCode {
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60),
         ),
         _ => Err(
-            "usage: cargo xtask test | e2e | bench [--runtime S] [--rounds N] [--only TEXT] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
+            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
         ),
     };
     match result {
@@ -171,7 +248,19 @@ fn e2e() -> Result {
     )
 }
 
+/// Whether the `QBLK_BREAK` switch names `what`.
+fn broken(what: &str) -> bool {
+    env::var(BREAK_VAR).is_ok_and(|v| v.split(',').any(|s| s == what))
+}
+
 fn test() -> Result {
+    // The switch is ours to set, step by step: inherited, it would fail
+    // the tests that must pass.
+    if env::var_os(BREAK_VAR).is_some() {
+        return Err(format!(
+            "{BREAK_VAR} is set; unset it (the steps that need it set it themselves)"
+        ));
+    }
     install_packages()?;
     let cargo = cargo();
     sh(&cargo, &["fmt", "--all", "--", "--check"])?;
@@ -200,11 +289,78 @@ fn test() -> Result {
     } else {
         sh(&cargo, &["test", "--workspace", "--no-fail-fast"])?;
     }
+    must_fail()?;
     e2e()?;
     for target in FUZZ_TARGETS {
         fuzz(target, FUZZ_SMOKE_SECONDS)?;
     }
     Ok(())
+}
+
+/// Every test of [`BREAKAGES`], and the fuzz step, with what it guards
+/// broken: each must fail.
+fn must_fail() -> Result {
+    for b in BREAKAGES {
+        expect_failure(b)?;
+    }
+    expect_fuzz_failure_without_nightly()
+}
+
+/// Runs one test with its property broken: it must fail, and for that
+/// reason. Only that test runs (the binary is built already).
+fn expect_failure(b: &Breakage) -> Result {
+    let args = [
+        "test", "--quiet", "-p", b.package, "--test", b.target, "--", "--exact", b.test,
+    ];
+    let what = format!("{BREAK_VAR}={} cargo {}", b.switch, args.join(" "));
+    eprintln!("+ {what} (must fail)");
+    let out = Command::new(cargo())
+        .args(args)
+        .env(BREAK_VAR, b.switch)
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    check_failed(&what, &out, b.needle)
+}
+
+/// `what` (whose output is `out`) must have failed with `needle` in its
+/// output.
+fn check_failed(what: &str, out: &std::process::Output, needle: &str) -> Result {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        return Err(format!(
+            "{what} passed: the test no longer notices what it guards\n{text}"
+        ));
+    }
+    if !text.contains(needle) {
+        return Err(format!(
+            "{what} failed ({}), but without {needle:?} in its output: \
+             not for the reason it was broken for\n{text}",
+            out.status
+        ));
+    }
+    eprintln!("xtask: {what} failed as it must ({needle:?})");
+    Ok(())
+}
+
+/// The fuzz step on a machine without nightly where installing it fails
+/// must fail, not skip: this runs `xtask fuzz` so.
+fn expect_fuzz_failure_without_nightly() -> Result {
+    let exe = env::current_exe().map_err(|e| format!("cannot find xtask's executable: {e}"))?;
+    let switch = "fuzz-no-nightly";
+    let what = format!("{BREAK_VAR}={switch} xtask fuzz header 1");
+    eprintln!("+ {what} (must fail)");
+    let out = Command::new(exe)
+        .args(["fuzz", "header", "1"])
+        .env(BREAK_VAR, switch)
+        .current_dir(root())
+        .output()
+        .map_err(|e| format!("cannot run xtask: {e}"))?;
+    check_failed(&what, &out, NO_NIGHTLY)
 }
 
 /// Whether a nightly toolchain is installed (cargo-fuzz needs one).
@@ -215,16 +371,38 @@ fn have_nightly() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-fn fuzz(target: &str, seconds: u32) -> Result {
-    if !have_nightly() {
-        eprintln!(
-            "xtask: fuzz run of {target} SKIPPED: no nightly toolchain (rustup toolchain install nightly)"
-        );
-        return Ok(());
+/// Installs what cargo-fuzz needs: a nightly toolchain (minimal profile)
+/// and cargo-fuzz itself. Not getting them is an error, never a skip: a
+/// fuzz step that quietly does nothing would pass CI untested.
+/// `QBLK_BREAK=fuzz-no-nightly` acts as a machine without nightly where
+/// installing it fails.
+fn install_fuzz_tools() -> Result {
+    let no_nightly = broken("fuzz-no-nightly");
+    if no_nightly || !have_nightly() {
+        let rustup = if no_nightly {
+            "/nonexistent/rustup"
+        } else {
+            "rustup"
+        };
+        sh(
+            rustup,
+            &["toolchain", "install", "nightly", "--profile", "minimal"],
+        )
+        .map_err(|e| format!("{NO_NIGHTLY} and cannot install one: {e}"))?;
+        if !have_nightly() {
+            return Err(format!(
+                "{NO_NIGHTLY}, and `rustup run nightly` still fails after installing it"
+            ));
+        }
     }
     if !have("cargo-fuzz") {
         sh(&cargo(), &["install", "--locked", "--quiet", "cargo-fuzz"])?;
     }
+    Ok(())
+}
+
+fn fuzz(target: &str, seconds: u32) -> Result {
+    install_fuzz_tools()?;
     let corpus = format!("fuzz/corpus/{target}");
     let max_time = format!("-max_total_time={seconds}");
     // Run on a copy of the committed corpus so new inputs don't dirty the tree.

@@ -49,6 +49,13 @@ pub fn qemu_io(dir: &Path, image: &str, cmds: &[&str]) {
     sh(dir, &args);
 }
 
+/// Whether `QBLK_BREAK` (a comma-separated list) names `what`: a test-only
+/// switch that breaks the property a test guards, so `cargo xtask test` can
+/// check that the test then fails.
+pub fn broken(what: &str) -> bool {
+    std::env::var("QBLK_BREAK").is_ok_and(|v| v.split(',').any(|s| s == what))
+}
+
 /// A small deterministic generator (offsets, lengths, mutations).
 pub struct Lcg(pub u64);
 
