@@ -115,6 +115,13 @@ impl QueueHandle {
         };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             qblk_engine::runtime::block_on(async move {
+                // The thread's ring lives as long as the thread: made now,
+                // not at the first I/O or pinning of whichever frontend
+                // comes first, so what the daemon holds does not depend on
+                // what its frontends did. (Failing here fails each request.)
+                if let Err(e) = qblk_engine::uring::Ring::current() {
+                    tracing::error!("cannot create the queue thread's io_uring: {e}");
+                }
                 // The queues of a thread share its ring, and so what is
                 // registered with it.
                 let pinning = Rc::new(RefCell::new(Pinning::default()));
