@@ -53,7 +53,7 @@ pub struct HostFile {
     /// Serialises read-modify-write of partial blocks: two of them on the
     /// same block must not both read the old block.
     rmw: tokio::sync::Mutex<()>,
-    /// `read_direct`/`write_direct` calls, and those that bounced.
+    /// `read_guest`/`write_guest` calls, and those that bounced.
     direct_ios: AtomicU64,
     bounced_ios: AtomicU64,
     /// Direct transfers that went through a registered buffer.
