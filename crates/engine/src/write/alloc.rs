@@ -63,6 +63,10 @@ pub(crate) struct Refcounts {
     /// Blocks a running commit is writing: a copy read back from disk
     /// meanwhile could predate the write, so they stay cached.
     in_flight: HashSet<u64>,
+    /// Moves on whenever blocks were written: a block read from disk
+    /// before that may be older than the disk (and than a copy evicted
+    /// meanwhile), so it is read again.
+    pub(super) block_epoch: u64,
     /// No free cluster lies below this one.
     cursor: HostCluster,
     /// Clusters whose last reference was dropped, with the epoch they were
@@ -105,6 +109,7 @@ impl Refcounts {
             blocks_capacity: blocks_capacity.max(4),
             dirty_blocks: BTreeSet::new(),
             in_flight: HashSet::new(),
+            block_epoch: 0,
             cursor: HostCluster(0),
             pending_free: HashMap::new(),
             free_epoch: 0,
@@ -140,9 +145,11 @@ impl Refcounts {
         Ok(Some(off.0))
     }
 
-    /// Caches a block read from disk, unless a newer copy is cached.
-    pub(crate) fn insert_loaded(&mut self, offset: HostOffset, block: AlignedBuf) {
-        if self.blocks.peek(&offset.0).is_none() {
+    /// Caches a block read from disk, unless a newer copy is cached or
+    /// blocks were written since the read began (at `epoch`): then the
+    /// step asks for it again.
+    pub(crate) fn insert_loaded(&mut self, offset: HostOffset, block: AlignedBuf, epoch: u64) {
+        if self.blocks.peek(&offset.0).is_none() && epoch == self.block_epoch {
             self.insert_block(offset.0, block);
         }
     }
@@ -261,6 +268,9 @@ impl Refcounts {
         for b in blocks {
             self.in_flight.remove(&b.0);
         }
+        if !blocks.is_empty() {
+            self.block_epoch += 1;
+        }
     }
 
     /// Puts blocks whose write failed back among the dirty ones.
@@ -269,6 +279,8 @@ impl Refcounts {
             self.in_flight.remove(&b.0);
             self.dirty_blocks.insert(b.0);
         }
+        // Some may have reached the disk.
+        self.block_epoch += 1;
     }
 
     /// The refcount table as bytes, padded to `clusters` clusters.
@@ -461,7 +473,7 @@ mod tests {
             HostCluster(used),
             Arc::default(),
         );
-        rc.insert_loaded(HostOffset(cs), block);
+        rc.insert_loaded(HostOffset(cs), block, 0);
         let spec = qblk_qcow2::create::CreateSpec {
             size: 1 << 30,
             ..Default::default()
@@ -518,7 +530,7 @@ mod tests {
         // Only the search position moved (past clusters it had decided).
         assert_eq!((rc.end, rc.dirty_blocks.clone(), rc.table.clone()), before);
         // Run again after the read: the same answer as without the miss.
-        rc.insert_loaded(HostOffset(0x10000), block);
+        rc.insert_loaded(HostOffset(0x10000), block, rc.block_epoch);
         assert_eq!(rc.alloc_cluster(&mut h).unwrap(), HostCluster(4));
     }
 
@@ -612,12 +624,20 @@ mod tests {
         let taken = rc.take_dirty_blocks();
         assert_eq!(taken.len(), 1);
         for i in 0..16u64 {
-            rc.insert_loaded(HostOffset((100 + i) * 0x10000), AlignedBuf::zeroed(0x10000));
+            rc.insert_loaded(
+                HostOffset((100 + i) * 0x10000),
+                AlignedBuf::zeroed(0x10000),
+                rc.block_epoch,
+            );
         }
         assert!(rc.blocks.peek(&0x10000).is_some(), "in flight stays cached");
         rc.written(&[taken[0].0]);
         for i in 0..16u64 {
-            rc.insert_loaded(HostOffset((200 + i) * 0x10000), AlignedBuf::zeroed(0x10000));
+            rc.insert_loaded(
+                HostOffset((200 + i) * 0x10000),
+                AlignedBuf::zeroed(0x10000),
+                rc.block_epoch,
+            );
         }
         assert!(rc.blocks.peek(&0x10000).is_none(), "clean again: evictable");
     }

@@ -158,13 +158,14 @@ impl Writer {
                 Ok(t) => return Ok(t),
                 Err(Miss::Fail(e)) => return Err(e),
                 Err(Miss::RefcountBlock(off)) => {
+                    let epoch = self.lock_alloc().rc.block_epoch;
                     let cs = img.geometry().cluster_size() as usize;
                     let block = img.file().read(off.0, cs).await.map_err(Error::io(
                         img.path(),
                         "read refcount block",
                         off.0,
                     ))?;
-                    self.lock_alloc().rc.insert_loaded(off, block);
+                    self.lock_alloc().rc.insert_loaded(off, block, epoch);
                 }
                 Err(Miss::L2Table(off)) => {
                     let epoch = img.lock_tables().l2_epoch;
