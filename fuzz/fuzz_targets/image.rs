@@ -51,7 +51,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         // file size, but its time does (it compares every cluster), so keep
         // fuzz iterations short.
         if std::fs::metadata(&path).is_ok_and(|m| m.len() <= 1 << 30) {
-            let _ = qblk_engine::check::check(&path, CacheMode::Writeback).await;
+            let _ = qblk_engine::check::check(&path, CacheMode::Writeback, false).await;
         }
     });
 });

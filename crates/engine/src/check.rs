@@ -20,6 +20,7 @@ use qblk_qcow2::{Geometry, Header};
 use crate::commit::{Commit, Edge, End, Files};
 use crate::file::{CacheMode, HostFile};
 use crate::image::{Error, Result, read_header};
+use crate::lock::Access;
 
 /// References this many clusters past the end of the file are still
 /// tallied individually; further ones are reported in bulk.
@@ -87,8 +88,17 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + u
 
 /// Checks the image at `path`. An `Err` means the image could not be
 /// checked at all (qemu-img's exit code 1).
-pub async fn check(path: &Path, cache: CacheMode) -> Result<CheckReport> {
+///
+/// The image is locked as a reader (qemu-img check's locks): an image a
+/// writer holds is refused unless `force_share` (`-U`).
+pub async fn check(path: &Path, cache: CacheMode, force_share: bool) -> Result<CheckReport> {
     let file = HostFile::open(path, false, cache).map_err(io(path, "open"))?;
+    let access = if force_share {
+        Access::READER.force_share()
+    } else {
+        Access::READER
+    };
+    crate::lock::lock_image(&file, path, access)?;
     let (header, file_len) = read_header(&file, path).await?;
     let geometry = header.geometry();
     let mut c = Checker {
@@ -491,32 +501,31 @@ pub struct RepairOutcome {
 
 /// Repairs the image at `path` (qemu-img check -r). Corruption that is not
 /// about refcounts (a malformed table entry) is reported, never "fixed".
+///
+/// The image is locked as a writer for the whole repair (qemu-img check -r
+/// does the same): the checks before and after share with that lock only.
 pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
-    let before = check(path, CacheMode::None).await?;
+    let guard = HostFile::open(path, true, CacheMode::None).map_err(io(path, "open"))?;
+    crate::lock::lock_image(&guard, path, Access::WRITER)?;
+    let before = check(path, CacheMode::None, true).await?;
     let needs = match mode {
         RepairMode::Leaks => before.leaks > 0,
         RepairMode::All => before.leaks > 0 || before.corruptions > 0,
     };
     if needs {
         match mode {
-            RepairMode::Leaks => fix_leaks(path, &before).await?,
+            RepairMode::Leaks => fix_leaks(&guard, path, &before).await?,
             // Leaks alone are fixed in place; anything else rebuilds.
-            RepairMode::All if before.corruptions == 0 => fix_leaks(path, &before).await?,
-            RepairMode::All => rebuild_refcounts(path).await?,
+            RepairMode::All if before.corruptions == 0 => fix_leaks(&guard, path, &before).await?,
+            RepairMode::All => rebuild_with(&guard, path).await?,
         }
     }
-    let after = check(path, CacheMode::None).await?;
+    let after = check(path, CacheMode::None, true).await?;
     Ok(RepairOutcome { before, after })
 }
 
-async fn open_rw(path: &Path) -> Result<(HostFile, Header, u64)> {
-    let file = HostFile::open(path, true, CacheMode::None).map_err(io(path, "open"))?;
-    let (header, file_len) = read_header(&file, path).await?;
-    Ok((file, header, file_len))
-}
-
-async fn fix_leaks(path: &Path, report: &CheckReport) -> Result<()> {
-    let (file, header, _) = open_rw(path).await?;
+async fn fix_leaks(file: &HostFile, path: &Path, report: &CheckReport) -> Result<()> {
+    let (header, _) = read_header(file, path).await?;
     let g = header.geometry();
     let cs = g.cluster_size();
     let rt = file
@@ -558,7 +567,7 @@ async fn fix_leaks(path: &Path, report: &CheckReport) -> Result<()> {
     for (off, b) in blocks {
         let _ = c.write("write refcount block", off, b);
     }
-    c.run(repair_files(&file)).await?;
+    c.run(repair_files(file)).await?;
     Ok(())
 }
 
@@ -577,11 +586,18 @@ fn repair_files(file: &HostFile) -> Files<'_> {
 /// then fixes the active tables' COPIED flags. Each step is durable before
 /// the next, so a crash leaves either the old structure or the new one.
 pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
-    let (file, mut header, file_len) = open_rw(path).await?;
+    let file = HostFile::open(path, true, CacheMode::None).map_err(io(path, "open"))?;
+    crate::lock::lock_image(&file, path, Access::WRITER)?;
+    rebuild_with(&file, path).await
+}
+
+/// [`rebuild_refcounts`] on an image open (and locked) for writing.
+async fn rebuild_with(file: &HostFile, path: &Path) -> Result<()> {
+    let (mut header, file_len) = read_header(file, path).await?;
     let g = header.geometry();
     let cs = g.cluster_size();
     let mut c = Checker {
-        file: &file,
+        file,
         header: &header,
         geometry: g,
         file_len,
@@ -671,7 +687,7 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
     hbuf.copy_from_slice(&bytes);
     let h = commit.write("write header", 0, hbuf);
     commit.after_all(h, &block_ids, Edge::Durable);
-    commit.run(repair_files(&file)).await?;
+    commit.run(repair_files(file)).await?;
 
     // COPIED flags of the active tables, from the new refcounts: one more
     // commit, after the switch (a crash before it leaves flags that only
@@ -742,6 +758,6 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
             }
         }
     }
-    fixes_commit.run(repair_files(&file)).await?;
+    fixes_commit.run(repair_files(file)).await?;
     Ok(())
 }

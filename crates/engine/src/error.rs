@@ -46,6 +46,13 @@ pub enum Error {
     /// been marked corrupt (best effort) and takes no more writes.
     #[error("{}: inconsistent metadata: {cause}; image marked corrupt", path.display())]
     Corrupt { path: PathBuf, cause: Corruption },
+    /// Another program holds the image in a way this open cannot share
+    /// (QEMU's image locks).
+    #[error("{}: {conflict}", path.display())]
+    Locked {
+        path: PathBuf,
+        conflict: crate::lock::Conflict,
+    },
     #[error("{}: image was marked corrupt: writes refused", path.display())]
     MarkedCorrupt { path: PathBuf },
     /// A flush or close of an image marked corrupt: writes acknowledged
@@ -138,6 +145,7 @@ impl Error {
             Error::Io { .. }
             | Error::Unsupported { .. }
             | Error::Backing { .. }
+            | Error::Locked { .. }
             | Error::Decompress { .. }
             | Error::MarkedCorrupt { .. }
             | Error::NotDurable { .. }

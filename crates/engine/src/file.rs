@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::buf::{AlignedBuf, BUF_ALIGN};
-use crate::guest::{GuestSlice, In, Out};
+#[cfg(test)]
+use crate::guest::GuestSlice;
+use crate::guest::{GuestRange, In, Out};
 use crate::uring::Ring;
 
 /// Largest single read or write: the SQE length is 32 bits; this keeps
@@ -26,7 +28,7 @@ const MAX_IO_BYTES: u32 = !(BUF_ALIGN as u32 - 1);
 /// Keeps memory that I/O goes to or from directly alive: each operation on
 /// that memory holds a clone until its completion arrives, even if the
 /// future waiting for it is dropped or leaked. The daemon passes its
-/// guest-memory mapping (see [`GuestSlice`]).
+/// guest-memory mapping (see [`crate::guest::GuestSlice`]).
 pub type KeepAlive = Arc<dyn Any + Send + Sync>;
 
 /// How host files are cached.
@@ -214,14 +216,14 @@ impl HostFile {
     /// bytes as they are now; the guest does not change a buffer it has
     /// handed to the device).
     #[cfg(feature = "fault-injection")]
-    fn rec_submit_guest(&self, offset: u64, data: &GuestSlice) -> Option<usize> {
+    fn rec_submit_guest(&self, offset: u64, data: &GuestRange<'_>) -> Option<usize> {
         self.rec
             .as_ref()
             .map(|r| r.write_submitted(offset, &data.to_vec()))
     }
 
     #[cfg(not(feature = "fault-injection"))]
-    fn rec_submit_guest(&self, _offset: u64, _data: &GuestSlice) -> Option<usize> {
+    fn rec_submit_guest(&self, _offset: u64, _data: &GuestRange<'_>) -> Option<usize> {
         None
     }
 
@@ -300,7 +302,7 @@ impl HostFile {
     /// offset, length and address allow (no bounce buffer, no copy), else
     /// through an aligned bounce buffer. Bytes past the end of the file
     /// read as zeros.
-    pub async fn read_guest(&self, offset: u64, dst: &GuestSlice) -> io::Result<()> {
+    pub async fn read_guest(&self, offset: u64, dst: GuestRange<'_>) -> io::Result<()> {
         if !self.direct(offset, dst.as_ptr(), dst.len()) {
             let buf = self.read(offset, dst.len()).await?;
             dst.copy_from(&buf);
@@ -331,7 +333,7 @@ impl HostFile {
 
     /// Writes from guest memory: the kernel reads straight from `src` when
     /// offset, length and address allow, else it is copied out first.
-    pub async fn write_guest(&self, offset: u64, src: &GuestSlice) -> io::Result<()> {
+    pub async fn write_guest(&self, offset: u64, src: GuestRange<'_>) -> io::Result<()> {
         if !self.direct(offset, src.as_ptr(), src.len()) {
             return self.write(offset, &src.to_vec()).await;
         }
@@ -364,7 +366,7 @@ impl HostFile {
     pub(crate) async fn read_out(&self, offset: u64, out: &mut Out<'_>) -> io::Result<()> {
         match out {
             Out::Heap(b) => self.read_into(offset, b).await,
-            Out::Guest(g) => self.read_guest(offset, g).await,
+            Out::Guest(g) => self.read_guest(offset, *g).await,
         }
     }
 
@@ -372,7 +374,7 @@ impl HostFile {
     pub(crate) async fn write_in(&self, offset: u64, data: &In<'_>) -> io::Result<()> {
         match data {
             In::Heap(b) => self.write(offset, b).await,
-            In::Guest(g) => self.write_guest(offset, g).await,
+            In::Guest(g) => self.write_guest(offset, *g).await,
         }
     }
 
@@ -573,20 +575,20 @@ mod tests {
             // Aligned guest memory: straight in and out.
             let (_mem, buf) = guest_mem(16384 + 1);
             let aligned = buf.sub(0, 16384);
-            f.read_guest(4096, &aligned).await.unwrap();
+            f.read_guest(4096, aligned.range()).await.unwrap();
             assert_eq!(aligned.to_vec(), &content[4096..20480]);
             aligned.fill(0xab);
-            f.write_guest(8192, &aligned).await.unwrap();
+            f.write_guest(8192, aligned.range()).await.unwrap();
             assert_eq!(f.direct_counts(), (2, 0, 0));
             // Misaligned memory bounces, with the same result.
             let odd = buf.sub(1, 4096);
-            f.read_guest(8192, &odd).await.unwrap();
+            f.read_guest(8192, odd.range()).await.unwrap();
             assert!(odd.to_vec().iter().all(|&b| b == 0xab));
             assert_eq!(f.direct_counts(), (3, 1, 0));
             // Past the end of the file: zeros.
             let (_t, tail) = guest_mem(8192);
             tail.fill(1);
-            f.read_guest(61440, &tail).await.unwrap();
+            f.read_guest(61440, tail.range()).await.unwrap();
             let v = tail.to_vec();
             assert_eq!(&v[..4096], &content[61440..]);
             assert!(v[4096..].iter().all(|&b| b == 0));
@@ -595,7 +597,7 @@ mod tests {
             // keeps the memory until it completes.
             let (mem, dst) = guest_mem(65536);
             {
-                let mut fut = Box::pin(f.read_guest(0, &dst));
+                let mut fut = Box::pin(f.read_guest(0, dst.range()));
                 let waker = std::task::Waker::noop();
                 let mut cx = std::task::Context::from_waker(waker);
                 let _ = fut.as_mut().poll(&mut cx);
@@ -651,21 +653,23 @@ mod tests {
             let ra = unsafe { GuestSlice::new(a, 65536, keep.clone()) };
             // SAFETY: as above.
             let rb = unsafe { GuestSlice::new(b, 131072, keep.clone()) };
-            f.read_guest(4096, &rb.sub(8192, 16384)).await.unwrap();
+            f.read_guest(4096, rb.range().sub(8192, 16384))
+                .await
+                .unwrap();
             assert_eq!(rb.sub(8192, 16384).to_vec(), &content[4096..20480]);
             assert_eq!(f.direct_counts(), (1, 0, 1));
             ra.fill(0x5a);
-            f.write_guest(65536, &ra).await.unwrap();
+            f.write_guest(65536, ra.range()).await.unwrap();
             assert_eq!(f.direct_counts(), (2, 0, 2));
             // Memory outside the registration takes the ordinary path.
             let (_o, other) = guest_mem(65536);
-            f.read_guest(65536, &other).await.unwrap();
+            f.read_guest(65536, other.range()).await.unwrap();
             assert!(other.to_vec().iter().all(|&x| x == 0x5a));
             assert_eq!(f.direct_counts(), (3, 0, 2));
             // Unregistered: ordinary again, and the ring lets `keep` go.
             ring.unregister_memory();
             assert!(ring.fixed_index(a, 4096).is_none());
-            f.read_guest(0, &rb.sub(0, 4096)).await.unwrap();
+            f.read_guest(0, rb.range().sub(0, 4096)).await.unwrap();
             assert_eq!(rb.sub(0, 4096).to_vec(), &content[..4096]);
             assert_eq!(f.direct_counts(), (4, 0, 2));
             drop((keep, ra, rb));

@@ -9,7 +9,7 @@
 //! copies in and out with raw copies, as vm-memory's `VolatileSlice` does.
 //!
 //! Everything the daemon writes into guest memory through the engine passes
-//! [`GuestSlice::copy_from`], [`GuestSlice::fill`] or
+//! [`GuestRange::copy_from`], [`GuestRange::fill`] or
 //! [`crate::file::HostFile::read_guest`]: those are where live migration's
 //! dirty-page log marks the pages written.
 
@@ -63,22 +63,24 @@ impl GuestSlice {
         &self.keep
     }
 
-    /// `len` bytes from `start`.
+    /// The whole slice as a range (borrowed: no keep-alive clone).
+    pub fn range(&self) -> GuestRange<'_> {
+        GuestRange {
+            slice: self,
+            start: 0,
+            len: self.len,
+        }
+    }
+
+    /// `len` bytes from `start`, as a slice of its own.
     ///
     /// # Panics
     /// If the range is not inside the slice (a bug of the caller's
     /// arithmetic, never guest input).
     pub fn sub(&self, start: usize, len: usize) -> GuestSlice {
-        assert!(
-            start.checked_add(len).is_some_and(|end| end <= self.len),
-            "guest slice range {start}+{len} outside {}",
-            self.len
-        );
-        // SAFETY: start is within the slice, so the pointer stays in (or
-        // one past) the same mapping.
-        let at = unsafe { self.ptr.as_ptr().add(start) };
+        let r = self.range().sub(start, len);
         GuestSlice {
-            ptr: NonNull::new(at).unwrap_or(NonNull::dangling()),
+            ptr: NonNull::new(r.as_ptr()).unwrap_or(NonNull::dangling()),
             len,
             keep: self.keep.clone(),
         }
@@ -86,17 +88,89 @@ impl GuestSlice {
 
     /// Copies `src` (exactly as long as the slice) into guest memory.
     pub fn copy_from(&self, src: &[u8]) {
+        self.range().copy_from(src);
+    }
+
+    /// Copies guest memory out into `dst` (exactly as long as the slice).
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        self.range().copy_to(dst);
+    }
+
+    /// Sets every byte to `byte`.
+    pub fn fill(&self, byte: u8) {
+        self.range().fill(byte);
+    }
+
+    /// A copy of the bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.range().to_vec()
+    }
+}
+
+/// Part of a [`GuestSlice`], borrowed: what the engine passes around while
+/// it splits a request by cluster and by host run, without touching the
+/// keep-alive's reference count (shared by every queue thread, so an
+/// atomic that bounces between cores) until an SQE needs its own clone.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRange<'a> {
+    slice: &'a GuestSlice,
+    start: usize,
+    len: usize,
+}
+
+impl<'a> GuestRange<'a> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first byte's address.
+    pub fn as_ptr(&self) -> *mut u8 {
+        // SAFETY: start lies within the slice (checked where the range was
+        // made), so the pointer stays in (or one past) the same mapping.
+        unsafe { self.slice.ptr.as_ptr().add(self.start) }
+    }
+
+    /// What keeps the memory mapped.
+    pub fn keep(&self) -> &'a KeepAlive {
+        &self.slice.keep
+    }
+
+    /// `len` bytes from `start` of this range.
+    ///
+    /// # Panics
+    /// If the range is not inside this one (a bug of the caller's
+    /// arithmetic, never guest input).
+    pub fn sub(&self, start: usize, len: usize) -> GuestRange<'a> {
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "guest slice range {start}+{len} outside {}",
+            self.len
+        );
+        GuestRange {
+            slice: self.slice,
+            start: self.start + start,
+            len,
+        }
+    }
+
+    /// Copies `src` (exactly as long as the range) into guest memory.
+    pub fn copy_from(&self, src: &[u8]) {
         assert_eq!(
             src.len(),
             self.len,
             "copy into a guest slice of another length"
         );
-        // SAFETY: the slice is mapped writable while `keep` lives (new's
-        // contract); `src` is our own memory, so the two do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr(), self.len) };
+        // SAFETY: the range is mapped writable while the slice's keep-alive
+        // lives (GuestSlice::new's contract); `src` is our own memory, so
+        // the two do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr(), self.len) };
     }
 
-    /// Copies guest memory out into `dst` (exactly as long as the slice).
+    /// Copies guest memory out into `dst` (exactly as long as the range).
     pub fn copy_to(&self, dst: &mut [u8]) {
         assert_eq!(
             dst.len(),
@@ -104,13 +178,13 @@ impl GuestSlice {
             "copy from a guest slice of another length"
         );
         // SAFETY: as in copy_from, the other way round.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), dst.as_mut_ptr(), self.len) };
+        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr(), dst.as_mut_ptr(), self.len) };
     }
 
     /// Sets every byte to `byte`.
     pub fn fill(&self, byte: u8) {
-        // SAFETY: the slice is mapped writable while `keep` lives.
-        unsafe { std::ptr::write_bytes(self.ptr.as_ptr(), byte, self.len) };
+        // SAFETY: the range is mapped writable while the keep-alive lives.
+        unsafe { std::ptr::write_bytes(self.as_ptr(), byte, self.len) };
     }
 
     /// A copy of the bytes.
@@ -125,7 +199,7 @@ impl GuestSlice {
 #[derive(Debug)]
 pub(crate) enum Out<'a> {
     Heap(&'a mut [u8]),
-    Guest(GuestSlice),
+    Guest(GuestRange<'a>),
 }
 
 impl Out<'_> {
@@ -163,7 +237,7 @@ impl Out<'_> {
 #[derive(Debug, Clone)]
 pub(crate) enum In<'a> {
     Heap(&'a [u8]),
-    Guest(GuestSlice),
+    Guest(GuestRange<'a>),
 }
 
 impl In<'_> {

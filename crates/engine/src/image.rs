@@ -19,6 +19,7 @@ use qblk_qcow2::{FormatError, Geometry, Header};
 use crate::buf::AlignedBuf;
 use crate::file::{CacheMode, HostFile};
 use crate::guest::{GuestSlice, Out};
+use crate::lock::Access;
 
 /// Deepest backing chain followed by default (QEMU-like bound; the image
 /// itself is depth 0).
@@ -71,6 +72,9 @@ pub struct OpenOptions {
     /// The key (passphrase) of a LUKS-encrypted image. Without it the
     /// metadata is readable but guest data is not.
     pub key: Option<Secret>,
+    /// Share everything with other openers (qemu-img's `-U`): read-only
+    /// opens only; the image may change underneath.
+    pub force_share: bool,
 }
 
 /// Key material that never shows in `Debug` output or logs.
@@ -92,6 +96,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
             key: None,
+            force_share: false,
         }
     }
 }
@@ -196,9 +201,24 @@ impl Image {
     ) -> Pin<Box<dyn std::future::Future<Output = Result<Image>>>> {
         Box::pin(async move {
             let writable = opts.writable && depth == 0;
+            if writable && opts.force_share {
+                return Err(Error::Unsupported {
+                    path,
+                    what: "force-share can only be used with read-only images".into(),
+                });
+            }
             let file = HostFile::open(&open_path, writable, opts.cache)
                 .map_err(io_err(&path, "open"))?
                 .named(path.clone());
+            // QEMU's image locks: a backing file is read-only like any
+            // reader; what `-U` asks for goes down the chain.
+            let access = if writable {
+                Access::WRITER
+            } else {
+                Access::READER
+            };
+            let share = |a: Access| if opts.force_share { a.force_share() } else { a };
+            crate::lock::lock_image(&file, &path, share(access))?;
             let (header, file_len) = read_header(&file, &path).await?;
             let crypto = match header.crypt_method {
                 CryptMethod::None => None,
@@ -291,10 +311,15 @@ impl Image {
                             .into(),
                     })?;
                 let dp = relative_to(&path, name);
-                Some(
-                    HostFile::open(&dp, writable, opts.cache)
-                        .map_err(io_err(&dp, "open data file"))?,
-                )
+                let f = HostFile::open(&dp, writable, opts.cache)
+                    .map_err(io_err(&dp, "open data file"))?;
+                let access = if writable {
+                    Access::DATA_WRITER
+                } else {
+                    Access::DATA_READER
+                };
+                crate::lock::lock_image(&f, &dp, share(access))?;
+                Some(f)
             } else {
                 None
             };
@@ -520,7 +545,7 @@ impl Image {
     /// read — allocated clusters of unencrypted images and raw backing
     /// files, with offset, length and address aligned for O_DIRECT.
     pub async fn read_guest(&self, offset: u64, buf: GuestSlice) -> Result<()> {
-        self.read_impl(offset, Out::Guest(buf)).await
+        self.read_impl(offset, Out::Guest(buf.range())).await
     }
 
     /// The read path, into our buffer or guest memory.
@@ -828,6 +853,12 @@ async fn open_backing(
     let file = HostFile::open(&real, false, opts.cache)
         .map_err(io_err(&real, "open backing file"))?
         .named(path.clone());
+    let access = if opts.force_share {
+        Access::READER.force_share()
+    } else {
+        Access::READER
+    };
+    crate::lock::lock_image(&file, &path, access)?;
     let magic = file
         .read(0, 4)
         .await

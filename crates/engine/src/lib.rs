@@ -16,6 +16,7 @@ pub mod file;
 pub mod guest;
 pub mod image;
 mod layout;
+pub mod lock;
 pub mod map;
 pub mod runtime;
 pub mod stats;

@@ -152,7 +152,7 @@ fn exercise(path: &Path, writable: bool) -> bool {
             let _ = img.flush().await;
             let _ = img.close().await;
         }
-        let _ = check(path, CacheMode::Writeback).await;
+        let _ = check(path, CacheMode::Writeback, false).await;
         true
     })
 }

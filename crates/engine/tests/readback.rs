@@ -31,6 +31,7 @@ fn check_image(dir: &Path, image: &str) {
             l2_cache_bytes: 1,
             refcount_cache_bytes: 1,
             key: None,
+            force_share: false,
         };
         let want = &want;
         block_on(async move {

@@ -147,6 +147,7 @@ fn exercise_with(
             // And a tiny refcount cache: blocks are evicted and reloaded.
             refcount_cache_bytes: cluster,
             key: None,
+            force_share: false,
         };
         let img = std::rc::Rc::new(
             Image::open(&path, &opts)
@@ -214,7 +215,7 @@ fn exercise_with(
     );
     // qblk's own check agrees.
     let ours =
-        block_on(qblk_engine::check::check(&dir.join(image), CacheMode::None)).expect("qblk check");
+        block_on(qblk_engine::check::check(&dir.join(image), CacheMode::None, false)).expect("qblk check");
     assert_eq!(
         (ours.corruptions, ours.leaks),
         (0, 0),

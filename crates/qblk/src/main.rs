@@ -171,6 +171,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// refcount structure and the COPIED flags from the references.
         #[arg(short = 'r', value_enum)]
         repair: Option<Repair>,
+        /// Share the image with every other user, even a writer (qemu-img's
+        /// -U): read-only; what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Image file.
         image: PathBuf,
     },
@@ -204,6 +208,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// bytes are the passphrase, as in a QEMU secret file.
         #[arg(long, value_name = "PATH")]
         key_file: Option<PathBuf>,
+        /// Share the source with every other user, even a writer (qemu-img's
+        /// -U): read-only; what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -215,6 +223,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Share the image with every other user, even a writer (qemu-img's
+        /// -U): read-only; what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Image file.
         image: PathBuf,
     },
@@ -226,6 +238,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
+        /// Share the image with every other user, even a writer (qemu-img's
+        /// -U): read-only; what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Image file.
         image: PathBuf,
     },
@@ -433,6 +449,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             output,
             quiet,
             repair,
+            force_share,
             image,
         } => {
             let format = format.as_deref().map(ImageFormat::parse).transpose()?;
@@ -440,7 +457,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 Repair::Leaks => RepairMode::Leaks,
                 Repair::All => RepairMode::All,
             });
-            let Some(checked) = check_image(&image, format, repair)? else {
+            let Some(checked) = check_image(&image, format, repair, force_share)? else {
                 eprintln!(
                     "qblk: {}: this image format does not support checks",
                     image.display()
@@ -472,6 +489,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             sparse,
             quiet,
             key_file,
+            force_share,
             src,
             dst,
         } => {
@@ -494,6 +512,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 compress,
                 min_sparse: parse_size(&sparse)?,
                 src_key,
+                src_force_share: force_share,
             };
             let show = progress && !quiet;
             convert(&req, |done, total| {
@@ -514,10 +533,11 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Map {
             format,
             output,
+            force_share,
             image,
         } => {
             let format = format.as_deref().map(ImageFormat::parse).transpose()?;
-            let entries = map_image(&image, format)?;
+            let entries = map_image(&image, format, force_share)?;
             match output {
                 Output::Json => println!("{}", map::to_json(&entries)),
                 Output::Human => match map::to_human(&entries) {
@@ -533,10 +553,11 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Info {
             format,
             output,
+            force_share,
             image,
         } => {
             let format = format.as_deref().map(ImageFormat::parse).transpose()?;
-            let info = image_info(&image, format)?;
+            let info = image_info(&image, format, force_share)?;
             match output {
                 Output::Json => println!("{}", info.to_json()),
                 Output::Human => print!("{}", info.to_human()),

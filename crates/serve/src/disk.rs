@@ -30,8 +30,20 @@ pub struct RawDisk {
 }
 
 impl RawDisk {
+    /// Opens and locks the file as a guest device of QEMU's would (a
+    /// writer shares only reads: no second writer, no resize).
     pub fn open(path: &Path, writable: bool, cache: CacheMode) -> io::Result<Self> {
+        use qblk_engine::lock::{Access, LockError, lock};
         let file = HostFile::open(path, writable, cache)?;
+        let access = if writable {
+            Access::WRITER
+        } else {
+            Access::READER
+        };
+        lock(&file, access).map_err(|e| match e {
+            LockError::Conflict(c) => io::Error::new(io::ErrorKind::ResourceBusy, c),
+            LockError::Io { source, .. } => source,
+        })?;
         let size = file.file_len()?;
         Ok(Self { file, size })
     }
@@ -93,7 +105,11 @@ impl Disk {
     pub async fn read_guest(&self, offset: u64, buf: GuestSlice) -> Result<()> {
         match self {
             Disk::Qcow2(i) => Ok(i.read_guest(offset, buf).await?),
-            Disk::Raw(r) => r.file.read_guest(offset, &buf).await.map_err(r.err("read")),
+            Disk::Raw(r) => r
+                .file
+                .read_guest(offset, buf.range())
+                .await
+                .map_err(r.err("read")),
         }
     }
 
@@ -103,7 +119,7 @@ impl Disk {
             Disk::Qcow2(i) => Ok(i.write_guest(offset, data).await?),
             Disk::Raw(r) => r
                 .file
-                .write_guest(offset, &data)
+                .write_guest(offset, data.range())
                 .await
                 .map_err(r.err("write")),
         }

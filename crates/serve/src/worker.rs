@@ -33,7 +33,6 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::event::EventConsumer;
 
-use qblk_engine::file::KeepAlive;
 use qblk_engine::guest::GuestSlice;
 
 use crate::device::Device;
@@ -547,16 +546,16 @@ impl Queue {
     }
 }
 
-/// Guest memory runs as the engine takes them.
+/// Guest memory runs as the engine takes them (one keep-alive clone each:
+/// the count is shared by every queue thread).
 fn guest_slices(r: &Request, bufs: &[IoSeg]) -> Vec<GuestSlice> {
-    let keep: KeepAlive = r.mem.clone();
     bufs.iter()
         .map(|b| {
             // SAFETY: the parser mapped each run inside guest memory, and
-            // `r.mem` (so `keep`) keeps that memory mapped. Runs may overlap
-            // and the guest may touch them: GuestSlice never forms a
-            // reference over them.
-            unsafe { GuestSlice::new(b.ptr, b.len, keep.clone()) }
+            // `r.mem` (so the clone given here) keeps that memory mapped.
+            // Runs may overlap and the guest may touch them: GuestSlice
+            // never forms a reference over them.
+            unsafe { GuestSlice::new(b.ptr, b.len, r.mem.clone()) }
         })
         .collect()
 }

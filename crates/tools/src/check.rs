@@ -132,11 +132,20 @@ impl Checked {
 
 /// Checks (and with `repair`, repairs) the image at `path`. `Ok(None)`
 /// means the format has no check.
+///
+/// The image is locked as a reader (as a writer to repair) unless
+/// `force_share` (`-U`), which repairs refuse, as qemu-img does.
 pub fn check_image(
     path: &Path,
     format: Option<ImageFormat>,
     repair: Option<RepairMode>,
+    force_share: bool,
 ) -> Result<Option<Checked>> {
+    if force_share && repair.is_some() {
+        return Err(Error::Usage(
+            "force-share (-U) can only be used with read-only images: not with -r".into(),
+        ));
+    }
     let format = match format {
         Some(f) => f,
         None => probe(&open_read(path)?, path)?,
@@ -150,7 +159,7 @@ pub fn check_image(
     };
     let (report, repaired_from) = match repair {
         None => (
-            block_on(check(path, CacheMode::Writeback)).map_err(engine_err)?,
+            block_on(check(path, CacheMode::Writeback, force_share)).map_err(engine_err)?,
             None,
         ),
         Some(mode) => {

@@ -29,6 +29,8 @@ pub struct ConvertRequest {
     pub min_sparse: u64,
     /// Passphrase of an encrypted (LUKS) source.
     pub src_key: Option<Vec<u8>>,
+    /// `-U`: read the source whoever else holds it.
+    pub src_force_share: bool,
 }
 
 /// Bytes read from the source per step (a multiple of every cluster size).
@@ -93,6 +95,7 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
                         ..BackingPolicy::default()
                     },
                     key: req.src_key.clone().map(qblk_engine::image::Secret),
+                    force_share: req.src_force_share,
                     ..OpenOptions::default()
                 };
                 Source::Qcow2(Box::new(
@@ -104,6 +107,12 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
             ImageFormat::Raw => {
                 let f = HostFile::open(&req.src, false, CacheMode::Writeback)
                     .map_err(|e| Error::io(&req.src, "open", e))?;
+                crate::lock_file(
+                    &f,
+                    &req.src,
+                    qblk_engine::lock::Access::READER,
+                    req.src_force_share,
+                )?;
                 let len = f.file_len().map_err(|e| Error::io(&req.src, "stat", e))?;
                 Source::Raw(f, len)
             }

@@ -425,6 +425,16 @@ fn write_atomically(target: &Path, fill: impl FnOnce(&File, &Path) -> Result<()>
             return f.sync_all().map_err(|e| Error::io(&real, "sync", e));
         }
     }
+    // An image someone holds (a running VM, qemu-img, qblk serve) is not
+    // replaced under them: lock the one there as a writer would, and keep
+    // the lock until the new one has taken its place.
+    let _held = match File::open(&real) {
+        Ok(old) => {
+            crate::lock_file(&old, &real, qblk_engine::lock::Access::WRITER, false)?;
+            Some(old)
+        }
+        Err(_) => None,
+    };
     let dir = match real.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),

@@ -240,9 +240,22 @@ impl SnapshotInfo {
 
 /// Describes the image at `path` (named `name` as the user typed it).
 /// `format` forces a format; otherwise it is probed (qcow2 magic, else raw).
-pub fn image_info(path: &Path, format: Option<ImageFormat>) -> Result<ImageInfo> {
+///
+/// The image is locked as qemu-img info locks it (metadata only: refused
+/// while a writer holds it) unless `force_share` (`-U`).
+pub fn image_info(
+    path: &Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+) -> Result<ImageInfo> {
     let name = path.to_string_lossy().into_owned();
     let file = open_read(path)?;
+    crate::lock_file(
+        &file,
+        path,
+        qblk_engine::lock::Access::METADATA,
+        force_share,
+    )?;
     let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
     let actual_size = meta.blocks() * 512;
     // QEMU's file layer reports lengths in whole 512-byte sectors.

@@ -46,6 +46,12 @@ pub enum Error {
         #[source]
         source: Box<qblk_engine::image::Error>,
     },
+    /// Another program holds the image (QEMU's image locks).
+    #[error("{}: {conflict}", path.display())]
+    Locked {
+        path: PathBuf,
+        conflict: qblk_engine::lock::Conflict,
+    },
     /// Bad command-line input; the message says what and why.
     #[error("{0}")]
     Usage(String),
@@ -65,3 +71,27 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Locks `file` (QEMU's image locks; see `qblk_engine::lock`) for `access`,
+/// sharing everything with `force_share` (`-U`). The locks last as long as
+/// `file` is open.
+pub(crate) fn lock_file(
+    file: &impl std::os::fd::AsRawFd,
+    path: &std::path::Path,
+    access: qblk_engine::lock::Access,
+    force_share: bool,
+) -> Result<()> {
+    use qblk_engine::lock::{LockError, lock};
+    let access = if force_share {
+        access.force_share()
+    } else {
+        access
+    };
+    lock(file, access).map_err(|e| match e {
+        LockError::Conflict(conflict) => Error::Locked {
+            path: path.to_owned(),
+            conflict,
+        },
+        LockError::Io { source, .. } => Error::io(path, "lock", source),
+    })
+}

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use qblk_engine::file::{CacheMode, HostFile};
 use qblk_engine::image::BackingPolicy;
+use qblk_engine::lock::Access;
 use qblk_engine::map::{MapEntry, raw_map};
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
@@ -12,7 +13,13 @@ use crate::image::{ImageFormat, open_read, probe};
 use crate::{Error, Result};
 
 /// The map of the image at `path` (a raw image is one run of its file).
-pub fn map_image(path: &Path, format: Option<ImageFormat>) -> Result<Vec<MapEntry>> {
+///
+/// The image is locked as a reader unless `force_share` (`-U`).
+pub fn map_image(
+    path: &Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+) -> Result<Vec<MapEntry>> {
     let format = match format {
         Some(f) => f,
         None => probe(&open_read(path)?, path)?,
@@ -20,6 +27,7 @@ pub fn map_image(path: &Path, format: Option<ImageFormat>) -> Result<Vec<MapEntr
     if format == ImageFormat::Raw {
         let file = HostFile::open(path, false, CacheMode::Writeback)
             .map_err(|e| Error::io(path, "open", e))?;
+        crate::lock_file(&file, path, Access::READER, force_share)?;
         // QEMU's file layer counts whole sectors.
         let size = file
             .file_len()
@@ -34,6 +42,7 @@ pub fn map_image(path: &Path, format: Option<ImageFormat>) -> Result<Vec<MapEntr
                 allow_any_dir: true,
                 ..BackingPolicy::default()
             },
+            force_share,
             ..OpenOptions::default()
         };
         let img = Image::open(path, &opts).await.map_err(|e| Error::Engine {

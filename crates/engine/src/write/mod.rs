@@ -259,7 +259,7 @@ impl Image {
     /// as it is — in-place writes and whole new clusters of unencrypted
     /// images, with offset, length and address aligned for O_DIRECT.
     pub async fn write_guest(&self, offset: u64, data: GuestSlice) -> Result<()> {
-        let r = Box::pin(self.write_inner(offset, In::Guest(data))).await;
+        let r = Box::pin(self.write_inner(offset, In::Guest(data.range()))).await;
         self.on_error(r).await
     }
 
