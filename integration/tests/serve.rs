@@ -7,8 +7,8 @@ use std::time::Duration;
 use qblk_integration::rawq::{D, DATA, QUEUE_SIZE, RawFrontend};
 use qblk_integration::vhost::{Client, Daemon, log_counter};
 use qblk_integration::{
-    broken, create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, qemu_info, qemu_raw, run, sh,
-    stderr,
+    broken, create_qcow2, create_qcow2_opts, ok, qblk, qemu_check_clean, qemu_info, qemu_raw, run,
+    sh, stderr,
 };
 
 const S_OK: u8 = 0;
@@ -741,7 +741,14 @@ fn sigterm_and_sigint_leave_the_image_clean() {
             assert_eq!(ret, 0);
         }
         if lazy {
-            let info = qemu_info("disk.qcow2", d);
+            // The daemon holds the image: read its header with -U.
+            let out = run(
+                "qemu-img",
+                &["info", "-U", "--output=json", "disk.qcow2"],
+                d,
+            );
+            let info: serde_json::Value =
+                serde_json::from_str(&ok(out, "qemu-img info -U")).expect("qemu-img info JSON");
             assert_eq!(
                 info["format-specific"]["data"]["lazy-refcounts"],
                 serde_json::json!(true)

@@ -228,8 +228,12 @@ fn verify(dir: &Path, run: &Run, cut: usize, rng: &mut Lcg, qemu: bool, what: &s
             );
         }
     }
-    let report = block_on(qblk_engine::check::check(&crash, CacheMode::Writeback, false))
-        .unwrap_or_else(|e| panic!("{what} cut {cut}: check failed: {e}"));
+    let report = block_on(qblk_engine::check::check(
+        &crash,
+        CacheMode::Writeback,
+        false,
+    ))
+    .unwrap_or_else(|e| panic!("{what} cut {cut}: check failed: {e}"));
     assert_eq!(report.corruptions, 0, "{what} cut {cut}: {report:?}");
     if qemu {
         let out = std::process::Command::new("qemu-img")

@@ -214,8 +214,12 @@ fn exercise_with(
         "{image}: qemu-img check: {report}"
     );
     // qblk's own check agrees.
-    let ours =
-        block_on(qblk_engine::check::check(&dir.join(image), CacheMode::None, false)).expect("qblk check");
+    let ours = block_on(qblk_engine::check::check(
+        &dir.join(image),
+        CacheMode::None,
+        false,
+    ))
+    .expect("qblk check");
     assert_eq!(
         (ours.corruptions, ours.leaks),
         (0, 0),
