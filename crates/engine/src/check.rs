@@ -173,8 +173,8 @@ impl Checker<'_> {
             .read(h.refcount_table_offset, rt_len, "read refcount table")
             .await?;
         let mut blocks: Vec<Option<u64>> = Vec::with_capacity(rt.len() / 8);
-        for (i, raw) in rt.chunks_exact(8).enumerate() {
-            let e = RefcountTableEntry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+        for (i, raw) in qblk_qcow2::decode_table(&rt).enumerate() {
+            let e = RefcountTableEntry(raw);
             let at = h.refcount_table_offset + i as u64 * 8;
             let Some(off) = e.block_offset() else {
                 blocks.push(None);
@@ -227,8 +227,7 @@ impl Checker<'_> {
                         let table = self
                             .read(e.bitmap_table_offset, len, "read bitmap table")
                             .await?;
-                        for (i, raw) in table.chunks_exact(8).enumerate() {
-                            let raw = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+                        for (i, raw) in qblk_qcow2::decode_table(&table).enumerate() {
                             match BitmapTableEntry::decode(
                                 raw,
                                 cs,
@@ -406,8 +405,7 @@ impl Checker<'_> {
         let l1 = self
             .read(l1_offset, u64::from(l1_size) * 8, "read L1 table")
             .await?;
-        for (i, raw) in l1.chunks_exact(8).enumerate() {
-            let raw = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+        for (i, raw) in qblk_qcow2::decode_table(&l1).enumerate() {
             let entry = L1Entry(raw);
             let Some(l2_offset) = entry.l2_offset() else {
                 continue;
@@ -541,9 +539,8 @@ async fn fix_leaks(file: &HostFile, path: &Path, report: &CheckReport) -> Result
         let Some(raw) = rt.get(index * 8..index * 8 + 8) else {
             continue;
         };
-        let Some(block) =
-            RefcountTableEntry(u64::from_be_bytes(raw.try_into().expect("8 bytes"))).block_offset()
-        else {
+        let raw = qblk_qcow2::decode_table(raw).next().unwrap_or(0);
+        let Some(block) = RefcountTableEntry(raw).block_offset() else {
             continue;
         };
         if let std::collections::hash_map::Entry::Vacant(v) = blocks.entry(block.0) {
@@ -723,10 +720,8 @@ async fn rebuild_with(file: &HostFile, path: &Path) -> Result<()> {
             .read(header.l1_table_offset, header.l1_size as usize * 8)
             .await
             .map_err(io(path, "read L1 table"))?;
-        for raw in l1.chunks_exact(8) {
-            let Some(l2) =
-                L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes"))).l2_offset()
-            else {
+        for raw in qblk_qcow2::decode_table(&l1) {
+            let Some(l2) = L1Entry(raw).l2_offset() else {
                 continue;
             };
             let mut table = file

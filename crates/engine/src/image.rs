@@ -274,8 +274,8 @@ impl Image {
                 .await
                 .map_err(io_err(&path, "read L1 table"))?;
             let mut l1 = Vec::with_capacity(header.l1_size as usize);
-            for (i, raw) in l1_bytes.chunks_exact(8).enumerate() {
-                let entry = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+            for (i, raw) in qblk_qcow2::decode_table(&l1_bytes).enumerate() {
+                let entry = L1Entry(raw);
                 let at = header.l1_table_offset + i as u64 * 8;
                 entry
                     .validate(&geometry, at)

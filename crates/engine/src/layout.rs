@@ -223,8 +223,8 @@ impl MetaMap {
                     .read(start, (end - start) as usize)
                     .await
                     .map_err(Error::io(&path, "read snapshot L1 table", start))?;
-                for (i, raw) in bytes.chunks_exact(8).enumerate() {
-                    let e = L1Entry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+                for (i, raw) in qblk_qcow2::decode_table(&bytes).enumerate() {
+                    let e = L1Entry(raw);
                     if let Some(l2) = e.l2_offset() {
                         let at = start + i as u64 * 8;
                         m.claim(g, l2.0, cs, Kind::L2, "snapshot_l1_table.entry", at)

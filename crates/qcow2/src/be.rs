@@ -119,9 +119,26 @@ pub fn encode_table(entries: impl IntoIterator<Item = u64>, out: &mut [u8]) {
     }
 }
 
+/// The 64-bit entries of a table (L1 table, refcount table, bitmap table)
+/// read from `bytes`, big-endian; a trailing partial entry is ignored.
+pub fn decode_table(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.chunks_exact(8).map(|raw| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(raw);
+        u64::from_be_bytes(b)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_decode_what_they_encode() {
+        let mut out = vec![0u8; 20];
+        encode_table([7, u64::MAX], &mut out);
+        assert_eq!(decode_table(&out).collect::<Vec<_>>(), vec![7, u64::MAX]);
+    }
 
     #[test]
     fn tables_encode_big_endian_and_leave_the_tail() {

@@ -36,7 +36,7 @@ pub mod snapshot;
 pub mod tally;
 pub mod types;
 
-pub use be::encode_table;
+pub use be::{decode_table, encode_table};
 pub use error::{FormatError, Problem};
 pub use header::Header;
 pub use types::{ClusterCount, Geometry, GuestCluster, GuestOffset, HostCluster, HostOffset};

@@ -81,7 +81,7 @@ pub(super) fn iovecs(bufs: &[(usize, usize)]) -> Vec<libc::iovec> {
 }
 
 /// Memory registered once, with a ring of its own, for the rings of
-/// several threads to share through [`Ring::adopt_memory`].
+/// several threads to share through [`Ring::adopt_memory`](super::Ring::adopt_memory).
 ///
 /// Registering pins every page (faulting it in) for as long as the
 /// registration, or a ring's clone of it, lasts. Pinning needs
@@ -113,7 +113,7 @@ impl SharedMemory {
     /// # Safety
     /// Each region must be mapped memory that stays mapped, at these
     /// addresses, for as long as any ring uses the registration (see
-    /// [`Ring::adopt_memory`]).
+    /// [`Ring::adopt_memory`](super::Ring::adopt_memory)).
     pub unsafe fn register(regions: &[(*mut u8, usize)]) -> io::Result<Self> {
         let bufs = fixed_buffers(regions)?;
         let ring = IoUring::new(1)?;

@@ -104,8 +104,8 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<Writer> {
             h.refcount_table_offset,
         ))?;
     let mut table = Vec::with_capacity(rt.len() / 8);
-    for (i, raw) in rt.chunks_exact(8).enumerate() {
-        let e = RefcountTableEntry(u64::from_be_bytes(raw.try_into().expect("8 bytes")));
+    for (i, raw) in qblk_qcow2::decode_table(&rt).enumerate() {
+        let e = RefcountTableEntry(raw);
         e.validate(&g, h.refcount_table_offset + i as u64 * 8)
             .map_err(Error::format(img.path()))?;
         table.push(e.0);
