@@ -165,7 +165,20 @@ fn exercise_with(
         for round in 0..rounds {
             let ops = batch(&mut rng, size, cluster);
             let mut tasks = Vec::new();
-            for (off, op) in ops.clone() {
+            // Writebacks run beside the batch's allocations (the allocator
+            // lock is not held across their I/O): flushes mixed in.
+            let flush_at: Vec<usize> = (0..rng.next(3))
+                .map(|_| rng.next(ops.len() as u64 + 1) as usize)
+                .collect();
+            for (i, (off, op)) in ops.clone().into_iter().enumerate() {
+                for _ in flush_at.iter().filter(|&&at| at == i) {
+                    let img = img.clone();
+                    tasks.push(tokio::task::spawn_local(async move {
+                        img.flush()
+                            .await
+                            .map_err(|e| format!("concurrent flush: {e:?}"))
+                    }));
+                }
                 let img = img.clone();
                 tasks.push(tokio::task::spawn_local(async move {
                     let r = match &op {
