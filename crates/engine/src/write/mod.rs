@@ -89,6 +89,9 @@ pub(crate) struct Alloc {
     /// table in memory: the next writeback writes the new one and switches
     /// the header, after which these clusters are freed.
     l1_replaced: Option<(HostOffset, qblk_qcow2::ClusterCount)>,
+    /// The refcount table's place as the tables (and so the guest-data
+    /// overlap check) know it: offset and bytes.
+    published_rt: (u64, u64),
 }
 
 /// What the last completed writeback covered.
@@ -153,7 +156,21 @@ impl Writer {
     ) -> Result<T> {
         let mut staged: Option<Staged> = None;
         loop {
-            let r = step(&mut self.lock_alloc(), staged.as_ref());
+            let r = {
+                let mut a = self.lock_alloc();
+                let r = step(&mut a, staged.as_ref());
+                // A step may have grown (moved) the refcount table: guest
+                // data is refused there from now on (check_data_target).
+                let rt = (
+                    a.header.refcount_table_offset,
+                    u64::from(a.header.refcount_table_clusters) * img.geometry().cluster_size(),
+                );
+                if a.published_rt != rt {
+                    img.lock_tables().refcount_table = rt;
+                    a.published_rt = rt;
+                }
+                r
+            };
             match r {
                 Ok(t) => return Ok(t),
                 Err(Miss::Fail(e)) => return Err(e),

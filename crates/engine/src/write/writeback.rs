@@ -142,6 +142,10 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<Writer> {
         header,
         compressed_tail: None,
         l1_replaced: None,
+        published_rt: (
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+        ),
     };
     Ok(Writer::new(alloc, file_len))
 }
