@@ -743,7 +743,7 @@ pub fn bench(opts: &Options) -> Result {
     let _ = writeln!(md, "# Benchmark results\n");
     let _ = writeln!(
         md,
-        "Latest `cargo xtask bench --runtime {} --rounds {}`{}{}: {}",
+        "Latest `cargo xtask bench --runtime {} --rounds {}{}{}`: {}",
         opts.runtime,
         opts.rounds,
         opts.only
