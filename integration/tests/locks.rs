@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use qblk_integration::vhost::Daemon;
-use qblk_integration::{create_qcow2, qblk, qemu_check_clean, run, sh, stderr};
+use qblk_integration::{create_qcow2, create_qcow2_opts, qblk, qemu_check_clean, run, sh, stderr};
 
 /// Runs a command that must fail with `needle` in its error output.
 fn refused(out: std::process::Output, needle: &str, what: &str) {
@@ -183,20 +183,11 @@ fn a_served_overlay_locks_its_backing_file_for_reading() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     create_qcow2(d, "base.qcow2", "64M");
-    sh(
+    create_qcow2_opts(
         d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "top.qcow2",
+        "64M",
     );
     let mut daemon = Daemon::qblk(d, "t.sock", &["top.qcow2"]);
     // The backing file is read by qblk: no writer may change it.

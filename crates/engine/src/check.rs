@@ -17,7 +17,7 @@ use qblk_qcow2::refcount::{RefcountTableEntry, get_refcount};
 use qblk_qcow2::tally::{RefcountMismatch, RefcountTally, compare};
 use qblk_qcow2::{Geometry, Header};
 
-use crate::commit::{Commit, Edge, End, Files};
+use crate::commit::{Commit, Edge, End, Files, header_buf};
 use crate::file::{CacheMode, HostFile};
 use crate::image::{Error, Result, read_header};
 use crate::lock::Access;
@@ -93,12 +93,7 @@ fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + u
 /// writer holds is refused unless `force_share` (`-U`).
 pub async fn check(path: &Path, cache: CacheMode, force_share: bool) -> Result<CheckReport> {
     let file = HostFile::open(path, false, cache).map_err(io(path, "open"))?;
-    let access = if force_share {
-        Access::READER.force_share()
-    } else {
-        Access::READER
-    };
-    crate::lock::lock_image(&file, path, access)?;
+    crate::lock::lock_image(&file, path, Access::READER.force_share(force_share))?;
     let (header, file_len) = read_header(&file, path).await?;
     let geometry = header.geometry();
     let mut c = Checker {
@@ -679,10 +674,7 @@ async fn rebuild_with(file: &HostFile, path: &Path) -> Result<()> {
     header
         .incompatible_features
         .remove(qblk_qcow2::header::IncompatibleFeatures::DIRTY);
-    let bytes = header.encode().map_err(Error::format(path))?;
-    let mut hbuf = crate::buf::AlignedBuf::zeroed(bytes.len());
-    hbuf.copy_from_slice(&bytes);
-    let h = commit.write("write header", 0, hbuf);
+    let h = commit.write("write header", 0, header_buf(path, &header)?);
     commit.after_all(h, &block_ids, Edge::Durable);
     commit.run(repair_files(file)).await?;
 

@@ -265,6 +265,17 @@ impl Failed {
     }
 }
 
+/// A header encoded as the bytes of a header write.
+pub(crate) fn header_buf(
+    path: &std::path::Path,
+    header: &qblk_qcow2::Header,
+) -> Result<AlignedBuf> {
+    let bytes = header.encode().map_err(Error::format(path))?;
+    let mut buf = AlignedBuf::zeroed(bytes.len());
+    buf.copy_from_slice(&bytes);
+    Ok(buf)
+}
+
 /// One planned write (and, in crash tests, the point where a test may
 /// stall it).
 async fn write_one(

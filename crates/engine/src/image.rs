@@ -217,8 +217,7 @@ impl Image {
             } else {
                 Access::READER
             };
-            let share = |a: Access| if opts.force_share { a.force_share() } else { a };
-            crate::lock::lock_image(&file, &path, share(access))?;
+            crate::lock::lock_image(&file, &path, access.force_share(opts.force_share))?;
             let (header, file_len) = read_header(&file, &path).await?;
             let crypto = match header.crypt_method {
                 CryptMethod::None => None,
@@ -318,7 +317,7 @@ impl Image {
                 } else {
                     Access::DATA_READER
                 };
-                crate::lock::lock_image(&f, &dp, share(access))?;
+                crate::lock::lock_image(&f, &dp, access.force_share(opts.force_share))?;
                 Some(f)
             } else {
                 None
@@ -853,12 +852,6 @@ async fn open_backing(
     let file = HostFile::open(&real, false, opts.cache)
         .map_err(io_err(&real, "open backing file"))?
         .named(path.clone());
-    let access = if opts.force_share {
-        Access::READER.force_share()
-    } else {
-        Access::READER
-    };
-    crate::lock::lock_image(&file, &path, access)?;
     let magic = file
         .read(0, 4)
         .await
@@ -881,6 +874,9 @@ async fn open_backing(
             )))
         }
         "raw" => {
+            // A qcow2 backing file is locked by its own open; this one here.
+            let access = Access::READER.force_share(opts.force_share);
+            crate::lock::lock_image(&file, &path, access)?;
             let size = file
                 .file_len()
                 .map_err(io_err(&real, "stat backing file"))?;

@@ -93,8 +93,11 @@ impl Access {
             .or(Perms::WRITE_UNCHANGED),
     };
 
-    /// The same, sharing everything (`-U`, `--force-share`).
-    pub const fn force_share(self) -> Access {
+    /// The same, sharing everything when `force` (`-U`, `--force-share`).
+    pub const fn force_share(self, force: bool) -> Access {
+        if !force {
+            return self;
+        }
         Access {
             perm: self.perm,
             shared: Perms::ALL,
@@ -277,9 +280,9 @@ mod tests {
             Err(LockError::Conflict(_))
         ));
         // Force share conflicts with nobody.
-        lock(&r, Access::READER.force_share()).unwrap();
+        lock(&r, Access::READER.force_share(true)).unwrap();
         let nothing = open(&p);
-        lock(&nothing, Access::METADATA.force_share()).unwrap();
+        lock(&nothing, Access::METADATA.force_share(true)).unwrap();
     }
 
     #[test]

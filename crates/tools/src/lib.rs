@@ -82,12 +82,7 @@ pub(crate) fn lock_file(
     force_share: bool,
 ) -> Result<()> {
     use qblk_engine::lock::{LockError, lock};
-    let access = if force_share {
-        access.force_share()
-    } else {
-        access
-    };
-    lock(file, access).map_err(|e| match e {
+    lock(file, access.force_share(force_share)).map_err(|e| match e {
         LockError::Conflict(conflict) => Error::Locked {
             path: path.to_owned(),
             conflict,

@@ -34,7 +34,7 @@ use qblk_qcow2::{ClusterCount, Header, HostCluster, HostOffset};
 
 use super::{Alloc, Refcounts, Synced, Writer};
 use crate::buf::AlignedBuf;
-use crate::commit::{Commit, Edge, End, Files, WriteId};
+use crate::commit::{Commit, Edge, End, Files, WriteId, header_buf};
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::layout::MetaMap;
@@ -47,24 +47,18 @@ struct Snapshot {
     covered: u64,
     blocks: Vec<HostOffset>,
     /// The refcount table was written (it is dirty again on failure).
-    table: Option<WriteId>,
+    table_written: bool,
     /// The refcount table replaced by a grown one, freed once the header
     /// switch is durable.
     table_replaced: Option<(HostOffset, ClusterCount)>,
     l2: Vec<(u64, Arc<AlignedBuf>)>,
-    l1: Option<WriteId>,
+    /// The L1 table was written (it is dirty again on failure).
+    l1_written: bool,
     l1_replaced: Option<(HostOffset, ClusterCount)>,
     /// Every header this commit writes, in order, with its write.
     headers: Vec<(WriteId, Header)>,
     /// References dropped from the tables this commit writes.
     releases: Vec<HostCluster>,
-}
-
-fn header_bytes(img: &Image, h: &Header) -> Result<AlignedBuf> {
-    let bytes = h.encode().map_err(Error::format(img.path()))?;
-    let mut buf = AlignedBuf::zeroed(bytes.len());
-    buf.copy_from_slice(&bytes);
-    Ok(buf)
 }
 
 /// Makes an image ready for writing: refuses what cannot be written
@@ -132,7 +126,7 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<Writer> {
         header.autoclear_features =
             AutoclearFeatures::from_bits_retain(header.autoclear_features.bits() & keep.bits());
         let mut c = Commit::new(End::Durable);
-        let _ = c.write("write header", 0, header_bytes(img, &header)?);
+        let _ = c.write("write header", 0, header_buf(img.path(), &header)?);
         c.run(img.commit_files()).await?;
     }
     let alloc = Alloc {
@@ -244,7 +238,7 @@ impl Writer {
         let mut header = self.lock_alloc().disk_header.clone();
         header.incompatible_features |= IncompatibleFeatures::CORRUPT;
         let mut c = Commit::new(End::Durable);
-        let _ = c.write("write header", 0, header_bytes(img, &header)?);
+        let _ = c.write("write header", 0, header_buf(img.path(), &header)?);
         c.run(img.commit_files()).await?;
         self.lock_alloc().disk_header = header;
         Ok(())
@@ -267,10 +261,10 @@ impl Writer {
             commit,
             covered,
             blocks,
-            table,
+            table_written,
             table_replaced,
             l2,
-            l1,
+            l1_written,
             l1_replaced,
             headers,
             releases,
@@ -294,7 +288,7 @@ impl Writer {
                 // worst, never a cluster reused while named).
                 let failed: Vec<HostOffset> = blocks.clone();
                 a.rc.not_written(&failed);
-                if table.is_some() {
+                if table_written {
                     a.rc.table_dirty = true;
                 }
                 let switched = |h: &Header, old: (HostOffset, ClusterCount), rt: bool| {
@@ -315,7 +309,7 @@ impl Writer {
                 a.rc.deferred_releases.extend(releases);
                 drop(a);
                 let mut t = img.lock_tables();
-                if l1.is_some() {
+                if l1_written {
                     t.l1_dirty = true;
                 }
                 return Err(error);
@@ -411,12 +405,12 @@ impl Writer {
             // on refcounts left in memory.
             on_disk.incompatible_features |= IncompatibleFeatures::DIRTY;
             a.header.incompatible_features |= IncompatibleFeatures::DIRTY;
-            let h = c.write("write header", 0, header_bytes(img, &on_disk)?);
+            let h = c.write("write header", 0, header_buf(img.path(), &on_disk)?);
             headers.push((h, on_disk.clone()));
             before_tables.push(h);
         }
         let mut blocks = Vec::new();
-        let mut table = None;
+        let mut table_written = false;
         let mut table_replaced = None;
         if commit_rc {
             let mut block_ids = Vec::new();
@@ -433,7 +427,7 @@ impl Writer {
                     a.rc.table_bytes(clusters),
                 );
                 a.rc.table_dirty = false;
-                table = Some(id);
+                table_written = true;
                 before_tables.push(id);
                 match a.rc.table_replaced.take() {
                     // In place: after the blocks it names.
@@ -444,7 +438,7 @@ impl Writer {
                         table_replaced = Some(old);
                         on_disk.refcount_table_offset = a.header.refcount_table_offset;
                         on_disk.refcount_table_clusters = a.header.refcount_table_clusters;
-                        let h = c.write("write header", 0, header_bytes(img, &on_disk)?);
+                        let h = c.write("write header", 0, header_buf(img.path(), &on_disk)?);
                         c.after_all(h, &before_tables, Edge::Durable);
                         headers.push((h, on_disk.clone()));
                         before_tables.push(h);
@@ -463,7 +457,7 @@ impl Writer {
             c.after_guest_data(id);
             table_ids.push(id);
         }
-        let mut l1 = None;
+        let mut l1_written = false;
         let mut l1_replaced = None;
         let mut all = before_tables.clone();
         all.extend(&table_ids);
@@ -484,7 +478,7 @@ impl Writer {
             let id = c.write("write L1 table", t.l1_offset, bytes);
             c.after_all(id, &all, Edge::Durable);
             c.after_guest_data(id);
-            l1 = Some(id);
+            l1_written = true;
             all.push(id);
             // The header below switches to a moved table.
             l1_replaced = moved;
@@ -499,8 +493,8 @@ impl Writer {
         if !commit_rc && on_disk.is_dirty() {
             last.incompatible_features |= IncompatibleFeatures::DIRTY;
         }
-        let last_bytes = header_bytes(img, &last)?;
-        if last_bytes[..] != header_bytes(img, &on_disk)?[..] {
+        let last_bytes = header_buf(img.path(), &last)?;
+        if last_bytes[..] != header_buf(img.path(), &on_disk)?[..] {
             let h = c.write("write header", 0, last_bytes);
             c.after_all(h, &all, Edge::Durable);
             headers.push((h, last));
@@ -511,10 +505,10 @@ impl Writer {
             commit: c,
             covered,
             blocks,
-            table,
+            table_written,
             table_replaced,
             l2,
-            l1,
+            l1_written,
             l1_replaced,
             headers,
             releases,
