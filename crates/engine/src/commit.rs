@@ -376,7 +376,9 @@ mod tests {
                 }
                 crate::fault::Event::Done { id } => Some(('d', offsets[&id])),
                 crate::fault::Event::Synced { .. } => Some(('s', 0)),
-                crate::fault::Event::Marker { .. } => None,
+                crate::fault::Event::Marker { .. }
+                | crate::fault::Event::JournalCreated { .. }
+                | crate::fault::Event::JournalStore { .. } => None,
             })
             .collect();
         (out, events)

@@ -8,11 +8,25 @@
 //! issued), plus any subset of the other writes submitted by then, applied
 //! in submission order and possibly torn at sector boundaries. Lost writes,
 //! reordered writes and torn writes are all in the model; only what the
-//! engine made durable is guaranteed.
+//! engine made durable is guaranteed. A process crash
+//! ([`Recorder::image_after`] with [`Crash::Process`]) keeps every write
+//! that completed, and the crash journal's stores
+//! ([`Recorder::journal_after`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
+
+/// What a crash takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Crash {
+    /// Power cut or host crash: only what an fdatasync covered survives.
+    PowerCut,
+    /// The process dies, the kernel lives on: every completed write
+    /// survives (and the page cache, so the crash journal); nothing in the
+    /// process's memory does.
+    Process,
+}
 
 /// The unit a write may be torn at.
 pub const SECTOR: usize = 512;
@@ -32,6 +46,11 @@ pub enum Event {
     Synced { ids: Vec<usize> },
     /// A point the test marked (e.g. "guest flush returned").
     Marker { tag: u64 },
+    /// The image's crash journal was created (empty, this long).
+    JournalCreated { len: usize },
+    /// A store into the crash journal's shared mapping: in the page cache
+    /// at once, so it survives a process crash (never a power cut).
+    JournalStore { offset: u64, data: Vec<u8> },
 }
 
 #[derive(Debug, Default)]
@@ -199,6 +218,37 @@ impl Recorder {
         }
     }
 
+    pub(crate) fn journal_created(&self, len: usize) {
+        self.state().events.push(Event::JournalCreated { len });
+    }
+
+    pub(crate) fn journal_store(&self, offset: u64, data: &[u8]) {
+        self.state().events.push(Event::JournalStore {
+            offset,
+            data: data.to_vec(),
+        });
+    }
+
+    /// The crash journal's file after a crash just after event `cut`:
+    /// `None` if none was created by then.
+    pub fn journal_after(&self, cut: usize) -> Option<Vec<u8>> {
+        let events = self.events();
+        let mut file: Option<Vec<u8>> = None;
+        for e in &events[..events.len().min(cut + 1)] {
+            match e {
+                Event::JournalCreated { len } => file = Some(vec![0; *len]),
+                Event::JournalStore { offset, data } => {
+                    if let Some(f) = file.as_mut() {
+                        let o = *offset as usize;
+                        f[o..o + data.len()].copy_from_slice(data);
+                    }
+                }
+                _ => {}
+            }
+        }
+        file
+    }
+
     /// Marks a point in the history; returns its event index.
     pub fn mark(&self, tag: u64) -> usize {
         let mut s = self.state();
@@ -215,12 +265,29 @@ impl Recorder {
     /// events when `cut` is past the end). `pick(n)` chooses in `0..n`;
     /// it decides which unsynced writes land and how they tear.
     pub fn crash_image(&self, cut: usize, pick: &mut dyn FnMut(u64) -> u64) -> Vec<u8> {
+        self.image_after(Crash::PowerCut, cut, pick)
+    }
+
+    /// The file's contents after a crash of the given kind just after
+    /// event `cut`: a power cut keeps what was synced, a process crash
+    /// what had completed (the kernel has it); writes still in flight
+    /// land whole, torn or not at all either way.
+    pub fn image_after(
+        &self,
+        crash: Crash,
+        cut: usize,
+        pick: &mut dyn FnMut(u64) -> u64,
+    ) -> Vec<u8> {
         let events = self.events();
         let upto = &events[..events.len().min(cut + 1)];
         let mut durable = HashSet::new();
         for e in upto {
-            if let Event::Synced { ids } = e {
-                durable.extend(ids.iter().copied());
+            match (crash, e) {
+                (Crash::PowerCut, Event::Synced { ids }) => durable.extend(ids.iter().copied()),
+                (Crash::Process, Event::Done { id }) => {
+                    durable.insert(*id);
+                }
+                _ => {}
             }
         }
         let mut img = self.initial.clone();

@@ -75,6 +75,14 @@ pub struct OpenOptions {
     /// Share everything with other openers (qemu-img's `-U`): read-only
     /// opens only; the image may change underneath.
     pub force_share: bool,
+    /// Writable opens: keep every acknowledged write across a crash of
+    /// this process (`crate::journal`): table changes are journaled beside
+    /// the image, or, where no journal can be kept (version 2 images, a
+    /// directory this process cannot create files in), committed before
+    /// the write returns. What a daemon serving a running guest wants; a
+    /// tool that fails as a whole when it dies does not need it. A journal
+    /// a crashed writer left is replayed by every writable open either way.
+    pub crash_journal: bool,
 }
 
 /// Key material that never shows in `Debug` output or logs.
@@ -97,6 +105,7 @@ impl Default for OpenOptions {
             refcount_cache_bytes: DEFAULT_REFCOUNT_CACHE_BYTES,
             key: None,
             force_share: false,
+            crash_journal: false,
         }
     }
 }
@@ -170,6 +179,12 @@ impl Image {
     /// Opens a qcow2 image and its backing chain.
     pub async fn open(path: &Path, opts: &OpenOptions) -> Result<Image> {
         let mut img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
+        if opts.writable && !img.header.is_corrupt() && crate::journal::recover(&img).await? {
+            // Replayed what a crashed writer acknowledged; the image is
+            // dirty now, and its refcounts are rebuilt below.
+            drop(img);
+            img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
+        }
         if opts.writable && img.header.is_dirty() && !img.header.is_corrupt() {
             // Invariant 5: refcounts may lag behind the tables (lazy
             // refcounts, or a crash mid-update); rebuild them before use.
@@ -178,7 +193,7 @@ impl Image {
             img = Self::open_at_depth(path.to_owned(), opts.clone(), 0).await?;
         }
         if opts.writable {
-            img.writer = Some(crate::write::prepare_for_writing(&img).await?);
+            img.writer = Some(crate::write::prepare_for_writing(&img, opts.crash_journal).await?);
         }
         Ok(img)
     }

@@ -15,6 +15,7 @@ pub mod fault;
 pub mod file;
 pub mod guest;
 pub mod image;
+pub mod journal;
 mod layout;
 pub mod lock;
 pub mod map;

@@ -1,7 +1,10 @@
 //! Crash safety: random workloads through the engine with every write and
 //! fdatasync of the image file recorded (the `fault-injection` feature),
 //! then simulated power cuts after every event of the history: each
-//! unsynced write is lost, kept or torn at sector granularity.
+//! unsynced write is lost, kept or torn at sector granularity. And process
+//! crashes (kill -9): every completed write and the crash journal survive,
+//! and every acknowledged operation, flushed or not, must read back; the
+//! replayed image must not even leak.
 //!
 //! After each cut the image must open (a dirty lazy-refcounts image is
 //! repaired on open), every write acknowledged before a completed flush
@@ -11,7 +14,7 @@
 
 use std::path::Path;
 
-use qblk_engine::fault::Recorder;
+use qblk_engine::fault::{Crash, Recorder};
 use qblk_engine::file::CacheMode;
 use qblk_engine::image::{BackingPolicy, Image, OpenOptions};
 use qblk_engine::runtime::block_on;
@@ -96,6 +99,10 @@ fn apply(model: &mut [u8], op: &Op, cluster: u64, discards: bool) {
 fn open_opts(writable: bool) -> OpenOptions {
     OpenOptions {
         writable,
+        // As the daemon runs: a crash journal beside the image (replayed
+        // after a process crash; after a power cut it is of another boot,
+        // which the verification models by leaving it out).
+        crash_journal: writable,
         cache: CacheMode::Writeback,
         backing: BackingPolicy {
             allow_any_dir: true,
@@ -112,12 +119,24 @@ struct Checkpoint {
     model: Vec<u8>,
 }
 
+/// One operation the guest was told had completed.
+struct Acked {
+    /// Event index of its batch's start.
+    start: usize,
+    /// Event index of its completion.
+    done: usize,
+    op: Op,
+}
+
 struct Run {
     rec: std::sync::Arc<Recorder>,
     start: Vec<u8>,
     checkpoints: Vec<Checkpoint>,
     /// The byte ranges each batch touched (batch i follows checkpoint i-1).
     touched: Vec<Vec<(u64, u64)>>,
+    acked: Vec<Acked>,
+    cluster: u64,
+    discards: bool,
 }
 
 /// Runs one random workload on `work` (a fresh copy of the image kind),
@@ -134,27 +153,39 @@ fn workload(dir: &Path, work: &str, seed: u64, batches: usize, discards: bool) -
     let mut model = start.clone();
     let mut checkpoints = Vec::new();
     let mut touched = Vec::new();
+    let mut acked = Vec::new();
+    let mut cluster_size = 0;
     block_on(async {
         let img = std::rc::Rc::new(Image::open(&path, &open_opts(true)).await.expect("open rw"));
         let size = img.size();
         let cluster = img.cluster_size();
+        cluster_size = cluster;
         let mut rng = Lcg(seed);
         for _ in 0..batches {
             let ops = batch(&mut rng, size, cluster, 6);
             touched.push(ops.iter().map(Op::range).collect());
+            let start = rec.mark(1);
             let mut tasks = Vec::new();
             for op in ops.clone() {
                 let img = img.clone();
+                let rec = rec.clone();
                 tasks.push(tokio::task::spawn_local(async move {
-                    match op {
-                        Op::Write(o, d) => img.write(o, &d).await,
-                        Op::Zeroes(o, l, unmap) => img.write_zeroes(o, l, unmap).await,
-                        Op::Discard(o, l) => img.discard(o, l).await,
+                    match &op {
+                        Op::Write(o, d) => img.write(*o, d).await,
+                        Op::Zeroes(o, l, unmap) => img.write_zeroes(*o, *l, *unmap).await,
+                        Op::Discard(o, l) => img.discard(*o, *l).await,
+                    }
+                    .expect("guest operation");
+                    // Acknowledged to the guest here.
+                    Acked {
+                        start,
+                        done: rec.mark(2),
+                        op,
                     }
                 }));
             }
             for t in tasks {
-                t.await.expect("task").expect("guest operation");
+                acked.push(t.await.expect("task"));
             }
             for op in &ops {
                 apply(&mut model, op, cluster, discards);
@@ -173,25 +204,70 @@ fn workload(dir: &Path, work: &str, seed: u64, batches: usize, discards: bool) -
         start,
         checkpoints,
         touched,
+        acked,
+        cluster: cluster_size,
+        discards,
     }
 }
 
-/// Simulates a cut after event `cut` and checks the result.
-fn verify(dir: &Path, run: &Run, cut: usize, rng: &mut Lcg, qemu: bool, what: &str) {
-    let bytes = run.rec.crash_image(cut, &mut |n| rng.next(n));
+/// Simulates a crash after event `cut` and checks the result.
+fn verify(
+    dir: &Path,
+    run: &Run,
+    crash_kind: Crash,
+    cut: usize,
+    rng: &mut Lcg,
+    qemu: bool,
+    what: &str,
+) {
+    let bytes = run.rec.image_after(crash_kind, cut, &mut |n| rng.next(n));
     let crash = dir.join("crash.qcow2");
     std::fs::write(&crash, &bytes).expect("write crash image");
     if let Ok(keep) = std::env::var("QBLK_CRASH_KEEP") {
         std::fs::write(keep, &bytes).expect("keep crash image");
     }
-    // What must read back: the last flush that completed before the cut,
-    // except what the batch after it touched.
-    let done = run.checkpoints.iter().filter(|c| c.event <= cut).count();
-    let expected = match done {
-        0 => &run.start,
-        n => &run.checkpoints[n - 1].model,
+    // The journal survives a process crash (the page cache does); after a
+    // power cut it is of another boot, as good as absent.
+    let journal = qblk_engine::journal::sidecar(&crash);
+    let _ = std::fs::remove_file(&journal);
+    let journaled = match (crash_kind, run.rec.journal_after(cut)) {
+        (Crash::Process, Some(j)) => {
+            std::fs::write(&journal, j).expect("write crash journal");
+            true
+        }
+        _ => false,
     };
-    let exempt = run.touched.get(done).cloned().unwrap_or_default();
+    let (expected, exempt) = match crash_kind {
+        // What must read back: the last flush that completed before the
+        // cut, except what the batch after it touched.
+        Crash::PowerCut => {
+            let done = run.checkpoints.iter().filter(|c| c.event <= cut).count();
+            let expected = match done {
+                0 => run.start.clone(),
+                n => run.checkpoints[n - 1].model.clone(),
+            };
+            (expected, run.touched.get(done).cloned().unwrap_or_default())
+        }
+        // Every acknowledged operation, flushed or not; only those in
+        // progress at the crash may have landed or not.
+        Crash::Process => {
+            let mut model = run.start.clone();
+            let cluster = run.cluster;
+            let mut done: Vec<&Acked> = run.acked.iter().filter(|a| a.done <= cut).collect();
+            done.sort_by_key(|a| a.done);
+            for a in done {
+                apply(&mut model, &a.op, cluster, run.discards);
+            }
+            let exempt = run
+                .acked
+                .iter()
+                .filter(|a| a.start <= cut && cut < a.done)
+                .map(|a| a.op.range())
+                .collect();
+            (model, exempt)
+        }
+    };
+    let expected = &expected;
     let got = block_on(async {
         let img = Image::open(&crash, &open_opts(true))
             .await
@@ -223,7 +299,7 @@ fn verify(dir: &Path, run: &Run, cut: usize, rng: &mut Lcg, qemu: bool, what: &s
         if a < b && got[a..b] != expected[a..b] {
             let i = a + (a..b).position(|i| got[i] != expected[i]).unwrap_or(0);
             panic!(
-                "{what} cut {cut} (after {done} flushes): flushed byte {i:#x} is {:#x}, not {:#x}",
+                "{what} {crash_kind:?} after event {cut}: acknowledged byte {i:#x} is {:#x}, not {:#x}",
                 got[i], expected[i]
             );
         }
@@ -235,6 +311,10 @@ fn verify(dir: &Path, run: &Run, cut: usize, rng: &mut Lcg, qemu: bool, what: &s
     ))
     .unwrap_or_else(|e| panic!("{what} cut {cut}: check failed: {e}"));
     assert_eq!(report.corruptions, 0, "{what} cut {cut}: {report:?}");
+    if journaled {
+        // A replayed journal rebuilds the refcounts: not even a leak.
+        assert_eq!(report.leaks, 0, "{what} cut {cut}: {report:?}");
+    }
     if qemu {
         let out = std::process::Command::new("qemu-img")
             .args(["check", "--output=json"])
@@ -244,7 +324,12 @@ fn verify(dir: &Path, run: &Run, cut: usize, rng: &mut Lcg, qemu: bool, what: &s
         let json = String::from_utf8_lossy(&out.stdout);
         let v: serde_json::Value = serde_json::from_str(&json)
             .unwrap_or_else(|e| panic!("{what} cut {cut}: qemu-img check said {json}: {e}"));
-        for key in ["corruptions", "check-errors"] {
+        let keys: &[&str] = if journaled {
+            &["corruptions", "check-errors", "leaks"]
+        } else {
+            &["corruptions", "check-errors"]
+        };
+        for &key in keys {
             assert_eq!(
                 v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0),
                 0,
@@ -357,20 +442,25 @@ fn kinds() -> Vec<(&'static str, Vec<Vec<&'static str>>, bool)> {
     ]
 }
 
-/// Workloads per image kind: 224 in CI (2016 over the nine kinds, each
-/// cut after every completed write and sync); `QBLK_CRASH_WORKLOADS` sets
-/// another count.
+/// Workloads per image kind: 224 power-cut and 8 process-crash ones in CI
+/// (2016 and 72 over the nine kinds, each cut after every event that
+/// changes what the crash leaves); `QBLK_CRASH_WORKLOADS` sets another
+/// count for both.
 const DEFAULT_WORKLOADS: u64 = 224;
+const DEFAULT_PROCESS_WORKLOADS: u64 = 8;
 
 /// Runs the workloads on one image kind and verifies every cut; returns how
 /// many cuts were verified.
-fn power_cuts(kind: &str) -> usize {
+fn crashes(kind: &str, crash_kind: Crash) -> usize {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     let workloads: u64 = std::env::var("QBLK_CRASH_WORKLOADS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_WORKLOADS);
+        .unwrap_or(match crash_kind {
+            Crash::PowerCut => DEFAULT_WORKLOADS,
+            Crash::Process => DEFAULT_PROCESS_WORKLOADS,
+        });
     let mut cuts_checked = 0usize;
     let (name, cmds, discards) = kinds()
         .into_iter()
@@ -400,13 +490,19 @@ fn power_cuts(kind: &str) -> usize {
         // (the boundaries at which the disk's state can change; writes
         // still in flight are in the model as possibly landed).
         let history = run.rec.events();
+        // After a process crash every completed write and every journal
+        // store counts, and every acknowledgement changes what must read
+        // back.
         let cuts: Vec<usize> = (0..events)
-            .filter(|&i| {
-                matches!(
-                    history[i],
-                    qblk_engine::fault::Event::Done { .. }
-                        | qblk_engine::fault::Event::Synced { .. }
-                )
+            .filter(|&i| match (crash_kind, &history[i]) {
+                (_, qblk_engine::fault::Event::Done { .. }) => true,
+                (Crash::PowerCut, qblk_engine::fault::Event::Synced { .. }) => true,
+                (
+                    Crash::Process,
+                    qblk_engine::fault::Event::JournalStore { .. }
+                    | qblk_engine::fault::Event::Marker { .. },
+                ) => true,
+                _ => false,
             })
             .collect();
         for (n, &cut) in cuts.iter().enumerate() {
@@ -414,6 +510,7 @@ fn power_cuts(kind: &str) -> usize {
             verify(
                 d,
                 &run,
+                crash_kind,
                 cut,
                 &mut rng,
                 qemu,
@@ -422,30 +519,37 @@ fn power_cuts(kind: &str) -> usize {
             cuts_checked += 1;
         }
     }
-    eprintln!("crash test, {kind}: {workloads} workloads, {cuts_checked} cuts verified");
+    eprintln!(
+        "crash test, {kind}, {crash_kind:?}: {workloads} workloads, {cuts_checked} cuts verified"
+    );
     assert!(cuts_checked as u64 >= workloads * 10);
     cuts_checked
 }
 
 macro_rules! kind_tests {
-    ($($test:ident => $kind:literal),* $(,)?) => {
+    ($($test:ident, $process:ident => $kind:literal),* $(,)?) => {
         $(
             #[test]
             fn $test() {
-                power_cuts($kind);
+                crashes($kind, Crash::PowerCut);
+            }
+
+            #[test]
+            fn $process() {
+                crashes($kind, Crash::Process);
             }
         )*
     };
 }
 
 kind_tests! {
-    power_cuts_default => "default.qcow2",
-    power_cuts_lazy_refcounts => "lazy.qcow2",
-    power_cuts_extended_l2 => "xl2.qcow2",
-    power_cuts_refcount_bits_1 => "rb1.qcow2",
-    power_cuts_512_byte_clusters => "c512.qcow2",
-    power_cuts_2m_clusters => "c2m.qcow2",
-    power_cuts_raw_backing_file => "backed.qcow2",
-    power_cuts_compressed_overwritten => "zip.qcow2",
-    power_cuts_internal_snapshot => "snap.qcow2",
+    power_cuts_default, process_crashes_default => "default.qcow2",
+    power_cuts_lazy_refcounts, process_crashes_lazy_refcounts => "lazy.qcow2",
+    power_cuts_extended_l2, process_crashes_extended_l2 => "xl2.qcow2",
+    power_cuts_refcount_bits_1, process_crashes_refcount_bits_1 => "rb1.qcow2",
+    power_cuts_512_byte_clusters, process_crashes_512_byte_clusters => "c512.qcow2",
+    power_cuts_2m_clusters, process_crashes_2m_clusters => "c2m.qcow2",
+    power_cuts_raw_backing_file, process_crashes_raw_backing_file => "backed.qcow2",
+    power_cuts_compressed_overwritten, process_crashes_compressed_overwritten => "zip.qcow2",
+    power_cuts_internal_snapshot, process_crashes_internal_snapshot => "snap.qcow2",
 }

@@ -32,6 +32,7 @@ fn check_image(dir: &Path, image: &str) {
             refcount_cache_bytes: 1,
             key: None,
             force_share: false,
+            crash_journal: false,
         };
         let want = &want;
         block_on(async move {

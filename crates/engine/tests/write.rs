@@ -148,6 +148,7 @@ fn exercise_with(
             refcount_cache_bytes: cluster,
             key: None,
             force_share: false,
+            crash_journal: false,
         };
         let img = std::rc::Rc::new(
             Image::open(&path, &opts)

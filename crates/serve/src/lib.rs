@@ -192,6 +192,9 @@ pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
                     ..BackingPolicy::default()
                 },
                 key: opts.key.clone().map(Secret),
+                // A crash of the daemon must not lose what the guest was
+                // told is written.
+                crash_journal: !opts.readonly,
                 ..OpenOptions::default()
             };
             if let Some(bytes) = opts.cache_size {

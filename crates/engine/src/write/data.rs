@@ -334,10 +334,7 @@ impl Image {
             Ok(())
         })
         .await?;
-        if w.needs_writeback(self) {
-            w.writeback(self).await?;
-        }
-        Ok(())
+        w.settle(self).await
     }
 
     /// Writes an allocating write's data (and copy-on-write) to `host`;

@@ -114,18 +114,24 @@ impl Image {
             old => {
                 // A table shared with a snapshot is copied; none: a new one.
                 let src = old.map(|off| self.cached_l2(off, staged)).transpose()?;
-                let Alloc { rc, header, .. } = a;
-                let t = rc.alloc_cluster(header)?;
+                let t = a.rc.alloc_cluster(&mut a.header)?.0 * cs;
+                a.note_l2_new(t, cs);
                 let mut table = AlignedBuf::zeroed(cs as usize);
                 if let (Some(src), Some(off)) = (src, old) {
                     table.copy_from_slice(&src);
-                    rc.release(g.host_cluster(off), qblk_qcow2::ClusterCount(1));
+                    a.rc.release(g.host_cluster(off), qblk_qcow2::ClusterCount(1));
+                    for (i, word) in qblk_qcow2::decode_table(&table).enumerate() {
+                        if word != 0 {
+                            a.note_l2_word(t + i as u64 * 8, word);
+                        }
+                    }
                 }
-                let t = t.0 * cs;
                 let table = Arc::new(table);
+                let l1 = L1Entry::new(HostOffset(t), true);
+                a.note_l1(l1_index as u64, l1.0);
                 let mut tables = self.lock_tables();
                 tables.l2_dirty.insert(t, table.clone());
-                tables.l1[l1_index] = L1Entry::new(HostOffset(t), true);
+                tables.l1[l1_index] = l1;
                 tables.l1_dirty = true;
                 (t, table)
             }
@@ -139,8 +145,16 @@ impl Image {
             }
         };
         let mut table = Arc::unwrap_or_clone(table);
-        entry.write(&mut table, &g, g.l2_index(cluster));
+        let index = g.l2_index(cluster);
+        entry.write(&mut table, &g, index);
+        let at = index * g.l2_entry_size() as usize;
+        let words: Vec<u64> =
+            qblk_qcow2::decode_table(&table[at..at + g.l2_entry_size() as usize]).collect();
         tables.l2_dirty.insert(table_offset, Arc::new(table));
+        drop(tables);
+        for (k, word) in words.into_iter().enumerate() {
+            a.note_l2_word(table_offset + (at + 8 * k) as u64, word);
+        }
         Ok(())
     }
 
@@ -168,9 +182,7 @@ impl Image {
                 })
                 .await?;
                 w.bump_write_gen();
-                if w.needs_writeback(self) {
-                    w.writeback(self).await?;
-                }
+                w.settle(self).await?;
             } else {
                 self.write_zero_bytes(pos, n).await?;
             }
@@ -298,9 +310,7 @@ impl Image {
                 .await?;
             if changed {
                 w.bump_write_gen();
-                if w.needs_writeback(self) {
-                    w.writeback(self).await?;
-                }
+                w.settle(self).await?;
             }
             pos += cs;
         }
@@ -399,6 +409,6 @@ impl Image {
         })
         .await?;
         w.bump_write_gen();
-        Ok(())
+        w.settle(self).await
     }
 }

@@ -42,6 +42,7 @@ use crate::buf::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::guest::{GuestSlice, In};
 use crate::image::Image;
+use crate::journal::Journal;
 
 pub(crate) use alloc::{Miss, Refcounts, Step};
 pub(crate) use writeback::prepare_for_writing;
@@ -64,6 +65,9 @@ pub(crate) struct Writer {
     write_gen: AtomicU64,
     /// Set once metadata was found inconsistent: no more writes.
     corrupt: AtomicBool,
+    /// Table changes are committed before the write that made them
+    /// returns: a crash journal was asked for and cannot be kept.
+    write_through: bool,
     /// Serialises partial-sector writes to encrypted images (each
     /// decrypts, patches and re-encrypts whole sectors).
     crypto_rmw: tokio::sync::Mutex<()>,
@@ -92,6 +96,36 @@ pub(crate) struct Alloc {
     /// The refcount table's place as the tables (and so the guest-data
     /// overlap check) know it: offset and bytes.
     published_rt: (u64, u64),
+    /// The crash journal, when the image keeps one (`crate::journal`).
+    journal: Option<Journal>,
+    /// Table changes made so far (with a journal: its last record).
+    changes: u64,
+}
+
+impl Alloc {
+    /// The L2 table word at host offset `offset` now holds `value`.
+    pub(super) fn note_l2_word(&mut self, offset: u64, value: u64) {
+        self.changes += 1;
+        if let Some(j) = &mut self.journal {
+            j.l2_word(self.changes, offset, value);
+        }
+    }
+
+    /// A new L2 table of `len` bytes at `offset`: zeros for now.
+    pub(super) fn note_l2_new(&mut self, offset: u64, len: u64) {
+        self.changes += 1;
+        if let Some(j) = &mut self.journal {
+            j.l2_new(self.changes, offset, len);
+        }
+    }
+
+    /// L1 entry `index` now holds `value`.
+    pub(super) fn note_l1(&mut self, index: u64, value: u64) {
+        self.changes += 1;
+        if let Some(j) = &mut self.journal {
+            j.l1(self.changes, index, value);
+        }
+    }
 }
 
 /// What the last completed writeback covered.
@@ -99,6 +133,8 @@ pub(crate) struct Alloc {
 struct Synced {
     /// The write generation it made durable.
     durable_gen: u64,
+    /// The table changes it committed (`Alloc::changes`).
+    changes: u64,
 }
 
 /// The image file's length, extended ahead of allocation.
@@ -122,7 +158,7 @@ pub(crate) struct Staged {
 }
 
 impl Writer {
-    fn new(alloc: Alloc, file_len: u64) -> Self {
+    fn new(alloc: Alloc, file_len: u64, write_through: bool) -> Self {
         Self {
             alloc: std::sync::Mutex::new(alloc),
             commit: tokio::sync::Mutex::new(Synced::default()),
@@ -133,6 +169,7 @@ impl Writer {
             }),
             write_gen: AtomicU64::new(0),
             corrupt: AtomicBool::new(false),
+            write_through,
             crypto_rmw: tokio::sync::Mutex::new(()),
             cluster_locks: std::sync::Mutex::new(HashMap::new()),
         }
@@ -206,13 +243,39 @@ impl Writer {
         self.corrupt.load(Ordering::Acquire)
     }
 
-    /// Whether dirty metadata has outgrown its bounds.
+    /// Whether dirty metadata has outgrown its bounds (or the journal
+    /// half its ring).
     fn needs_writeback(&self, img: &Image) -> bool {
-        let blocks_full = {
+        let full = {
             let a = self.lock_alloc();
             a.rc.dirty_blocks.len() > a.rc.blocks_capacity
+                || a.journal.as_ref().is_some_and(Journal::wants_writeback)
         };
-        blocks_full || img.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES
+        full || img.lock_tables().l2_dirty.len() > MAX_DIRTY_L2_TABLES
+    }
+
+    /// After a step that changed tables, before the write returns: what a
+    /// crash of this process could lose is either journaled or committed
+    /// now (write-through, or a journal out of room), and a writeback runs
+    /// if dirty metadata has outgrown its bounds.
+    async fn settle(&self, img: &Image) -> Result<()> {
+        let (commit_now, upto) = {
+            let a = self.lock_alloc();
+            let overflowed = a.journal.as_ref().is_some_and(Journal::overflowed);
+            (self.write_through || overflowed, a.changes)
+        };
+        if commit_now {
+            let mut synced = self.commit.lock().await;
+            // A writeback that began after the change covers it.
+            if synced.changes < upto {
+                self.writeback_locked(img, &mut synced, false).await?;
+            }
+            return Ok(());
+        }
+        if self.needs_writeback(img) {
+            self.writeback(img).await?;
+        }
+        Ok(())
     }
 
     /// Takes the lock of one guest cluster (by its first byte).

@@ -37,7 +37,9 @@ use crate::buf::AlignedBuf;
 use crate::commit::{Commit, Edge, End, Files, WriteId, header_buf};
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::journal::Journal;
 use crate::layout::MetaMap;
+use tracing::warn;
 
 /// What a writeback's commit covers, to settle afterwards.
 #[derive(Debug)]
@@ -59,6 +61,8 @@ struct Snapshot {
     headers: Vec<(WriteId, Header)>,
     /// References dropped from the tables this commit writes.
     releases: Vec<HostCluster>,
+    /// The table changes it holds (`Alloc::changes`).
+    changes: u64,
 }
 
 /// Makes an image ready for writing: refuses what cannot be written
@@ -66,7 +70,7 @@ struct Snapshot {
 /// (unknown ones, and bitmaps, which are not updated yet) with a commit of
 /// its own before the first write, loads the refcount table and maps the
 /// metadata.
-pub(crate) async fn prepare_for_writing(img: &Image) -> Result<Writer> {
+pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Result<Writer> {
     let h = img.header();
     let refuse = |what: &str| {
         Err(Error::Unsupported {
@@ -121,10 +125,26 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<Writer> {
     );
     let mut header = h.clone();
     let keep = AutoclearFeatures::RAW_EXTERNAL_DATA;
-    let cleared = header.autoclear_features.bits() & !keep.bits();
-    if cleared != 0 {
-        header.autoclear_features =
-            AutoclearFeatures::from_bits_retain(header.autoclear_features.bits() & keep.bits());
+    header.autoclear_features =
+        AutoclearFeatures::from_bits_retain(header.autoclear_features.bits() & keep.bits());
+    // A journal left by a crashed writer was replayed by Image::open (or
+    // could not be): either way a new one starts, or none.
+    crate::journal::set_header_stamp(&mut header, None);
+    let (journal, write_through) = if crash_journal {
+        match start_journal(img, &mut header) {
+            Ok(j) => (Some(j), false),
+            Err(why) => {
+                warn!(
+                    image = %img.path().display(),
+                    "no crash journal ({why}): every write that changes metadata commits it before it completes, which is slower"
+                );
+                (None, true)
+            }
+        }
+    } else {
+        (None, false)
+    };
+    if header_buf(img.path(), &header)?[..] != header_buf(img.path(), h)?[..] {
         let mut c = Commit::new(End::Durable);
         let _ = c.write("write header", 0, header_buf(img.path(), &header)?);
         c.run(img.commit_files()).await?;
@@ -140,8 +160,22 @@ pub(crate) async fn prepare_for_writing(img: &Image) -> Result<Writer> {
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters) * cs,
         ),
+        journal,
+        changes: 0,
     };
-    Ok(Writer::new(alloc, file_len))
+    Ok(Writer::new(alloc, file_len, write_through))
+}
+
+/// Creates the image's crash journal and names it in `header`, or says
+/// why there can be none.
+fn start_journal(img: &Image, header: &mut Header) -> std::result::Result<Journal, String> {
+    if !header.is_v3() {
+        return Err("a version 2 image has no autoclear bits to guard one".into());
+    }
+    let (journal, stamp) = Journal::create(img.path(), crate::journal::DEFAULT_CAPACITY)
+        .map_err(|e| format!("{}: {e}", crate::journal::sidecar(img.path()).display()))?;
+    crate::journal::set_header_stamp(header, Some(stamp));
+    Ok(journal)
 }
 
 impl Image {
@@ -200,17 +234,23 @@ impl Writer {
         }
         let mut synced = self.commit.lock().await;
         self.writeback_locked(img, &mut synced, true).await?;
-        let clear_dirty = {
+        let header_changes = {
             let mut a = self.lock_alloc();
             let dirty = a.disk_header.is_dirty();
             a.header
                 .incompatible_features
                 .remove(IncompatibleFeatures::DIRTY);
-            dirty
+            // Everything is committed: no journal is needed any more.
+            crate::journal::set_header_stamp(&mut a.header, None);
+            dirty || a.journal.is_some()
         };
-        if clear_dirty {
-            // The refcounts the dirty bit stood for are durable now.
+        if header_changes {
+            // The refcounts the dirty bit stood for are durable now, and
+            // so is every change the journal held.
             self.writeback_locked(img, &mut synced, true).await?;
+        }
+        if let Some(j) = self.lock_alloc().journal.take() {
+            j.remove();
         }
         self.trim(img).await
     }
@@ -268,6 +308,7 @@ impl Writer {
             l1_replaced,
             headers,
             releases,
+            changes,
         } = snap;
         let (completed, error) = match commit.run_tracked(img.commit_files()).await {
             Ok(_) => (None, None),
@@ -324,6 +365,11 @@ impl Writer {
             t.l2_epoch += 1;
             drop(t);
             synced.durable_gen = covered;
+            synced.changes = changes;
+            if let Some(j) = &mut a.journal {
+                // Those records are in the file now; their slots are free.
+                j.checkpoint(changes);
+            }
             // Freed clusters become reusable below: stop packing compressed
             // data into a cluster that may be among them.
             a.compressed_tail = None;
@@ -502,6 +548,7 @@ impl Writer {
         // Every table that dropped a reference is in this commit.
         let releases = std::mem::take(&mut a.rc.deferred_releases);
         Ok(Snapshot {
+            changes: a.changes,
             commit: c,
             covered,
             blocks,

@@ -1,0 +1,577 @@
+//! The crash journal: where the metadata of acknowledged writes survives a
+//! daemon crash.
+//!
+//! # What it is for
+//!
+//! A write is acknowledged when its data is in the kernel and its L2 entry
+//! is in this process's memory; the tables reach the file with the next
+//! writeback (at the guest's flush, or when enough is dirty). A power cut
+//! may take such writes: the guest did not flush, that is the contract of
+//! a volatile write cache. A *process* crash (kill -9, a panic, the OOM
+//! killer) must not: the guest saw no power cut and its disk stays
+//! attached while the daemon restarts. So every change to an L1 or L2 table
+//! is also stored, as it is made, into this journal: a file next to the
+//! image, mapped shared, so a store is a write into the page cache — no
+//! system call, and it survives the process the moment it is made. Nothing
+//! ever syncs it: a power cut loses it, and a journal from another boot is
+//! never replayed.
+//!
+//! # Layout
+//!
+//! The file (`.<image name>.qblk-journal` beside the image) is a 4 KiB
+//! header — magic, the boot id, the stamp, the ring's capacity, the
+//! checkpoint — then a ring of 32-byte records: sequence number, address
+//! (with the kind in its low bits), value, check. Record `n` lives in slot
+//! `n % capacity`. The check (a hash of the other fields and the stamp) is
+//! stored last, so a record the process died in the middle of, or a
+//! record from another incarnation, never counts. Numbers are in the
+//! machine's byte order: a journal is only ever read on the machine and in
+//! the boot that wrote it.
+//!
+//! Kinds: an L2 table word (its host offset; extended L2 entries are two
+//! words), a new L2 table (zeros over the cluster, before its words), and
+//! an L1 entry (by index, so a resize that moved the L1 table in memory
+//! but not yet on disk cannot misdirect it). Refcounts are not journaled:
+//! a replay rebuilds them from the tables (see below).
+//!
+//! # Checkpoints and space
+//!
+//! Records are appended under the allocator lock, in the step that makes
+//! the change, so every record numbered up to the sequence a writeback's
+//! snapshot reads (under the same lock) describes a change the snapshot
+//! holds. When that writeback has committed, the checkpoint moves to it
+//! and those slots may be reused. Half a ring of unchecked records asks
+//! for a writeback; a full ring drops records and makes every write wait
+//! for a writeback before it is acknowledged, until a checkpoint passes
+//! the first dropped record.
+//!
+//! # Whether a journal may be replayed
+//!
+//! The image's header carries the journal's 16-byte stamp (header
+//! extension `0x71626c6a`) and autoclear bit 63 while the journal is live;
+//! a clean close removes both and the file. A journal is replayed only if
+//! the bit is still set (every writer that does not know it — every QEMU
+//! tool — clears it, so an image changed after the crash is recognised),
+//! the stamps match, and it was written in this boot
+//! (`/proc/sys/kernel/random/boot_id`). Only a writer that holds the
+//! image's write lock opens the journal, so the image's locks cover it.
+//!
+//! # Replay
+//!
+//! Before anything else opens the image for writing: the data already in
+//! the file is made durable, the dirty bit is set durably, the L2 tables
+//! the records touch are written with them applied, then the L1 table —
+//! each step durable before the next — after which the open that follows
+//! rebuilds the refcounts from the tables, as for any dirty image (this
+//! also frees what the crashed daemon had allocated but not yet mapped,
+//! and finishes the releases it had deferred). Applying final values
+//! twice is harmless, so a crash during replay just replays again.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{Ordering, fence};
+
+use qblk_qcow2::Header;
+use qblk_qcow2::header::{AutoclearFeatures, HeaderExtension, IncompatibleFeatures, ext_type};
+use tracing::{info, warn};
+
+use crate::buf::AlignedBuf;
+use crate::commit::{Commit, Edge, End, header_buf};
+use crate::error::{Error, Result};
+use crate::image::Image;
+
+const MAGIC: &[u8; 8] = b"QBLKJRN1";
+/// Header: magic, boot id, stamp, capacity, checkpoint.
+const HEADER_LEN: usize = 4096;
+const OFF_BOOT: usize = 8;
+const OFF_STAMP: usize = 24;
+const OFF_CAPACITY: usize = 40;
+const OFF_CHECKPOINT: usize = 48;
+const RECORD: usize = 32;
+/// Records in the ring: 8 MiB of them.
+pub(crate) const DEFAULT_CAPACITY: u64 = (8 << 20) / RECORD as u64;
+
+const KIND_MASK: u64 = 7;
+const KIND_L2_WORD: u64 = 0;
+const KIND_L2_NEW: u64 = 1;
+const KIND_L1: u64 = 2;
+
+/// The journal file of the image at `image`.
+pub fn sidecar(image: &Path) -> PathBuf {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    image.with_file_name(format!(".{name}.qblk-journal"))
+}
+
+/// This boot's id.
+fn boot_id() -> io::Result<[u8; 16]> {
+    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+    let hex: Vec<u8> = s
+        .bytes()
+        .filter(u8::is_ascii_hexdigit)
+        .map(|c| (c as char).to_digit(16).unwrap_or(0) as u8)
+        .collect();
+    if hex.len() != 32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected boot id {s:?}"),
+        ));
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = hex[2 * i] << 4 | hex[2 * i + 1];
+    }
+    Ok(id)
+}
+
+fn random_stamp() -> io::Result<[u8; 16]> {
+    let mut s = [0u8; 16];
+    // SAFETY: getrandom(2) writes at most `s.len()` bytes into `s`.
+    let n = unsafe { libc::getrandom(s.as_mut_ptr().cast(), s.len(), 0) };
+    if n != s.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s)
+}
+
+fn mix(mut x: u64) -> u64 {
+    // splitmix64's finaliser.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn stamp_key(stamp: &[u8; 16]) -> u64 {
+    let (a, b) = stamp.split_at(8);
+    mix(u64::from_ne_bytes(a.try_into().expect("8 bytes")))
+        ^ mix(u64::from_ne_bytes(b.try_into().expect("8 bytes")) ^ 0x6a6f_7572)
+}
+
+fn check(key: u64, seq: u64, addr: u64, value: u64) -> u64 {
+    mix(key ^ mix(seq ^ mix(addr ^ mix(value))))
+}
+
+/// The live journal of an image open for writing (held in the allocator
+/// state: every method runs under the allocator lock).
+pub(crate) struct Journal {
+    path: PathBuf,
+    /// The shared mapping of the whole file.
+    map: *mut u8,
+    len: usize,
+    _file: File,
+    key: u64,
+    capacity: u64,
+    /// The last record's sequence number.
+    seq: u64,
+    /// Records up to this one are in a committed writeback.
+    checkpoint: u64,
+    /// The first record that did not fit, until a checkpoint passes it.
+    overflow_at: Option<u64>,
+    #[cfg(feature = "fault-injection")]
+    rec: Option<std::sync::Arc<crate::fault::Recorder>>,
+}
+
+// SAFETY: the mapping is owned by the Journal (unmapped only in Drop) and
+// every access goes through `&mut self` (the allocator lock), so moving it
+// to another thread or sharing `&Journal` (which only reads plain fields)
+// is sound.
+unsafe impl Send for Journal {}
+// SAFETY: see above; `&self` methods never touch the mapping.
+unsafe impl Sync for Journal {}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .field("seq", &self.seq)
+            .field("checkpoint", &self.checkpoint)
+            .field("overflow_at", &self.overflow_at)
+            .finish()
+    }
+}
+
+impl Journal {
+    /// Creates (or empties) the journal of `image` with a fresh stamp.
+    pub(crate) fn create(image: &Path, capacity: u64) -> io::Result<(Self, [u8; 16])> {
+        let boot = boot_id()?;
+        let stamp = random_stamp()?;
+        let path = sidecar(image);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        let len = HEADER_LEN + capacity as usize * RECORD;
+        file.set_len(len as u64)?;
+        // SAFETY: a fresh shared mapping of `len` bytes of a file we just
+        // sized to `len`; checked for MAP_FAILED below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mut j = Journal {
+            path,
+            map: map.cast(),
+            len,
+            _file: file,
+            key: stamp_key(&stamp),
+            capacity,
+            seq: 0,
+            checkpoint: 0,
+            overflow_at: None,
+            #[cfg(feature = "fault-injection")]
+            rec: crate::fault::Recorder::for_path(image),
+        };
+        #[cfg(feature = "fault-injection")]
+        if let Some(r) = &j.rec {
+            r.journal_created(len);
+        }
+        let mut head = [0u8; 56];
+        head[..8].copy_from_slice(MAGIC);
+        head[OFF_BOOT..OFF_BOOT + 16].copy_from_slice(&boot);
+        head[OFF_STAMP..OFF_STAMP + 16].copy_from_slice(&stamp);
+        head[OFF_CAPACITY..OFF_CAPACITY + 8].copy_from_slice(&capacity.to_ne_bytes());
+        j.store(0, &head);
+        Ok((j, stamp))
+    }
+
+    /// Stores `bytes` at `offset` of the mapping.
+    fn store(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len, "journal store in bounds");
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: in bounds (checked above) of the mapping.
+            let at = unsafe { self.map.add(offset + 8 * i) };
+            // SAFETY: `at` is in bounds, 8-aligned (offsets are multiples
+            // of 8 in a page-aligned mapping), and nothing else in this
+            // process accesses the mapping.
+            unsafe { std::ptr::write_volatile(at.cast::<u64>(), u64::from_ne_bytes(w)) };
+        }
+        #[cfg(feature = "fault-injection")]
+        if let Some(r) = &self.rec {
+            r.journal_store(offset as u64, bytes);
+        }
+    }
+
+    /// Stores record `seq` (numbered by the caller, one after another).
+    fn put(&mut self, seq: u64, addr: u64, value: u64) {
+        self.seq = self.seq.max(seq);
+        if seq.saturating_sub(self.checkpoint) > self.capacity || self.overflow_at.is_some() {
+            // No room: this change reaches the file only with a writeback,
+            // which every write waits for until a checkpoint passes here.
+            self.overflow_at.get_or_insert(seq);
+            return;
+        }
+        let slot = HEADER_LEN + (seq % self.capacity) as usize * RECORD;
+        let mut body = [0u8; 24];
+        body[..8].copy_from_slice(&seq.to_ne_bytes());
+        body[8..16].copy_from_slice(&addr.to_ne_bytes());
+        body[16..].copy_from_slice(&value.to_ne_bytes());
+        self.store(slot, &body);
+        // The check goes last: a record is whole once it is there.
+        fence(Ordering::Release);
+        let c = check(self.key, seq, addr, value);
+        self.store(slot + 24, &c.to_ne_bytes());
+    }
+
+    /// Change `seq`: the L2 table word at host offset `offset` now holds
+    /// `value` (stored big-endian in the file, as every table word).
+    pub(crate) fn l2_word(&mut self, seq: u64, offset: u64, value: u64) {
+        debug_assert_eq!(offset & KIND_MASK, 0);
+        self.put(seq, offset | KIND_L2_WORD, value);
+    }
+
+    /// Change `seq`: a new L2 table of `len` bytes at `offset`, zeros
+    /// before its words.
+    pub(crate) fn l2_new(&mut self, seq: u64, offset: u64, len: u64) {
+        self.put(seq, offset | KIND_L2_NEW, len);
+    }
+
+    /// Change `seq`: L1 entry `index` now holds `value`.
+    pub(crate) fn l1(&mut self, seq: u64, index: u64, value: u64) {
+        self.put(seq, index << 3 | KIND_L1, value);
+    }
+
+    /// Changes up to `seq` are committed: their slots may be reused.
+    pub(crate) fn checkpoint(&mut self, seq: u64) {
+        if seq <= self.checkpoint {
+            return;
+        }
+        self.checkpoint = seq;
+        self.store(OFF_CHECKPOINT, &seq.to_ne_bytes());
+        if self.overflow_at.is_some_and(|o| o <= seq) {
+            self.overflow_at = None;
+        }
+    }
+
+    /// Some change is in no record: writes wait for a writeback.
+    pub(crate) fn overflowed(&self) -> bool {
+        self.overflow_at.is_some()
+    }
+
+    /// Half the ring holds unchecked records: time for a writeback.
+    pub(crate) fn wants_writeback(&self) -> bool {
+        self.seq.saturating_sub(self.checkpoint) > self.capacity / 2
+    }
+
+    /// The image was closed cleanly: the journal goes away.
+    pub(crate) fn remove(self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            warn!(journal = %self.path.display(), "cannot remove the crash journal: {e}");
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `create`, unmapped once, here.
+        unsafe { libc::munmap(self.map.cast(), self.len) };
+    }
+}
+
+/// The stamp the image's header names, if its journal is live.
+pub(crate) fn header_stamp(h: &Header) -> Option<[u8; 16]> {
+    if !h
+        .autoclear_features
+        .contains(AutoclearFeatures::QBLK_JOURNAL)
+    {
+        return None;
+    }
+    h.extensions.iter().find_map(|e| match e {
+        HeaderExtension::Unknown { kind, data } if *kind == ext_type::QBLK_JOURNAL => {
+            data.get(..16).and_then(|s| s.try_into().ok())
+        }
+        _ => None,
+    })
+}
+
+/// Names the journal with `stamp` in `h` (or, with `None`, no journal).
+pub(crate) fn set_header_stamp(h: &mut Header, stamp: Option<[u8; 16]>) {
+    match stamp {
+        Some(s) => {
+            h.autoclear_features |= AutoclearFeatures::QBLK_JOURNAL;
+            h.set_extension(
+                ext_type::QBLK_JOURNAL,
+                Some(HeaderExtension::Unknown {
+                    kind: ext_type::QBLK_JOURNAL,
+                    data: s.to_vec(),
+                }),
+            );
+        }
+        None => {
+            h.autoclear_features.remove(AutoclearFeatures::QBLK_JOURNAL);
+            h.set_extension(ext_type::QBLK_JOURNAL, None);
+        }
+    }
+}
+
+/// One valid record.
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    seq: u64,
+    addr: u64,
+    value: u64,
+}
+
+/// Why a journal is not replayed.
+fn unusable(image: &Path, why: impl std::fmt::Display) {
+    warn!(
+        image = %image.display(),
+        "crash journal not replayed: {why}; writes a crashed daemon acknowledged after the last flush may be lost"
+    );
+}
+
+/// The records a journal file holds past its checkpoint, in order, if it
+/// belongs to this image (`stamp`) and this boot.
+fn read_records(image: &Path, stamp: &[u8; 16]) -> Option<Vec<Record>> {
+    let path = sidecar(image);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) => {
+            unusable(image, format_args!("{}: {e}", path.display()));
+            return None;
+        }
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_ne_bytes(b.try_into().expect("8 bytes")))
+    };
+    if bytes.len() < HEADER_LEN || &bytes[..8] != MAGIC {
+        unusable(
+            image,
+            format_args!("{} is not a qblk journal", path.display()),
+        );
+        return None;
+    }
+    match boot_id() {
+        Ok(b) if b[..] == bytes[OFF_BOOT..OFF_BOOT + 16] => {}
+        Ok(_) => {
+            unusable(image, "it was written before the machine restarted");
+            return None;
+        }
+        Err(e) => {
+            unusable(image, format_args!("cannot read the boot id: {e}"));
+            return None;
+        }
+    }
+    if bytes[OFF_STAMP..OFF_STAMP + 16] != stamp[..] {
+        unusable(image, "it belongs to another incarnation of the image");
+        return None;
+    }
+    let capacity = u64_at(OFF_CAPACITY).unwrap_or(0);
+    let checkpoint = u64_at(OFF_CHECKPOINT).unwrap_or(0);
+    if capacity == 0 || (bytes.len() - HEADER_LEN) / RECORD < capacity as usize {
+        unusable(image, "its ring is truncated");
+        return None;
+    }
+    let key = stamp_key(stamp);
+    let mut records: Vec<Record> = (0..capacity as usize)
+        .filter_map(|i| {
+            let o = HEADER_LEN + i * RECORD;
+            let (seq, addr, value, c) =
+                (u64_at(o)?, u64_at(o + 8)?, u64_at(o + 16)?, u64_at(o + 24)?);
+            let valid =
+                seq > checkpoint && seq % capacity == i as u64 && c == check(key, seq, addr, value);
+            valid.then_some(Record { seq, addr, value })
+        })
+        .collect();
+    records.sort_by_key(|r| r.seq);
+    Some(records)
+}
+
+/// Replays the journal of a crashed writer into `img` (open writable,
+/// before anything else wrote to it), if the header names one that may be
+/// replayed. Returns whether it did: the image is then dirty and must be
+/// opened again (which rebuilds its refcounts).
+pub(crate) async fn recover(img: &Image) -> Result<bool> {
+    let h = img.header().clone();
+    let Some(stamp) = header_stamp(&h) else {
+        return Ok(false);
+    };
+    let Some(records) = read_records(img.path(), &stamp) else {
+        return Ok(false);
+    };
+    // Even with nothing to replay the writer crashed: what it had
+    // allocated for writes it never finished (and may have counted on
+    // disk already) is freed by the rebuild that the dirty bit asks for.
+    let g = img.geometry();
+    let cs = g.cluster_size();
+    let path = img.path();
+    let bad = |what: String| Error::Unsupported {
+        path: path.to_owned(),
+        what: format!(
+            "its crash journal ({}) does not fit it: {what}; move the journal away to open the image as it is",
+            sidecar(path).display()
+        ),
+    };
+    let file_limit = img
+        .file()
+        .file_len()
+        .map_err(Error::io(path, "stat", None))?
+        .saturating_add(1 << 30);
+    let l1_offset = h.l1_table_offset;
+    let l1_len = u64::from(h.l1_size) * 8;
+    let rt = (
+        h.refcount_table_offset,
+        u64::from(h.refcount_table_clusters) * cs,
+    );
+    let overlaps_fixed = |off: u64| {
+        off < cs
+            || (off + cs > l1_offset && off < l1_offset + l1_len)
+            || (off + cs > rt.0 && off < rt.0 + rt.1)
+    };
+    // The L2 tables (by cluster) and L1 entries the records change.
+    let mut tables: BTreeMap<u64, AlignedBuf> = BTreeMap::new();
+    let mut l1: BTreeMap<u64, u64> = BTreeMap::new();
+    for r in &records {
+        match r.addr & KIND_MASK {
+            KIND_L2_WORD | KIND_L2_NEW => {
+                let off = r.addr & !KIND_MASK;
+                let table = off - off % cs;
+                if off >= file_limit || overlaps_fixed(table) {
+                    return Err(bad(format!("an L2 table at {table:#x}")));
+                }
+                let buf = match tables.entry(table) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(if r.addr & KIND_MASK == KIND_L2_NEW {
+                            AlignedBuf::zeroed(cs as usize)
+                        } else {
+                            img.file()
+                                .read(table, cs as usize)
+                                .await
+                                .map_err(Error::io(path, "read L2 table", table))?
+                        })
+                    }
+                };
+                if r.addr & KIND_MASK == KIND_L2_NEW {
+                    buf.fill(0);
+                } else {
+                    let at = (off - table) as usize;
+                    buf[at..at + 8].copy_from_slice(&r.value.to_be_bytes());
+                }
+            }
+            KIND_L1 => {
+                let index = r.addr >> 3;
+                if index >= u64::from(h.l1_size) {
+                    return Err(bad(format!("L1 index {index}")));
+                }
+                l1.insert(index, r.value);
+            }
+            k => return Err(bad(format!("record kind {k}"))),
+        }
+    }
+    let mut dirty = h.clone();
+    dirty.incompatible_features |= IncompatibleFeatures::DIRTY;
+    let mut c = Commit::new(End::Durable);
+    // The dirty bit after the data already in the file (the tables name
+    // it), then the tables, then the L1 table.
+    let head = c.write("write header", 0, header_buf(path, &dirty)?);
+    c.after_guest_data(head);
+    let mut ids = Vec::new();
+    for (off, buf) in tables {
+        let id = c.write("write L2 table", off, buf);
+        c.after(id, head, Edge::Durable);
+        ids.push(id);
+    }
+    if !l1.is_empty() {
+        let mut table = img
+            .file()
+            .read(l1_offset, l1_len as usize)
+            .await
+            .map_err(Error::io(path, "read L1 table", l1_offset))?;
+        for (index, value) in &l1 {
+            let at = *index as usize * 8;
+            table[at..at + 8].copy_from_slice(&value.to_be_bytes());
+        }
+        let id = c.write("write L1 table", l1_offset, table);
+        c.after(id, head, Edge::Durable);
+        c.after_all(id, &ids, Edge::Durable);
+    }
+    c.run(img.commit_files()).await?;
+    info!(
+        image = %path.display(),
+        records = records.len(),
+        "replayed the crash journal of a writer that did not close the image: every write it acknowledged is on disk"
+    );
+    Ok(true)
+}

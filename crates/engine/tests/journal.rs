@@ -1,0 +1,218 @@
+//! The crash journal (`qblk_engine::journal`): what a writer acknowledged
+//! survives the writer's death without a flush, and a journal is replayed
+//! only onto the image exactly as the crash left it.
+//!
+//! A "crash" here drops the image without `close`: nothing the writer had
+//! only in memory reaches the file, as after kill -9.
+
+use std::path::Path;
+
+use qblk_engine::file::CacheMode;
+use qblk_engine::image::{Image, OpenOptions};
+use qblk_engine::runtime::block_on;
+
+mod common;
+use common::*;
+
+fn opts(journal: bool) -> OpenOptions {
+    OpenOptions {
+        writable: true,
+        cache: CacheMode::None,
+        crash_journal: journal,
+        ..OpenOptions::default()
+    }
+}
+
+/// Patterns at offsets spread over several L2 tables (32 KiB clusters:
+/// one table maps 128 MiB).
+const WRITES: [(u64, u8); 6] = [
+    (0, 0x11),
+    (3 << 20, 0x22),
+    (130 << 20, 0x33),
+    (300 << 20, 0x44),
+    (301 << 20, 0x55),
+    ((1 << 30) - (64 << 10), 0x66),
+];
+
+/// Writes the patterns (all allocating), then crashes: no flush, no close.
+fn write_and_crash(path: &Path, journal: bool) {
+    block_on(async {
+        let img = Image::open(path, &opts(journal)).await.expect("open");
+        for (off, p) in WRITES {
+            img.write(off, &vec![p; 64 << 10]).await.expect("write");
+        }
+        // A zeroed range of a written cluster and a discarded one: the
+        // journal carries every kind of table change.
+        img.write_zeroes(3 << 20, 32 << 10, true)
+            .await
+            .expect("zeroes");
+        img.discard(301 << 20, 64 << 10).await.expect("discard");
+        drop(img);
+    });
+}
+
+fn expected(off: u64, p: u8) -> Vec<u8> {
+    let mut v = vec![p; 64 << 10];
+    if off == 3 << 20 {
+        v[..32 << 10].fill(0);
+    }
+    if off == 301 << 20 {
+        v.fill(0);
+    }
+    v
+}
+
+fn read_all(path: &Path) -> Vec<Vec<u8>> {
+    block_on(async {
+        let img = Image::open(path, &opts(true)).await.expect("reopen");
+        let mut out = Vec::new();
+        for (off, _) in WRITES {
+            let mut buf = vec![0u8; 64 << 10];
+            img.read(off, &mut buf).await.expect("read");
+            out.push(buf);
+        }
+        img.close().await.expect("close");
+        out
+    })
+}
+
+fn image(dir: &Path) -> std::path::PathBuf {
+    sh(
+        dir,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=32k",
+            "j.qcow2",
+            "1G",
+        ],
+    );
+    dir.join("j.qcow2")
+}
+
+fn qemu_check_clean(dir: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "j.qcow2"])
+        .current_dir(dir)
+        .output()
+        .expect("qemu-img check");
+    assert!(
+        out.status.success(),
+        "qemu-img check (exit {:?}): {}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn acknowledged_writes_survive_a_crash_through_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    write_and_crash(&path, true);
+    let journal = qblk_engine::journal::sidecar(&path);
+    assert!(journal.exists(), "the crashed writer left its journal");
+    // On disk, without the journal, the writes are not mapped: the test
+    // would pass without a journal otherwise.
+    let raw = std::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-c", "read -P 0x44 300M 64k", "j.qcow2"])
+        .current_dir(d)
+        .output()
+        .expect("qemu-io");
+    let raw = String::from_utf8_lossy(&raw.stdout);
+    assert!(raw.contains("Pattern verification failed"), "{raw}");
+    let got = read_all(&path);
+    for (i, (off, p)) in WRITES.into_iter().enumerate() {
+        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
+    }
+    assert!(!journal.exists(), "a clean close removes the journal");
+    qemu_check_clean(d);
+    // The clean image carries neither qblk's autoclear bit nor its
+    // extension.
+    let info = sh(d, &["qemu-img", "info", "--output=json", "j.qcow2"]);
+    assert!(!info.contains("\"dirty-flag\": true"), "{info}");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[88..96], &[0u8; 8], "autoclear features cleared");
+}
+
+#[test]
+fn without_a_journal_the_same_crash_loses_the_writes() {
+    // The property the journal adds: the same crash with it off loses
+    // them (and so the test above can fail).
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    write_and_crash(&path, false);
+    let got = read_all(&path);
+    assert!(got[3] != expected(300 << 20, 0x44));
+}
+
+#[test]
+fn a_journal_is_not_replayed_onto_an_image_changed_after_the_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    write_and_crash(&path, true);
+    // Another program writes the image meanwhile (its locks are gone with
+    // the crashed writer): QEMU clears the autoclear bit it does not know.
+    sh(d, &["qemu-io", "-c", "write -P 0x77 500M 64k", "j.qcow2"]);
+    let got = read_all(&path);
+    assert!(
+        got[3] != expected(300 << 20, 0x44),
+        "stale journal replayed"
+    );
+    qemu_check_clean(d);
+    let check = sh(d, &["qemu-io", "-c", "read -P 0x77 500M 64k", "j.qcow2"]);
+    assert!(!check.contains("verification failed"), "{check}");
+}
+
+#[test]
+fn a_journal_from_another_boot_is_not_replayed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    write_and_crash(&path, true);
+    let journal = qblk_engine::journal::sidecar(&path);
+    let mut bytes = std::fs::read(&journal).unwrap();
+    // The boot id follows the 8-byte magic.
+    bytes[8] ^= 0xff;
+    std::fs::write(&journal, &bytes).unwrap();
+    let got = read_all(&path);
+    assert!(
+        got[3] != expected(300 << 20, 0x44),
+        "journal of another boot replayed"
+    );
+    qemu_check_clean(d);
+}
+
+#[test]
+fn a_version_2_image_commits_before_acknowledging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=32k",
+            "j.qcow2",
+            "1G",
+        ],
+    );
+    let path = d.join("j.qcow2");
+    write_and_crash(&path, true);
+    assert!(!qblk_engine::journal::sidecar(&path).exists());
+    let got = read_all(&path);
+    for (i, (off, p)) in WRITES.into_iter().enumerate() {
+        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
+    }
+}
