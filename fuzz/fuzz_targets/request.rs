@@ -1,14 +1,16 @@
 //! A guest's split virtqueue from arbitrary bytes: the descriptor table,
 //! the avail ring, indirect tables, headers and buffers all come from the
-//! input. Chains are popped as the queue worker pops them (virtio-queue)
-//! and parsed into virtio-blk requests; the parser must never panic, and
-//! whatever it accepts must satisfy what the engine relies on.
+//! input. Chains are popped and walked as the queue worker does (qblk's
+//! own split ring and descriptor walker) and parsed into virtio-blk
+//! requests; neither may panic, and whatever the parser accepts must
+//! satisfy what the engine relies on.
 #![no_main]
 
 use std::sync::Arc;
 
 use qblk_serve::request::{self, Desc, Limits, Op, Parsed};
-use virtio_queue::{Queue, QueueT};
+use qblk_serve::vhost::chain;
+use qblk_serve::vhost::vring::{RingLayout, SplitRing};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Two regions with a hole between them, so chains can straddle the gap.
@@ -43,39 +45,47 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         size: u64::from_le_bytes(ctl[1..9].try_into().expect("8 bytes")) >> (ctl[9] % 64),
         readonly: ctl[10] & 1 == 1,
     };
-    let mut q = Queue::new(256).expect("queue");
-    q.set_size(size);
-    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_event_idx(ctl[11] & 1 == 1);
-    q.set_ready(true);
-    if !q.is_valid(&mem) {
+    let layout = RingLayout {
+        size,
+        desc: GuestAddress(DESC_TABLE),
+        avail: GuestAddress(AVAIL),
+        used: GuestAddress(USED),
+    };
+    let Ok((mut ring, _)) = SplitRing::start(layout, ctl[11] & 1 == 1, 0, None, &mem) else {
         return;
-    }
+    };
     let shared = Arc::new(mem.clone());
     // At most one ring's worth, as the worker's in-flight bound allows.
     for _ in 0..size {
-        let Some(chain) = q.pop_descriptor_chain(&mem) else {
+        let Ok(Some(head)) = ring.pop(&mem) else {
             break;
         };
-        let head = chain.head_index();
-        let descs: Vec<Desc> = chain.map(Desc::from).collect();
-        let parsed = request::parse(&descs, &shared, &limits);
-        if head >= size {
-            // virtio-queue pops a bogus head as an empty chain; it must not
-            // become a request (and add_used refuses the head).
-            assert!(descs.is_empty(), "descriptors behind head {head}");
-            assert!(matches!(parsed, Parsed::Broken { .. }));
-        }
-        match parsed {
+        let descs: Vec<Desc> = match chain::walk(&mem, layout.desc, size, head) {
+            Ok(descs) => descs,
+            Err(_) => {
+                // Refused chains complete with length 0 (a head outside
+                // the queue gets no used entry at all).
+                if head < size {
+                    let _ = ring.push_used(&mem, head, 0);
+                }
+                continue;
+            }
+        };
+        assert!(head < size, "a chain behind head {head}");
+        assert!(
+            descs.len() <= usize::from(chain::MAX_INDIRECT).max(usize::from(size)),
+            "chain of {} descriptors",
+            descs.len()
+        );
+        match request::parse(&descs, &shared, &limits) {
             Parsed::Request(r) => check(&r, &descs, &mem, &limits),
             Parsed::Reject { status, .. } => {
                 assert!(mem.check_range(status, 1), "status byte outside memory");
             }
             Parsed::Broken { .. } => {}
         }
-        let _ = q.add_used(&mem, head, 0);
+        let _ = ring.push_used(&mem, head, 0);
+        let _ = ring.needs_notification(&mem);
     }
 });
 

@@ -5,14 +5,20 @@
 //! descriptor table at [`DESC`], avail ring at [`AVAIL`], used ring at
 //! [`USED`], and buffers from [`DATA`] on. Each test places one chain at a
 //! time in descriptor slots 0.., publishes it, kicks, and waits for the
-//! used entry.
+//! used entry. With inflight tracking ([`RawFrontend::connect_tracked`])
+//! it asks the daemon for an inflight region (GET_INFLIGHT_FD) and hands
+//! the same region and guest memory to the next daemon after a crash
+//! ([`RawFrontend::reconnect`]), as QEMU does.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -36,12 +42,42 @@ pub struct D(pub u64, pub u32, pub bool);
 
 pub struct RawFrontend {
     fe: Frontend,
-    mem: *mut u8,
-    _memfd: File,
+    guest: Guest,
     kick: EventFd,
     call: EventFd,
     avail_idx: u16,
     used_idx: u16,
+    /// The inflight region the daemon made, and its description.
+    inflight: Option<(File, VhostUserInflight)>,
+    /// Features left out of what the daemon offers.
+    features_off: u64,
+}
+
+/// Guest memory: the memfd and our mapping of it.
+struct Guest {
+    mem: *mut u8,
+    memfd: File,
+}
+
+/// `VIRTIO_RING_F_EVENT_IDX`.
+const F_EVENT_IDX: u64 = 1 << 29;
+/// `VIRTIO_BLK_F_FLUSH`: without it the device writes through.
+pub const F_FLUSH: u64 = 1 << 9;
+
+/// One head's state in an inflight region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflightDesc {
+    pub inflight: u8,
+    pub counter: u64,
+}
+
+/// The header of queue 0's area of an inflight region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InflightHeader {
+    pub version: u16,
+    pub desc_num: u16,
+    pub last_batch_head: u16,
+    pub used_idx: u16,
 }
 
 impl std::fmt::Debug for RawFrontend {
@@ -52,7 +88,7 @@ impl std::fmt::Debug for RawFrontend {
 
 impl RawFrontend {
     /// Connects and sets up queue 0 (no event_idx: every used entry is
-    /// signalled).
+    /// signalled; no inflight tracking).
     pub fn connect(socket: &Path) -> Self {
         // SAFETY: memfd_create with a static name.
         let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
@@ -67,39 +103,102 @@ impl RawFrontend {
     /// long-term).
     pub fn connect_with_memory(socket: &Path, memfd: File) -> Self {
         memfd.set_len(MEM_SIZE as u64).expect("size memfd");
-        // SAFETY: mapping the whole memfd shared; checked below.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
+        let guest = Guest {
+            mem: map_memory(&memfd),
+            memfd,
         };
-        assert_ne!(mem, libc::MAP_FAILED, "mmap memfd");
-        let mem = mem.cast::<u8>();
+        Self::setup(socket, guest, None, false, F_EVENT_IDX, 0)
+    }
 
+    /// Connects with inflight tracking: negotiates INFLIGHT_SHMFD, asks
+    /// the daemon for a region (GET_INFLIGHT_FD) and hands it back
+    /// (SET_INFLIGHT_FD). `features_off` are virtio features left out
+    /// (e.g. [`F_FLUSH`], for a write-through device).
+    pub fn connect_tracked(socket: &Path, features_off: u64) -> Self {
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: a fresh descriptor we own.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
+        let guest = Guest {
+            mem: map_memory(&memfd),
+            memfd,
+        };
+        Self::setup(socket, guest, None, true, F_EVENT_IDX | features_off, 0)
+    }
+
+    /// Connects to the daemon now listening on `socket` (a new one, after
+    /// the last died) with the same guest memory and inflight region, the
+    /// ring's base set to its used idx: what QEMU does when a backend it
+    /// was connected to crashes.
+    pub fn reconnect(self, socket: &Path) -> Self {
+        let base = self.used_ring_idx();
+        let RawFrontend {
+            fe,
+            guest,
+            kick,
+            call,
+            avail_idx,
+            used_idx,
+            inflight,
+            features_off,
+        } = self;
+        drop((fe, kick, call));
+        let tracked = inflight.is_some();
+        let mut new = Self::setup(socket, guest, inflight, tracked, features_off, base);
+        new.avail_idx = avail_idx;
+        new.used_idx = used_idx;
+        new
+    }
+
+    fn setup(
+        socket: &Path,
+        guest: Guest,
+        inflight: Option<(File, VhostUserInflight)>,
+        tracked: bool,
+        features_off: u64,
+        base: u16,
+    ) -> Self {
         let mut fe = Frontend::connect(socket, 1).expect("connect to the daemon");
         fe.set_owner().expect("SET_OWNER");
         let offered = fe.get_features().expect("GET_FEATURES");
-        let event_idx = 1u64 << 29;
-        fe.set_features(offered & !event_idx).expect("SET_FEATURES");
+        fe.set_features(offered & !features_off)
+            .expect("SET_FEATURES");
         let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-        fe.set_protocol_features(
-            proto
-                & (VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .expect("SET_PROTOCOL_FEATURES");
+        let mut want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if tracked {
+            assert!(
+                proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+                "the daemon does not offer INFLIGHT_SHMFD: {proto:?}"
+            );
+            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        fe.set_protocol_features(proto & want)
+            .expect("SET_PROTOCOL_FEATURES");
+        let inflight = if tracked {
+            let (file, info) = match inflight {
+                Some(known) => known,
+                None => fe
+                    .get_inflight_fd(&VhostUserInflight::new(0, 0, 1, QUEUE_SIZE))
+                    .map(|(info, file)| (file, info))
+                    .expect("GET_INFLIGHT_FD"),
+            };
+            fe.set_inflight_fd(&info, file.as_raw_fd())
+                .expect("SET_INFLIGHT_FD");
+            Some((file, info))
+        } else {
+            None
+        };
+        let mem = guest.mem;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: MEM_SIZE as u64,
             userspace_addr: mem as u64,
             mmap_offset: 0,
-            mmap_handle: memfd.as_raw_fd(),
+            mmap_handle: guest.memfd.as_raw_fd(),
         };
         fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
         let kick = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
@@ -118,19 +217,86 @@ impl RawFrontend {
             },
         )
         .expect("SET_VRING_ADDR");
-        fe.set_vring_base(0, 0).expect("SET_VRING_BASE");
+        fe.set_vring_base(0, base).expect("SET_VRING_BASE");
         fe.set_vring_call(0, &call).expect("SET_VRING_CALL");
         fe.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
         fe.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
         Self {
             fe,
-            mem,
-            _memfd: memfd,
+            guest,
             kick,
             call,
             avail_idx: 0,
             used_idx: 0,
+            inflight,
+            features_off,
         }
+    }
+
+    /// The used ring's idx as the daemon last published it.
+    pub fn used_ring_idx(&self) -> u16 {
+        u16::from_le_bytes(self.read(USED + 2, 2).try_into().expect("2 bytes"))
+    }
+
+    /// Used element `i` (slot `i % QUEUE_SIZE`): `(id, len)`.
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let e = self.read(USED + 4 + u64::from(i % QUEUE_SIZE) * 8, 8);
+        (
+            u32::from_le_bytes(e[0..4].try_into().expect("4 bytes")),
+            u32::from_le_bytes(e[4..8].try_into().expect("4 bytes")),
+        )
+    }
+
+    fn inflight_bytes(&self, at: u64, len: usize) -> Vec<u8> {
+        let (file, info) = self.inflight.as_ref().expect("no inflight region");
+        let mut b = vec![0u8; len];
+        file.read_exact_at(&mut b, info.mmap_offset + at)
+            .expect("read the inflight region");
+        b
+    }
+
+    /// Queue 0's header in the inflight region.
+    pub fn inflight_header(&self) -> InflightHeader {
+        let b = self.inflight_bytes(8, 8);
+        let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        InflightHeader {
+            version: le16(0),
+            desc_num: le16(2),
+            last_batch_head: le16(4),
+            used_idx: le16(6),
+        }
+    }
+
+    /// Head `head`'s entry of queue 0 in the inflight region.
+    pub fn inflight_desc(&self, head: u16) -> InflightDesc {
+        let b = self.inflight_bytes(16 + 16 * u64::from(head), 16);
+        InflightDesc {
+            inflight: b[0],
+            counter: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        }
+    }
+
+    /// Places `chain` in descriptor slots `first`.. without publishing it.
+    pub fn place(&mut self, first: u16, chain: &[D]) {
+        for (i, d) in chain.iter().enumerate() {
+            let last = i + 1 == chain.len();
+            let slot = first + i as u16;
+            let flags = if d.2 { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            self.put_desc(DESC, slot, d.0, d.1, flags, slot + 1);
+        }
+    }
+
+    /// Publishes `heads` in the avail ring in one go and kicks once.
+    pub fn publish_heads(&mut self, heads: &[u16]) {
+        for &head in heads {
+            let slot = AVAIL + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
+            self.write(slot, &head.to_le_bytes());
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.write(AVAIL + 2, &self.avail_idx.to_le_bytes());
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.kick.write(1).expect("kick");
     }
 
     /// Reads the device's configuration space.
@@ -147,7 +313,7 @@ impl RawFrontend {
     pub fn write(&mut self, gpa: u64, bytes: &[u8]) {
         assert!(gpa as usize + bytes.len() <= MEM_SIZE);
         // SAFETY: gpa + len is within our mapping (checked above).
-        let dst = unsafe { self.mem.add(gpa as usize) };
+        let dst = unsafe { self.guest.mem.add(gpa as usize) };
         // SAFETY: dst has room for bytes.len() bytes; the ranges are
         // distinct allocations.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
@@ -158,7 +324,7 @@ impl RawFrontend {
         assert!(gpa as usize + len <= MEM_SIZE);
         let mut out = vec![0u8; len];
         // SAFETY: gpa + len is within our mapping (checked above).
-        let src = unsafe { self.mem.add(gpa as usize) };
+        let src = unsafe { self.guest.mem.add(gpa as usize) };
         // SAFETY: src holds len readable bytes; out has room for them.
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), len) };
         out
@@ -273,9 +439,26 @@ impl RawFrontend {
     }
 }
 
-impl Drop for RawFrontend {
+/// Maps all of guest memory shared.
+fn map_memory(memfd: &File) -> *mut u8 {
+    // SAFETY: mapping the whole memfd shared; checked below.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            MEM_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(mem, libc::MAP_FAILED, "mmap memfd");
+    mem.cast::<u8>()
+}
+
+impl Drop for Guest {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what connect mapped.
+        // SAFETY: unmapping exactly what `map_memory` mapped.
         unsafe { libc::munmap(self.mem.cast(), MEM_SIZE) };
     }
 }

@@ -1,41 +1,41 @@
 //! `qblk serve`: a vhost-user-blk daemon over the qcow2 engine.
 //!
 //! Threads: the main thread accepts frontends one at a time and owns the
-//! lifecycle; vhost-user-backend runs the protocol on one thread per
-//! connection and watches each queue's kick eventfd on one epoll thread per
-//! queue; each queue has a worker thread (`worker.rs`) that serves its
+//! lifecycle; one protocol thread per connection reads its vhost-user
+//! messages (`vhost/handler.rs`); each queue has a worker thread
+//! (`worker.rs`) that watches the ring's kick eventfd and serves its
 //! requests with the engine. A signal thread turns SIGTERM/SIGINT into an
 //! orderly stop.
 //!
-//! A connection's vhost-user state (features, memory table, vrings) lives
-//! in a `VhostUserDaemon` made for that connection and dropped when it
-//! ends, so every frontend — a rebooted VM's QEMU reconnecting, or a new VM
-//! — starts from a fresh device. The disk and the workers outlive
-//! connections.
+//! A connection's vhost-user state (features, memory table, rings,
+//! inflight region) lives in a `Handler` made for that connection and
+//! dropped when it ends, so every frontend — a rebooted VM's QEMU
+//! reconnecting, or a new VM — starts from a fresh device. The disk and
+//! the workers outlive connections.
 
 pub mod config;
 pub mod device;
 pub mod disk;
 mod pin;
 pub mod request;
+pub mod vhost;
 mod worker;
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ::vhost::vhost_user::{BackendListener, Listener};
 use qblk_engine::file::CacheMode;
 use qblk_engine::image::{BackingPolicy, Image, OpenOptions, Secret};
 use tracing::{error, info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::GuestMemoryAtomic;
 
 use crate::config::DeviceConfig;
-use crate::device::{Backend, Device};
+use crate::device::Device;
 use crate::disk::{Disk, RawDisk};
-use crate::request::Mem;
+use crate::vhost::handler::Handler;
 use crate::worker::QueueHandle;
 
 /// The format of the served image. Never guessed: a raw disk whose guest
@@ -104,7 +104,7 @@ pub enum ServeError {
     Listen {
         path: PathBuf,
         #[source]
-        source: vhost::vhost_user::Error,
+        source: ::vhost::vhost_user::Error,
     },
     #[error("cannot start: {0}")]
     Start(String),
@@ -217,8 +217,9 @@ struct Stop {
     requested: AtomicBool,
     /// The listening socket while the main thread waits in accept.
     listener_fd: Mutex<Option<i32>>,
-    /// The current connection, if any.
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The current connection's socket, if any (a clone: shutting it down
+    /// ends the protocol thread's wait for a message).
+    connection: Mutex<Option<UnixStream>>,
     /// The queue workers, drained before the connection is closed.
     queues: Mutex<Option<Arc<Vec<QueueHandle>>>>,
 }
@@ -241,7 +242,7 @@ impl Stop {
             }
         }
         if let Some(c) = lock(&self.connection).as_ref() {
-            c.shutdown();
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
 
@@ -358,56 +359,65 @@ fn accept_loop(
     queues: &Arc<Vec<QueueHandle>>,
     stop: &Arc<Stop>,
 ) -> Result<(), ServeError> {
+    let listener_fd = listener.as_raw_fd();
     while !stop.requested() {
-        let mem = GuestMemoryAtomic::new(Mem::new());
-        let backend = Arc::new(Backend::new(device.clone(), queues.clone(), mem.clone()));
         device.reset();
-        let mut daemon = VhostUserDaemon::new("qblk-vhost".into(), backend.clone(), mem)
+        let handler = Arc::new(Mutex::new(Handler::new(device.clone(), queues.clone())));
+        let mut backend = BackendListener::new(listener, handler.clone())
             .map_err(|e| ServeError::Start(e.to_string()))?;
-        backend.set_epoll_fds(
-            daemon
-                .get_epoll_handlers()
-                .iter()
-                .map(|h| h.as_raw_fd())
-                .collect(),
-        );
 
-        *lock(&stop.listener_fd) = Some(listener.as_raw_fd());
+        *lock(&stop.listener_fd) = Some(listener_fd);
         // A stop requested before the fd was recorded would be missed.
         if stop.requested() {
             break;
         }
-        let started = daemon.start(listener);
+        let accepted = backend.accept();
         *lock(&stop.listener_fd) = None;
-        if let Err(e) = started {
-            if stop.requested() {
-                break;
-            }
-            return Err(ServeError::Start(format!("accepting a frontend: {e}")));
-        }
+        let mut conn = match accepted {
+            Ok(Some(conn)) => conn,
+            Ok(None) => continue,
+            Err(_) if stop.requested() => break,
+            Err(e) => return Err(ServeError::Start(format!("accepting a frontend: {e}"))),
+        };
         info!("frontend connected");
-        *lock(&stop.connection) = daemon.shutdown_handle();
+        *lock(&stop.connection) = conn.try_clone_connection().ok();
         if stop.requested() {
-            daemon.request_shutdown();
+            if let Some(c) = lock(&stop.connection).as_ref() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
         }
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-            )) => info!("frontend disconnected"),
-            Err(e) => warn!("frontend connection ended: {e}"),
+        let protocol = std::thread::Builder::new()
+            .name("qblk-vhost".into())
+            .spawn(move || {
+                loop {
+                    if let Err(e) = conn.handle_request() {
+                        return e;
+                    }
+                }
+            })
+            .map_err(|e| ServeError::Start(format!("cannot start the protocol thread: {e}")))?;
+        match protocol.join() {
+            Ok(
+                ::vhost::vhost_user::Error::Disconnected
+                | ::vhost::vhost_user::Error::PartialMessage,
+            ) => {
+                info!("frontend disconnected")
+            }
+            Ok(e) if stop.requested() => info!("connection closed to stop: {e}"),
+            Ok(e) => warn!("frontend connection ended: {e}"),
+            Err(_) => error!("the protocol thread panicked"),
         }
         *lock(&stop.connection) = None;
         // Requests the frontend left behind finish before the next one
         // starts; the disk is flushed either way.
+        lock(&handler).end();
         for q in queues.iter() {
-            q.detach();
+            q.stop();
         }
         if let Err(e) = qblk_engine::runtime::block_on(device.disk.flush()) {
             error!("flush after disconnect failed: {e}");
         }
-        drop(daemon);
-        backend.close_exit_events();
+        drop(handler);
     }
     Ok(())
 }

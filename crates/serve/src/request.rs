@@ -40,16 +40,6 @@ pub struct Desc {
     pub writable: bool,
 }
 
-impl From<virtio_queue::desc::split::Descriptor> for Desc {
-    fn from(d: virtio_queue::desc::split::Descriptor) -> Self {
-        Self {
-            addr: d.addr(),
-            len: d.len(),
-            writable: d.is_write_only(),
-        }
-    }
-}
-
 /// A run of guest memory, contiguous in this process's address space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IoSeg {

@@ -3,86 +3,91 @@
 //! and io_uring (the engine's per-thread ring), which the queues of a
 //! thread share.
 //!
-//! A worker pops every available descriptor chain, parses it, and runs each
-//! request as a local task; the task's engine I/O goes out through this
-//! thread's ring in the same scheduler tick as its neighbours'. Completions
-//! are batched the same way: finished requests queue their used entries and
-//! one completer task publishes them all and notifies the guest once
-//! (event_idx decides whether it needs to hear at all).
+//! A worker pops every available descriptor chain, walks and parses it,
+//! and runs each request as a local task; the task's engine I/O goes out
+//! through this thread's ring in the same scheduler tick as its
+//! neighbours'. Completions are batched the same way: finished requests
+//! queue their used entries and one completer task publishes them all and
+//! notifies the guest once (event_idx decides whether it needs to hear at
+//! all).
 //!
-//! The vhost-user side (protocol thread, epoll threads) talks to a worker
-//! only through its [`QueueHandle`]: a kick is a `Notify`, attaching and
-//! detaching a vring are commands. No request crosses threads.
+//! The protocol thread talks to a worker only through its
+//! [`QueueHandle`]: starting a ring hands over its layout, base, inflight
+//! area, call eventfd and a duplicate of its kick eventfd, which the
+//! worker then watches itself (edge-triggered, through tokio's `AsyncFd`);
+//! stopping drains the ring and hands its base back. No request crosses
+//! threads.
 
 use std::cell::{Cell, RefCell};
+use std::fs::File;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use std::os::fd::AsRawFd;
-
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
-use tracing::{debug, error, warn};
-use vhost_user_backend::{VringRwLock, VringT};
+use tracing::{debug, error, info, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
-use vmm_sys_util::event::EventConsumer;
 
 use qblk_engine::guest::GuestSlice;
 
 use crate::device::Device;
 use crate::pin::{Pinning, SharedPins};
-use crate::request::{self, Desc, IoSeg, Limits, Mem, Op, Parsed, Request};
+use crate::request::{self, IoSeg, Limits, Mem, Op, Parsed, Request};
+use crate::vhost::Call;
+use crate::vhost::chain;
+use crate::vhost::inflight::InflightQueue;
+use crate::vhost::vring::{RingError, RingLayout, SplitRing};
 
-pub(crate) type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
-
-/// How long detaching waits for in-flight requests before giving up on
-/// them (they still complete, but into a ring the frontend has taken back).
+/// How long stopping a ring waits for in-flight requests before giving up
+/// on them (they still complete, but into a ring the frontend has taken
+/// back).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Messages about the first bad requests are logged; after that only every
 /// this-many-th, so a hostile guest cannot flood the log.
 const BAD_REQUEST_LOG_EVERY: u64 = 1000;
 
+/// Everything a worker needs to serve a ring.
+#[derive(Debug)]
+pub(crate) struct RingStart {
+    pub(crate) layout: RingLayout,
+    pub(crate) event_idx: bool,
+    /// The avail entry to start at (unless the inflight area says
+    /// otherwise).
+    pub(crate) base: u16,
+    pub(crate) inflight: Option<InflightQueue>,
+    /// The worker's own duplicate of the kick eventfd.
+    pub(crate) kick: File,
+    pub(crate) call: Arc<Call>,
+    pub(crate) mem: GuestMemoryAtomic<Mem>,
+    /// The connection's pinning jobs, shared with its other queues.
+    pub(crate) pins: Arc<SharedPins>,
+}
+
+#[derive(Debug)]
 enum Cmd {
-    /// Serve this vring; with the kick eventfd when the worker is to watch
-    /// it itself.
-    Attach(
-        Vring,
-        GuestMemoryAtomic<Mem>,
-        Option<EventConsumer>,
-        Arc<SharedPins>,
-    ),
-    Detach(std::sync::mpsc::Sender<()>),
+    Start(Box<RingStart>),
+    /// Stop serving the ring; answers with the base it stopped at.
+    Stop(std::sync::mpsc::Sender<Option<u16>>),
     Exit,
 }
 
-/// The vhost-user side's handle on one queue worker.
+/// The protocol side's handle on one queue worker.
 #[derive(Debug)]
 pub(crate) struct QueueHandle {
     index: usize,
     kick: Arc<Notify>,
     cmds: mpsc::UnboundedSender<Cmd>,
     attached: Arc<AtomicBool>,
-    /// Set when the daemon stops: kicks no longer attach the vring.
+    /// Set when the daemon stops: no ring starts any more.
     closed: AtomicBool,
     /// The worker thread, shared with the other queues it serves.
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
-}
-
-impl std::fmt::Debug for Cmd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Cmd::Attach(..) => "Attach",
-            Cmd::Detach(_) => "Detach",
-            Cmd::Exit => "Exit",
-        })
-    }
 }
 
 impl QueueHandle {
@@ -144,53 +149,16 @@ impl QueueHandle {
             .collect())
     }
 
-    /// The guest kicked `vring` (or it was just enabled); called on the
-    /// vring's epoll thread, whose epoll instance is `epoll_fd`.
-    ///
-    /// The first kick attaches the vring to the worker and hands the worker
-    /// the kick eventfd: from then on the worker's own runtime watches it
-    /// and the epoll thread stops watching it, so a kick wakes one thread,
-    /// the one that serves it. The worker only waits for the eventfd's
-    /// edge-triggered wakeups and never reads its counter, so if
-    /// vhost-user-backend registers the fd again (it does when the ring is
-    /// re-enabled) the epoll thread's reads cannot find it empty.
-    pub(crate) fn kick(
-        &self,
-        vring: &Vring,
-        mem: &GuestMemoryAtomic<Mem>,
-        pins: &Arc<SharedPins>,
-        epoll_fd: Option<i32>,
-    ) {
+    /// Starts serving a ring; false when the daemon is stopping.
+    pub(crate) fn start(&self, ring: RingStart) -> bool {
         if self.closed.load(Ordering::Acquire) {
-            return;
+            return false;
         }
-        if !self.attached.swap(true, Ordering::AcqRel) {
-            let kick = {
-                let state = vring.get_ref();
-                state
-                    .get_kick()
-                    .as_ref()
-                    .and_then(|k| Some((k.as_raw_fd(), k.try_clone().ok()?)))
-            };
-            let (kick_fd, own) = match (kick, epoll_fd) {
-                (Some((fd, dup)), Some(_)) => (Some(fd), Some(dup)),
-                _ => (None, None),
-            };
-            let _ = self
-                .cmds
-                .send(Cmd::Attach(vring.clone(), mem.clone(), own, pins.clone()));
-            if let (Some(fd), Some(epfd)) = (kick_fd, epoll_fd) {
-                // SAFETY: epoll_ctl on the epoll instance of this thread's
-                // vhost-user-backend handler (alive while it calls us) and the
-                // kick fd it registered; a null event is allowed for DEL.
-                let _ =
-                    unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-            }
-        }
-        self.kick.notify_one();
+        self.attached.store(true, Ordering::Release);
+        self.cmds.send(Cmd::Start(Box::new(ring))).is_ok()
     }
 
-    /// The frontend changed its memory table: an attached worker looks at
+    /// The frontend changed its memory table: a serving worker looks at
     /// it now (to register it with `--pin-guest-memory`) instead of at the
     /// next kick.
     pub(crate) fn memory_changed(&self) {
@@ -199,33 +167,40 @@ impl QueueHandle {
         }
     }
 
-    /// Stops taking requests from the vring, waits for the ones in flight
-    /// and publishes their completions. Blocks the calling thread.
-    pub(crate) fn detach(&self) {
+    /// Stops taking requests from the ring, waits for the ones in flight
+    /// and publishes their completions; returns the base the ring stopped
+    /// at (the last one's, if it was stopped already). Blocks the calling
+    /// thread.
+    pub(crate) fn stop(&self) -> Option<u16> {
         let (tx, rx) = std::sync::mpsc::channel();
-        if self.cmds.send(Cmd::Detach(tx)).is_err() {
-            return;
+        if self.cmds.send(Cmd::Stop(tx)).is_err() {
+            return None;
         }
-        if rx.recv_timeout(DRAIN_TIMEOUT).is_err() {
-            error!(
-                queue = self.index,
-                "requests still in flight after {DRAIN_TIMEOUT:?}; detaching anyway"
-            );
+        match rx.recv_timeout(DRAIN_TIMEOUT) {
+            Ok(base) => base,
+            Err(_) => {
+                error!(
+                    queue = self.index,
+                    "requests still in flight after {DRAIN_TIMEOUT:?}; stopping anyway"
+                );
+                None
+            }
         }
     }
 
-    /// Takes no more requests, ever, and drains the ones in flight: the
-    /// first step of stopping the daemon, taken while the frontend is still
+    /// Starts no ring ever again, and drains the one it serves: the first
+    /// step of stopping the daemon, taken while the frontend is still
     /// connected so it sees every request it handed over complete.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.detach();
+        self.stop();
     }
 
-    /// Ends the queue's worker (after detaching). Its thread ends once
-    /// every queue it serves has been told to exit: see [`QueueHandle::join`].
+    /// Ends the queue's worker (after stopping its ring). Its thread ends
+    /// once every queue it serves has been told to exit: see
+    /// [`QueueHandle::join`].
     pub(crate) fn exit(&self) {
-        self.detach();
+        self.stop();
         let _ = self.cmds.send(Cmd::Exit);
     }
 
@@ -248,36 +223,28 @@ struct Worker {
 impl Worker {
     async fn run(self, mut cmds: mpsc::UnboundedReceiver<Cmd>, pinning: Rc<RefCell<Pinning>>) {
         let mut queue: Option<Rc<Queue>> = None;
+        // The base of the ring last stopped, for a stop asked twice (the
+        // daemon's close, then the frontend's GET_VRING_BASE).
+        let mut last_base: Option<u16> = None;
         loop {
             tokio::select! {
                 biased;
                 cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Attach(vring, mem, kick_fd, pins)) => {
-                        let q = Rc::new(Queue::new(self.index, vring, mem, self.device.clone(), self.kick.clone(), pinning.clone(), pins));
-                        tokio::task::spawn_local(q.clone().completer());
-                        if let Some(fd) = kick_fd {
-                            // SAFETY: the AsyncFd owns `fd` (our own duplicate of
-                            // the kick eventfd), which stays open and unchanged
-                            // until the AsyncFd drops.
-                            let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-                                .map_err(std::io::Error::from);
-                            match afd {
-                                Ok(afd) => {
-                                    tokio::task::spawn_local(q.clone().watch_kicks(afd));
-                                }
-                                Err(e) => warn!(queue = self.index, "cannot watch the kick fd: {e}"),
-                            }
-                        }
-                        debug!(queue = self.index, "vring attached");
-                        queue = Some(q);
-                    }
-                    Some(Cmd::Detach(ack)) => {
+                    Some(Cmd::Start(start)) => {
                         if let Some(q) = queue.take() {
                             q.drain().await;
-                            debug!(queue = self.index, "vring detached");
+                        }
+                        queue = self.start(*start, &pinning);
+                        last_base = None;
+                    }
+                    Some(Cmd::Stop(ack)) => {
+                        if let Some(q) = queue.take() {
+                            q.drain().await;
+                            last_base = Some(q.ring.borrow().next_avail());
+                            debug!(queue = self.index, "ring stopped");
                         }
                         self.attached.store(false, Ordering::Release);
-                        let _ = ack.send(());
+                        let _ = ack.send(last_base);
                     }
                     Some(Cmd::Exit) | None => break,
                 },
@@ -289,13 +256,76 @@ impl Worker {
             }
         }
     }
+
+    fn start(&self, s: RingStart, pinning: &Rc<RefCell<Pinning>>) -> Option<Rc<Queue>> {
+        let RingStart {
+            layout,
+            event_idx,
+            base,
+            inflight,
+            kick,
+            call,
+            mem,
+            pins,
+        } = s;
+        let snapshot = mem.memory().into_inner();
+        let (ring, recovery) = match SplitRing::start(layout, event_idx, base, inflight, &snapshot)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(queue = self.index, "ring not started: {e}");
+                return None;
+            }
+        };
+        let q = Rc::new(Queue::new(
+            self.index,
+            ring,
+            mem,
+            call,
+            self.device.clone(),
+            self.kick.clone(),
+            pinning.clone(),
+            pins,
+        ));
+        tokio::task::spawn_local(q.clone().completer());
+        // SAFETY: the AsyncFd owns `kick` (our own duplicate of the kick
+        // eventfd), which stays open and unchanged until the AsyncFd drops.
+        let watched = unsafe { AsyncFd::register_with_interest(kick, Interest::READABLE) }
+            .map_err(std::io::Error::from);
+        match watched {
+            Ok(afd) => {
+                tokio::task::spawn_local(q.clone().watch_kicks(afd));
+            }
+            Err(e) => warn!(queue = self.index, "cannot watch the kick fd: {e}"),
+        }
+        debug!(queue = self.index, base, "ring started");
+        if let Some(r) = recovery.filter(|r| r.resumed) {
+            info!(
+                queue = self.index,
+                resubmitted = r.resubmit.len(),
+                used_head_cleared = r.cleared_last,
+                "ring resumed from the inflight region"
+            );
+            let limits = q.limits();
+            for head in r.resubmit {
+                q.start_chain(head, &snapshot, &limits);
+            }
+            // In case the old backend died between publishing a used
+            // entry and notifying the guest.
+            q.call.signal();
+        }
+        // Kicks sent before the ring started found nobody watching.
+        q.process();
+        Some(q)
+    }
 }
 
-/// A vring being served.
+/// A ring being served.
 struct Queue {
     index: usize,
-    vring: Vring,
+    ring: RefCell<SplitRing>,
     mem: GuestMemoryAtomic<Mem>,
+    call: Arc<Call>,
     device: Arc<Device>,
     kick: Arc<Notify>,
     inflight: Cell<usize>,
@@ -303,10 +333,13 @@ struct Queue {
     throttled: Cell<bool>,
     /// Set by `drain`: pop nothing more.
     stopped: Cell<bool>,
+    /// The ring contradicted itself or left guest memory: take nothing
+    /// more from it until it is started again.
+    broken: Cell<bool>,
     idle: Notify,
     done: RefCell<Vec<(u16, u32)>>,
     done_wanted: Notify,
-    /// Wakes the kick watcher when the queue is detached.
+    /// Wakes the kick watcher when the ring stops.
     detached: Notify,
     bad_requests: Cell<u64>,
     /// Guest memory registered with this thread's ring (`--pin-guest-memory`),
@@ -317,10 +350,12 @@ struct Queue {
 }
 
 impl Queue {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         index: usize,
-        vring: Vring,
+        ring: SplitRing,
         mem: GuestMemoryAtomic<Mem>,
+        call: Arc<Call>,
         device: Arc<Device>,
         kick: Arc<Notify>,
         pinning: Rc<RefCell<Pinning>>,
@@ -329,13 +364,15 @@ impl Queue {
         pinning.borrow_mut().attach();
         Self {
             index,
-            vring,
+            ring: RefCell::new(ring),
             mem,
+            call,
             device,
             kick,
             inflight: Cell::new(0),
             throttled: Cell::new(false),
             stopped: Cell::new(false),
+            broken: Cell::new(false),
             idle: Notify::new(),
             done: RefCell::new(Vec::new()),
             done_wanted: Notify::new(),
@@ -346,24 +383,30 @@ impl Queue {
         }
     }
 
-    /// Pops and starts every available request.
-    fn process(self: &Rc<Self>) {
-        if self.stopped.get() {
-            return;
-        }
-        let (ready, queue_size) = {
-            let state = self.vring.get_ref();
-            let q = state.get_queue();
-            (q.ready() && state.is_enabled(), usize::from(q.size()))
-        };
-        if !ready {
-            return;
-        }
-        let event_idx = self.device.event_idx.load(Ordering::Acquire);
-        let limits = Limits {
+    fn limits(&self) -> Limits {
+        Limits {
             size: self.device.config.size,
             readonly: self.device.config.readonly,
-        };
+        }
+    }
+
+    /// The ring cannot be served any more (until it is started again).
+    fn fail(&self, e: &RingError) {
+        if !self.broken.replace(true) {
+            error!(
+                queue = self.index,
+                "ring broken, not served until restarted: {e}"
+            );
+        }
+    }
+
+    /// Pops and starts every available request.
+    fn process(self: &Rc<Self>) {
+        if self.stopped.get() || self.broken.get() {
+            return;
+        }
+        let queue_size = usize::from(self.ring.borrow().size());
+        let limits = self.limits();
         if self.device.pin_memory {
             let mem = self.mem.memory().into_inner();
             self.pinning
@@ -371,14 +414,14 @@ impl Queue {
                 .update(&self.pins, self.index, &mem, &self.kick);
         }
         loop {
-            if event_idx {
-                if let Err(e) = self.vring.disable_notification() {
-                    warn!(queue = self.index, "cannot disable notifications: {e}");
-                    return;
-                }
+            let mem = self.mem.memory().into_inner();
+            let disabled = self.ring.borrow_mut().disable_notification(&mem);
+            if let Err(e) = disabled {
+                self.fail(&e);
+                return;
             }
             loop {
-                if self.inflight.get() >= queue_size.max(1) {
+                if self.inflight.get() >= queue_size {
                     // Every head the guest can have outstanding is ours:
                     // continue once some complete.
                     self.throttled.set(true);
@@ -387,29 +430,47 @@ impl Queue {
                 // A fresh view of guest memory for every chain: the
                 // frontend may add a region (and use it) while this loop
                 // runs.
-                let guard = self.mem.memory();
-                let mem: Arc<Mem> = guard.clone().into_inner();
-                let chain = {
-                    let mut state = self.vring.get_mut();
-                    virtio_queue::QueueT::pop_descriptor_chain(state.get_queue_mut(), guard.clone())
-                };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let descs: Vec<Desc> = chain.map(Desc::from).collect();
-                self.start(head, request::parse(&descs, &mem, &limits), &mem);
+                let mem = self.mem.memory().into_inner();
+                let popped = self.ring.borrow_mut().pop(&mem);
+                match popped {
+                    Ok(Some(head)) => self.start_chain(head, &mem, &limits),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.fail(&e);
+                        return;
+                    }
+                }
             }
-            if !event_idx {
-                break;
-            }
-            match self.vring.enable_notification() {
+            let mem = self.mem.memory().into_inner();
+            let enabled = self.ring.borrow_mut().enable_notification(&mem);
+            match enabled {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!(queue = self.index, "cannot enable notifications: {e}");
-                    break;
+                    self.fail(&e);
+                    return;
                 }
             }
         }
+    }
+
+    /// Walks, parses and starts the chain at `head` (freshly popped, or
+    /// resubmitted from the inflight area).
+    fn start_chain(self: &Rc<Self>, head: u16, mem: &Arc<Mem>, limits: &Limits) {
+        let (size, table) = {
+            let ring = self.ring.borrow();
+            (ring.size(), ring.layout().desc)
+        };
+        if head >= size {
+            // No used entry can name it: the driver's bug stays its own.
+            self.log_bad(&format!("head {head} outside the queue of {size}"));
+            return;
+        }
+        let parsed = match chain::walk(mem, table, size, head) {
+            Ok(descs) => request::parse(&descs, mem, limits),
+            Err(e) => Parsed::Broken { why: e.to_string() },
+        };
+        self.start(head, parsed, mem);
     }
 
     fn log_bad(&self, why: &str) {
@@ -463,19 +524,20 @@ impl Queue {
         if done.is_empty() {
             return;
         }
+        let mem = self.mem.memory().into_inner();
         let notify = {
-            let mut state = self.vring.get_mut();
-            for &(head, len) in &done {
-                if let Err(e) = state.add_used(head, len) {
-                    warn!(queue = self.index, "cannot add used entry {head}: {e}");
+            let mut ring = self.ring.borrow_mut();
+            match ring.push_used_batch(&mem, &done) {
+                Ok(()) => ring.needs_notification(&mem).unwrap_or(true),
+                Err(e) => {
+                    drop(ring);
+                    self.fail(&e);
+                    false
                 }
             }
-            state.needs_notification().unwrap_or(true)
         };
         if notify {
-            if let Err(e) = self.vring.signal_used_queue() {
-                warn!(queue = self.index, "cannot notify the guest: {e}");
-            }
+            self.call.signal();
         }
         if self.inflight.get() == 0 {
             self.idle.notify_waiters();
@@ -498,12 +560,14 @@ impl Queue {
     }
 
     /// Runs as a local task: processes the ring on every kick, until the
-    /// queue is detached.
+    /// ring stops.
     ///
-    /// It must end when the queue is detached even though no kick will
-    /// come (the frontend is gone): it holds the queue, and with it the
-    /// vring's eventfds and the whole guest memory mapping.
-    async fn watch_kicks(self: Rc<Self>, fd: AsyncFd<EventConsumer>) {
+    /// It must end when the ring stops even though no kick will come (the
+    /// frontend is gone): it holds the queue, and with it the kick and
+    /// call eventfds and the whole guest memory mapping. It never reads
+    /// the eventfd's counter (a blocking eventfd would block the thread
+    /// when it is zero): every write to an eventfd is a new edge.
+    async fn watch_kicks(self: Rc<Self>, fd: AsyncFd<File>) {
         loop {
             if self.stopped.get() {
                 return;
