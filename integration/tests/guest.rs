@@ -509,7 +509,7 @@ echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
 /// guest submitted completes exactly once, with the crash journal every
 /// acknowledged write reads back, and the image is clean afterwards.
 fn survive_kills(image_opts: &str) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     qblk_integration::create_qcow2_opts(d, image_opts, "k.qcow2", "256M");
     let mut daemon = Daemon::qblk(d, "k.sock", &["k.qcow2"]);
