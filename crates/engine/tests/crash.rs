@@ -494,15 +494,17 @@ fn crashes(kind: &str, crash_kind: Crash) -> usize {
         // store counts, and every acknowledgement changes what must read
         // back.
         let cuts: Vec<usize> = (0..events)
-            .filter(|&i| match (crash_kind, &history[i]) {
-                (_, qblk_engine::fault::Event::Done { .. }) => true,
-                (Crash::PowerCut, qblk_engine::fault::Event::Synced { .. }) => true,
-                (
-                    Crash::Process,
-                    qblk_engine::fault::Event::JournalStore { .. }
-                    | qblk_engine::fault::Event::Marker { .. },
-                ) => true,
-                _ => false,
+            .filter(|&i| {
+                matches!(
+                    (crash_kind, &history[i]),
+                    (_, qblk_engine::fault::Event::Done { .. })
+                        | (Crash::PowerCut, qblk_engine::fault::Event::Synced { .. })
+                        | (
+                            Crash::Process,
+                            qblk_engine::fault::Event::JournalStore { .. }
+                                | qblk_engine::fault::Event::Marker { .. },
+                        )
+                )
             })
             .collect();
         for (n, &cut) in cuts.iter().enumerate() {
