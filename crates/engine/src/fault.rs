@@ -271,7 +271,7 @@ impl Recorder {
     /// The file's contents after a crash of the given kind just after
     /// event `cut`: a power cut keeps what was synced, a process crash
     /// what had completed (the kernel has it); writes still in flight
-    /// land whole, torn or not at all either way.
+    /// land whole or not at all, and after a power cut also torn.
     pub fn image_after(
         &self,
         crash: Crash,
@@ -306,8 +306,14 @@ impl Recorder {
                 put(&mut img, offset, data);
                 continue;
             }
-            // Not durable: lost (1 in 3), whole (1 in 3), or torn.
-            match pick(3) {
+            // Not durable: lost (1 in 3), whole (1 in 3), or torn. After a
+            // process crash the device still completes what it was given
+            // (or the kernel cancels it first): lost or whole, never torn.
+            let choices = match crash {
+                Crash::PowerCut => 3,
+                Crash::Process => 2,
+            };
+            match pick(choices) {
                 0 => {}
                 1 => put(&mut img, offset, data),
                 _ => {
