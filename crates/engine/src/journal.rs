@@ -47,12 +47,17 @@
 //!
 //! # Whether a journal may be replayed
 //!
-//! The image's header carries the journal's 16-byte stamp (header
-//! extension `0x71626c6a`) and autoclear bit 63 while the journal is live;
-//! a clean close removes both and the file. A journal is replayed only if
-//! the bit is still set (every writer that does not know it — every QEMU
-//! tool — clears it, so an image changed after the crash is recognised),
-//! the stamps match, and it was written in this boot
+//! While the journal is live the image's header says so in its autoclear
+//! field: bit 63 set, and bits 32-62 the journal's stamp (31 random bits
+//! chosen at each open); a clean close clears them and removes the file.
+//! Autoclear bits are the qcow2 format's own answer to "did a program that
+//! does not know this feature write the image?": every writer that does
+//! not know a bit — every QEMU tool — clears it before writing, so an
+//! image changed after the crash is recognised, and an older copy of the
+//! image put back has another stamp. The field is one 8-byte word in the
+//! header's first sector: setting it moves nothing, and no write of it can
+//! be torn. A journal is replayed only if bit 63 is still set, the stamps
+//! match, and it was written in this boot
 //! (`/proc/sys/kernel/random/boot_id`). Only a writer that holds the
 //! image's write lock opens the journal, so the image's locks cover it.
 //!
@@ -76,7 +81,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{Ordering, fence};
 
 use qblk_qcow2::Header;
-use qblk_qcow2::header::{AutoclearFeatures, HeaderExtension, IncompatibleFeatures, ext_type};
+use qblk_qcow2::header::{AutoclearFeatures, IncompatibleFeatures};
 use tracing::{info, warn};
 
 use crate::buf::AlignedBuf;
@@ -130,13 +135,17 @@ fn boot_id() -> io::Result<[u8; 16]> {
     Ok(id)
 }
 
+/// A fresh stamp: 31 random bits (what the header has room for), the
+/// rest of the 16 bytes zero.
 fn random_stamp() -> io::Result<[u8; 16]> {
-    let mut s = [0u8; 16];
-    // SAFETY: getrandom(2) writes at most `s.len()` bytes into `s`.
-    let n = unsafe { libc::getrandom(s.as_mut_ptr().cast(), s.len(), 0) };
-    if n != s.len() as isize {
+    let mut r = [0u8; 4];
+    // SAFETY: getrandom(2) writes at most `r.len()` bytes into `r`.
+    let n = unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    if n != r.len() as isize {
         return Err(io::Error::last_os_error());
     }
+    let mut s = [0u8; 16];
+    s[..4].copy_from_slice(&(u32::from_ne_bytes(r) & 0x7fff_ffff).to_ne_bytes());
     Ok(s)
 }
 
@@ -347,40 +356,35 @@ impl Drop for Journal {
     }
 }
 
+/// Autoclear bits 32-62: the stamp, while bit 63 says a journal is live.
+const STAMP_BITS: u64 = 0x7fff_ffff << 32;
+
+/// The stamp as the header holds it (31 bits).
+fn stamp_bits(stamp: &[u8; 16]) -> u64 {
+    u64::from(u32::from_ne_bytes(stamp[..4].try_into().expect("4 bytes"))) << 32 & STAMP_BITS
+}
+
 /// The stamp the image's header names, if its journal is live.
 pub(crate) fn header_stamp(h: &Header) -> Option<[u8; 16]> {
-    if !h
-        .autoclear_features
-        .contains(AutoclearFeatures::QBLK_JOURNAL)
-    {
+    let bits = h.autoclear_features.bits();
+    if bits & AutoclearFeatures::QBLK_JOURNAL.bits() == 0 {
         return None;
     }
-    h.extensions.iter().find_map(|e| match e {
-        HeaderExtension::Unknown { kind, data } if *kind == ext_type::QBLK_JOURNAL => {
-            data.get(..16).and_then(|s| s.try_into().ok())
-        }
-        _ => None,
-    })
+    let mut stamp = [0u8; 16];
+    stamp[..4].copy_from_slice(&(((bits & STAMP_BITS) >> 32) as u32).to_ne_bytes());
+    Some(stamp)
 }
 
 /// Names the journal with `stamp` in `h` (or, with `None`, no journal).
+/// Only the autoclear field changes: one 8-byte word in the header's
+/// first sector, so a power cut cannot tear it, and nothing moves.
 pub(crate) fn set_header_stamp(h: &mut Header, stamp: Option<[u8; 16]>) {
-    match stamp {
-        Some(s) => {
-            h.autoclear_features |= AutoclearFeatures::QBLK_JOURNAL;
-            h.set_extension(
-                ext_type::QBLK_JOURNAL,
-                Some(HeaderExtension::Unknown {
-                    kind: ext_type::QBLK_JOURNAL,
-                    data: s.to_vec(),
-                }),
-            );
-        }
-        None => {
-            h.autoclear_features.remove(AutoclearFeatures::QBLK_JOURNAL);
-            h.set_extension(ext_type::QBLK_JOURNAL, None);
-        }
+    let live = AutoclearFeatures::QBLK_JOURNAL.bits();
+    let mut bits = h.autoclear_features.bits() & !(STAMP_BITS | live);
+    if let Some(s) = stamp {
+        bits |= live | stamp_bits(&s);
     }
+    h.autoclear_features = AutoclearFeatures::from_bits_retain(bits);
 }
 
 /// One valid record.

@@ -138,19 +138,8 @@ struct Run {
 
 /// Runs one random workload on `work` (a fresh copy of the image kind),
 /// recording its history.
-/// With `journal` the workload keeps a crash journal, as the daemon does
-/// (the process-crash runs). The power-cut runs keep none yet: adding the
-/// journal's header extension at open moves the backing file name, and a
-/// header write torn at a sector boundary by a power cut can then lose it
-/// (a known gap, see ARCHITECTURE.md).
-fn workload(
-    dir: &Path,
-    work: &str,
-    seed: u64,
-    batches: usize,
-    discards: bool,
-    journal: bool,
-) -> Run {
+/// The workload keeps a crash journal, as the daemon does.
+fn workload(dir: &Path, work: &str, seed: u64, batches: usize, discards: bool) -> Run {
     let path = dir.join(work);
     let start = block_on(async {
         let img = Image::open(&path, &open_opts(false, false))
@@ -168,7 +157,7 @@ fn workload(
     let mut cluster_size = 0;
     block_on(async {
         let img = std::rc::Rc::new(
-            Image::open(&path, &open_opts(true, journal))
+            Image::open(&path, &open_opts(true, true))
                 .await
                 .expect("open rw"),
         );
@@ -488,14 +477,7 @@ fn crashes(kind: &str, crash_kind: Crash) -> usize {
     for w in 0..workloads {
         std::fs::write(d.join("work.qcow2"), &pristine).expect("copy image");
         let seed = 0x9e37_79b9 ^ (w << 8) ^ name.len() as u64;
-        let run = workload(
-            d,
-            "work.qcow2",
-            seed,
-            3,
-            discards,
-            crash_kind == Crash::Process,
-        );
+        let run = workload(d, "work.qcow2", seed, 3, discards);
         let events = run.rec.events().len();
         if std::env::var("QBLK_CRASH_DUMP").is_ok_and(|v| v == w.to_string()) {
             for (i, e) in run.rec.events().iter().enumerate() {

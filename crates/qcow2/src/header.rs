@@ -39,10 +39,6 @@ pub mod ext_type {
     pub const BITMAPS: u32 = 0x2385_2875;
     pub const FULL_DISK_ENCRYPTION: u32 = 0x0537_be77;
     pub const EXTERNAL_DATA_FILE: u32 = 0x4441_5441;
-    /// qblk's crash journal stamp (not in QEMU's specification; QEMU
-    /// keeps unknown extensions as they are): 16 bytes that the journal
-    /// file must repeat. Valid only with `AutoclearFeatures::QBLK_JOURNAL`.
-    pub const QBLK_JOURNAL: u32 = 0x7162_6c6a;
 }
 
 bitflags! {
@@ -74,12 +70,12 @@ bitflags! {
         const BITMAPS = 1 << 0;
         /// The external data file is a consistent raw image.
         const RAW_EXTERNAL_DATA = 1 << 1;
-        /// qblk's: the crash journal named by the qblk journal extension
-        /// belongs to this image as it is. Not in QEMU's specification; an
-        /// autoclear bit, so any writer that does not know it (every
-        /// QEMU) clears it, which is how qblk learns the image changed
-        /// after a daemon crash. Taken from the top, away from the bits
-        /// QEMU assigns from 0 up.
+        /// qblk's: a crash journal is live for this image as it is, and
+        /// bits 32-62 hold its stamp. Not in QEMU's specification; autoclear
+        /// bits, so any writer that does not know them (every QEMU) clears
+        /// them, which is how qblk learns the image changed after a daemon
+        /// crash. Taken from the top, away from the bits QEMU assigns from
+        /// 0 up.
         const QBLK_JOURNAL = 1 << 63;
     }
 }
