@@ -180,8 +180,9 @@ pub(crate) struct Journal {
     seq: u64,
     /// Records up to this one are in a committed writeback.
     checkpoint: u64,
-    /// The first record that did not fit, until a checkpoint passes it.
-    overflow_at: Option<u64>,
+    /// The last record that was dropped (no room): until a checkpoint
+    /// passes it, every record is dropped and every write commits.
+    dropped_upto: u64,
     #[cfg(feature = "fault-injection")]
     rec: Option<std::sync::Arc<crate::fault::Recorder>>,
 }
@@ -200,7 +201,7 @@ impl std::fmt::Debug for Journal {
             .field("path", &self.path)
             .field("seq", &self.seq)
             .field("checkpoint", &self.checkpoint)
-            .field("overflow_at", &self.overflow_at)
+            .field("dropped_upto", &self.dropped_upto)
             .finish()
     }
 }
@@ -244,7 +245,7 @@ impl Journal {
             capacity,
             seq: 0,
             checkpoint: 0,
-            overflow_at: None,
+            dropped_upto: 0,
             #[cfg(feature = "fault-injection")]
             rec: crate::fault::Recorder::for_path(image),
         };
@@ -283,10 +284,13 @@ impl Journal {
     /// Stores record `seq` (numbered by the caller, one after another).
     fn put(&mut self, seq: u64, addr: u64, value: u64) {
         self.seq = self.seq.max(seq);
-        if seq.saturating_sub(self.checkpoint) > self.capacity || self.overflow_at.is_some() {
+        if seq.saturating_sub(self.checkpoint) > self.capacity || self.overflowed() {
             // No room: this change reaches the file only with a writeback,
             // which every write waits for until a checkpoint passes here.
-            self.overflow_at.get_or_insert(seq);
+            // Later records are dropped too until then: one replayed
+            // without this one (a word of a table whose creation is not
+            // journaled) could not be trusted.
+            self.dropped_upto = seq;
             return;
         }
         let slot = HEADER_LEN + (seq % self.capacity) as usize * RECORD;
@@ -326,14 +330,12 @@ impl Journal {
         }
         self.checkpoint = seq;
         self.store(OFF_CHECKPOINT, &seq.to_ne_bytes());
-        if self.overflow_at.is_some_and(|o| o <= seq) {
-            self.overflow_at = None;
-        }
     }
 
-    /// Some change is in no record: writes wait for a writeback.
+    /// Some change past the checkpoint is in no record: writes wait for a
+    /// writeback that covers it.
     pub(crate) fn overflowed(&self) -> bool {
-        self.overflow_at.is_some()
+        self.dropped_upto > self.checkpoint
     }
 
     /// Half the ring holds unchecked records: time for a writeback.
@@ -578,4 +580,106 @@ pub(crate) async fn recover(img: &Image) -> Result<bool> {
         "replayed the crash journal of a writer that did not close the image: every write it acknowledged is on disk"
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(capacity: u64) -> (tempfile::TempDir, PathBuf, Journal, [u8; 16]) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("t.qcow2");
+        let (j, stamp) = Journal::create(&image, capacity).expect("create");
+        (dir, image, j, stamp)
+    }
+
+    #[test]
+    fn records_past_the_checkpoint_read_back_in_order_across_the_ring() {
+        let (_d, image, mut j, stamp) = journal(8);
+        for seq in 1..=6 {
+            j.l2_word(seq, 0x10000 + 8 * seq, seq * 100);
+        }
+        j.checkpoint(4);
+        // Slots of 1..=4 are reused by 9..=12.
+        for seq in 7..=12 {
+            j.l1(seq, seq, seq * 1000);
+        }
+        assert!(!j.overflowed());
+        let got: Vec<u64> = read_records(&image, &stamp)
+            .expect("valid")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(got, (5..=12).collect::<Vec<_>>());
+        // Another stamp: nothing is this image's.
+        let mut other = stamp;
+        other[0] ^= 1;
+        assert!(read_records(&image, &other).is_none());
+    }
+
+    #[test]
+    fn a_full_ring_drops_records_until_a_checkpoint_covers_the_last_dropped() {
+        let (_d, image, mut j, stamp) = journal(4);
+        for seq in 1..=4 {
+            j.l2_word(seq, 0x10000, seq);
+        }
+        assert!(!j.overflowed());
+        j.l2_word(5, 0x10000, 5);
+        assert!(j.overflowed(), "no room for 5");
+        // Room again, but 6 would be replayed without 5: dropped too.
+        j.checkpoint(3);
+        j.l2_word(6, 0x10000, 6);
+        assert!(j.overflowed());
+        j.checkpoint(5);
+        assert!(j.overflowed(), "6 is still in no record");
+        j.checkpoint(6);
+        assert!(!j.overflowed());
+        j.l2_word(7, 0x10000, 7);
+        let got: Vec<u64> = read_records(&image, &stamp)
+            .expect("valid")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(got, vec![7]);
+    }
+
+    #[test]
+    fn a_torn_record_does_not_count() {
+        let (_d, image, mut j, stamp) = journal(8);
+        j.l2_word(1, 0x10000, 1);
+        j.l2_word(2, 0x10008, 2);
+        // The process died between a record's fields and its check.
+        let slot = HEADER_LEN + 2 * RECORD;
+        j.store(slot + 16, &99u64.to_ne_bytes());
+        let got: Vec<u64> = read_records(&image, &stamp)
+            .expect("valid")
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(got, vec![1]);
+    }
+
+    #[test]
+    fn the_stamp_lives_in_the_autoclear_word_only() {
+        let mut h = qblk_qcow2::create::CreatePlan::new(&qblk_qcow2::create::CreateSpec {
+            size: 1 << 30,
+            ..Default::default()
+        })
+        .expect("plan")
+        .header()
+        .clone();
+        let before = h.encode().expect("encode");
+        let stamp = random_stamp().expect("stamp");
+        set_header_stamp(&mut h, Some(stamp));
+        assert_eq!(header_stamp(&h), Some(stamp));
+        let after = h.encode().expect("encode");
+        assert_eq!(before.len(), after.len());
+        let differ: Vec<usize> = (0..before.len())
+            .filter(|&i| before[i] != after[i])
+            .collect();
+        assert!(differ.iter().all(|&i| (88..96).contains(&i)), "{differ:?}");
+        set_header_stamp(&mut h, None);
+        assert_eq!(h.encode().expect("encode"), before);
+        assert_eq!(header_stamp(&h), None);
+    }
 }
