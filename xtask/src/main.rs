@@ -70,7 +70,7 @@ const BREAKAGES: &[Breakage] = &[
         switch: "killtest-error",
         package: "qblk-integration",
         target: "serve",
-        test: "kill_9_loses_no_flushed_write",
+        test: "kill_9_loses_no_acknowledged_write",
         needle: "failed before the kill",
     },
     // The "dirty lazy-refcounts" image must really be dirty.
