@@ -498,6 +498,23 @@ pub struct RepairOutcome {
 /// The image is locked as a writer for the whole repair (qemu-img check -r
 /// does the same): the checks before and after share with that lock only.
 pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
+    if crate::journal::pending(path) {
+        // A writer died with its crash journal live: what it acknowledged
+        // goes in first (a writable open replays it, or drops a journal
+        // that may not be replayed), so the repair works on the image the
+        // guest saw, and no later replay meets an image repaired without
+        // it.
+        let opts = crate::image::OpenOptions {
+            writable: true,
+            backing: crate::image::BackingPolicy {
+                allow_any_dir: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let img = crate::image::Image::open(path, &opts).await?;
+        img.close().await?;
+    }
     let guard = HostFile::open(path, true, CacheMode::None).map_err(io(path, "open"))?;
     crate::lock::lock_image(&guard, path, Access::WRITER)?;
     let before = check(path, CacheMode::None, true).await?;

@@ -389,6 +389,21 @@ pub(crate) fn set_header_stamp(h: &mut Header, stamp: Option<[u8; 16]>) {
     h.autoclear_features = AutoclearFeatures::from_bits_retain(bits);
 }
 
+/// Whether the image at `path` names a live journal (its writer did not
+/// close it): autoclear bit 63 of a version 3 header. Reads the header's
+/// first 96 bytes; anything unreadable is "no".
+pub(crate) fn pending(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 96];
+    let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    read.is_ok()
+        && head[..4] == *b"QFI\xfb"
+        && u32::from_be_bytes(head[4..8].try_into().expect("4 bytes")) >= 3
+        && u64::from_be_bytes(head[88..96].try_into().expect("8 bytes"))
+            & AutoclearFeatures::QBLK_JOURNAL.bits()
+            != 0
+}
+
 /// One valid record.
 #[derive(Debug, Clone, Copy)]
 struct Record {

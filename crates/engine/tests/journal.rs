@@ -216,3 +216,40 @@ fn a_version_2_image_commits_before_acknowledging() {
         assert!(got[i] == expected(off, p), "write at {off:#x} lost");
     }
 }
+
+#[test]
+fn a_repair_replays_the_journal_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    write_and_crash(&path, true);
+    let out = block_on(qblk_engine::check::repair(
+        &path,
+        qblk_engine::check::RepairMode::All,
+    ))
+    .expect("repair");
+    assert_eq!(out.after.corruptions + out.after.leaks, 0, "{out:?}");
+    assert!(!qblk_engine::journal::sidecar(&path).exists());
+    qemu_check_clean(d);
+    let got = read_all(&path);
+    for (i, (off, p)) in WRITES.into_iter().enumerate() {
+        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
+    }
+}
+
+#[test]
+fn qemu_img_writing_after_the_crash_voids_the_journal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    write_and_crash(&path, true);
+    sh(d, &["qemu-img", "snapshot", "-c", "after-crash", "j.qcow2"]);
+    let got = read_all(&path);
+    assert!(
+        got[3] != expected(300 << 20, 0x44),
+        "stale journal replayed"
+    );
+    qemu_check_clean(d);
+    let snaps = sh(d, &["qemu-img", "snapshot", "-l", "j.qcow2"]);
+    assert!(snaps.contains("after-crash"), "{snaps}");
+}

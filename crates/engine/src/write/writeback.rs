@@ -149,6 +149,12 @@ pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Res
         let _ = c.write("write header", 0, header_buf(img.path(), &header)?);
         c.run(img.commit_files()).await?;
     }
+    if journal.is_none() {
+        // A journal a crashed writer left (replayed, or not to be): the
+        // header names it no more, and only the holder of the write lock
+        // (this writer) could have a live one.
+        let _ = std::fs::remove_file(crate::journal::sidecar(img.path()));
+    }
     let alloc = Alloc {
         rc,
         lazy: header.is_v3() && header.lazy_refcounts(),
