@@ -19,7 +19,8 @@
 //! # Layout
 //!
 //! The file (`.<image name>.qblk-journal` beside the image) is a 4 KiB
-//! header — magic, the boot id, the stamp, the ring's capacity, the
+//! header — magic, the boot id, the stamp (16 bytes, of which the 31 bits
+//! the image's header holds are used), the ring's capacity, the
 //! checkpoint — then a ring of 32-byte records: sequence number, address
 //! (with the kind in its low bits), value, check. Record `n` lives in slot
 //! `n % capacity`. The check (a hash of the other fields and the stamp) is
@@ -41,9 +42,10 @@
 //! snapshot reads (under the same lock) describes a change the snapshot
 //! holds. When that writeback has committed, the checkpoint moves to it
 //! and those slots may be reused. Half a ring of unchecked records asks
-//! for a writeback; a full ring drops records and makes every write wait
-//! for a writeback before it is acknowledged, until a checkpoint passes
-//! the first dropped record.
+//! for a writeback; a full ring drops records, and then every record after
+//! (one replayed without an earlier one could not be trusted), and every
+//! write waits for a writeback before it is acknowledged, until a
+//! checkpoint passes the last dropped record.
 //!
 //! # Whether a journal may be replayed
 //!

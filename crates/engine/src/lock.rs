@@ -202,7 +202,19 @@ pub fn lock(file: &impl AsRawFd, access: Access) -> Result<(), LockError> {
         }
         Ok(())
     };
-    let r = check();
+    // A conflict is looked at again for a moment before it is reported:
+    // a descriptor this process has just closed can hold its locks a
+    // little longer, while an io_uring worker that finished an fdatasync
+    // on it has not yet let go of the file (the completion is posted
+    // first). A holder that stays is reported as before.
+    let mut r = check();
+    for _ in 0..CONFLICT_RECHECKS {
+        if !matches!(r, Err(LockError::Conflict(_))) {
+            break;
+        }
+        std::thread::sleep(CONFLICT_RECHECK_EVERY);
+        r = check();
+    }
     if r.is_err() {
         for byte in bytes {
             let _ = set(fd, byte, libc::F_UNLCK);
@@ -210,6 +222,10 @@ pub fn lock(file: &impl AsRawFd, access: Access) -> Result<(), LockError> {
     }
     r
 }
+
+/// How long (in steps) a conflict is re-checked before it is reported.
+const CONFLICT_RECHECKS: u32 = 25;
+const CONFLICT_RECHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Locks `file` (named `path` in errors) for `access`, as an engine error.
 pub(crate) fn lock_image(
