@@ -77,21 +77,32 @@ fn read_all(path: &Path) -> Vec<Vec<u8>> {
 }
 
 fn image(dir: &Path) -> std::path::PathBuf {
+    image_with(dir, "cluster_size=32k")
+}
+
+fn image_with(dir: &Path, opts: &str) -> std::path::PathBuf {
     sh(
         dir,
         &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=32k",
-            "j.qcow2",
-            "1G",
+            "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "j.qcow2", "1G",
         ],
     );
     dir.join("j.qcow2")
+}
+
+/// Every pattern reads back (opening the image for writing, which
+/// replays any journal).
+fn assert_all_read_back(path: &Path) {
+    let got = read_all(path);
+    for (i, (off, p)) in WRITES.into_iter().enumerate() {
+        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
+    }
+}
+
+/// The journal was not replayed: the unflushed writes are gone.
+fn assert_not_replayed(path: &Path, why: &str) {
+    let got = read_all(path);
+    assert!(got[3] != expected(300 << 20, 0x44), "{why}");
 }
 
 fn qemu_check_clean(dir: &Path) {
@@ -126,10 +137,7 @@ fn acknowledged_writes_survive_a_crash_through_the_journal() {
         .expect("qemu-io");
     let raw = String::from_utf8_lossy(&raw.stdout);
     assert!(raw.contains("Pattern verification failed"), "{raw}");
-    let got = read_all(&path);
-    for (i, (off, p)) in WRITES.into_iter().enumerate() {
-        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
-    }
+    assert_all_read_back(&path);
     assert!(!journal.exists(), "a clean close removes the journal");
     qemu_check_clean(d);
     // The clean image carries neither qblk's autoclear bit nor its
@@ -148,8 +156,7 @@ fn without_a_journal_the_same_crash_loses_the_writes() {
     let d = tmp.path();
     let path = image(d);
     write_and_crash(&path, false);
-    let got = read_all(&path);
-    assert!(got[3] != expected(300 << 20, 0x44));
+    assert_not_replayed(&path, "the writes survived without a journal");
 }
 
 #[test]
@@ -161,11 +168,7 @@ fn a_journal_is_not_replayed_onto_an_image_changed_after_the_crash() {
     // Another program writes the image meanwhile (its locks are gone with
     // the crashed writer): QEMU clears the autoclear bit it does not know.
     sh(d, &["qemu-io", "-c", "write -P 0x77 500M 64k", "j.qcow2"]);
-    let got = read_all(&path);
-    assert!(
-        got[3] != expected(300 << 20, 0x44),
-        "stale journal replayed"
-    );
+    assert_not_replayed(&path, "stale journal replayed");
     qemu_check_clean(d);
     let check = sh(d, &["qemu-io", "-c", "read -P 0x77 500M 64k", "j.qcow2"]);
     assert!(!check.contains("verification failed"), "{check}");
@@ -182,11 +185,7 @@ fn a_journal_from_another_boot_is_not_replayed() {
     // The boot id follows the 8-byte magic.
     bytes[8] ^= 0xff;
     std::fs::write(&journal, &bytes).unwrap();
-    let got = read_all(&path);
-    assert!(
-        got[3] != expected(300 << 20, 0x44),
-        "journal of another boot replayed"
-    );
+    assert_not_replayed(&path, "journal of another boot replayed");
     qemu_check_clean(d);
 }
 
@@ -194,27 +193,10 @@ fn a_journal_from_another_boot_is_not_replayed() {
 fn a_version_2_image_commits_before_acknowledging() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10,cluster_size=32k",
-            "j.qcow2",
-            "1G",
-        ],
-    );
-    let path = d.join("j.qcow2");
+    let path = image_with(d, "compat=0.10,cluster_size=32k");
     write_and_crash(&path, true);
     assert!(!qblk_engine::journal::sidecar(&path).exists());
-    let got = read_all(&path);
-    for (i, (off, p)) in WRITES.into_iter().enumerate() {
-        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
-    }
+    assert_all_read_back(&path);
 }
 
 #[test]
@@ -231,10 +213,7 @@ fn a_repair_replays_the_journal_first() {
     assert_eq!(out.after.corruptions + out.after.leaks, 0, "{out:?}");
     assert!(!qblk_engine::journal::sidecar(&path).exists());
     qemu_check_clean(d);
-    let got = read_all(&path);
-    for (i, (off, p)) in WRITES.into_iter().enumerate() {
-        assert!(got[i] == expected(off, p), "write at {off:#x} lost");
-    }
+    assert_all_read_back(&path);
 }
 
 #[test]
@@ -244,11 +223,7 @@ fn qemu_img_writing_after_the_crash_voids_the_journal() {
     let path = image(d);
     write_and_crash(&path, true);
     sh(d, &["qemu-img", "snapshot", "-c", "after-crash", "j.qcow2"]);
-    let got = read_all(&path);
-    assert!(
-        got[3] != expected(300 << 20, 0x44),
-        "stale journal replayed"
-    );
+    assert_not_replayed(&path, "stale journal replayed");
     qemu_check_clean(d);
     let snaps = sh(d, &["qemu-img", "snapshot", "-l", "j.qcow2"]);
     assert!(snaps.contains("after-crash"), "{snaps}");
