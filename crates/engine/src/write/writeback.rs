@@ -298,6 +298,13 @@ impl Writer {
         synced: &mut Synced,
         force_refcounts: bool,
     ) -> Result<()> {
+        // Invariant 6: once metadata was found inconsistent nothing more is
+        // written, also by a write that was under way when it was found.
+        if self.is_corrupt() {
+            return Err(Error::MarkedCorrupt {
+                path: img.path().to_owned(),
+            });
+        }
         let snap = {
             let mut a = self.lock_alloc();
             let covered = self.write_gen.load(std::sync::atomic::Ordering::Acquire);
