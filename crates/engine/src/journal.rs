@@ -75,10 +75,7 @@
 //! twice is harmless, so a crash during replay just replays again.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{Ordering, fence};
 
@@ -90,6 +87,7 @@ use crate::buf::AlignedBuf;
 use crate::commit::{Commit, Edge, End, header_buf};
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::shm::{SharedMap, boot_id};
 
 const MAGIC: &[u8; 8] = b"QBLKJRN1";
 /// Header: magic, boot id, stamp, capacity, checkpoint.
@@ -114,27 +112,6 @@ pub fn sidecar(image: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     image.with_file_name(format!(".{name}.qblk-journal"))
-}
-
-/// This boot's id.
-fn boot_id() -> io::Result<[u8; 16]> {
-    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
-    let hex: Vec<u8> = s
-        .bytes()
-        .filter(u8::is_ascii_hexdigit)
-        .map(|c| (c as char).to_digit(16).unwrap_or(0) as u8)
-        .collect();
-    if hex.len() != 32 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected boot id {s:?}"),
-        ));
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = hex[2 * i] << 4 | hex[2 * i + 1];
-    }
-    Ok(id)
 }
 
 /// A fresh stamp: 31 random bits (what the header has room for), the
@@ -173,9 +150,7 @@ fn check(key: u64, seq: u64, addr: u64, value: u64) -> u64 {
 pub(crate) struct Journal {
     path: PathBuf,
     /// The shared mapping of the whole file.
-    map: *mut u8,
-    len: usize,
-    _file: File,
+    map: SharedMap,
     key: u64,
     capacity: u64,
     /// The last record's sequence number.
@@ -188,14 +163,6 @@ pub(crate) struct Journal {
     #[cfg(feature = "fault-injection")]
     rec: Option<std::sync::Arc<crate::fault::Recorder>>,
 }
-
-// SAFETY: the mapping is owned by the Journal (unmapped only in Drop) and
-// every access goes through `&mut self` (the allocator lock), so moving it
-// to another thread or sharing `&Journal` (which only reads plain fields)
-// is sound.
-unsafe impl Send for Journal {}
-// SAFETY: see above; `&self` methods never touch the mapping.
-unsafe impl Sync for Journal {}
 
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -214,35 +181,11 @@ impl Journal {
         let boot = boot_id()?;
         let stamp = random_stamp()?;
         let path = sidecar(image);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
         let len = HEADER_LEN + capacity as usize * RECORD;
-        file.set_len(len as u64)?;
-        // SAFETY: a fresh shared mapping of `len` bytes of a file we just
-        // sized to `len`; checked for MAP_FAILED below.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let map = SharedMap::create(&path, len)?;
         let mut j = Journal {
             path,
-            map: map.cast(),
-            len,
-            _file: file,
+            map,
             key: stamp_key(&stamp),
             capacity,
             seq: 0,
@@ -266,17 +209,7 @@ impl Journal {
 
     /// Stores `bytes` at `offset` of the mapping.
     fn store(&mut self, offset: usize, bytes: &[u8]) {
-        assert!(offset + bytes.len() <= self.len, "journal store in bounds");
-        for (i, chunk) in bytes.chunks(8).enumerate() {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            // SAFETY: in bounds (checked above) of the mapping.
-            let at = unsafe { self.map.add(offset + 8 * i) };
-            // SAFETY: `at` is in bounds, 8-aligned (offsets are multiples
-            // of 8 in a page-aligned mapping), and nothing else in this
-            // process accesses the mapping.
-            unsafe { std::ptr::write_volatile(at.cast::<u64>(), u64::from_ne_bytes(w)) };
-        }
+        self.map.store(offset, bytes);
         #[cfg(feature = "fault-injection")]
         if let Some(r) = &self.rec {
             r.journal_store(offset as u64, bytes);
@@ -350,13 +283,6 @@ impl Journal {
         if let Err(e) = std::fs::remove_file(&self.path) {
             warn!(journal = %self.path.display(), "cannot remove the crash journal: {e}");
         }
-    }
-}
-
-impl Drop for Journal {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `create`, unmapped once, here.
-        unsafe { libc::munmap(self.map.cast(), self.len) };
     }
 }
 

@@ -5,6 +5,7 @@
 //! file (O_DIRECT by default, with aligned bounce buffers), and [`image`]
 //! serves guest reads from a qcow2 image and its backing chain.
 
+pub mod bitmaps;
 pub mod buf;
 pub mod check;
 mod commit;
@@ -20,6 +21,7 @@ mod layout;
 pub mod lock;
 pub mod map;
 pub mod runtime;
+pub mod shm;
 pub mod stats;
 pub mod uring;
 mod write;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use qblk_engine::check::RepairMode;
+use qblk_tools::bitmap::{BitmapRequest, bitmap};
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
 use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
@@ -123,6 +124,17 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Add, remove, clear, enable, disable or merge persistent dirty
+    /// bitmaps (qemu-img bitmap's options; operations run in order).
+    #[command(
+        override_usage = "qblk bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILENAME BITMAP",
+        disable_help_flag = true
+    )]
+    Bitmap {
+        /// Operations, options, FILENAME and BITMAP, as for qemu-img bitmap.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
     },
     /// Create a new image (qemu-img create's options and defaults).
     #[command(
@@ -548,6 +560,11 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                     }
                 },
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bitmap { args } => {
+            let req = BitmapRequest::parse(&args)?;
+            bitmap(&req)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Info {

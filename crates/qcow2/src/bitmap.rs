@@ -231,8 +231,13 @@ pub fn parse_bitmap_directory(
             u64::from(table_size) * 8,
             cluster_size,
         )?;
+        // A bitmap in use was sized for the disk as it was when its writer
+        // stopped saving it (a resize may have followed); it is never read,
+        // so only a consistent bitmap's table must cover the disk (QEMU's
+        // rule: larger is allowed).
         let want = bitmap_table_entries(disk_size, granularity_bits, cluster_size);
-        if u64::from(table_size) != want || table_size > MAX_BITMAP_TABLE_ENTRIES {
+        let short = !flags.contains(BitmapFlags::IN_USE) && u64::from(table_size) < want;
+        if short || table_size > MAX_BITMAP_TABLE_ENTRIES {
             return err(
                 "bitmap_directory.bitmap_table_size",
                 r.file_offset(pos + 8),

@@ -10,6 +10,8 @@
 //! - `l2.rs`: L2 updates — publishing an entry (copying a shared table
 //!   first), write-zeroes, discard, compressed writes.
 //! - `resize.rs`: growing the virtual disk.
+//! - `bitmap_store.rs`: storing the persistent dirty bitmaps
+//!   (`crate::bitmaps`), and the operations on them.
 //! - `writeback.rs`: **the only code that writes metadata or syncs**: it
 //!   turns what the others left dirty into one ordered [`Commit`] per
 //!   writeback (`crate::commit`), and runs the flush, close, open-time and
@@ -27,6 +29,7 @@
 //! [`Commit`]: crate::commit::Commit
 
 mod alloc;
+mod bitmap_store;
 mod data;
 mod l2;
 mod resize;
@@ -73,6 +76,8 @@ pub(crate) struct Writer {
     crypto_rmw: tokio::sync::Mutex<()>,
     /// Per-guest-cluster locks of allocations, zeroing and discards.
     cluster_locks: std::sync::Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    /// The persistent dirty bitmaps, marked by every write.
+    pub(crate) bitmaps: crate::bitmaps::Bitmaps,
 }
 
 /// Allocator state, behind the allocator lock.
@@ -100,6 +105,9 @@ pub(crate) struct Alloc {
     journal: Option<Journal>,
     /// Table changes made so far (with a journal: its last record).
     changes: u64,
+    /// Writes of structures only the header names (a bitmap store's), for
+    /// the next writeback to make durable before the header.
+    extra_writes: Vec<bitmap_store::ExtraWrite>,
 }
 
 impl Alloc {
@@ -158,7 +166,12 @@ pub(crate) struct Staged {
 }
 
 impl Writer {
-    fn new(alloc: Alloc, file_len: u64, write_through: bool) -> Self {
+    fn new(
+        alloc: Alloc,
+        file_len: u64,
+        write_through: bool,
+        bitmaps: crate::bitmaps::Bitmaps,
+    ) -> Self {
         Self {
             alloc: std::sync::Mutex::new(alloc),
             commit: tokio::sync::Mutex::new(Synced::default()),
@@ -172,6 +185,7 @@ impl Writer {
             write_through,
             crypto_rmw: tokio::sync::Mutex::new(()),
             cluster_locks: std::sync::Mutex::new(HashMap::new()),
+            bitmaps,
         }
     }
 
@@ -306,6 +320,15 @@ impl Image {
         })
     }
 
+    /// Marks a range the guest changes in the enabled dirty bitmaps: before
+    /// the request is even started, so before it completes (a failed one
+    /// leaves a bit set, which only costs a backup a few clusters).
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        if let Some(w) = self.writer() {
+            w.bitmaps.mark(offset, len);
+        }
+    }
+
     /// The writer, refusing writes once the image was marked corrupt and
     /// requests beyond the disk.
     fn check_writable(&self, offset: u64, len: u64) -> Result<&Writer> {
@@ -328,6 +351,7 @@ impl Image {
     /// Writes guest bytes at `offset`. The data is on its way to the disk
     /// when this returns; it is durable after the next [`Image::flush`].
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.mark_dirty(offset, data.len() as u64);
         // Boxed: the write path's state is large, and a caller that spawns
         // a task per request would otherwise copy it into every task.
         let r = Box::pin(self.write_inner(offset, In::Heap(data))).await;
@@ -339,6 +363,7 @@ impl Image {
     /// as it is — in-place writes and whole new clusters of unencrypted
     /// images, with offset, length and address aligned for O_DIRECT.
     pub async fn write_guest(&self, offset: u64, data: GuestSlice) -> Result<()> {
+        self.mark_dirty(offset, data.len() as u64);
         let r = Box::pin(self.write_inner(offset, In::Guest(data.range()))).await;
         self.on_error(r).await
     }
@@ -349,6 +374,7 @@ impl Image {
     /// clusters, version 2 images and raw external data files get zeros
     /// written.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
+        self.mark_dirty(offset, len);
         let r = self.write_zeroes_inner(offset, len, may_unmap).await;
         self.on_error(r).await
     }
@@ -359,6 +385,7 @@ impl Image {
     /// clusters, version 2 images with a backing file and external data
     /// files are left as they are.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.mark_dirty(offset, len);
         let r = self.discard_inner(offset, len).await;
         self.on_error(r).await
     }
@@ -368,6 +395,7 @@ impl Image {
     /// written as a normal cluster, as QEMU does. `data` may be shorter
     /// than a cluster only for the last cluster of the disk.
     pub async fn write_compressed(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.mark_dirty(offset, data.len() as u64);
         let r = self.write_compressed_inner(offset, data).await;
         self.on_error(r).await
     }

@@ -73,6 +73,8 @@ impl Image {
         })
         .await?;
         w.writeback_locked(self, &mut synced, false).await?;
+        // The bitmaps cover the new granules before a write can reach them.
+        w.bitmaps.resize(new_size);
         self.set_size(new_size);
         Ok(())
     }

@@ -63,13 +63,15 @@ struct Snapshot {
     releases: Vec<HostCluster>,
     /// The table changes it holds (`Alloc::changes`).
     changes: u64,
+    /// Copies of the extra writes it makes (put back if it fails).
+    extra: Vec<super::bitmap_store::ExtraWrite>,
 }
 
 /// Makes an image ready for writing: refuses what cannot be written
-/// safely, clears autoclear bits whose meaning this engine does not keep up
-/// (unknown ones, and bitmaps, which are not updated yet) with a commit of
-/// its own before the first write, loads the refcount table and maps the
-/// metadata.
+/// safely, loads the refcount table, maps the metadata and loads the
+/// persistent dirty bitmaps; then, with commits of its own before the first
+/// write, clears the autoclear bits whose meaning this engine does not keep
+/// up (unknown ones) and marks the bitmaps it keeps in use.
 pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Result<Writer> {
     let h = img.header();
     let refuse = |what: &str| {
@@ -115,6 +117,7 @@ pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Res
     let l1 = img.lock_tables().l1.clone();
     let meta = Arc::new(MetaMap::build(img.file(), h, &g, &l1, &table, file_len).await?);
     img.lock_tables().meta = meta.clone();
+    let bitmap_meta = meta.clone();
     let rc = Refcounts::new(
         g,
         img.path().to_owned(),
@@ -123,8 +126,14 @@ pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Res
         HostCluster(g.clusters_for(file_len)),
         meta,
     );
+    let loaded = crate::bitmaps::load(img, h, &bitmap_meta, file_len).await?;
     let mut header = h.clone();
-    let keep = AutoclearFeatures::RAW_EXTERNAL_DATA;
+    let mut keep = AutoclearFeatures::RAW_EXTERNAL_DATA;
+    if loaded.drop_extension {
+        header.set_extension(qblk_qcow2::header::ext_type::BITMAPS, None);
+    } else if !loaded.is_empty() {
+        keep |= AutoclearFeatures::BITMAPS;
+    }
     header.autoclear_features =
         AutoclearFeatures::from_bits_retain(header.autoclear_features.bits() & keep.bits());
     // A journal left by a crashed writer was replayed by Image::open (or
@@ -144,10 +153,35 @@ pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Res
     } else {
         (None, false)
     };
-    if header_buf(img.path(), &header)?[..] != header_buf(img.path(), h)?[..] {
+    let in_use = loaded.in_use_directory();
+    let stamp = crate::journal::header_stamp(&header);
+    let bitmaps = loaded.into_bitmaps(img.path(), h.size, stamp.filter(|_| journal.is_some()));
+    if let Some((dir_offset, dir)) = in_use {
+        // Bitmaps in use before the first write. The directory is patched
+        // in place (only flags change) while the header disowns it, so a
+        // torn write of it is never trusted: the bitmaps autoclear bit off
+        // (durable), the directory (durable), the bit back on.
+        let mut disowned = header.clone();
+        disowned
+            .autoclear_features
+            .remove(AutoclearFeatures::BITMAPS);
+        let mut c = Commit::new(End::Durable);
+        let off = c.write("write header", 0, header_buf(img.path(), &disowned)?);
+        let mut buf = AlignedBuf::zeroed(dir.len());
+        buf.copy_from_slice(&dir);
+        let d = c.write("write bitmap directory", dir_offset, buf);
+        c.after(d, off, Edge::Durable);
+        let on = c.write("write header", 0, header_buf(img.path(), &header)?);
+        c.after(on, d, Edge::Durable);
+        c.run(img.commit_files()).await?;
+    } else if header_buf(img.path(), &header)?[..] != header_buf(img.path(), h)?[..] {
         let mut c = Commit::new(End::Durable);
         let _ = c.write("write header", 0, header_buf(img.path(), &header)?);
         c.run(img.commit_files()).await?;
+    }
+    if !bitmaps.has_sidecar() {
+        // A sidecar a crashed writer left: taken in above, or not to be.
+        let _ = std::fs::remove_file(crate::bitmaps::sidecar(img.path()));
     }
     if journal.is_none() {
         // A journal a crashed writer left (replayed, or not to be): the
@@ -168,8 +202,9 @@ pub(crate) async fn prepare_for_writing(img: &Image, crash_journal: bool) -> Res
         ),
         journal,
         changes: 0,
+        extra_writes: Vec::new(),
     };
-    Ok(Writer::new(alloc, file_len, write_through))
+    Ok(Writer::new(alloc, file_len, write_through, bitmaps))
 }
 
 /// Creates the image's crash journal and names it in `header`, or says
@@ -240,6 +275,8 @@ impl Writer {
         }
         let mut synced = self.commit.lock().await;
         self.writeback_locked(img, &mut synced, true).await?;
+        // The bitmaps, consistent on disk again (not in use).
+        self.store_bitmaps(img, &mut synced, false).await?;
         let header_changes = {
             let mut a = self.lock_alloc();
             let dirty = a.disk_header.is_dirty();
@@ -258,6 +295,7 @@ impl Writer {
         if let Some(j) = self.lock_alloc().journal.take() {
             j.remove();
         }
+        self.bitmaps.remove_sidecar();
         self.trim(img).await
     }
 
@@ -322,6 +360,7 @@ impl Writer {
             headers,
             releases,
             changes,
+            extra,
         } = snap;
         let (completed, error) = match commit.run_tracked(img.commit_files()).await {
             Ok(_) => (None, None),
@@ -361,6 +400,10 @@ impl Writer {
                     a.l1_replaced = Some(old);
                 }
                 a.rc.deferred_releases.extend(releases);
+                // The header naming them is still to be written, after them.
+                let later = std::mem::take(&mut a.extra_writes);
+                a.extra_writes = extra;
+                a.extra_writes.extend(later);
                 drop(a);
                 let mut t = img.lock_tables();
                 if l1_written {
@@ -449,7 +492,10 @@ impl Writer {
         force_refcounts: bool,
     ) -> Result<Snapshot> {
         let mut t = img.lock_tables();
-        let tables_dirty = !t.l2_dirty.is_empty() || t.l1_dirty;
+        let extra = std::mem::take(&mut a.extra_writes);
+        // Structures only the header names count as tables here: with
+        // lazy refcounts they too wait for the dirty bit.
+        let tables_dirty = !t.l2_dirty.is_empty() || t.l1_dirty || !extra.is_empty();
         // With lazy refcounts, refcount blocks stay in memory (until close,
         // or until too many are dirty).
         let commit_rc =
@@ -504,6 +550,11 @@ impl Writer {
                     }
                 }
             }
+        }
+        // Before the header that names them (it follows everything below,
+        // the refcounts that count their clusters included).
+        for x in &extra {
+            before_tables.push(c.write(x.what, x.offset, x.copy().buf));
         }
         let l2: Vec<(u64, Arc<AlignedBuf>)> =
             t.l2_dirty.iter().map(|(k, v)| (*k, v.clone())).collect();
@@ -572,6 +623,7 @@ impl Writer {
             l1_replaced,
             headers,
             releases,
+            extra,
         })
     }
 }
