@@ -15,6 +15,7 @@ use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
 use qblk_tools::map::{self, map_image};
 use qblk_tools::options::{parse_size, split_options};
+use qblk_tools::snapshot::{SnapshotOp, SnapshotRequest, snapshot};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -135,6 +136,33 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// Operations, options, FILENAME and BITMAP, as for qemu-img bitmap.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<String>,
+    },
+    /// List, create, apply or delete internal snapshots (qemu-img
+    /// snapshot's options; listing is the default).
+    Snapshot {
+        /// List the snapshots.
+        #[arg(short = 'l')]
+        list: bool,
+        /// Revert the disk to snapshot ID or NAME.
+        #[arg(short = 'a', value_name = "SNAPSHOT")]
+        apply: Option<String>,
+        /// Create snapshot NAME.
+        #[arg(short = 'c', value_name = "SNAPSHOT")]
+        create: Option<String>,
+        /// Delete snapshot NAME.
+        #[arg(short = 'd', value_name = "SNAPSHOT")]
+        delete: Option<String>,
+        /// Image format (qcow2; raw images have no snapshots).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Quiet (nothing is printed but the list).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Open an image in use by another program (listing only).
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Image file.
+        image: PathBuf,
     },
     /// Create a new image (qemu-img create's options and defaults).
     #[command(
@@ -560,6 +588,38 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                     }
                 },
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Snapshot {
+            list,
+            apply,
+            create,
+            delete,
+            format,
+            quiet: _,
+            force_share,
+            image,
+        } => {
+            let chosen = usize::from(list)
+                + usize::from(apply.is_some())
+                + usize::from(create.is_some())
+                + usize::from(delete.is_some());
+            if chosen > 1 {
+                return Err("Cannot mix '-l', '-a', '-c', '-d'".into());
+            }
+            let op = match (apply, create, delete) {
+                (Some(n), _, _) => SnapshotOp::Apply(n),
+                (_, Some(n), _) => SnapshotOp::Create(n),
+                (_, _, Some(n)) => SnapshotOp::Delete(n),
+                _ => SnapshotOp::List,
+            };
+            let req = SnapshotRequest {
+                image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                op,
+                force_share,
+            };
+            print!("{}", snapshot(&req)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Bitmap { args } => {

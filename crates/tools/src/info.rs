@@ -594,7 +594,7 @@ impl ImageInfo {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC for a Unix time.
-fn format_date(secs: u64) -> String {
+pub(crate) fn format_date(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     // Civil-from-days (Howard Hinnant's algorithm), valid for any u32 time.

@@ -1,5 +1,5 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
-//! `check`, `convert`, `map` and `bitmap`.
+//! `check`, `convert`, `map`, `bitmap` and `snapshot`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
@@ -13,6 +13,7 @@ pub mod image;
 pub mod info;
 pub mod map;
 pub mod options;
+pub mod snapshot;
 
 use std::io;
 use std::path::PathBuf;

@@ -10,6 +10,7 @@
 //! - `l2.rs`: L2 updates — publishing an entry (copying a shared table
 //!   first), write-zeroes, discard, compressed writes.
 //! - `resize.rs`: growing the virtual disk.
+//! - `snapshot.rs`: internal snapshots (create, delete, apply).
 //! - `bitmap_store.rs`: storing the persistent dirty bitmaps
 //!   (`crate::bitmaps`), and the operations on them.
 //! - `writeback.rs`: **the only code that writes metadata or syncs**: it
@@ -33,6 +34,7 @@ mod bitmap_store;
 mod data;
 mod l2;
 mod resize;
+mod snapshot;
 mod writeback;
 
 use std::collections::HashMap;
