@@ -602,6 +602,17 @@ pub(crate) async fn rebuild_refcounts(path: &Path) -> Result<()> {
 
 /// [`rebuild_refcounts`] on an image open (and locked) for writing.
 async fn rebuild_with(file: &HostFile, path: &Path) -> Result<()> {
+    rebuild_with_order(file, path, None).await
+}
+
+/// [`rebuild_with`], writing refcounts `1 << order` bits wide when
+/// `order` is given (qemu-img amend -o refcount_bits); the header names the
+/// new width with the new structure, in one write.
+pub(crate) async fn rebuild_with_order(
+    file: &HostFile,
+    path: &Path,
+    order: Option<u32>,
+) -> Result<()> {
     let (mut header, file_len) = read_header(file, path).await?;
     let g = header.geometry();
     let cs = g.cluster_size();
@@ -630,6 +641,11 @@ async fn rebuild_with(file: &HostFile, path: &Path) -> Result<()> {
         active_data,
         ..
     } = c;
+    // The new structure's geometry (its refcount width may change).
+    if let Some(order) = order {
+        header.refcount_order = order;
+    }
+    let g = header.geometry();
 
     // Layout: [end, end + rt) table, then nb blocks; blocks cover
     // everything from cluster 0 through themselves.
@@ -665,11 +681,20 @@ async fn rebuild_with(file: &HostFile, path: &Path) -> Result<()> {
                 tally.get(cluster)
             };
             if value > max {
-                return Err(Error::Unsupported {
-                    path: path.to_owned(),
-                    what: format!(
+                let what = match order {
+                    // qemu-img amend's words.
+                    Some(o) => format!(
+                        "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {value}",
+                        1u32 << o,
+                        cluster * cs
+                    ),
+                    None => format!(
                         "cluster {cluster} has {value} references, more than refcount_bits allow"
                     ),
+                };
+                return Err(Error::Unsupported {
+                    path: path.to_owned(),
+                    what,
                 });
             }
             qblk_qcow2::refcount::set_refcount(&mut buf, g.refcount_order(), i as usize, value)

@@ -5,6 +5,7 @@
 //! file (O_DIRECT by default, with aligned bounce buffers), and [`image`]
 //! serves guest reads from a qcow2 image and its backing chain.
 
+pub mod amend;
 pub mod bitmaps;
 pub mod buf;
 pub mod check;

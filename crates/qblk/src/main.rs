@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use qblk_engine::check::RepairMode;
+use qblk_tools::amend::{AMEND_OPTIONS, AmendRequest, amend};
 use qblk_tools::bitmap::{BitmapRequest, bitmap};
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
 use qblk_tools::convert::{ConvertRequest, convert};
@@ -161,6 +162,25 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// Open an image in use by another program (listing only).
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Change format options of an existing qcow2 image (qemu-img
+    /// amend): compat, lazy_refcounts, refcount_bits, data_file,
+    /// data_file_raw, size.
+    Amend {
+        /// Options, comma separated; may repeat. `-o help` lists them.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Image format (qcow2).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Quiet.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Show progress (accepted for qemu-img compatibility).
+        #[arg(short = 'p')]
+        progress: bool,
         /// Image file.
         image: PathBuf,
     },
@@ -620,6 +640,32 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 force_share,
             };
             print!("{}", snapshot(&req)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Amend {
+            options,
+            format,
+            quiet: _,
+            progress: _,
+            image,
+        } => {
+            let mut parsed = Vec::new();
+            for o in &options {
+                parsed.extend(split_options(o)?);
+            }
+            if parsed.iter().any(|(k, _)| k == "help" || k == "?") {
+                println!("Amend options for 'qcow2':");
+                for (name, help) in AMEND_OPTIONS {
+                    println!("  {name:<22} - {help}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let req = AmendRequest {
+                image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                options: parsed,
+            };
+            amend(&req)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bitmap { args } => {

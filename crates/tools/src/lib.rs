@@ -1,10 +1,11 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
-//! `check`, `convert`, `map`, `bitmap` and `snapshot`.
+//! `check`, `convert`, `map`, `bitmap`, `snapshot` and `amend`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
 //! from `qblk-qcow2`; this crate adds files, paths and qemu-img's syntax.
 
+pub mod amend;
 pub mod bitmap;
 pub mod check;
 pub mod convert;
