@@ -77,9 +77,9 @@ pub fn parse(options: &[(String, String)]) -> Result<Amend> {
             "lazy_refcounts" => a.lazy_refcounts = Some(parse_bool(k, v)?),
             "refcount_bits" => {
                 a.refcount_bits = Some(v.parse().map_err(|_| {
-                    usage(format!(
-                        "Parameter 'refcount_bits' expects a non-negative number below 2^64"
-                    ))
+                    usage(
+                        "Parameter 'refcount_bits' expects a non-negative number below 2^64".into(),
+                    )
                 })?)
             }
             "data_file" => a.data_file = Some(v.clone()),
