@@ -35,6 +35,9 @@ struct Workload {
     queues: u32,
     /// On a fresh empty image, each write to a new cluster.
     allocating: bool,
+    /// The image has an enabled persistent dirty bitmap, which every
+    /// write marks.
+    bitmap: bool,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -45,6 +48,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 32,
         queues: 1,
         allocating: true,
+        bitmap: false,
     },
     Workload {
         name: "4k randwrite, allocated, QD32",
@@ -53,6 +57,16 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 32,
         queues: 1,
         allocating: false,
+        bitmap: false,
+    },
+    Workload {
+        name: "4k randwrite, allocated, QD32, dirty bitmap",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+        queues: 1,
+        allocating: false,
+        bitmap: true,
     },
     Workload {
         name: "4k randread, allocated, QD32",
@@ -61,6 +75,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 32,
         queues: 1,
         allocating: false,
+        bitmap: false,
     },
     Workload {
         name: "4k randread, allocated, QD1",
@@ -69,6 +84,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 1,
         queues: 1,
         allocating: false,
+        bitmap: false,
     },
     Workload {
         name: "1M write, allocated, QD8",
@@ -77,6 +93,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 8,
         queues: 1,
         allocating: false,
+        bitmap: false,
     },
     Workload {
         name: "1M read, allocated, QD8",
@@ -85,6 +102,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 8,
         queues: 1,
         allocating: false,
+        bitmap: false,
     },
     Workload {
         name: "4k randwrite, empty image (allocating), QD32, 2 queues",
@@ -93,6 +111,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 32,
         queues: 2,
         allocating: true,
+        bitmap: false,
     },
     Workload {
         name: "4k randwrite, allocated, QD32, 2 queues",
@@ -101,6 +120,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 32,
         queues: 2,
         allocating: false,
+        bitmap: false,
     },
     Workload {
         name: "4k randread, allocated, QD32, 2 queues",
@@ -109,6 +129,7 @@ const WORKLOADS: &[Workload] = &[
         iodepth: 32,
         queues: 2,
         allocating: false,
+        bitmap: false,
     },
 ];
 
@@ -633,6 +654,9 @@ pub fn bench(opts: &Options) -> Result {
         };
         if !w.allocating {
             b.make_image("data.qcow2", true, false)?;
+            if w.bitmap {
+                b.qemu_img(&["bitmap", "--add", "data.qcow2", "backup"])?;
+            }
         }
         b.make_image("raw.img", !w.allocating, true)?;
         for round in 0..opts.rounds {
