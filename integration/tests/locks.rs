@@ -121,6 +121,32 @@ fn qemu_tools_refuse_an_image_qblk_serves_and_minus_u_reads_it() {
         "read-only",
         "qblk check -U -r",
     );
+    for (args, what) in [
+        (&["snapshot", "-c", "s", "a.qcow2"][..], "qblk snapshot -c"),
+        (&["snapshot", "-d", "s", "a.qcow2"], "qblk snapshot -d"),
+        (&["snapshot", "-a", "s", "a.qcow2"], "qblk snapshot -a"),
+        (&["bitmap", "--add", "a.qcow2", "b"], "qblk bitmap --add"),
+        (
+            &["amend", "-o", "lazy_refcounts=on", "a.qcow2"],
+            "qblk amend",
+        ),
+    ] {
+        refused(qblk(args, d), "Failed to get \"write\" lock", what);
+    }
+    refused(
+        qblk(&["snapshot", "-l", "a.qcow2"], d),
+        "Failed to get shared \"write\" lock",
+        "qblk snapshot -l",
+    );
+    refused(
+        qblk(&["snapshot", "-U", "-c", "s", "a.qcow2"], d),
+        "only supported with --list",
+        "qblk snapshot -U -c",
+    );
+    succeeds(
+        qblk(&["snapshot", "-l", "-U", "a.qcow2"], d),
+        "qblk snapshot -l -U",
+    );
     succeeds(qblk(&["info", "-U", "a.qcow2"], d), "qblk info -U");
     succeeds(qblk(&["check", "-U", "a.qcow2"], d), "qblk check -U");
     succeeds(qblk(&["map", "-U", "a.qcow2"], d), "qblk map -U");
