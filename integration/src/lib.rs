@@ -5,8 +5,9 @@
 //! installs them); a missing tool fails the test rather than skipping it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -164,6 +165,89 @@ pub fn covers(theirs: &Value, ours: &Value, path: &str) -> Result<(), String> {
         }
         (t, o) if t == o => Ok(()),
         (t, o) => Err(format!("{path}: qemu-img has {t}, qblk has {o}")),
+    }
+}
+
+/// A qemu-storage-daemon exporting `image` read-only over NBD with the
+/// named bitmaps.
+#[derive(Debug)]
+pub struct BitmapExport {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl BitmapExport {
+    pub fn start(dir: &Path, image: &str, names: &[String]) -> BitmapExport {
+        let socket = dir.join(format!("{image}.nbd"));
+        // A socket an earlier export left would read as started.
+        let _ = std::fs::remove_file(&socket);
+        let mut export = "type=nbd,id=e0,node-name=n0,name=exp".to_owned();
+        for (i, n) in names.iter().enumerate() {
+            export.push_str(&format!(",bitmaps.{i}={n}"));
+        }
+        let child = Command::new("qemu-storage-daemon")
+            .current_dir(dir)
+            .args([
+                "--blockdev",
+                &format!("driver=file,filename={image},node-name=f0,read-only=on"),
+                "--blockdev",
+                "driver=qcow2,file=f0,node-name=n0,read-only=on",
+                "--nbd-server",
+                &format!("addr.type=unix,addr.path={}", socket.display()),
+                "--export",
+                &export,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start qemu-storage-daemon (cargo xtask test installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BitmapExport { child, socket }
+    }
+
+    /// QEMU's reading of bitmap `name`: `qemu-img map` of the export
+    /// through it (x-dirty-bitmap turns the map around: dirty ranges come
+    /// out with `"data": false`).
+    pub fn dirty_map(&self, dir: &Path, name: &str) -> Value {
+        let opts = format!(
+            "driver=nbd,server.type=unix,server.path={},export=exp,x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+            self.socket.display()
+        );
+        let out = sh(
+            dir,
+            &["qemu-img", "map", "--output=json", "--image-opts", &opts],
+        );
+        serde_json::from_str(&out).expect("map JSON")
+    }
+
+    /// The dirty ranges of bitmap `name` as QEMU reads them: (start, length).
+    pub fn dirty_ranges(&self, dir: &Path, name: &str) -> Vec<(u64, u64)> {
+        self.dirty_map(dir, name)
+            .as_array()
+            .expect("map entries")
+            .iter()
+            .filter(|e| e["data"] == false)
+            .map(|e| {
+                (
+                    e["start"].as_u64().expect("start"),
+                    e["length"].as_u64().expect("length"),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for BitmapExport {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -5,12 +5,9 @@
 //! qemu-storage-daemon (`qemu-img map` with `x-dirty-bitmap`) — and that
 //! `qemu-img check` finds clean.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use qblk_integration::*;
 use serde_json::Value;
+use std::path::Path;
 
 /// Bitmaps as `qemu-img info` lists them: name, granularity, flags.
 fn bitmaps(dir: &Path, image: &str) -> Vec<(String, u64, Vec<String>)> {
@@ -34,71 +31,6 @@ fn bitmaps(dir: &Path, image: &str) -> Vec<(String, u64, Vec<String>)> {
         .collect()
 }
 
-/// A qemu-storage-daemon exporting `image` read-only over NBD with the
-/// named bitmaps.
-struct Export {
-    child: Child,
-    socket: std::path::PathBuf,
-}
-
-impl Export {
-    fn start(dir: &Path, image: &str, names: &[String]) -> Export {
-        let socket = dir.join(format!("{image}.nbd"));
-        // A socket an earlier export left would read as started.
-        let _ = std::fs::remove_file(&socket);
-        let mut export = "type=nbd,id=e0,node-name=n0,name=exp".to_owned();
-        for (i, n) in names.iter().enumerate() {
-            export.push_str(&format!(",bitmaps.{i}={n}"));
-        }
-        let child = Command::new("qemu-storage-daemon")
-            .current_dir(dir)
-            .args([
-                "--blockdev",
-                &format!("driver=file,filename={image},node-name=f0,read-only=on"),
-                "--blockdev",
-                "driver=qcow2,file=f0,node-name=n0,read-only=on",
-                "--nbd-server",
-                &format!("addr.type=unix,addr.path={}", socket.display()),
-                "--export",
-                &export,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start qemu-storage-daemon (cargo xtask test installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Export { child, socket }
-    }
-
-    /// QEMU's reading of bitmap `name`: `qemu-img map` of the export
-    /// through it (dirty ranges read as data, clean ones as holes).
-    fn dirty_map(&self, dir: &Path, name: &str) -> Value {
-        let opts = format!(
-            "driver=nbd,server.type=unix,server.path={},export=exp,x-dirty-bitmap=qemu:dirty-bitmap:{name}",
-            self.socket.display()
-        );
-        let out = sh(
-            dir,
-            &["qemu-img", "map", "--output=json", "--image-opts", &opts],
-        );
-        serde_json::from_str(&out).expect("map JSON")
-    }
-}
-
-impl Drop for Export {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Every bitmap's flags, granularity and dirty ranges, as QEMU reads them.
 fn qemu_view(dir: &Path, image: &str) -> Vec<(String, u64, Vec<String>, Value)> {
     let list = bitmaps(dir, image);
@@ -109,7 +41,7 @@ fn qemu_view(dir: &Path, image: &str) -> Vec<(String, u64, Vec<String>, Value)> 
         .filter(|b| !b.2.iter().any(|f| f == "in-use"))
         .map(|b| b.0.clone())
         .collect();
-    let export = (!exportable.is_empty()).then(|| Export::start(dir, image, &exportable));
+    let export = (!exportable.is_empty()).then(|| BitmapExport::start(dir, image, &exportable));
     list.into_iter()
         .zip(names)
         .map(|((n, g, f), name)| {

@@ -867,6 +867,22 @@ fn kill_9_loses_no_acknowledged_write() {
         let d = dir.path();
         const SIZE: usize = 32 << 20;
         create_qcow2_opts(d, opts, "disk.qcow2", "32M");
+        // A persistent dirty bitmap at the finest granularity: every write
+        // the guest saw acknowledged must be in it after the kills.
+        sh(
+            d,
+            &[
+                "qemu-img",
+                "bitmap",
+                "--add",
+                "-g",
+                "512",
+                "disk.qcow2",
+                "b",
+            ],
+        );
+        let mut acknowledged: Vec<(usize, usize)> = Vec::new();
+        let mut submitted: Vec<(usize, usize)> = Vec::new();
         let mut model = vec![0u8; SIZE];
         let mut flushed_batches = 0;
         let mut cut_by_kill = 0;
@@ -935,7 +951,11 @@ fn kill_9_loses_no_acknowledged_write() {
                     // Acknowledged writes must read back, flushed or not;
                     // only the others may have landed or not.
                     for (i, &(off, len, at)) in pending.iter().enumerate() {
+                        if off < SIZE {
+                            submitted.push((off, len));
+                        }
                         if acked.contains(&i) {
+                            acknowledged.push((off, len));
                             let data = c.buf()[at..at + len].to_vec();
                             model[off..off + len].copy_from_slice(&data);
                         } else {
@@ -1006,6 +1026,33 @@ fn kill_9_loses_no_acknowledged_write() {
             flushed_batches > 6,
             "{opts}: the daemon died before any real load"
         );
+        // The bitmap, as QEMU reads it: consistent (QEMU exports no bitmap
+        // in use), every acknowledged write marked, nothing never written.
+        let export = qblk_integration::BitmapExport::start(d, "disk.qcow2", &["b".to_owned()]);
+        let dirty = export.dirty_ranges(d, "b");
+        drop(export);
+        let marked = |o: usize, l: usize| {
+            dirty
+                .iter()
+                .any(|&(s, n)| s as usize <= o && o + l <= (s + n) as usize)
+        };
+        for &(o, l) in &acknowledged {
+            assert!(
+                marked(o, l),
+                "{opts}: acknowledged write {o:#x}+{l:#x} not in the bitmap"
+            );
+        }
+        for &(s, n) in &dirty {
+            let (s, n) = (s as usize, n as usize);
+            let mut at = s;
+            while at < s + n {
+                assert!(
+                    submitted.iter().any(|&(o, l)| at >= o && at < o + l),
+                    "{opts}: byte {at:#x} is dirty but was never written"
+                );
+                at += 512;
+            }
+        }
         eprintln!(
             "{opts}: {flushed_batches} batches flushed; of 6 rounds the kill cut {cut_by_kill} \
              mid-batch and {} before the client connected",
