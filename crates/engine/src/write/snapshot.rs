@@ -32,7 +32,10 @@ use qblk_qcow2::{ClusterCount, HostCluster, HostOffset};
 
 use super::bitmap_store::ExtraWrite;
 use super::{Synced, Writer};
+use qblk_qcow2::header::IncompatibleFeatures;
+
 use crate::buf::AlignedBuf;
+use crate::commit::{Commit, End, header_buf};
 use crate::error::{Error, Result};
 use crate::image::Image;
 
@@ -288,6 +291,28 @@ impl Image {
             .collect())
     }
 
+    /// Drops cached L2 tables the active L1 table no longer names: a table
+    /// a snapshot operation freed may be handed out again, for guest data
+    /// among others, and a cached copy would still claim its cluster.
+    fn evict_unreferenced_l2(&self) {
+        let mut t = self.lock_tables();
+        let named: std::collections::HashSet<u64> =
+            t.l1.iter()
+                .filter_map(|e| e.l2_offset())
+                .map(|o| o.0)
+                .collect();
+        let stale: Vec<u64> = t
+            .l2_clean
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !named.contains(k))
+            .collect();
+        for k in stale {
+            t.l2_clean.pop(&k);
+        }
+        debug_assert!(t.l2_dirty.keys().all(|k| named.contains(k)));
+    }
+
     /// The writer, with nothing dirty left and the commit lock held.
     async fn quiesced(&self) -> Result<(&Writer, tokio::sync::MutexGuard<'_, Synced>)> {
         let w = self.check_writable(0, 0)?;
@@ -297,7 +322,36 @@ impl Image {
         }
         let mut synced = w.commit.lock().await;
         w.writeback_locked(self, &mut synced, true).await?;
+        if self.header().is_v3() {
+            // Refcounts and COPIED flags cannot change together on disk:
+            // under the dirty bit, a crash in between leaves an image whose
+            // next writable open rebuilds both from the references, instead
+            // of one `qemu-img check` calls corrupt (a window QEMU leaves
+            // open). Cleared by the operation's last writeback.
+            let mut header = w.lock_alloc().disk_header.clone();
+            if !header.is_dirty() {
+                header.incompatible_features |= IncompatibleFeatures::DIRTY;
+                let mut c = Commit::new(End::Durable);
+                let _ = c.write("write header", 0, header_buf(self.path(), &header)?);
+                c.run(self.commit_files()).await?;
+                let mut a = w.lock_alloc();
+                a.disk_header = header;
+                a.header.incompatible_features |= IncompatibleFeatures::DIRTY;
+            }
+        }
         Ok((w, synced))
+    }
+
+    /// The operation's last writeback: everything durable, then the
+    /// header without the dirty bit (unless lazy refcounts keep it).
+    async fn finish(&self, w: &Writer, synced: &mut Synced) -> Result<()> {
+        {
+            let mut a = w.lock_alloc();
+            a.header
+                .incompatible_features
+                .remove(IncompatibleFeatures::DIRTY);
+        }
+        w.writeback_locked(self, synced, true).await
     }
 
     async fn snapshot_create_inner(&self, name: &str) -> Result<()> {
@@ -350,7 +404,8 @@ impl Image {
         });
         self.replace_snapshot_table(w, &entries).await?;
         w.lock_alloc().rc.deferred_releases.extend(old_table);
-        w.writeback_locked(self, &mut synced, true).await
+        w.writeback_locked(self, &mut synced, true).await?;
+        self.finish(w, &mut synced).await
     }
 
     async fn snapshot_delete_inner(&self, name: &str) -> Result<()> {
@@ -378,8 +433,9 @@ impl Image {
             a.rc.deferred_releases.extend(released);
         }
         w.writeback_locked(self, &mut synced, true).await?;
+        self.evict_unreferenced_l2();
         self.fix_copied(w).await?;
-        w.writeback_locked(self, &mut synced, true).await
+        self.finish(w, &mut synced).await
     }
 
     async fn read_snapshot_l1(&self, s: &SnapshotEntry) -> Result<Vec<L1Entry>> {
@@ -459,8 +515,9 @@ impl Image {
             a.header.size = size;
         }
         w.writeback_locked(self, &mut synced, true).await?;
+        self.evict_unreferenced_l2();
         self.fix_copied(w).await?;
-        w.writeback_locked(self, &mut synced, true).await?;
+        self.finish(w, &mut synced).await?;
         w.bitmaps.resize(size);
         self.set_size(size);
         Ok(())
