@@ -112,7 +112,8 @@ impl Daemon {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
-    /// Sends `signal` and waits (at most 60 s) for the exit status.
+    /// Sends `signal` (none if 0) and waits (at most 60 s) for the exit
+    /// status.
     pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
         // SAFETY: kill(2) on our own child's pid.
@@ -128,6 +129,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits (at most 60 s) for the daemon to exit by itself.
+    pub fn wait(&mut self) -> ExitStatus {
+        self.stop_with(0)
     }
 
     /// SIGTERM, and the exit status.

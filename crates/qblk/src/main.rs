@@ -88,6 +88,10 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// to pages the guest no longer sees.
         #[arg(long)]
         pin_guest_memory: bool,
+        /// QMP control socket (mode 0600): qemu-storage-daemon's commands
+        /// for bitmaps and queries, usable with QEMU's QMP clients.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
         /// Log level (error, warn, info, debug, trace) or a tracing filter.
         #[arg(long, value_name = "LEVEL", default_value = "info")]
         log_level: String,
@@ -423,6 +427,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             allow_backing_dir,
             key_file,
             pin_guest_memory,
+            control,
             log_level,
             image,
         } => {
@@ -458,6 +463,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 backing_dirs: allow_backing_dir,
                 key,
                 pin_guest_memory,
+                control,
             };
             qblk_serve::serve(&opts)?;
             Ok(ExitCode::SUCCESS)

@@ -14,6 +14,7 @@
 //! the workers outlive connections.
 
 pub mod config;
+pub mod control;
 pub mod device;
 pub mod disk;
 mod pin;
@@ -75,6 +76,8 @@ pub struct ServeOptions {
     /// pages of every request. Not for guests whose memory the VMM
     /// discards (balloon, virtio-mem, free page reporting).
     pub pin_guest_memory: bool,
+    /// The QMP control socket (`control.rs`), if any.
+    pub control: Option<PathBuf>,
 }
 
 /// A failure that stops the daemon.
@@ -296,8 +299,34 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         (handle, thread)
     };
 
+    let control = match &opts.control {
+        Some(path) => {
+            let stop = stop.clone();
+            Some(
+                control::Control::start(
+                    path,
+                    device.clone(),
+                    opts.readonly,
+                    opts.image.clone(),
+                    Arc::new(move || {
+                        info!("stopping: quit on the control socket");
+                        stop.request();
+                    }),
+                )
+                .map_err(|e| {
+                    ServeError::Start(format!("{}: cannot listen: {e}", path.display()))
+                })?,
+            )
+        }
+        None => None,
+    };
+
     let result = run(opts, &device, &stop);
 
+    // No control command is inside the engine once this returns.
+    if let Some(c) = control {
+        c.stop();
+    }
     signals.0.close();
     let _ = signals.1.join();
     let closed = qblk_engine::runtime::block_on(device.disk.close());

@@ -1,0 +1,479 @@
+//! The control socket (`qblk serve --control PATH`): QEMU's machine
+//! protocol (QMP), so QEMU's own clients (`qemu.qmp`, `qmp-shell`,
+//! libvirt's QMP code) can drive the daemon.
+//!
+//! The protocol as QEMU speaks it: a greeting on connect, then JSON
+//! objects `{"execute": NAME, "arguments": {...}, "id": ID}` answered with
+//! `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}` (with the
+//! request's `id`); nothing but `qmp_capabilities` is accepted before the
+//! capabilities are negotiated. Several clients may be connected at once,
+//! each on a thread of its own; engine calls run on that thread's own
+//! ring. The socket is made mode 0600.
+//!
+//! Commands so far: `qmp_capabilities`, `query-version`,
+//! `query-commands`, `query-block-exports`, `query-named-block-nodes`,
+//! `block-dirty-bitmap-add`/`-remove`/`-clear`/`-enable`/`-disable`/
+//! `-merge` and `quit`. The disk's node is named `disk`.
+//!
+//! Bad input — unparsable JSON, a request that is no object, unknown
+//! commands or arguments — gets an error reply; a client that sends
+//! something that cannot be parsed at all is disconnected. Nothing a
+//! client sends stops the daemon but `quit`.
+
+use std::io::{BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value, json};
+use tracing::{info, warn};
+
+use crate::device::Device;
+use crate::disk::Disk;
+
+/// The name the disk's block node answers to.
+pub const NODE_NAME: &str = "disk";
+
+/// An error reply: QMP's class and description.
+#[derive(Debug)]
+struct QmpError {
+    class: &'static str,
+    desc: String,
+}
+
+fn generic(desc: impl Into<String>) -> QmpError {
+    QmpError {
+        class: "GenericError",
+        desc: desc.into(),
+    }
+}
+
+/// The running control socket.
+pub struct Control {
+    path: PathBuf,
+    listener_fd: i32,
+    accept: Option<std::thread::JoinHandle<()>>,
+    clients: Clients,
+}
+
+/// Every client's socket (to hang up at stop) and thread.
+type Clients = Arc<Mutex<Vec<(UnixStream, std::thread::JoinHandle<()>)>>>;
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("path", &self.path).finish()
+    }
+}
+
+impl Control {
+    /// Listens on `path` (replacing a stale socket). `quit` calls
+    /// `on_quit`.
+    pub fn start(
+        path: &Path,
+        device: Arc<Device>,
+        readonly: bool,
+        image: PathBuf,
+        on_quit: Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<Control> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener_fd = listener.as_raw_fd();
+        let clients: Clients = Arc::default();
+        let ctx = Arc::new(Context {
+            device,
+            readonly,
+            image,
+            on_quit,
+        });
+        let list = clients.clone();
+        let accept = std::thread::Builder::new()
+            .name("qblk-control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else {
+                        // Shut down to stop (or a transient error).
+                        break;
+                    };
+                    let Ok(keep) = stream.try_clone() else {
+                        continue;
+                    };
+                    let ctx = ctx.clone();
+                    let t = std::thread::Builder::new()
+                        .name("qblk-qmp".into())
+                        .spawn(move || serve_client(stream, &ctx));
+                    match t {
+                        Ok(t) => lock(&list).push((keep, t)),
+                        Err(e) => warn!("cannot start a control client thread: {e}"),
+                    }
+                }
+            })?;
+        info!(control = %path.display(), "control socket listening");
+        Ok(Control {
+            path: path.to_owned(),
+            listener_fd,
+            accept: Some(accept),
+            clients,
+        })
+    }
+
+    /// Stops accepting, hangs up every client and waits for their threads
+    /// (none is inside an engine call afterwards), removes the socket.
+    pub fn stop(mut self) {
+        // SAFETY: shutdown(2) on the listener the accept thread owns; it is
+        // open until that thread ends, which is joined below.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let clients = std::mem::take(&mut *lock(&self.clients));
+        for (s, _) in &clients {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for (_, t) in clients {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+struct Context {
+    device: Arc<Device>,
+    readonly: bool,
+    image: PathBuf,
+    on_quit: Arc<dyn Fn() + Send + Sync>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn send(out: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.extend_from_slice(b"\r\n");
+    out.write_all(&line)
+}
+
+fn version() -> Value {
+    let v: Vec<u64> = env!("CARGO_PKG_VERSION")
+        .split('.')
+        .map(|p| p.parse().unwrap_or(0))
+        .collect();
+    json!({
+        "qemu": {"major": v.first().copied().unwrap_or(0), "minor": v.get(1).copied().unwrap_or(0), "micro": v.get(2).copied().unwrap_or(0)},
+        "package": format!("qblk {}", env!("CARGO_PKG_VERSION")),
+    })
+}
+
+const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-block-exports",
+    "query-named-block-nodes",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "quit",
+];
+
+fn serve_client(stream: UnixStream, ctx: &Context) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    // The accept thread keeps a clone (to hang up at stop): a client this
+    // thread is done with is hung up here, or it would never see EOF.
+    let hang_up = out.try_clone();
+    converse(stream, &mut out, ctx);
+    if let Ok(s) = hang_up {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn converse(stream: UnixStream, out: &mut UnixStream, ctx: &Context) {
+    if send(
+        out,
+        &json!({"QMP": {"version": version(), "capabilities": []}}),
+    )
+    .is_err()
+    {
+        return;
+    }
+    let mut negotiated = false;
+    let requests =
+        serde_json::Deserializer::from_reader(BufReader::new(stream)).into_iter::<Value>();
+    for req in requests {
+        let req = match req {
+            Ok(v) => v,
+            Err(e) if e.is_eof() || e.is_io() => return,
+            Err(e) => {
+                // The stream cannot be resynchronised: answer and hang up.
+                let _ = send(
+                    out,
+                    &json!({"error": {"class": "GenericError", "desc": format!("JSON parse error, {e}")}}),
+                );
+                return;
+            }
+        };
+        let id = req.get("id").cloned();
+        let reply = match handle(&req, ctx, &mut negotiated) {
+            Ok(v) => json!({ "return": v }),
+            Err(e) => json!({"error": {"class": e.class, "desc": e.desc}}),
+        };
+        let mut reply = reply;
+        if let (Some(id), Some(o)) = (id, reply.as_object_mut()) {
+            o.insert("id".into(), id);
+        }
+        if send(out, &reply).is_err() {
+            return;
+        }
+        if req.get("execute").and_then(Value::as_str) == Some("quit") && negotiated {
+            (ctx.on_quit)();
+            return;
+        }
+    }
+}
+
+/// Dispatches one request.
+fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, QmpError> {
+    let Some(obj) = req.as_object() else {
+        return Err(generic("QMP input must be a JSON object"));
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["execute", "arguments", "id"].contains(&k.as_str()))
+    {
+        return Err(generic(format!("QMP input member '{k}' is unexpected")));
+    }
+    let Some(name) = obj.get("execute").and_then(Value::as_str) else {
+        return Err(generic("QMP input lacks member 'execute'"));
+    };
+    let args = match obj.get("arguments") {
+        None => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(generic("QMP input member 'arguments' must be an object")),
+    };
+    if !*negotiated {
+        if name != "qmp_capabilities" {
+            return Err(QmpError {
+                class: "CommandNotFound",
+                desc: "Expecting capabilities negotiation with 'qmp_capabilities'".into(),
+            });
+        }
+        if args
+            .get("enable")
+            .is_some_and(|e| e.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(generic(
+                "Parameter 'enable' does not accept capabilities qblk has not",
+            ));
+        }
+        *negotiated = true;
+        return Ok(json!({}));
+    }
+    let a = Args { name, map: &args };
+    match name {
+        "qmp_capabilities" => Err(QmpError {
+            class: "CommandNotFound",
+            desc: "Capabilities negotiation is already complete, command ignored".into(),
+        }),
+        "query-version" => a.none().map(|()| version()),
+        "query-commands" => a
+            .none()
+            .map(|()| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+        "query-block-exports" => a.none().map(|()| {
+            json!([{"type": "vhost-user-blk", "id": NODE_NAME, "node-name": NODE_NAME, "shutting-down": false}])
+        }),
+        "query-named-block-nodes" => a.only(&["flat"]).map(|()| named_nodes(ctx)),
+        "block-dirty-bitmap-add" => {
+            a.only(&["node", "name", "granularity", "persistent", "disabled"])?;
+            let img = image(ctx, &a)?;
+            let name = a.string("name")?;
+            if !a.flag("persistent")?.unwrap_or(false) {
+                return Err(generic(
+                    "qblk keeps persistent bitmaps only: add it with \"persistent\": true",
+                ));
+            }
+            let granularity = match a.map.get("granularity") {
+                None => img.cluster_size().clamp(4096, 65536),
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| generic("Parameter 'granularity' expects uint32"))?,
+            };
+            let disabled = a.flag("disabled")?.unwrap_or(false);
+            engine(img.path(), || img.bitmap_add(&name, granularity, !disabled))
+        }
+        "block-dirty-bitmap-remove" => {
+            a.only(&["node", "name"])?;
+            let img = image(ctx, &a)?;
+            let name = a.string("name")?;
+            engine(img.path(), || img.bitmap_remove(&name))
+        }
+        "block-dirty-bitmap-clear" => {
+            a.only(&["node", "name"])?;
+            let img = image(ctx, &a)?;
+            let name = a.string("name")?;
+            engine(img.path(), || img.bitmap_clear(&name))
+        }
+        "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
+            a.only(&["node", "name"])?;
+            let img = image(ctx, &a)?;
+            let name = a.string("name")?;
+            let on = name_is_enable(a.name);
+            engine(img.path(), || img.bitmap_set_enabled(&name, on))
+        }
+        "block-dirty-bitmap-merge" => {
+            a.only(&["node", "target", "bitmaps"])?;
+            let img = image(ctx, &a)?;
+            let target = a.string("target")?;
+            let Some(sources) = a.map.get("bitmaps").and_then(Value::as_array) else {
+                return Err(generic("Parameter 'bitmaps' is missing"));
+            };
+            let mut names = Vec::new();
+            for s in sources {
+                match s {
+                    Value::String(n) => names.push(n.clone()),
+                    Value::Object(o) => {
+                        let node = o.get("node").and_then(Value::as_str).unwrap_or("");
+                        if node != NODE_NAME {
+                            return Err(generic(format!(
+                                "Cannot find device='{node}' nor node-name='{node}'"
+                            )));
+                        }
+                        let n = o
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| generic("Parameter 'name' is missing"))?;
+                        names.push(n.to_owned());
+                    }
+                    _ => return Err(generic("Invalid parameter type for 'bitmaps'")),
+                }
+            }
+            for n in names {
+                engine(img.path(), || img.bitmap_merge(&target, None, &n))?;
+            }
+            Ok(json!({}))
+        }
+        "quit" => a.none().map(|()| json!({})),
+        other => Err(QmpError {
+            class: "CommandNotFound",
+            desc: format!("The command {other} has not been found"),
+        }),
+    }
+}
+
+fn name_is_enable(name: &str) -> bool {
+    name == "block-dirty-bitmap-enable"
+}
+
+/// A command's arguments.
+struct Args<'a> {
+    name: &'a str,
+    map: &'a Map<String, Value>,
+}
+
+impl Args<'_> {
+    fn none(&self) -> Result<(), QmpError> {
+        self.only(&[])
+    }
+
+    /// Refuses arguments the command does not take.
+    fn only(&self, known: &[&str]) -> Result<(), QmpError> {
+        match self.map.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(generic(format!("Parameter '{k}' is unexpected"))),
+            None => Ok(()),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<String, QmpError> {
+        match self.map.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(generic(format!(
+                "Invalid parameter type for '{key}', expected: string"
+            ))),
+            None => Err(generic(format!("Parameter '{key}' is missing"))),
+        }
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>, QmpError> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(generic(format!(
+                "Invalid parameter type for '{key}', expected: boolean"
+            ))),
+        }
+    }
+}
+
+/// The qcow2 image behind `node`, writable.
+fn image<'a>(ctx: &'a Context, a: &Args<'_>) -> Result<&'a qblk_engine::Image, QmpError> {
+    let node = a.string("node")?;
+    if node != NODE_NAME {
+        return Err(generic(format!(
+            "Cannot find device='{node}' nor node-name='{node}'"
+        )));
+    }
+    match &ctx.device.disk {
+        Disk::Qcow2(img) if img.is_writable() => Ok(img),
+        Disk::Qcow2(_) => Err(generic("the disk is served read-only")),
+        Disk::Raw(_) => Err(generic("a raw disk has no persistent bitmaps")),
+    }
+}
+
+/// Runs an engine operation on this thread's ring; its error is the reply.
+fn engine<F, Fut>(path: &Path, op: F) -> Result<Value, QmpError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = qblk_engine::Result<()>>,
+{
+    qblk_engine::runtime::block_on(op())
+        .map(|()| json!({}))
+        .map_err(|e| match e {
+            qblk_engine::Error::Unsupported { what, .. } => generic(what),
+            other => generic(format!("{}: {other}", path.display())),
+        })
+}
+
+fn named_nodes(ctx: &Context) -> Value {
+    let disk = &ctx.device.disk;
+    let (drv, bitmaps) = match disk {
+        Disk::Qcow2(img) => (
+            "qcow2",
+            img.bitmaps()
+                .into_iter()
+                .map(|b| {
+                    json!({
+                        "name": b.name,
+                        "recording": b.enabled && !b.inconsistent,
+                        "persistent": true,
+                        "busy": false,
+                        "inconsistent": b.inconsistent,
+                        "granularity": b.granularity,
+                        "count": b.dirty_bytes,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Disk::Raw(_) => ("raw", Vec::new()),
+    };
+    let file = ctx.image.display().to_string();
+    json!([{
+        "node-name": NODE_NAME,
+        "drv": drv,
+        "file": file,
+        "ro": ctx.readonly,
+        "image": {
+            "filename": file,
+            "format": drv,
+            "virtual-size": disk.size(),
+            "cluster-size": disk.cluster_size(),
+        },
+        "dirty-bitmaps": bitmaps,
+    }])
+}

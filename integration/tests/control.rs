@@ -1,0 +1,220 @@
+//! The QMP control socket of `qblk serve --control`: QEMU's protocol
+//! (greeting, capabilities negotiation, replies with the request's id),
+//! the bitmap commands while a client writes through the vhost-user
+//! socket, several clients at once, bad input answered without disturbing
+//! the daemon, and `quit`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use qblk_integration::vhost::{Client, Daemon};
+use qblk_integration::*;
+use serde_json::{Value, json};
+
+/// A QMP client on a raw socket.
+struct Qmp {
+    out: UnixStream,
+    lines: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> (Qmp, Value) {
+        let s = UnixStream::connect(path).expect("connect to the control socket");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut q = Qmp {
+            out: s.try_clone().expect("clone"),
+            lines: BufReader::new(s),
+        };
+        let greeting = q.read();
+        (q, greeting)
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        self.lines.read_line(&mut line).expect("read a reply");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> Value {
+        self.out.write_all(bytes).expect("send");
+        self.read()
+    }
+
+    fn cmd(&mut self, execute: &str, arguments: Value) -> Value {
+        let req = json!({"execute": execute, "arguments": arguments, "id": execute});
+        let r = self.raw(&serde_json::to_vec(&req).expect("json"));
+        assert_eq!(r["id"], execute, "{r}");
+        r
+    }
+
+    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
+        let r = self.cmd(execute, arguments);
+        assert!(r.get("return").is_some(), "{execute}: {r}");
+        r["return"].clone()
+    }
+
+    fn err(&mut self, execute: &str, arguments: Value) -> (String, String) {
+        let r = self.cmd(execute, arguments);
+        let e = &r["error"];
+        assert!(e.is_object(), "{execute} should fail: {r}");
+        (
+            e["class"].as_str().unwrap_or("").to_owned(),
+            e["desc"].as_str().unwrap_or("").to_owned(),
+        )
+    }
+}
+
+fn bitmaps(q: &mut Qmp) -> Vec<Value> {
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    nodes[0]["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn count(q: &mut Qmp, name: &str) -> u64 {
+    bitmaps(q)
+        .iter()
+        .find(|b| b["name"] == name)
+        .and_then(|b| b["count"].as_u64())
+        .unwrap_or_else(|| panic!("no bitmap {name}"))
+}
+
+#[test]
+fn qmp_bitmaps_and_queries_while_a_client_writes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "64M");
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--control", "qmp.sock", "a.qcow2"]);
+    let ctl = d.join("qmp.sock");
+    let mode = std::fs::metadata(&ctl)
+        .expect("control socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+
+    let (mut q, greeting) = Qmp::connect(&ctl);
+    assert!(greeting["QMP"]["version"]["qemu"].is_object(), "{greeting}");
+    let (class, _) = q.err("query-version", json!({}));
+    assert_eq!(class, "CommandNotFound");
+    q.ok("qmp_capabilities", json!({}));
+    let (class, _) = q.err("qmp_capabilities", json!({}));
+    assert_eq!(class, "CommandNotFound");
+    let v = q.ok("query-version", json!({}));
+    assert!(
+        v["package"].as_str().is_some_and(|p| p.starts_with("qblk")),
+        "{v}"
+    );
+    let exports = q.ok("query-block-exports", json!({}));
+    assert_eq!(exports[0]["type"], "vhost-user-blk");
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    assert_eq!(nodes[0]["image"]["virtual-size"], 64 << 20);
+
+    // Bitmaps, with writes going on through the vhost-user socket.
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b0", "persistent": true}),
+    );
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b1", "persistent": true, "granularity": 4096, "disabled": true}),
+    );
+    assert_eq!(count(&mut q, "b0"), 0);
+    let mut c = Client::connect(&daemon.socket, 1).expect("vhost-user client");
+    c.buf()[..8192].fill(0x5a);
+    assert_eq!(c.write(1 << 20, 0, 8192), 0);
+    assert_eq!(c.write(9 << 20, 0, 4096), 0);
+    assert_eq!(count(&mut q, "b0"), 2 * 65536);
+    assert_eq!(count(&mut q, "b1"), 0, "a disabled bitmap recorded");
+    q.ok(
+        "block-dirty-bitmap-merge",
+        json!({"node": "disk", "target": "b1", "bitmaps": ["b0"]}),
+    );
+    assert_eq!(count(&mut q, "b1"), 2 * 65536);
+    q.ok(
+        "block-dirty-bitmap-enable",
+        json!({"node": "disk", "name": "b1"}),
+    );
+    q.ok(
+        "block-dirty-bitmap-clear",
+        json!({"node": "disk", "name": "b1"}),
+    );
+    assert_eq!(c.write(20 << 20, 0, 4096), 0);
+    assert_eq!(count(&mut q, "b1"), 4096);
+    q.ok(
+        "block-dirty-bitmap-disable",
+        json!({"node": "disk", "name": "b0"}),
+    );
+    assert_eq!(c.write(30 << 20, 0, 4096), 0);
+    assert_eq!(count(&mut q, "b0"), 3 * 65536);
+
+    // Refusals, each answered; the daemon goes on.
+    for (cmd, args) in [
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": "b0", "persistent": true}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "disk", "name": "t"}),
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "nope", "name": "x", "persistent": true}),
+        ),
+        (
+            "block-dirty-bitmap-remove",
+            json!({"node": "disk", "name": "nope"}),
+        ),
+        ("block-dirty-bitmap-clear", json!({"node": "disk"})),
+        (
+            "block-dirty-bitmap-clear",
+            json!({"node": "disk", "name": 5}),
+        ),
+        (
+            "block-dirty-bitmap-clear",
+            json!({"node": "disk", "name": "b0", "extra": 1}),
+        ),
+        ("no-such-command", json!({})),
+    ] {
+        q.err(cmd, args);
+    }
+    let r = q.raw(b"[1, 2]");
+    assert!(r["error"].is_object(), "{r}");
+    // A second client meanwhile; the first one sends garbage and is dropped.
+    let (mut q2, _) = Qmp::connect(&ctl);
+    q2.ok("qmp_capabilities", json!({}));
+    let r = q.raw(b"}{");
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    let mut rest = String::new();
+    assert_eq!(
+        q.lines.read_line(&mut rest).ok(),
+        Some(0),
+        "not hung up: {rest}"
+    );
+    drop(q);
+    // b1 (enabled again) has the writes at 20M and 30M.
+    assert_eq!(count(&mut q2, "b1"), 2 * 4096);
+    assert_eq!(c.read_vec(1 << 20, 8192), vec![0x5a; 8192]);
+
+    q2.ok(
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk", "name": "b1"}),
+    );
+    assert_eq!(bitmaps(&mut q2).len(), 1);
+    drop(c);
+    // quit stops the daemon cleanly; the bitmap is stored, not in use.
+    q2.ok("quit", json!({}));
+    let status = daemon.wait();
+    assert!(status.success(), "{}", daemon.log());
+    let info = qemu_info("a.qcow2", d);
+    let list = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(list[0]["name"], "b0", "{info}");
+    assert_eq!(list[0]["flags"], json!([]), "{info}");
+    qemu_check_clean("a.qcow2", d);
+    assert!(!ctl.exists(), "the control socket outlived the daemon");
+}
