@@ -149,7 +149,7 @@ impl AnyAes {
 /// ESSIV then encrypts that block with AES keyed by a hash of the key.
 enum Ivgen {
     Plain64,
-    Essiv(AnyAes),
+    Essiv(Box<AnyAes>),
 }
 
 impl Ivgen {
@@ -158,7 +158,7 @@ impl Ivgen {
             (LuksIvgen::Essiv(hash), Some(alg)) => {
                 let mut salt = [0u8; 64];
                 let n = digest_into(hash, &[key], &mut salt);
-                Self::Essiv(AnyAes::new(alg, &salt[..n]))
+                Self::Essiv(Box::new(AnyAes::new(alg, &salt[..n])))
             }
             // LuksIvgen::parse admits only ESSIV hashes that key an AES.
             (LuksIvgen::Essiv(_), None) | (LuksIvgen::Plain64, _) => Self::Plain64,

@@ -732,7 +732,9 @@ mod tests {
     fn encryption_refusals_name_what_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let luks = ("encrypt.format", "luks");
-        let cases: &[(&[(&str, &str)], bool, &str)] = &[
+        /// Options, whether a key is given, and what the error must say.
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a str);
+        let cases: &[Case] = &[
             (&[luks], false, "--key-file"),
             (&[("encrypt.format", "aes")], true, "legacy AES"),
             (&[("encryption", "on")], true, "legacy AES"),
