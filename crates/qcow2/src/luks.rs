@@ -681,6 +681,32 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any header parse accepts encodes to the same bytes, up to the
+        /// NUL that ends each text field.
+        #[test]
+        fn parse_encode_round_trip(
+            mut b in proptest::collection::vec(proptest::prelude::any::<u8>(), LUKS_HEADER_BYTES),
+            states in proptest::collection::vec(proptest::prelude::any::<bool>(), LUKS_KEY_SLOTS),
+        ) {
+            b[..8].copy_from_slice(&header()[..8]);
+            for (i, on) in states.iter().enumerate() {
+                let state = if *on { LUKS_SLOT_ENABLED } else { LUKS_SLOT_DISABLED };
+                b[208 + i * 48..212 + i * 48].copy_from_slice(&state.to_be_bytes());
+            }
+            // Text fields: ASCII up to a NUL, zeros after it.
+            for (at, len) in [(8, 32), (40, 32), (72, 32), (168, 40)] {
+                let field = &mut b[at..at + len];
+                let n = field[0] as usize % len;
+                for (j, c) in field.iter_mut().enumerate() {
+                    *c = if j < n { b'a' + *c % 26 } else { 0 };
+                }
+            }
+            let h = LuksHeader::parse(&b, 0).unwrap();
+            proptest::prop_assert_eq!(h.encode().unwrap(), b);
+        }
+    }
+
     #[test]
     fn essiv_modes() {
         let mut b = header();
