@@ -13,7 +13,9 @@
 //! with sector numbers from 0.
 //!
 //! The ciphers are RustCrypto's (aes, xts-mode, cbc); the hashes sha1 and
-//! sha2; PBKDF2 is pbkdf2's. Nothing here implements a primitive.
+//! sha2; PBKDF2 is pbkdf2's. Nothing here implements a primitive. Keys,
+//! key schedules and decrypted key material are zeroed when dropped
+//! (zeroize, and aes's zeroize feature).
 
 use aes::cipher::{
     Array, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt,
@@ -26,6 +28,7 @@ use qblk_qcow2::luks::{
 };
 use sha2::Digest;
 use xts_mode::Xts128;
+use zeroize::Zeroizing;
 
 /// Bytes per encrypted sector.
 pub const SECTOR: u64 = 512;
@@ -156,7 +159,7 @@ impl Ivgen {
     fn new(ivgen: LuksIvgen, key: &[u8]) -> Self {
         match (ivgen, ivgen.essiv_cipher()) {
             (LuksIvgen::Essiv(hash), Some(alg)) => {
-                let mut salt = [0u8; 64];
+                let mut salt = Zeroizing::new([0u8; 64]);
                 let n = digest_into(hash, &[key], &mut salt);
                 Self::Essiv(Box::new(AnyAes::new(alg, &salt[..n])))
             }
@@ -364,7 +367,7 @@ impl Crypto {
                     ))
                 })?;
             tried = true;
-            let mut slot_key = vec![0u8; key_len];
+            let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
             pbkdf2(
                 spec.hash,
                 password,
@@ -372,7 +375,7 @@ impl Crypto {
                 slot.iterations,
                 &mut slot_key,
             );
-            let mut split = material.to_vec();
+            let mut split = Zeroizing::new(material.to_vec());
             Crypto::new(&spec, &slot_key).decrypt_material(&mut split);
             let master = af_merge(spec.hash, &split, key_len, slot.stripes as usize);
             let mut digest = [0u8; LUKS_DIGEST_BYTES];
@@ -408,7 +411,7 @@ pub fn create_luks_area(
 ) -> Result<Vec<u8>, CryptoError> {
     let key_len = spec.master_key_bytes();
     let random = |buf: &mut [u8]| getrandom::fill(buf).map_err(CryptoError::Random);
-    let mut master = vec![0u8; key_len];
+    let mut master = Zeroizing::new(vec![0u8; key_len]);
     random(&mut master)?;
     let mut uuid = [0u8; 16];
     random(&mut uuid)?;
@@ -437,7 +440,7 @@ pub fn create_luks_area(
     let per_second = pbkdf2_per_second(spec.hash, password, &slot.salt, key_len, iter_time_ms)?;
     slot.iterations = scaled_iterations(per_second, iter_time_ms, 1)?;
     slot.active = true;
-    let mut slot_key = vec![0u8; key_len];
+    let mut slot_key = Zeroizing::new(vec![0u8; key_len]);
     pbkdf2(
         spec.hash,
         password,
@@ -445,7 +448,11 @@ pub fn create_luks_area(
         slot.iterations,
         &mut slot_key,
     );
-    let mut split = vec![0u8; luks_material_bytes(key_len, slot.stripes) as usize];
+    // Plain stripes give the key: zeroed on drop too.
+    let mut split = Zeroizing::new(vec![
+        0u8;
+        luks_material_bytes(key_len, slot.stripes) as usize
+    ]);
     random(&mut split[..key_len * (slot.stripes as usize - 1)])?;
     af_split_last(spec.hash, &master, &mut split, slot.stripes as usize);
     Crypto::new(spec, &slot_key).encrypt_material(&mut split);
@@ -537,7 +544,7 @@ fn af_split_last(hash: LuksHash, key: &[u8], split: &mut [u8], stripes: usize) {
     let acc = af_fold(hash, &split[..(stripes - 1) * key_len], key_len);
     for ((s, a), k) in split[(stripes - 1) * key_len..]
         .iter_mut()
-        .zip(&acc)
+        .zip(acc.iter())
         .zip(key)
     {
         *s = a ^ k;
@@ -546,8 +553,8 @@ fn af_split_last(hash: LuksHash, key: &[u8], split: &mut [u8], stripes: usize) {
 
 /// XORs the stripes of `split` together, diffusing the running value
 /// after each.
-fn af_fold(hash: LuksHash, split: &[u8], key_len: usize) -> Vec<u8> {
-    let mut acc = vec![0u8; key_len];
+fn af_fold(hash: LuksHash, split: &[u8], key_len: usize) -> Zeroizing<Vec<u8>> {
+    let mut acc = Zeroizing::new(vec![0u8; key_len]);
     for stripe in split.chunks_exact(key_len) {
         for (a, b) in acc.iter_mut().zip(stripe) {
             *a ^= b;
@@ -559,7 +566,7 @@ fn af_fold(hash: LuksHash, split: &[u8], key_len: usize) -> Vec<u8> {
 
 /// The anti-forensic merge of LUKS1: XOR the stripes together, diffusing
 /// the running value with the hash after every stripe but the last.
-fn af_merge(hash: LuksHash, split: &[u8], key_len: usize, stripes: usize) -> Vec<u8> {
+fn af_merge(hash: LuksHash, split: &[u8], key_len: usize, stripes: usize) -> Zeroizing<Vec<u8>> {
     let mut acc = af_fold(hash, &split[..(stripes - 1) * key_len], key_len);
     for (a, b) in acc.iter_mut().zip(&split[(stripes - 1) * key_len..]) {
         *a ^= b;
@@ -570,7 +577,7 @@ fn af_merge(hash: LuksHash, split: &[u8], key_len: usize, stripes: usize) -> Vec
 /// Hashes the buffer block by block, each block prefixed with its
 /// big-endian index; a short last block keeps only its length of digest.
 fn diffuse(hash: LuksHash, buf: &mut [u8]) {
-    let mut d = [0u8; 64];
+    let mut d = Zeroizing::new([0u8; 64]);
     for (i, block) in buf.chunks_mut(hash.digest_bytes()).enumerate() {
         digest_into(hash, &[&(i as u32).to_be_bytes(), block], &mut d);
         let n = block.len();

@@ -327,7 +327,7 @@ impl EncryptOptions {
         }
         if !have_key {
             return usage(
-                "encrypt.format=luks needs a passphrase: give it with --key-file PATH (where qemu-img takes --object secret,id=ID,file=PATH -o encrypt.key-secret=ID)".into(),
+                "encrypt.format=luks needs a passphrase: give it with --key-file PATH (convert: --target-key-file PATH), where qemu-img takes --object secret,id=ID,file=PATH -o encrypt.key-secret=ID".into(),
             );
         }
         let spec_err = |e: qblk_qcow2::luks::LuksSpecError| Error::Usage(e.to_string());

@@ -201,10 +201,10 @@ fn af_split_then_merge_gives_the_key() {
                 .map(|i| (i * 7 % 251) as u8)
                 .collect();
             af_split_last(hash, &key, &mut split, stripes);
-            assert_eq!(af_merge(hash, &split, key_len, stripes), key, "{hash:?}");
+            assert_eq!(*af_merge(hash, &split, key_len, stripes), key, "{hash:?}");
             // Every stripe matters.
             split[3] ^= 1;
-            assert_ne!(af_merge(hash, &split, key_len, stripes), key, "{hash:?}");
+            assert_ne!(*af_merge(hash, &split, key_len, stripes), key, "{hash:?}");
         }
     }
 }
