@@ -12,7 +12,8 @@
 //! - (c) what QEMU can make but qblk does not support (other ciphers, IV
 //!   generators, modes, hashes) is refused by name, as are refused creates.
 //! - (d) encryption with the other create options (cluster sizes,
-//!   preallocation, backing files, extended L2, compat=0.10, data files).
+//!   preallocation, backing files, extended L2, compat=0.10, data files),
+//!   and `qblk convert` into an encrypted target.
 //!
 //! Every image uses `encrypt.iter-time=10`; qemu-img's own PBKDF2
 //! calibration still takes about a second per image, so combinations run
@@ -576,4 +577,53 @@ fn encryption_with_other_create_options() {
         }
     });
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `qblk convert -O qcow2 -o encrypt.format=luks --target-key-file`: an
+/// encrypted copy QEMU reads back as the source, and none without the
+/// target's passphrase.
+#[test]
+fn convert_into_an_encrypted_target() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path();
+    fs::write(dir.join("key"), KEY).expect("key");
+    fs::write(dir.join("src.raw"), model_of(&pattern_writes())).expect("source");
+    let opts = "encrypt.format=luks,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.iter-time=10";
+    let out = qblk(
+        &[
+            "convert", "-f", "raw", "-O", "qcow2", "-o", opts, "src.raw", "no.qcow2",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--target-key-file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.join("no.qcow2").exists());
+    ok(
+        qblk(
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                "--target-key-file",
+                "key",
+                "src.raw",
+                "enc.qcow2",
+            ],
+            dir,
+        ),
+        "qblk convert",
+    );
+    qemu_compare(dir, "enc.qcow2", "src.raw");
+    qemu_check_clean_encrypted(dir, "enc.qcow2");
+    let enc = &qemu_info("enc.qcow2", dir)["format-specific"]["data"]["encrypt"];
+    assert_eq!(enc["cipher-alg"], "aes-128", "{enc}");
+    assert_eq!(enc["ivgen-alg"], "essiv", "{enc}");
 }
