@@ -34,6 +34,13 @@ pub enum Error {
     },
     #[error("{}: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
+    /// The LUKS key could not be unlocked (wrong passphrase, a cipher qblk
+    /// does not support, a malformed key slot) or a LUKS header not made.
+    #[error("{}: {error}", path.display())]
+    Crypto {
+        path: PathBuf,
+        error: crate::crypto::CryptoError,
+    },
     #[error("{}: backing file refused: {reason}", path.display())]
     Backing { path: PathBuf, reason: String },
     #[error("{}: compressed cluster at host offset {offset:#x} does not decompress: {reason}", path.display())]
@@ -144,6 +151,7 @@ impl Error {
             Error::Format { source, .. } => Some(Corruption::Format(source.clone())),
             Error::Io { .. }
             | Error::Unsupported { .. }
+            | Error::Crypto { .. }
             | Error::Backing { .. }
             | Error::Locked { .. }
             | Error::Decompress { .. }

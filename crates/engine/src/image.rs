@@ -800,9 +800,9 @@ async fn unlock(
             path: path.to_owned(),
             source,
         })?;
-    crate::crypto::Crypto::unlock(&luks, &area, &key.0).map_err(|what| Error::Unsupported {
+    crate::crypto::Crypto::unlock(&luks, &area, &key.0).map_err(|error| Error::Crypto {
         path: path.to_owned(),
-        what,
+        error,
     })
 }
 

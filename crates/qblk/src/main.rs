@@ -191,7 +191,9 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
     /// Create a new image (qemu-img create's options and defaults).
     #[command(
         after_help = "OPTIONS for qcow2 (-o): cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, \
-compression_type, backing_file, backing_fmt, data_file, data_file_raw, preallocation, size. \
+compression_type, backing_file, backing_fmt, data_file, data_file_raw, preallocation, size, \
+encrypt.format=luks (with --key-file), encrypt.cipher-alg, encrypt.cipher-mode, encrypt.ivgen-alg, \
+encrypt.ivgen-hash-alg, encrypt.hash-alg, encrypt.iter-time. \
 Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers of 1024)."
     )]
     Create {
@@ -210,6 +212,11 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Do not open the backing file (SIZE is then required).
         #[arg(short = 'u')]
         unsafe_backing: bool,
+        /// File holding the passphrase of the new image when
+        /// `-o encrypt.format=luks` encrypts it; its bytes are the
+        /// passphrase, as in a QEMU secret file.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
         /// Do not print the "Formatting ..." line.
         #[arg(short = 'q')]
         quiet: bool,
@@ -272,6 +279,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// bytes are the passphrase, as in a QEMU secret file.
         #[arg(long, value_name = "PATH")]
         key_file: Option<PathBuf>,
+        /// File holding the passphrase of the target when
+        /// `-o encrypt.format=luks` encrypts it.
+        #[arg(long, value_name = "PATH")]
+        target_key_file: Option<PathBuf>,
         /// Share the source with every other user, even a writer (qemu-img's
         /// -U): read-only; what is read may be changing underneath.
         #[arg(short = 'U', long = "force-share")]
@@ -360,6 +371,11 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The passphrase in a key file: its bytes, as QEMU reads a secret file.
+fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: cannot read key file: {e}", path.display()))
+}
+
 /// "10s", "500ms", "2m" or plain seconds.
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("bad duration '{s}': use e.g. 10s, 500ms, 2m");
@@ -438,11 +454,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            let key = key_file
-                .map(|p| {
-                    std::fs::read(&p).map_err(|e| format!("{}: cannot read key: {e}", p.display()))
-                })
-                .transpose()?;
+            let key = key_file.as_deref().map(read_key).transpose()?;
             let opts = qblk_serve::ServeOptions {
                 socket,
                 image,
@@ -474,6 +486,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             backing_file,
             backing_format,
             unsafe_backing,
+            key_file,
             quiet,
             image,
             size,
@@ -503,6 +516,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 backing_file,
                 backing_format,
                 unsafe_backing,
+                key: key_file.as_deref().map(read_key).transpose()?,
             };
             let created = create(&req)?;
             if !quiet {
@@ -555,16 +569,13 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             sparse,
             quiet,
             key_file,
+            target_key_file,
             force_share,
             src,
             dst,
         } => {
-            let src_key = key_file
-                .map(|p| {
-                    std::fs::read(&p)
-                        .map_err(|e| format!("{}: cannot read key file: {e}", p.display()))
-                })
-                .transpose()?;
+            let src_key = key_file.as_deref().map(read_key).transpose()?;
+            let dst_key = target_key_file.as_deref().map(read_key).transpose()?;
             let mut parsed = Vec::new();
             for o in &options {
                 parsed.extend(split_options(o)?);
@@ -579,6 +590,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 min_sparse: parse_size(&sparse)?,
                 src_key,
                 src_force_share: force_share,
+                dst_key,
             };
             let show = progress && !quiet;
             convert(&req, |done, total| {

@@ -75,6 +75,11 @@ pub struct CreateSpec {
     pub data_file: Option<String>,
     pub data_file_raw: bool,
     pub preallocation: Preallocation,
+    /// LUKS encryption (crypt_method 2): the length in bytes of the
+    /// encryption header area (LUKS header and key material) to reserve.
+    /// Its contents are the caller's to write at
+    /// [`CreatePlan::encryption_area`].
+    pub luks_area_bytes: Option<u64>,
 }
 
 impl Default for CreateSpec {
@@ -92,6 +97,7 @@ impl Default for CreateSpec {
             data_file: None,
             data_file_raw: false,
             preallocation: Preallocation::Off,
+            luks_area_bytes: None,
         }
     }
 }
@@ -126,6 +132,8 @@ pub enum CreateError {
     SizeTooLarge { size: u64, cluster_size: u64 },
     #[error("metadata for this image would need a refcount table larger than {} MiB; use a larger cluster size or smaller refcount_bits", MAX_REFCOUNT_TABLE_BYTES >> 20)]
     RefcountTableTooLarge,
+    #[error("an encryption header area of {0} bytes is empty or too large")]
+    LuksAreaBytes(u64),
     #[error("header, extensions and backing file name do not fit in one {0}-byte cluster")]
     HeaderTooLarge(u64),
     #[error("internal error building the header: {0}")]
@@ -186,6 +194,14 @@ impl CreateSpec {
             .is_some_and(|f| f.len() > MAX_BACKING_FORMAT_BYTES)
         {
             return Err(CreateError::BackingFormatTooLong);
+        }
+        // Far more than any LUKS1 header with 8 slots of 4000 stripes of a
+        // 64-byte key (about 2 MiB) needs.
+        const MAX_LUKS_AREA_BYTES: u64 = 64 << 20;
+        if let Some(n) = self.luks_area_bytes {
+            if n == 0 || n > MAX_LUKS_AREA_BYTES {
+                return Err(CreateError::LuksAreaBytes(n));
+            }
         }
         let geometry = Geometry::new(self.cluster_bits, self.extended_l2, self.refcount_order)
             .map_err(|e| match e {
@@ -251,6 +267,9 @@ pub struct CreatePlan {
     l2_tables: Run,
     /// Data clusters in the image file (empty with an external data file).
     data: Run,
+    /// The encryption header area (LUKS), after everything else as QEMU
+    /// puts it (it sets up encryption last).
+    luks: Run,
     /// Guest clusters that get a mapping (0 without preallocation).
     mapped_clusters: u64,
     /// Clusters 0..allocated all have refcount 1; no others are in use.
@@ -274,9 +293,10 @@ impl CreatePlan {
             mapped_clusters
         };
 
+        let luks_clusters = spec.luks_area_bytes.map_or(0, |n| geometry.clusters_for(n));
         // Refcount blocks count every cluster including themselves and the
         // refcount table.
-        let fixed = 1 + l1_clusters + l2_count + data_in_image;
+        let fixed = 1 + l1_clusters + l2_count + data_in_image + luks_clusters;
         let layout = crate::refcount::refcount_layout(
             &geometry,
             crate::types::HostCluster(0),
@@ -307,10 +327,21 @@ impl CreatePlan {
             first: l2_tables.end(),
             count: data_in_image,
         };
-        let allocated = data.end();
+        let luks = Run {
+            first: data.end(),
+            count: luks_clusters,
+        };
+        let allocated = luks.end();
 
-        let header =
-            Self::build_header(spec, &geometry, size, l1_entries, l1_table, refcount_table)?;
+        let header = Self::build_header(
+            spec,
+            &geometry,
+            size,
+            l1_entries,
+            l1_table,
+            refcount_table,
+            luks,
+        )?;
         Ok(Self {
             spec: spec.clone(),
             geometry,
@@ -322,6 +353,7 @@ impl CreatePlan {
             l1_entries,
             l2_tables,
             data,
+            luks,
             mapped_clusters,
             allocated,
         })
@@ -334,6 +366,7 @@ impl CreatePlan {
         l1_entries: u64,
         l1_table: Run,
         refcount_table: Run,
+        luks: Run,
     ) -> Result<Header, CreateError> {
         let cs = geometry.cluster_size();
         let v3 = spec.version >= 3;
@@ -359,13 +392,25 @@ impl CreatePlan {
         if let Some(df) = &spec.data_file {
             extensions.push(HeaderExtension::ExternalDataFile(df.clone()));
         }
+        if let Some(length) = spec.luks_area_bytes {
+            extensions.push(HeaderExtension::FullDiskEncryption(
+                crate::header::EncryptionHeaderPointer {
+                    offset: luks.first * cs,
+                    length,
+                },
+            ));
+        }
         let mut header = Header {
             version: spec.version,
             backing_file_offset: 0,
             backing_file_size: 0,
             cluster_bits: geometry.cluster_bits(),
             size,
-            crypt_method: CryptMethod::None,
+            crypt_method: if spec.luks_area_bytes.is_some() {
+                CryptMethod::Luks
+            } else {
+                CryptMethod::None
+            },
             l1_size: u32::try_from(l1_entries).map_err(|_| CreateError::SizeTooLarge {
                 size,
                 cluster_size: cs,
@@ -467,6 +512,16 @@ impl CreatePlan {
         } else {
             (self.data.first * cs, self.data.count * cs)
         })
+    }
+
+    /// Where the encryption header area goes (offset, length in bytes):
+    /// its clusters read as zeros until the caller writes the LUKS header
+    /// and key material there, as QEMU zeroes them first.
+    pub fn encryption_area(&self) -> Option<(HostOffset, u64)> {
+        let cs = self.geometry.cluster_size();
+        self.spec
+            .luks_area_bytes
+            .map(|n| (HostOffset(self.luks.first * cs), n))
     }
 
     /// Every metadata cluster of the image with its contents, in file
@@ -766,6 +821,56 @@ mod tests {
                 assert_eq!(counted, clusters);
             }
         }
+    }
+
+    #[test]
+    fn luks_area_follows_everything_like_qemu() {
+        // qemu-img 7.2, 1 MiB, default options: LUKS at cluster 4, 2068480
+        // bytes (32 clusters); with preallocation=metadata after the 16
+        // data clusters (cluster 21).
+        let area = 4040 * 512;
+        let p = plan(|s| {
+            s.size = 1 << 20;
+            s.luks_area_bytes = Some(area)
+        })
+        .unwrap();
+        assert_eq!(p.encryption_area(), Some((HostOffset(0x40000), area)));
+        assert_eq!(p.image_len(), 0x240000);
+        let h = p.header();
+        assert_eq!(h.crypt_method, CryptMethod::Luks);
+        assert_eq!(
+            h.encryption_header(),
+            Some(crate::header::EncryptionHeaderPointer {
+                offset: 0x40000,
+                length: area
+            })
+        );
+        let img = image(&p);
+        let block = &img[0x20000..0x30000];
+        for i in 0..40 {
+            assert_eq!(get_refcount(block, 4, i), u64::from(i < 36), "cluster {i}");
+        }
+        let p = plan(|s| {
+            s.size = 1 << 20;
+            s.preallocation = Preallocation::Metadata;
+            s.luks_area_bytes = Some(area)
+        })
+        .unwrap();
+        assert_eq!(p.encryption_area(), Some((HostOffset(0x150000), area)));
+        // Small clusters: the area needs more refcount blocks, and every
+        // cluster of it is counted.
+        let p = plan(|s| {
+            s.size = 1 << 20;
+            s.cluster_bits = 9;
+            s.luks_area_bytes = Some(area)
+        })
+        .unwrap();
+        let (off, len) = p.encryption_area().unwrap();
+        assert_eq!(off.0 + len.next_multiple_of(512), p.image_len());
+        assert_eq!(
+            plan(|s| s.luks_area_bytes = Some(0)).unwrap_err(),
+            CreateError::LuksAreaBytes(0)
+        );
     }
 
     #[test]

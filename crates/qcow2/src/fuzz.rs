@@ -99,6 +99,13 @@ pub fn parse_image_prefix(data: &[u8]) {
         if let Some(buf) = window(p.offset, crate::luks::LUKS_HEADER_BYTES as u64) {
             if let Ok(luks) = crate::luks::LuksHeader::parse(buf, p.offset) {
                 let _ = (luks.cipher_alg(), luks.ivgen(), luks.ivgen_hash());
+                let _ = crate::luks::LuksSpec::from_header(&luks);
+                // Whatever encodes parses back the same.
+                if let Ok(bytes) = luks.encode() {
+                    let again = crate::luks::LuksHeader::parse(&bytes, p.offset)
+                        .expect("re-parse of an encoded LUKS header");
+                    assert_eq!(again, luks);
+                }
             }
         }
     }

@@ -168,6 +168,7 @@ fn create_if_missing(opts: &ServeOptions) -> Result<(), ServeError> {
         backing_file: None,
         backing_format: None,
         unsafe_backing: false,
+        key: None,
     };
     let created = qblk_tools::create::create(&req).map_err(|source| ServeError::Create {
         path: opts.image.clone(),

@@ -31,6 +31,9 @@ pub struct ConvertRequest {
     pub src_key: Option<Vec<u8>>,
     /// `-U`: read the source whoever else holds it.
     pub src_force_share: bool,
+    /// Passphrase of the target, when `-o encrypt.format=luks` makes it
+    /// encrypted.
+    pub dst_key: Option<Vec<u8>>,
 }
 
 /// Bytes read from the source per step (a multiple of every cluster size).
@@ -133,6 +136,7 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
             format: Some(req.dst_format),
             size: Some(size),
             options: req.options.clone(),
+            key: req.dst_key.clone(),
             ..CreateRequest::default()
         })?;
         let dst = match req.dst_format {
@@ -140,6 +144,7 @@ pub fn convert(req: &ConvertRequest, mut progress: impl FnMut(u64, u64)) -> Resu
                 let opts = OpenOptions {
                     writable: true,
                     cache: CacheMode::Writeback,
+                    key: req.dst_key.clone().map(qblk_engine::image::Secret),
                     ..OpenOptions::default()
                 };
                 Target::Qcow2(Box::new(

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use qblk_qcow2::create::{CreatePlan, CreateSpec, Preallocation};
 use qblk_qcow2::header::CompressionType;
+use qblk_qcow2::luks::{LuksCipherAlg, LuksCipherMode, LuksHash, LuksIvgen, LuksSpec};
 
 use crate::image::{ImageFormat, open_read, probe, read_header, resolve_relative};
 use crate::options::{parse_bool, parse_size};
@@ -33,6 +34,16 @@ pub struct CreateRequest {
     pub backing_format: Option<String>,
     /// `-u`: do not open the backing file (size must then be given).
     pub unsafe_backing: bool,
+    /// The passphrase of a LUKS-encrypted image (`--key-file`; qemu-img
+    /// takes it from the secret object `encrypt.key-secret` names).
+    pub key: Option<Vec<u8>>,
+}
+
+/// What `-o encrypt.*` asked for: a LUKS header made with these settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksRequest {
+    pub spec: LuksSpec,
+    pub iter_time_ms: u64,
 }
 
 /// The options `qblk create -f qcow2 -o help` lists.
@@ -52,6 +63,38 @@ pub const QCOW2_OPTIONS: &[(&str, &str)] = &[
         "Compression method for compressed clusters (zlib or zstd, default zlib)",
     ),
     ("data_file", "File name of an external data file"),
+    (
+        "encrypt.cipher-alg",
+        "Encryption cipher: aes-128, aes-192 or aes-256 (default aes-256)",
+    ),
+    (
+        "encrypt.cipher-mode",
+        "Encryption cipher mode: xts or cbc (default xts)",
+    ),
+    (
+        "encrypt.format",
+        "Encrypt the image: luks (the passphrase comes from --key-file)",
+    ),
+    (
+        "encrypt.hash-alg",
+        "PBKDF2 and anti-forensic hash: sha1, sha224, sha256, sha384, sha512 (default sha256)",
+    ),
+    (
+        "encrypt.iter-time",
+        "Milliseconds of PBKDF2 to unlock the key (default 2000)",
+    ),
+    (
+        "encrypt.ivgen-alg",
+        "IV generator: plain64 or essiv (default plain64)",
+    ),
+    (
+        "encrypt.ivgen-hash-alg",
+        "Hash of the essiv IV generator: sha256 (the default)",
+    ),
+    (
+        "encrypt.key-secret",
+        "Accepted for qemu-img command lines; qblk reads the passphrase from --key-file",
+    ),
     (
         "data_file_raw",
         "The external data file must stay valid as a raw image (on/off)",
@@ -102,9 +145,12 @@ impl Created {
     }
 }
 
-/// Translates a request into a validated qcow2 spec (no file is written).
-pub fn qcow2_spec(req: &CreateRequest) -> Result<CreateSpec> {
+/// Translates a request into a validated qcow2 spec and, for an encrypted
+/// image, what its LUKS header must be (no file is written). The spec's
+/// `luks_area_bytes` is left for the caller, who makes the header.
+pub fn qcow2_spec(req: &CreateRequest) -> Result<(CreateSpec, Option<LuksRequest>)> {
     let mut spec = CreateSpec::default();
+    let mut encrypt = EncryptOptions::default();
     let mut size = req.size;
     spec.backing_file = req.backing_file.clone();
     spec.backing_format = req.backing_format.clone();
@@ -166,11 +212,8 @@ pub fn qcow2_spec(req: &CreateRequest) -> Result<CreateSpec> {
                     ))
                 })?
             }
-            "encryption" | "encrypt.format" | "encrypt.key-secret" => {
-                return Err(Error::Usage(format!(
-                    "parameter '{k}': creating encrypted images is not supported by qblk"
-                )));
-            }
+            "encryption" => encrypt.legacy = parse_bool(k, v)?,
+            _ if k.starts_with("encrypt.") => encrypt.set(k, v)?,
             _ => return Err(Error::Usage(format!("invalid parameter '{k}'"))),
         }
     }
@@ -204,11 +247,161 @@ pub fn qcow2_spec(req: &CreateRequest) -> Result<CreateSpec> {
     spec.size = size.ok_or_else(|| {
         Error::Usage("image creation needs a size (SIZE argument or -o size=...)".into())
     })?;
-    spec.validate().map_err(|source| Error::Create {
+    let luks = encrypt.request(req.key.is_some())?;
+    // Validate with a stand-in area size; the real one is the header's.
+    let mut check = spec.clone();
+    check.luks_area_bytes = luks.as_ref().map(|_| 1);
+    check.validate().map_err(|source| Error::Create {
         path: req.path.clone(),
         source,
     })?;
-    Ok(spec)
+    Ok((spec, luks))
+}
+
+/// The `encrypt.*` options as given.
+#[derive(Debug, Default)]
+struct EncryptOptions {
+    /// `encryption=on`: QEMU's legacy AES.
+    legacy: bool,
+    format: Option<String>,
+    key_secret: Option<String>,
+    cipher_alg: Option<String>,
+    cipher_mode: Option<String>,
+    ivgen_alg: Option<String>,
+    ivgen_hash_alg: Option<String>,
+    hash_alg: Option<String>,
+    iter_time: Option<String>,
+}
+
+impl EncryptOptions {
+    fn set(&mut self, k: &str, v: &str) -> Result<()> {
+        let slot = match k {
+            "encrypt.format" => &mut self.format,
+            "encrypt.key-secret" => &mut self.key_secret,
+            "encrypt.cipher-alg" => &mut self.cipher_alg,
+            "encrypt.cipher-mode" => &mut self.cipher_mode,
+            "encrypt.ivgen-alg" => &mut self.ivgen_alg,
+            "encrypt.ivgen-hash-alg" => &mut self.ivgen_hash_alg,
+            "encrypt.hash-alg" => &mut self.hash_alg,
+            "encrypt.iter-time" => &mut self.iter_time,
+            _ => return Err(Error::Usage(format!("invalid parameter '{k}'"))),
+        };
+        *slot = Some(v.to_owned());
+        Ok(())
+    }
+
+    /// What to make, refusing what qemu-img refuses and what qblk cannot
+    /// make, each by name.
+    fn request(&self, have_key: bool) -> Result<Option<LuksRequest>> {
+        let usage = |m: String| Err(Error::Usage(m));
+        if self.legacy && self.format.is_some() {
+            return usage(
+                "'encrypt.format' and its alias 'encryption' can't be used at the same time".into(),
+            );
+        }
+        let legacy = "QEMU's legacy AES encryption (encrypt.format=aes, encryption=on) is insecure and qblk does not create it; use encrypt.format=luks";
+        let format = match (self.legacy, self.format.as_deref()) {
+            (true, _) | (_, Some("aes")) => return usage(legacy.into()),
+            (false, Some("luks")) => true,
+            (false, Some(other)) => {
+                return usage(format!(
+                    "invalid encrypt.format '{other}': qblk creates luks"
+                ));
+            }
+            (false, None) => false,
+        };
+        if !format {
+            let given = [
+                ("encrypt.key-secret", self.key_secret.is_some()),
+                ("encrypt.cipher-alg", self.cipher_alg.is_some()),
+                ("encrypt.cipher-mode", self.cipher_mode.is_some()),
+                ("encrypt.ivgen-alg", self.ivgen_alg.is_some()),
+                ("encrypt.ivgen-hash-alg", self.ivgen_hash_alg.is_some()),
+                ("encrypt.hash-alg", self.hash_alg.is_some()),
+                ("encrypt.iter-time", self.iter_time.is_some()),
+            ];
+            if let Some((k, _)) = given.iter().find(|(_, on)| *on) {
+                return usage(format!("parameter '{k}' needs encrypt.format=luks"));
+            }
+            return Ok(None);
+        }
+        if !have_key {
+            return usage(
+                "encrypt.format=luks needs a passphrase: give it with --key-file PATH (convert: --target-key-file PATH), where qemu-img takes --object secret,id=ID,file=PATH -o encrypt.key-secret=ID".into(),
+            );
+        }
+        let spec_err = |e: qblk_qcow2::luks::LuksSpecError| Error::Usage(e.to_string());
+        let default = LuksSpec::default();
+        let cipher = match &self.cipher_alg {
+            Some(v) => LuksCipherAlg::parse(v).map_err(spec_err)?,
+            None => default.cipher,
+        };
+        let mode = match &self.cipher_mode {
+            Some(v) => LuksCipherMode::parse(v).map_err(spec_err)?,
+            None => default.mode,
+        };
+        let hash = match &self.hash_alg {
+            Some(v) => LuksHash::parse(v).map_err(spec_err)?,
+            None => default.hash,
+        };
+        // QEMU's default ESSIV hash is sha256; with plain64 it is ignored.
+        let ivgen_hash = match &self.ivgen_hash_alg {
+            Some(v) => LuksHash::parse(v).map_err(spec_err)?,
+            None => LuksHash::Sha256,
+        };
+        let ivgen = LuksIvgen::parse(self.ivgen_alg.as_deref().unwrap_or("plain64"), ivgen_hash)
+            .map_err(spec_err)?;
+        if (cipher, mode) == (LuksCipherAlg::Aes192, LuksCipherMode::Cbc) {
+            // 24-byte keys in 4000 stripes are 187.5 sectors of key
+            // material; QEMU asserts on that and dies opening the image.
+            return usage(
+                "aes-192 in cbc mode is refused: QEMU cannot open such an image (qemu-img aborts on its key material, which is not a whole number of sectors); use aes-128 or aes-256, or xts".into(),
+            );
+        }
+        let iter_time_ms = match &self.iter_time {
+            None => qblk_engine::crypto::DEFAULT_ITER_TIME_MS,
+            Some(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n <= qblk_engine::crypto::MAX_ITER_TIME_MS)
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "invalid encrypt.iter-time '{v}': expected milliseconds, 0 to {}",
+                        qblk_engine::crypto::MAX_ITER_TIME_MS
+                    ))
+                })?,
+        };
+        Ok(Some(LuksRequest {
+            spec: LuksSpec {
+                cipher,
+                mode,
+                ivgen,
+                hash,
+            },
+            iter_time_ms,
+        }))
+    }
+
+    /// The `encrypt.*` settings in qemu-img's order, as given.
+    fn settings(&self, out: &mut Vec<(String, String)>) {
+        let given = [
+            ("encrypt.key-secret", &self.key_secret),
+            ("encrypt.cipher-alg", &self.cipher_alg),
+            ("encrypt.cipher-mode", &self.cipher_mode),
+            ("encrypt.ivgen-alg", &self.ivgen_alg),
+            ("encrypt.ivgen-hash-alg", &self.ivgen_hash_alg),
+            ("encrypt.hash-alg", &self.hash_alg),
+            ("encrypt.iter-time", &self.iter_time),
+        ];
+        if let Some(f) = &self.format {
+            out.push(("encrypt.format".into(), f.clone()));
+        }
+        for (k, v) in given {
+            if let Some(v) = v {
+                out.push((k.into(), v.clone()));
+            }
+        }
+    }
 }
 
 fn non_empty(k: &str, v: &str) -> Result<Option<String>> {
@@ -254,7 +447,19 @@ pub fn create(req: &CreateRequest) -> Result<Created> {
 }
 
 fn create_qcow2(req: &CreateRequest) -> Result<Created> {
-    let spec = qcow2_spec(req)?;
+    let (mut spec, luks) = qcow2_spec(req)?;
+    let luks_area = match (&luks, &req.key) {
+        (Some(l), Some(key)) => {
+            let area = qblk_engine::crypto::create_luks_area(&l.spec, key, l.iter_time_ms)
+                .map_err(|source| Error::Crypto {
+                    path: req.path.clone(),
+                    source,
+                })?;
+            spec.luks_area_bytes = Some(area.len() as u64);
+            Some(area)
+        }
+        _ => None,
+    };
     let plan = CreatePlan::new(&spec).map_err(|source| Error::Create {
         path: req.path.clone(),
         source,
@@ -285,6 +490,10 @@ fn create_qcow2(req: &CreateRequest) -> Result<Created> {
         }
         file.set_len(plan.image_len())
             .map_err(|e| Error::io(path, "resize", e))?;
+        if let (Some((offset, _)), Some(area)) = (plan.encryption_area(), &luks_area) {
+            file.write_all_at(area, offset.0)
+                .map_err(|e| Error::io(path, "write LUKS header", e))?;
+        }
         if spec.data_file.is_none() {
             if let Some((off, len)) = plan.preallocated_data_range() {
                 preallocate(file, path, spec.preallocation, off, len)?;
@@ -294,13 +503,21 @@ fn create_qcow2(req: &CreateRequest) -> Result<Created> {
     })?;
 
     let on_off = |b: bool| if b { "on" } else { "off" }.to_owned();
-    let mut settings = vec![
-        (
-            "cluster_size".to_owned(),
-            plan.geometry().cluster_size().to_string(),
-        ),
-        ("extended_l2".to_owned(), on_off(spec.extended_l2)),
-    ];
+    let mut settings = Vec::new();
+    if luks.is_some() {
+        let mut encrypt = EncryptOptions::default();
+        for (k, v) in &req.options {
+            if k.starts_with("encrypt.") {
+                encrypt.set(k, v)?;
+            }
+        }
+        encrypt.settings(&mut settings);
+    }
+    settings.push((
+        "cluster_size".to_owned(),
+        plan.geometry().cluster_size().to_string(),
+    ));
+    settings.push(("extended_l2".to_owned(), on_off(spec.extended_l2)));
     if spec.preallocation != Preallocation::Off {
         settings.push(("preallocation".into(), spec.preallocation.name().into()));
     }
@@ -509,6 +726,115 @@ mod tests {
                 "{opts:?}"
             );
         }
+    }
+
+    #[test]
+    fn encryption_refusals_name_what_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let luks = ("encrypt.format", "luks");
+        /// Options, whether a key is given, and what the error must say.
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a str);
+        let cases: &[Case] = &[
+            (&[luks], false, "--key-file"),
+            (&[("encrypt.format", "aes")], true, "legacy AES"),
+            (&[("encryption", "on")], true, "legacy AES"),
+            (&[("encryption", "on"), luks], true, "at the same time"),
+            (
+                &[("encrypt.cipher-alg", "aes-128")],
+                true,
+                "needs encrypt.format=luks",
+            ),
+            (
+                &[luks, ("encrypt.cipher-alg", "twofish-256")],
+                true,
+                "cipher twofish-256 is not supported",
+            ),
+            (
+                &[luks, ("encrypt.cipher-mode", "ecb")],
+                true,
+                "cipher mode ecb",
+            ),
+            (
+                &[luks, ("encrypt.ivgen-alg", "plain")],
+                true,
+                "IV generator plain ",
+            ),
+            (&[luks, ("encrypt.hash-alg", "md5")], true, "hash md5"),
+            (
+                &[
+                    luks,
+                    ("encrypt.ivgen-alg", "essiv"),
+                    ("encrypt.ivgen-hash-alg", "sha1"),
+                ],
+                true,
+                "essiv with sha1",
+            ),
+            (
+                &[
+                    luks,
+                    ("encrypt.cipher-alg", "aes-192"),
+                    ("encrypt.cipher-mode", "cbc"),
+                ],
+                true,
+                "aes-192 in cbc mode",
+            ),
+            (
+                &[luks, ("encrypt.iter-time", "-1")],
+                true,
+                "encrypt.iter-time",
+            ),
+            (
+                &[luks, ("encrypt.slot", "0")],
+                true,
+                "invalid parameter 'encrypt.slot'",
+            ),
+        ];
+        for (opts, key, want) in cases {
+            let mut r = req(dir.path(), opts);
+            r.key = key.then(|| b"pw".to_vec());
+            let e = create(&r).unwrap_err().to_string();
+            assert!(e.contains(want), "{opts:?}: {e}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn encrypted_image_has_luks_area_and_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = req(
+            dir.path(),
+            &[
+                ("encrypt.hash-alg", "sha1"),
+                ("encrypt.format", "luks"),
+                ("encrypt.iter-time", "1"),
+                ("encrypt.cipher-mode", "cbc"),
+                ("encrypt.ivgen-alg", "essiv"),
+            ],
+        );
+        r.key = Some(b"pw".to_vec());
+        let c = create(&r).unwrap();
+        assert!(
+            c.describe(&r.path).contains(
+                "fmt=qcow2 encrypt.format=luks encrypt.cipher-mode=cbc encrypt.ivgen-alg=essiv encrypt.hash-alg=sha1 encrypt.iter-time=1 cluster_size=65536"
+            ),
+            "{}",
+            c.describe(&r.path)
+        );
+        let f = open_read(&r.path).unwrap();
+        let h = read_header(&f, &r.path).unwrap();
+        let p = h.encryption_header().unwrap();
+        let mut area = vec![0u8; p.length as usize];
+        f.read_exact_at(&mut area, p.offset).unwrap();
+        let luks = qblk_qcow2::luks::LuksHeader::parse(&area, p.offset).unwrap();
+        assert_eq!(
+            (
+                luks.cipher_mode.as_str(),
+                luks.hash_spec.as_str(),
+                luks.key_bytes
+            ),
+            ("cbc-essiv:sha256", "sha1", 32)
+        );
+        qblk_engine::crypto::Crypto::unlock(&luks, &area, b"pw").unwrap();
     }
 
     #[test]

@@ -55,6 +55,12 @@ pub enum Error {
         path: PathBuf,
         conflict: qblk_engine::lock::Conflict,
     },
+    #[error("{}: cannot make the LUKS header", path.display())]
+    Crypto {
+        path: PathBuf,
+        #[source]
+        source: qblk_engine::crypto::CryptoError,
+    },
     /// Bad command-line input; the message says what and why.
     #[error("{0}")]
     Usage(String),
