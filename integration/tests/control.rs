@@ -201,6 +201,36 @@ fn qmp_bitmaps_and_queries_while_a_client_writes() {
     assert_eq!(count(&mut q2, "b1"), 2 * 4096);
     assert_eq!(c.read_vec(1 << 20, 8192), vec![0x5a; 8192]);
 
+    // Statistics: what the client did, in QEMU's names, per queue too.
+    assert_eq!(c.flush(), 0);
+    let stats = q2.ok("query-blockstats", json!({}));
+    let s = &stats[0]["stats"];
+    assert_eq!(s["wr_operations"], 4, "{stats}");
+    assert_eq!(s["wr_bytes"], 8192 + 3 * 4096, "{stats}");
+    assert_eq!(s["rd_operations"], 1, "{stats}");
+    assert_eq!(s["rd_bytes"], 8192, "{stats}");
+    assert_eq!(s["flush_operations"], 1, "{stats}");
+    assert_eq!(s["failed_wr_operations"], 0, "{stats}");
+    assert_eq!(s["x-in-flight"], 0, "{stats}");
+    assert!(
+        s["wr_total_time_ns"].as_u64().is_some_and(|t| t > 0),
+        "{stats}"
+    );
+    assert_eq!(
+        stats[0]["x-queues"][0]["stats"]["wr_operations"], 4,
+        "{stats}"
+    );
+    // A write past the end is refused and counted.
+    assert_ne!(c.write(64 << 20, 0, 4096), 0);
+    let stats = q2.ok("query-blockstats", json!({}));
+    let refused = stats[0]["stats"]["failed_wr_operations"]
+        .as_u64()
+        .unwrap_or(0)
+        + stats[0]["stats"]["x-invalid-operations"]
+            .as_u64()
+            .unwrap_or(0);
+    assert_eq!(refused, 1, "{stats}");
+
     q2.ok(
         "block-dirty-bitmap-remove",
         json!({"node": "disk", "name": "b1"}),

@@ -12,7 +12,7 @@
 //!
 //! Commands so far: `qmp_capabilities`, `query-version`,
 //! `query-commands`, `query-block-exports`, `query-named-block-nodes`,
-//! `block-dirty-bitmap-add`/`-remove`/`-clear`/`-enable`/`-disable`/
+//! `query-blockstats` (`stats.rs`), `block-dirty-bitmap-add`/`-remove`/`-clear`/`-enable`/`-disable`/
 //! `-merge` and `quit`. The disk's node is named `disk`.
 //!
 //! Bad input — unparsable JSON, a request that is no object, unknown
@@ -173,6 +173,7 @@ const COMMANDS: &[&str] = &[
     "query-commands",
     "query-block-exports",
     "query-named-block-nodes",
+    "query-blockstats",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
     "block-dirty-bitmap-clear",
@@ -290,6 +291,7 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             json!([{"type": "vhost-user-blk", "id": NODE_NAME, "node-name": NODE_NAME, "shutting-down": false}])
         }),
         "query-named-block-nodes" => a.only(&["flat"]).map(|()| named_nodes(ctx)),
+        "query-blockstats" => a.only(&["query-nodes"]).map(|()| blockstats(ctx)),
         "block-dirty-bitmap-add" => {
             a.only(&["node", "name", "granularity", "persistent", "disabled"])?;
             let img = image(ctx, &a)?;
@@ -438,6 +440,24 @@ where
             qblk_engine::Error::Unsupported { what, .. } => generic(what),
             other => generic(format!("{}: {other}", path.display())),
         })
+}
+
+/// QEMU's `query-blockstats` for the disk: the totals in QEMU's names,
+/// and each queue's under `x-queues`.
+fn blockstats(ctx: &Context) -> Value {
+    let queues: Vec<&crate::stats::QueueStats> = ctx.device.queue_stats.iter().collect();
+    let per_queue: Vec<Value> = queues
+        .iter()
+        .enumerate()
+        .map(|(i, q)| json!({"queue": i, "stats": crate::stats::to_json(&[q])}))
+        .collect();
+    json!([{
+        "device": "",
+        "node-name": NODE_NAME,
+        "qdev": NODE_NAME,
+        "stats": crate::stats::to_json(&queues),
+        "x-queues": per_queue,
+    }])
 }
 
 fn named_nodes(ctx: &Context) -> Value {

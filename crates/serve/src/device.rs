@@ -65,6 +65,8 @@ pub struct Device {
     io_errors: AtomicU64,
     /// Register guest memory with each worker's io_uring (`--pin-guest-memory`).
     pub pin_memory: bool,
+    /// Each queue's request counters.
+    pub queue_stats: Vec<crate::stats::QueueStats>,
 }
 
 impl Device {
@@ -76,6 +78,9 @@ impl Device {
             writeback: AtomicBool::new(true),
             io_errors: AtomicU64::new(0),
             pin_memory: false,
+            queue_stats: (0..config.num_queues)
+                .map(|_| crate::stats::QueueStats::default())
+                .collect(),
         }
     }
 

@@ -19,6 +19,7 @@ pub mod device;
 pub mod disk;
 mod pin;
 pub mod request;
+pub mod stats;
 pub mod vhost;
 mod worker;
 

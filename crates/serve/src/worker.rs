@@ -487,11 +487,21 @@ impl Queue {
 
     fn start(self: &Rc<Self>, head: u16, parsed: Parsed, mem: &Mem) {
         self.inflight.set(self.inflight.get() + 1);
+        let stats = &self.device.queue_stats[self.index];
+        stats.started();
         match parsed {
             Parsed::Request(r) => {
                 let q = self.clone();
                 tokio::task::spawn_local(async move {
+                    let began = std::time::Instant::now();
                     let (code, id_len) = execute(&q.device, &r).await;
+                    let (kind, bytes) = accounting(&r.op);
+                    q.device.queue_stats[q.index].finished(
+                        kind,
+                        bytes,
+                        code == VIRTIO_BLK_S_OK as u8,
+                        began.elapsed(),
+                    );
                     let len = if r.mem.write_obj(code, r.status).is_ok() {
                         r.used_len(id_len)
                     } else {
@@ -502,11 +512,13 @@ impl Queue {
             }
             Parsed::Reject { status, code, why } => {
                 self.log_bad(&why);
+                stats.invalid();
                 let len = u32::from(mem.write_obj(code, status).is_ok());
                 self.complete(head, len);
             }
             Parsed::Broken { why } => {
                 self.log_bad(&why);
+                stats.invalid();
                 self.complete(head, 0);
             }
         }
@@ -622,6 +634,19 @@ fn guest_slices(r: &Request, bufs: &[IoSeg]) -> Vec<GuestSlice> {
             unsafe { GuestSlice::new(b.ptr, b.len, r.mem.clone()) }
         })
         .collect()
+}
+
+/// What a request counts as in the statistics, and its bytes.
+fn accounting(op: &Op) -> (Option<crate::stats::Kind>, u64) {
+    use crate::stats::Kind;
+    match op {
+        Op::Read { bufs, .. } => (Some(Kind::Read), bufs.iter().map(|b| b.len as u64).sum()),
+        Op::Write { bufs, .. } => (Some(Kind::Write), bufs.iter().map(|b| b.len as u64).sum()),
+        Op::Flush => (Some(Kind::Flush), 0),
+        Op::Discard { len, .. } => (Some(Kind::Discard), *len),
+        Op::WriteZeroes { len, .. } => (Some(Kind::WriteZeroes), *len),
+        Op::GetId { .. } => (None, 0),
+    }
 }
 
 /// Runs one request against the disk; returns the status and, for GET_ID,
