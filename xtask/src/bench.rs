@@ -686,6 +686,11 @@ pub fn bench(opts: &Options) -> Result {
                         } else {
                             "data.qcow2"
                         };
+                        if w.bitmap {
+                            // A baseline without bitmap support drops it:
+                            // put it back (an error says it is still there).
+                            let _ = b.qemu_img(&["bitmap", "--add", image, "backup"]);
+                        }
                         b.daemon_run(w, t, image)?
                     }
                 };
