@@ -236,6 +236,57 @@ fn qmp_bitmaps_and_queries_while_a_client_writes() {
         json!({"node": "disk", "name": "b1"}),
     );
     assert_eq!(bitmaps(&mut q2).len(), 1);
+
+    // qblk ctl, the operator's client.
+    let out = ok(
+        qblk(
+            &[
+                "ctl",
+                "qmp.sock",
+                "block-dirty-bitmap-add",
+                "node=disk",
+                "name=c",
+                "persistent=true",
+            ],
+            d,
+        ),
+        "qblk ctl block-dirty-bitmap-add",
+    );
+    assert_eq!(out, "");
+    let out = ok(
+        qblk(&["ctl", "qmp.sock", "query-named-block-nodes"], d),
+        "qblk ctl query-named-block-nodes",
+    );
+    let v: Value = serde_json::from_str(&out).expect("ctl prints JSON");
+    assert_eq!(v[0]["dirty-bitmaps"][1]["name"], "c", "{out}");
+    let refused = qblk(
+        &[
+            "ctl",
+            "qmp.sock",
+            "block-dirty-bitmap-remove",
+            r#"{"node": "disk", "name": "nope"}"#,
+        ],
+        d,
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("GenericError: Dirty bitmap 'nope' not found"),
+        "{}",
+        stderr(&refused)
+    );
+    ok(
+        qblk(
+            &[
+                "ctl",
+                "qmp.sock",
+                "block-dirty-bitmap-remove",
+                "node=disk",
+                "name=c",
+            ],
+            d,
+        ),
+        "qblk ctl block-dirty-bitmap-remove",
+    );
     drop(c);
     // quit stops the daemon cleanly; the bitmap is stored, not in use.
     q2.ok("quit", json!({}));

@@ -188,6 +188,19 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// Image file.
         image: PathBuf,
     },
+    /// Send one QMP command to a daemon's control socket (`serve
+    /// --control`) and print the result.
+    #[command(
+        after_help = "Values that read as JSON (numbers, true, false, arrays, objects) are sent as JSON, others as strings; a single JSON object is taken as the arguments.\nExample: qblk ctl /run/qblk/vm1.qmp block-dirty-bitmap-add node=disk name=backup persistent=true"
+    )]
+    Ctl {
+        /// The control socket.
+        socket: PathBuf,
+        /// The command, e.g. query-blockstats.
+        command: String,
+        /// Arguments: KEY=VALUE ..., or one JSON object.
+        args: Vec<String>,
+    },
     /// Create a new image (qemu-img create's options and defaults).
     #[command(
         after_help = "OPTIONS for qcow2 (-o): cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, \
@@ -684,6 +697,16 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 options: parsed,
             };
             amend(&req)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ctl {
+            socket,
+            command,
+            args,
+        } => {
+            let args = qblk_tools::ctl::arguments(&args)?;
+            let result = qblk_tools::ctl::execute(&socket, &command, args)?;
+            print!("{}", qblk_tools::ctl::render(&result));
             Ok(ExitCode::SUCCESS)
         }
         Command::Bitmap { args } => {

@@ -10,6 +10,7 @@ pub mod bitmap;
 pub mod check;
 pub mod convert;
 pub mod create;
+pub mod ctl;
 pub mod image;
 pub mod info;
 pub mod map;
