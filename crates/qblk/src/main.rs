@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use qblk_engine::check::RepairMode;
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
+use qblk_tools::compare::{CompareFailure, CompareRequest, Verdict, compare};
 use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
@@ -215,6 +216,33 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         src: PathBuf,
         dst: PathBuf,
     },
+    /// Compare the contents of two images, through their backing chains
+    /// (qemu-img compare: exit 0 identical, 1 different, 2 an image could
+    /// not be opened, 3 block status failed, 4 a read failed).
+    Compare {
+        /// Format of the first image; probed when omitted.
+        #[arg(short = 'f', value_name = "FMT")]
+        first_format: Option<String>,
+        /// Format of the second image; probed when omitted.
+        #[arg(short = 'F', value_name = "FMT")]
+        second_format: Option<String>,
+        /// Strict: images that differ in size or allocation are different
+        /// even if they read the same.
+        #[arg(short = 's')]
+        strict: bool,
+        /// Share the images with every other user, even a writer
+        /// (qemu-img's -U): what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Print nothing on stdout (the exit code tells).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        first: PathBuf,
+        second: PathBuf,
+    },
     /// Show where each guest range lives (qemu-img map's output).
     Map {
         /// Image format; probed when omitted.
@@ -292,6 +320,16 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// qemu-img's progress line, redrawn in place on stderr.
+fn print_progress(done: u64, total: u64) {
+    let pct = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    eprint!("    ({pct:.2}/100%)\r");
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -517,18 +555,66 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let show = progress && !quiet;
             convert(&req, |done, total| {
                 if show {
-                    let pct = if total == 0 {
-                        100.0
-                    } else {
-                        done as f64 * 100.0 / total as f64
-                    };
-                    eprint!("    ({pct:.2}/100%)\r");
+                    print_progress(done, total);
                 }
             })?;
             if show {
                 eprintln!();
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            first_format,
+            second_format,
+            strict,
+            force_share,
+            quiet,
+            progress,
+            first,
+            second,
+        } => {
+            let req = CompareRequest {
+                first,
+                first_format: first_format
+                    .as_deref()
+                    .map(ImageFormat::parse)
+                    .transpose()?,
+                second,
+                second_format: second_format
+                    .as_deref()
+                    .map(ImageFormat::parse)
+                    .transpose()?,
+                strict,
+                force_share,
+            };
+            let show = progress && !quiet;
+            let compared = compare(&req, |done, total| {
+                if show {
+                    print_progress(done, total);
+                }
+            });
+            if show {
+                eprintln!();
+            }
+            if !quiet {
+                for m in &compared.messages {
+                    println!("{m}");
+                }
+            }
+            // qemu-img compare's exit codes.
+            let code = match &compared.outcome {
+                Ok(Verdict::Identical) => 0,
+                Ok(Verdict::Different) => 1,
+                Err(failure) => {
+                    eprintln!("qblk: {}", error_chain(failure.error()));
+                    match failure {
+                        CompareFailure::Open(_) => 2,
+                        CompareFailure::Status(_) => 3,
+                        CompareFailure::Read(_) => 4,
+                    }
+                }
+            };
+            Ok(ExitCode::from(code))
         }
         Command::Map {
             format,

@@ -1,11 +1,12 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
-//! `check`, `convert` and `map`.
+//! `check`, `compare`, `convert`, `map` and `measure`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
 //! from `qblk-qcow2`; this crate adds files, paths and qemu-img's syntax.
 
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod image;
@@ -43,6 +44,14 @@ pub enum Error {
     #[error("{}: cannot check", path.display())]
     Engine {
         path: PathBuf,
+        #[source]
+        source: Box<qblk_engine::image::Error>,
+    },
+    /// An engine operation on an image failed; `op` says which.
+    #[error("{}: {op}", path.display())]
+    EngineOp {
+        path: PathBuf,
+        op: &'static str,
         #[source]
         source: Box<qblk_engine::image::Error>,
     },
