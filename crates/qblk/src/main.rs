@@ -14,6 +14,7 @@ use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
 use qblk_tools::map::{self, map_image};
+use qblk_tools::measure::{MeasureRequest, measure};
 use qblk_tools::options::{parse_size, split_options};
 
 #[derive(Parser, Debug)]
@@ -242,6 +243,31 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         progress: bool,
         first: PathBuf,
         second: PathBuf,
+    },
+    /// How large a new image would be: empty of --size bytes, or a copy
+    /// of SRC (qemu-img measure's figures).
+    Measure {
+        /// Measure an empty image of this size (K, M, G, T, P, E suffixes).
+        #[arg(long, value_name = "SIZE")]
+        size: Option<String>,
+        /// Source format; probed when omitted.
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Target format.
+        #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+        output_format: String,
+        /// Target image options (as for create), comma separated; may repeat.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// Share the source with every other user, even a writer (qemu-img's
+        /// -U): what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Source image.
+        src: Option<PathBuf>,
     },
     /// Show where each guest range lives (qemu-img map's output).
     Map {
@@ -615,6 +641,34 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 }
             };
             Ok(ExitCode::from(code))
+        }
+        Command::Measure {
+            size,
+            format,
+            output_format,
+            options,
+            output,
+            force_share,
+            src,
+        } => {
+            let mut parsed = Vec::new();
+            for o in &options {
+                parsed.extend(split_options(o)?);
+            }
+            let req = MeasureRequest {
+                size: size.as_deref().map(parse_size).transpose()?,
+                source: src,
+                source_format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                target_format: ImageFormat::parse(&output_format)?,
+                options: parsed,
+                force_share,
+            };
+            let m = measure(&req)?;
+            match output {
+                Output::Json => println!("{}", m.to_json()),
+                Output::Human => print!("{}", m.to_human()),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Map {
             format,

@@ -10,15 +10,11 @@
 
 use std::path::{Path, PathBuf};
 
-use qblk_engine::file::{CacheMode, HostFile};
-use qblk_engine::image::BackingPolicy;
-use qblk_engine::lock::Access;
-use qblk_engine::map::{BlockStatus, raw_layer_status};
 use qblk_engine::runtime::block_on;
-use qblk_engine::{Image, OpenOptions};
 
-use crate::image::{ImageFormat, open_read, probe};
-use crate::{Error, Result};
+use crate::Error;
+use crate::image::ImageFormat;
+use crate::source::Source;
 
 /// Bytes read from each image per step.
 const STEP: u64 = 4 << 20;
@@ -74,114 +70,6 @@ pub struct Compared {
     pub outcome: std::result::Result<Verdict, CompareFailure>,
 }
 
-/// One image being compared.
-enum Side {
-    Qcow2(Box<Image>),
-    Raw { file: HostFile, size: u64 },
-}
-
-impl Side {
-    async fn open(path: &Path, format: Option<ImageFormat>, force_share: bool) -> Result<Side> {
-        let format = match format {
-            Some(f) => f,
-            None => probe(&open_read(path)?, path)?,
-        };
-        match format {
-            ImageFormat::Qcow2 => {
-                let opts = OpenOptions {
-                    cache: CacheMode::Writeback,
-                    backing: BackingPolicy {
-                        // Like qemu-img: the operator named this image.
-                        allow_any_dir: true,
-                        ..BackingPolicy::default()
-                    },
-                    force_share,
-                    ..OpenOptions::default()
-                };
-                let img = Image::open(path, &opts)
-                    .await
-                    .map_err(|e| engine(path, "cannot open", e))?;
-                if img.header().crypt_method != qblk_qcow2::header::CryptMethod::None {
-                    return Err(Error::Unsupported {
-                        path: path.to_owned(),
-                        what: "the image is encrypted: compare cannot read it without its key"
-                            .into(),
-                    });
-                }
-                Ok(Side::Qcow2(Box::new(img)))
-            }
-            ImageFormat::Raw => {
-                let file = HostFile::open(path, false, CacheMode::Writeback)
-                    .map_err(|e| Error::io(path, "open", e))?;
-                crate::lock_file(&file, path, Access::READER, force_share)?;
-                // QEMU's file layer counts whole sectors.
-                let size = file
-                    .file_len()
-                    .map_err(|e| Error::io(path, "stat", e))?
-                    .next_multiple_of(SECTOR);
-                Ok(Side::Raw { file, size })
-            }
-        }
-    }
-
-    fn size(&self) -> u64 {
-        match self {
-            Side::Qcow2(img) => img.size(),
-            Side::Raw { size, .. } => *size,
-        }
-    }
-
-    fn path(&self) -> &Path {
-        match self {
-            Side::Qcow2(img) => img.path(),
-            Side::Raw { file, .. } => file.path(),
-        }
-    }
-
-    /// The status of the run from `pos` to at most the end of the image.
-    async fn status(&self, pos: u64) -> std::result::Result<(BlockStatus, u64), CompareFailure> {
-        let (status, len) = match self {
-            Side::Qcow2(img) => img.block_status(pos, img.size() - pos).await.map_err(|e| {
-                CompareFailure::Status(engine(
-                    img.path(),
-                    "block status failed (sector allocation test)",
-                    e,
-                ))
-            })?,
-            Side::Raw { file, size } => raw_layer_status(file, *size, pos, size - pos),
-        };
-        if len == 0 {
-            // Only past the end, which the walk never asks about.
-            return Err(CompareFailure::Status(Error::Unsupported {
-                path: self.path().to_owned(),
-                what: format!("block status made no progress at offset {pos}"),
-            }));
-        }
-        Ok((status, len))
-    }
-
-    async fn read(&self, pos: u64, buf: &mut [u8]) -> std::result::Result<(), CompareFailure> {
-        match self {
-            Side::Qcow2(img) => img
-                .read(pos, buf)
-                .await
-                .map_err(|e| CompareFailure::Read(engine(img.path(), "read failed", e))),
-            Side::Raw { file, .. } => file
-                .read_into(pos, buf)
-                .await
-                .map_err(|e| CompareFailure::Read(Error::io(file.path(), "read", e))),
-        }
-    }
-}
-
-fn engine(path: &Path, op: &'static str, e: qblk_engine::image::Error) -> Error {
-    Error::EngineOp {
-        path: path.to_owned(),
-        op,
-        source: Box::new(e),
-    }
-}
-
 /// Compares; `progress(done, total)` is called as the walk goes on.
 pub fn compare(req: &CompareRequest, progress: impl FnMut(u64, u64)) -> Compared {
     let mut messages = Vec::new();
@@ -189,17 +77,32 @@ pub fn compare(req: &CompareRequest, progress: impl FnMut(u64, u64)) -> Compared
     Compared { messages, outcome }
 }
 
+/// Opens one image; an encrypted one cannot be read without its key,
+/// which compare does not take.
+async fn open(
+    path: &Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+) -> std::result::Result<Source, CompareFailure> {
+    let source = Source::open(path, format, force_share)
+        .await
+        .map_err(CompareFailure::Open)?;
+    if source.is_encrypted() {
+        return Err(CompareFailure::Open(Error::Unsupported {
+            path: path.to_owned(),
+            what: "the image is encrypted: compare cannot read it without its key".into(),
+        }));
+    }
+    Ok(source)
+}
+
 async fn run(
     req: &CompareRequest,
     messages: &mut Vec<String>,
     mut progress: impl FnMut(u64, u64),
 ) -> std::result::Result<Verdict, CompareFailure> {
-    let a = Side::open(&req.first, req.first_format, req.force_share)
-        .await
-        .map_err(CompareFailure::Open)?;
-    let b = Side::open(&req.second, req.second_format, req.force_share)
-        .await
-        .map_err(CompareFailure::Open)?;
+    let a = open(&req.first, req.first_format, req.force_share).await?;
+    let b = open(&req.second, req.second_format, req.force_share).await?;
     let (size_a, size_b) = (a.size(), b.size());
     if req.strict && size_a != size_b {
         messages.push("Strict mode: Image size mismatch!".into());
@@ -210,8 +113,8 @@ async fn run(
     let mut bufs = (vec![0u8; STEP as usize], vec![0u8; STEP as usize]);
     let mut pos = 0;
     while pos < common {
-        let (status_a, len_a) = a.status(pos).await?;
-        let (status_b, len_b) = b.status(pos).await?;
+        let (status_a, len_a) = a.status(pos).await.map_err(CompareFailure::Status)?;
+        let (status_b, len_b) = b.status(pos).await.map_err(CompareFailure::Status)?;
         let len = len_a.min(len_b).min(common - pos);
         if req.strict && status_a != status_b {
             messages.push(format!("Strict mode: Offset {pos} block status mismatch!"));
@@ -241,7 +144,7 @@ async fn run(
         // Beyond the smaller image, the larger must read as zeros.
         let over = if size_a > size_b { &a } else { &b };
         while pos < total {
-            let (status, len) = over.status(pos).await?;
+            let (status, len) = over.status(pos).await.map_err(CompareFailure::Status)?;
             if status.allocated {
                 if let Some(at) = first_nonzero(over, pos, len, &mut bufs.0).await? {
                     messages.push(format!("Content mismatch at offset {at}!"));
@@ -259,8 +162,8 @@ async fn run(
 /// The sector-aligned offset of the first byte that differs between the
 /// images in `[pos, pos + len)`.
 async fn first_difference(
-    a: &Side,
-    b: &Side,
+    a: &Source,
+    b: &Source,
     pos: u64,
     len: u64,
     bufs: &mut (Vec<u8>, Vec<u8>),
@@ -272,8 +175,8 @@ async fn first_difference(
         let (buf_a, buf_b) = (&mut bufs.0[..n], &mut bufs.1[..n]);
         let (read_a, read_b) =
             futures_util::future::join(a.read(at, buf_a), b.read(at, buf_b)).await;
-        read_a?;
-        read_b?;
+        read_a.map_err(CompareFailure::Read)?;
+        read_b.map_err(CompareFailure::Read)?;
         if let Some(i) = first_mismatch(&bufs.0[..n], &bufs.1[..n]) {
             return Ok(Some(sector_start(at + i as u64)));
         }
@@ -285,7 +188,7 @@ async fn first_difference(
 /// The sector-aligned offset of the first non-zero byte of `side` in
 /// `[pos, pos + len)`.
 async fn first_nonzero(
-    side: &Side,
+    side: &Source,
     pos: u64,
     len: u64,
     buf: &mut [u8],
@@ -294,7 +197,9 @@ async fn first_nonzero(
     while done < len {
         let n = (len - done).min(STEP) as usize;
         let at = pos + done;
-        side.read(at, &mut buf[..n]).await?;
+        side.read(at, &mut buf[..n])
+            .await
+            .map_err(CompareFailure::Read)?;
         if let Some(i) = first_nonzero_byte(&buf[..n]) {
             return Ok(Some(sector_start(at + i as u64)));
         }

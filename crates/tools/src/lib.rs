@@ -12,7 +12,9 @@ pub mod create;
 pub mod image;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod options;
+mod source;
 
 use std::io;
 use std::path::PathBuf;
