@@ -531,7 +531,27 @@ pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
         }
     }
     let after = check(path, CacheMode::None, true).await?;
+    if after.corruptions == 0 && after.check_errors == 0 {
+        // As qemu-img check -r: an image found consistent after the
+        // repair is no longer corrupt (nor dirty), and writable again.
+        mark_consistent(&guard, path).await?;
+    }
     Ok(RepairOutcome { before, after })
+}
+
+/// Clears the corrupt and dirty bits of an image found consistent, durably.
+async fn mark_consistent(file: &HostFile, path: &Path) -> Result<()> {
+    use qblk_qcow2::header::IncompatibleFeatures;
+    let (mut header, _) = read_header(file, path).await?;
+    let bits = IncompatibleFeatures::CORRUPT | IncompatibleFeatures::DIRTY;
+    if !header.incompatible_features.intersects(bits) {
+        return Ok(());
+    }
+    header.incompatible_features.remove(bits);
+    let mut commit = Commit::new(End::Durable);
+    let _ = commit.write("write header", 0, header_buf(path, &header)?);
+    commit.run(repair_files(file)).await?;
+    Ok(())
 }
 
 async fn fix_leaks(file: &HostFile, path: &Path, report: &CheckReport) -> Result<()> {

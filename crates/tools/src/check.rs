@@ -89,7 +89,8 @@ impl Checked {
     pub fn to_human(&self) -> String {
         let r = &self.report;
         let mut s = String::new();
-        if self.repaired_from.is_some() {
+        // qemu-img says what it repaired only when it repaired something.
+        if self.json.leaks_fixed > 0 || self.json.corruptions_fixed > 0 {
             s.push_str(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
                 self.json.leaks_fixed, self.json.corruptions_fixed
