@@ -12,7 +12,7 @@ use qblk_tools::compare::{CompareFailure, CompareRequest, Verdict, compare};
 use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
-use qblk_tools::info::image_info;
+use qblk_tools::info::{chain_to_human, chain_to_json, image_info, image_info_chain};
 use qblk_tools::map::{self, map_image};
 use qblk_tools::measure::{MeasureRequest, measure};
 use qblk_tools::options::{parse_size, split_options};
@@ -289,6 +289,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Image format; probed when omitted (qcow2 magic, else raw).
         #[arg(short = 'f', value_name = "FMT")]
         format: Option<String>,
+        /// Describe every image of the backing chain in turn (JSON: an
+        /// array).
+        #[arg(long)]
+        backing_chain: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
@@ -692,11 +696,20 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }
         Command::Info {
             format,
+            backing_chain,
             output,
             force_share,
             image,
         } => {
             let format = format.as_deref().map(ImageFormat::parse).transpose()?;
+            if backing_chain {
+                let chain = image_info_chain(&image, format, force_share)?;
+                match output {
+                    Output::Json => println!("{}", chain_to_json(&chain)),
+                    Output::Human => print!("{}", chain_to_human(&chain)),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let info = image_info(&image, format, force_share)?;
             match output {
                 Output::Json => println!("{}", info.to_json()),
