@@ -190,7 +190,13 @@ impl Image {
                 SubclusterState::Allocated => {
                     let host =
                         host.expect("allocated subclusters have a host cluster") + in_cluster;
-                    let (is_data, n) = data_or_hole(host_file, host, len);
+                    // Holes count only in images that look preallocated,
+                    // as QEMU counts them (`metadata_preallocated`).
+                    let (is_data, n) = if self.metadata_preallocated().await {
+                        data_or_hole(host_file, host, len)
+                    } else {
+                        (true, len)
+                    };
                     Ok(entry(true, !is_data, true, false, Some(host), n))
                 }
                 SubclusterState::Zero => Ok(entry(
@@ -406,7 +412,7 @@ impl Image {
             data: matches!(kind, SubclusterType::Normal | SubclusterType::Compressed),
             ..BlockStatus::default()
         };
-        if status.data && status.offset_valid {
+        if status.data && status.offset_valid && self.metadata_preallocated().await {
             // The host file says where it has holes: those read as zeros.
             let host_file = self.data_file().unwrap_or(self.file());
             let host =
@@ -426,6 +432,60 @@ impl Image {
         }
         status.eof = pos + len == size;
         Ok((status, len))
+    }
+
+    /// Whether the image looks created with preallocation=metadata, as
+    /// QEMU guesses it: more clusters have a refcount than the host file
+    /// stores, by a ninth or by two clusters. Only for such images does
+    /// QEMU's block status ask the host file where data clusters have
+    /// holes; elsewhere a data cluster is data, holes or not. An image
+    /// whose refcounts cannot be read is taken as not preallocated, as
+    /// QEMU takes it.
+    pub(crate) async fn metadata_preallocated(&self) -> bool {
+        if let Some(&known) = self.metadata_preallocated_cell().get() {
+            return known;
+        }
+        let found = self.detect_metadata_preallocation().await.unwrap_or(false);
+        *self.metadata_preallocated_cell().get_or_init(|| found)
+    }
+
+    async fn detect_metadata_preallocation(&self) -> Option<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let meta = std::fs::metadata(self.file().path()).ok()?;
+        let stored_clusters = meta.blocks() * 512 / cs;
+        let threshold = (stored_clusters * 10 / 9).max(stored_clusters + 2);
+        let end_cluster = meta.len().div_ceil(cs);
+        let (table_offset, table_len) = self.lock_tables().refcount_table;
+        let per_block = g.refcount_block_entries();
+        let blocks = end_cluster.div_ceil(per_block).min(table_len / 8);
+        let table = self
+            .file()
+            .read(table_offset, usize::try_from(blocks * 8).ok()?)
+            .await
+            .ok()?;
+        let mut counted = 0u64;
+        for (i, raw) in qblk_qcow2::decode_table(&table).enumerate() {
+            let Some(block) = qblk_qcow2::refcount::RefcountTableEntry(raw).block_offset() else {
+                continue;
+            };
+            if block.0 % cs != 0 {
+                return None;
+            }
+            let buf = self.file().read(block.0, cs as usize).await.ok()?;
+            let first = i as u64 * per_block;
+            let n = per_block.min(end_cluster.saturating_sub(first));
+            for j in 0..n as usize {
+                if qblk_qcow2::refcount::get_refcount(&buf, g.refcount_order(), j) != 0 {
+                    counted += 1;
+                    if counted >= threshold {
+                        return Some(true);
+                    }
+                }
+            }
+        }
+        Some(false)
     }
 
     /// The type of the subcluster holding `pos`, the host cluster of its
