@@ -525,7 +525,22 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 Repair::Leaks => RepairMode::Leaks,
                 Repair::All => RepairMode::All,
             });
-            let Some(checked) = check_image(&image, format, repair, force_share)? else {
+            let checked = match check_image(&image, format, repair, force_share) {
+                Err(qblk_tools::Error::RepairRefused { path, messages }) => {
+                    // qemu-img's findings, then why nothing was repaired.
+                    for m in &messages {
+                        eprintln!("{m}");
+                    }
+                    eprintln!("ERROR need to rebuild refcount structures");
+                    return Err(qblk_tools::Error::RepairRefused {
+                        path,
+                        messages: Vec::new(),
+                    }
+                    .into());
+                }
+                other => other?,
+            };
+            let Some(checked) = checked else {
                 eprintln!(
                     "qblk: {}: this image format does not support checks",
                     image.display()

@@ -158,6 +158,17 @@ pub fn check_image(
         path: path.to_owned(),
         source: Box::new(e),
     };
+    if repair == Some(RepairMode::Leaks) {
+        // qemu-img check -r leaks fails on damage only a rebuild of the
+        // refcount structure repairs, after reporting what it found.
+        let before = block_on(check(path, CacheMode::Writeback, false)).map_err(engine_err)?;
+        if before.needs_rebuild {
+            return Err(Error::RepairRefused {
+                path: path.to_owned(),
+                messages: before.messages,
+            });
+        }
+    }
     let (report, repaired_from) = match repair {
         None => (
             block_on(check(path, CacheMode::Writeback, force_share)).map_err(engine_err)?,

@@ -63,6 +63,13 @@ pub enum Error {
         path: PathBuf,
         conflict: qblk_engine::lock::Conflict,
     },
+    /// `check -r leaks` on damage only `-r all` repairs; `messages` are
+    /// the check's findings.
+    #[error("{}: check failed: need to rebuild refcount structures (use -r all)", path.display())]
+    RepairRefused {
+        path: PathBuf,
+        messages: Vec<String>,
+    },
     /// Bad command-line input; the message says what and why.
     #[error("{0}")]
     Usage(String),
