@@ -319,7 +319,8 @@ fn repair_clears_the_corrupt_bit_as_qemu_img_does() {
     let reftable = be64(d, "base.qcow2", 48);
     let refblock = be64(d, "base.qcow2", reftable);
     let l1 = be64(d, "base.qcow2", 40);
-    let cases: [(&str, Box<dyn Fn(&Path, &str)>); 3] = [
+    type Damage = Box<dyn Fn(&Path, &str)>;
+    let cases: [(&str, Damage); 3] = [
         ("marked", Box::new(|_, _| {})),
         (
             "leak",

@@ -65,7 +65,7 @@ impl MeasureGeometry {
     fn refcount_metadata_size(&self, clusters: u64) -> Option<u64> {
         let cs = self.cluster_size();
         let blocks_per_table_cluster = cs / TABLE_ENTRY_BYTES;
-        let refcounts_per_block = cs * 8 >> self.refcount_order;
+        let refcounts_per_block = (cs * 8) >> self.refcount_order;
         let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
         loop {
             let last = n;

@@ -237,3 +237,29 @@ fn first_mismatch(a: &[u8], b: &[u8]) -> Option<usize> {
 fn sector_start(offset: u64) -> u64 {
     offset - offset % SECTOR
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatches_and_non_zero_bytes_are_found_where_they_are() {
+        let a = vec![0u8; 10_000];
+        assert_eq!(first_mismatch(&a, &a), None);
+        assert_eq!(first_nonzero_byte(&a), None);
+        for at in [0, 1, 4095, 4096, 9_999] {
+            let mut b = a.clone();
+            b[at] = 1;
+            assert_eq!(first_mismatch(&a, &b), Some(at));
+            assert_eq!(first_nonzero_byte(&b), Some(at));
+        }
+        assert_eq!(first_nonzero_byte(&[]), None);
+    }
+
+    #[test]
+    fn offsets_are_reported_per_sector() {
+        assert_eq!(sector_start(0), 0);
+        assert_eq!(sector_start(511), 0);
+        assert_eq!(sector_start(3_000_000), 2_999_808);
+    }
+}

@@ -332,3 +332,50 @@ fn bitmaps_size(g: &MeasureGeometry, img: &qblk_engine::Image) -> Result<u64> {
     }
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(s: &str) -> Vec<(String, String)> {
+        crate::options::split_options(s).expect("options")
+    }
+
+    #[test]
+    fn defaults_and_the_last_value_win() {
+        let t = qcow2_target(&[], Some(1 << 30)).expect("defaults");
+        assert_eq!(t.geometry.cluster_bits, 16);
+        assert_eq!(t.geometry.refcount_order, 4);
+        assert_eq!(t.version, 3);
+        assert!(!t.has_backing_file);
+        let t = qcow2_target(
+            &opts("cluster_size=4k,cluster_size=2M,backing_file=b"),
+            None,
+        )
+        .expect("options");
+        assert_eq!(t.geometry.cluster_bits, 21);
+        assert!(t.has_backing_file);
+        assert_eq!(t.size, 0);
+    }
+
+    #[test]
+    fn what_qemu_img_refuses_is_refused() {
+        for bad in [
+            "cluster_size=3k",
+            "cluster_size=4M",
+            "extended_l2=on,cluster_size=8k",
+            "compat=2",
+            "compat=0.10,refcount_bits=8",
+            "refcount_bits=3",
+            "refcount_bits=128",
+            "preallocation=sometimes",
+            "lazy_refcounts=maybe",
+            "frobnicate=1",
+            "encrypt.format=luks",
+        ] {
+            assert!(qcow2_target(&opts(bad), Some(1 << 20)).is_err(), "{bad}");
+        }
+        assert!(raw_target(&opts("cluster_size=4k")).is_err());
+        assert!(raw_target(&opts("preallocation=full,size=1M")).is_ok());
+    }
+}
