@@ -284,12 +284,27 @@ fn compare_refuses_damage_as_qemu_img_does() {
         ("short.qcow2", 2),
         ("missing.qcow2", 2),
     ] {
+        let theirs = both(
+            d,
+            "compare",
+            &["-F", "qcow2", "good.qcow2", image],
+            &mut failures,
+        );
+        assert_eq!(theirs, Some(code), "qemu-img compare -F qcow2 {image}");
         let theirs = both(d, "compare", &["good.qcow2", image], &mut failures);
         assert_eq!(theirs, Some(code), "qemu-img compare {image}");
         let out = qblk(&["compare", "good.qcow2", image], d);
         let msg = String::from_utf8_lossy(&out.stderr);
         assert!(msg.contains(image), "{image}: the error names it: {msg}");
     }
+    // A format qblk does not read: an image it cannot open.
+    let theirs = both(
+        d,
+        "compare",
+        &["-f", "vmdk", "good.qcow2", "good.qcow2"],
+        &mut failures,
+    );
+    assert_eq!(theirs, Some(2));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -351,6 +366,56 @@ fn measure_matches_qemu_img() {
             both(d, "measure", &args, &mut failures);
         }
     }
+    // An encrypted source: qemu-img needs its key to open it, qblk
+    // measures the allocation without one; the figures are the same.
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s,data=pw",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+            "luks.qcow2",
+            "8M",
+        ],
+    );
+    let opts = "driver=qcow2,file.filename=luks.qcow2,encrypt.key-secret=s";
+    sh(
+        d,
+        &[
+            "qemu-io",
+            "--object",
+            "secret,id=s,data=pw",
+            "--image-opts",
+            "-c",
+            "write -P 1 0 1M",
+            opts,
+        ],
+    );
+    let theirs = sh(
+        d,
+        &[
+            "qemu-img",
+            "measure",
+            "--object",
+            "secret,id=s,data=pw",
+            "-O",
+            "qcow2",
+            "--output=json",
+            "--image-opts",
+            opts,
+        ],
+    );
+    let ours = qblk(
+        &["measure", "-O", "qcow2", "--output=json", "luks.qcow2"],
+        d,
+    );
+    assert_eq!(String::from_utf8_lossy(&ours.stdout), theirs, "luks.qcow2");
     // Sizes alone, up to and past what an L1 table can map.
     for size in ["0", "1000", "1G", "1T", "100T", "3P", "1E"] {
         for opts in [

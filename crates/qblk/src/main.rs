@@ -618,17 +618,23 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             first,
             second,
         } => {
+            // A format qblk does not read is an image it cannot open (2).
+            let parsed = (
+                first_format.as_deref().map(ImageFormat::parse).transpose(),
+                second_format.as_deref().map(ImageFormat::parse).transpose(),
+            );
+            let (first_format, second_format) = match parsed {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("qblk: {}", error_chain(&e));
+                    return Ok(ExitCode::from(2));
+                }
+            };
             let req = CompareRequest {
                 first,
-                first_format: first_format
-                    .as_deref()
-                    .map(ImageFormat::parse)
-                    .transpose()?,
+                first_format,
                 second,
-                second_format: second_format
-                    .as_deref()
-                    .map(ImageFormat::parse)
-                    .transpose()?,
+                second_format,
                 strict,
                 force_share,
             };
