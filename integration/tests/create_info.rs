@@ -268,6 +268,38 @@ fn create_matrix_against_qemu_img() {
                     stderr(&cmp)
                 ));
             }
+            // qblk compare and measure decide as qemu-img's do on every
+            // kind of image (compare_measure.rs goes further).
+            let mut checks: Vec<Vec<String>> = vec![
+                vec!["compare".into(), "a.qcow2".into(), "b.qcow2".into()],
+                vec![
+                    "compare".into(),
+                    "-s".into(),
+                    "b.qcow2".into(),
+                    "a.qcow2".into(),
+                ],
+            ];
+            let mut measure = vec!["measure".into(), "-O".into(), "qcow2".into()];
+            if !c.opts.is_empty() {
+                measure.push("-o".into());
+                measure.push(c.opts.join(",").replace("DATA", "m.raw"));
+            }
+            measure.extend(["--output=json".into(), "b.qcow2".into()]);
+            checks.push(measure);
+            for args in checks {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let theirs = run("qemu-img", &args, &dir);
+                let ours = qblk(&args, &dir);
+                if (ours.status.code(), &ours.stdout) != (theirs.status.code(), &theirs.stdout) {
+                    failures.push(format!(
+                        "{what}: qblk {args:?}: exit {:?} {:?}, qemu-img exit {:?} {:?}",
+                        ours.status.code(),
+                        String::from_utf8_lossy(&ours.stdout),
+                        theirs.status.code(),
+                        String::from_utf8_lossy(&theirs.stdout)
+                    ));
+                }
+            }
         }
         fs::remove_dir_all(&dir).expect("clean up");
         let took = started.elapsed();
