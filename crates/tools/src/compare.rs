@@ -99,8 +99,17 @@ async fn open(
 async fn run(
     req: &CompareRequest,
     messages: &mut Vec<String>,
-    mut progress: impl FnMut(u64, u64),
+    mut report: impl FnMut(u64, u64),
 ) -> std::result::Result<Verdict, CompareFailure> {
+    // Progress at most every hundredth of the way (a fragmented image has
+    // millions of runs).
+    let mut reported = 0u64;
+    let mut progress = |pos: u64, total: u64| {
+        if pos == total || pos - reported >= total / 100 {
+            reported = pos;
+            report(pos, total);
+        }
+    };
     let a = open(&req.first, req.first_format, req.force_share).await?;
     let b = open(&req.second, req.second_format, req.force_share).await?;
     let (size_a, size_b) = (a.size(), b.size());
