@@ -49,11 +49,12 @@ pub enum Error {
         #[source]
         source: Box<qblk_engine::image::Error>,
     },
-    /// An engine operation on an image failed; `op` says which.
+    /// An engine operation on an image failed; `op` says which (and
+    /// where).
     #[error("{}: {op}", path.display())]
     EngineOp {
         path: PathBuf,
-        op: &'static str,
+        op: String,
         #[source]
         source: Box<qblk_engine::image::Error>,
     },

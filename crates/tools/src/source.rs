@@ -49,7 +49,7 @@ impl Source {
                 };
                 let img = Image::open(path, &opts)
                     .await
-                    .map_err(|e| engine(path, "cannot open", e))?;
+                    .map_err(|e| engine(path, "cannot open".into(), e))?;
                 Ok(Source::Qcow2(Box::new(img)))
             }
             ImageFormat::Raw => {
@@ -96,7 +96,11 @@ impl Source {
             Source::Qcow2(img) => img
                 .block_status(pos, img.size().saturating_sub(pos))
                 .await
-                .map_err(|e| engine(img.path(), "block status failed", e))?,
+                .map_err(|e| {
+                    // qemu-img's words for it.
+                    let op = format!("sector allocation test failed at offset {pos}");
+                    engine(img.path(), op, e)
+                })?,
             Source::Raw { file, size } => {
                 raw_layer_status(file, *size, pos, size.saturating_sub(pos))
             }
@@ -114,10 +118,10 @@ impl Source {
     /// Reads guest bytes at `pos`.
     pub(crate) async fn read(&self, pos: u64, buf: &mut [u8]) -> Result<()> {
         match self {
-            Source::Qcow2(img) => img
-                .read(pos, buf)
-                .await
-                .map_err(|e| engine(img.path(), "read failed", e)),
+            Source::Qcow2(img) => img.read(pos, buf).await.map_err(|e| {
+                let op = format!("error while reading offset {pos}");
+                engine(img.path(), op, e)
+            }),
             Source::Raw { file, .. } => file
                 .read_into(pos, buf)
                 .await
@@ -126,7 +130,7 @@ impl Source {
     }
 }
 
-fn engine(path: &Path, op: &'static str, e: qblk_engine::image::Error) -> Error {
+fn engine(path: &Path, op: String, e: qblk_engine::image::Error) -> Error {
     Error::EngineOp {
         path: path.to_owned(),
         op,
