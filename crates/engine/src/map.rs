@@ -500,7 +500,6 @@ impl Image {
         let g = self.geometry();
         let in_cluster = g.offset_in_cluster(pos);
         let to_end = g.cluster_size() - in_cluster;
-        let whole = |n: u64| (n.min(max), n == to_end);
         let (kind, host, n) = match self.descriptor(pos).await? {
             ClusterDescriptor::Unallocated => (SubclusterType::UnallocatedPlain, None, to_end),
             ClusterDescriptor::Zero {
@@ -535,8 +534,8 @@ impl Image {
                 (kind, None, n)
             }
         };
-        let (len, reaches_end) = whole(n);
-        Ok((kind, host, len, reaches_end && len == n))
+        let len = n.min(max);
+        Ok((kind, host, len, len == to_end))
     }
 }
 
