@@ -293,3 +293,90 @@ fn check_matches_qemu_img() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("header.cluster_bits"));
 }
+
+/// `check -r` clears the corrupt bit once the image is found consistent,
+/// as qemu-img does (for `-r leaks` too), so the image is writable again;
+/// an image still corrupt after the repair stays marked.
+#[test]
+fn repair_clears_the_corrupt_bit_as_qemu_img_does() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "base.qcow2",
+            "8M",
+        ],
+    );
+    sh(d, &["qemu-io", "-c", "write -P 1 0 1M", "base.qcow2"]);
+    let base = fs::read(d.join("base.qcow2")).expect("read");
+    let len = base.len() as u64;
+    let reftable = be64(d, "base.qcow2", 48);
+    let refblock = be64(d, "base.qcow2", reftable);
+    let l1 = be64(d, "base.qcow2", 40);
+    type Damage = Box<dyn Fn(&Path, &str)>;
+    let cases: [(&str, Damage); 3] = [
+        ("marked", Box::new(|_, _| {})),
+        (
+            "leak",
+            Box::new(move |d, n| {
+                patch(d, n, len + 65536 - 1, &[0]);
+                patch(d, n, refblock + 2 * (len / 65536), &1u16.to_be_bytes());
+            }),
+        ),
+        (
+            "corrupt",
+            Box::new(move |d, n| patch(d, n, refblock + 2 * (l1 / 65536), &0u16.to_be_bytes())),
+        ),
+    ];
+    let corrupt_flag = |name: &str| {
+        let out = run("qemu-img", &["info", "--output=json", name], d);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("info JSON");
+        v["format-specific"]["data"]["corrupt"].as_bool()
+    };
+    let mut cleared = 0;
+    for (name, damage) in &cases {
+        for mode in ["leaks", "all"] {
+            let mut codes = Vec::new();
+            let mut flags = Vec::new();
+            for program in ["qemu-img", "qblk"] {
+                let n = format!("{program}-{mode}-{name}.qcow2");
+                fs::write(d.join(&n), &base).expect("copy");
+                damage(d, &n);
+                patch(d, &n, 79, &[2]); // incompatible bit 1: corrupt
+                assert_eq!(corrupt_flag(&n), Some(true), "{n}");
+                let args = ["check", "-r", mode, &n];
+                let out = if program == "qblk" {
+                    qblk(&args, d)
+                } else {
+                    run("qemu-img", &args, d)
+                };
+                codes.push(out.status.code());
+                let flag = corrupt_flag(&n);
+                flags.push(flag);
+                // Writable again exactly when no longer marked corrupt.
+                let write = run("qemu-io", &["-c", "write -P 5 0 4k", &n], d);
+                assert_eq!(
+                    write.status.success(),
+                    flag == Some(false),
+                    "{n}: qemu-io {}",
+                    String::from_utf8_lossy(&write.stderr)
+                );
+                if program == "qblk" && flag == Some(false) {
+                    cleared += 1;
+                    let check = run("qemu-img", &["check", &n], d);
+                    assert_eq!(check.status.code(), Some(0), "{n} after writing");
+                }
+            }
+            assert_eq!(codes[0], codes[1], "{name} -r {mode}: exit codes");
+            assert_eq!(flags[0], flags[1], "{name} -r {mode}: corrupt bit after");
+        }
+    }
+    // The cases cover both outcomes.
+    assert!((1..6).contains(&cleared), "{cleared} of 6 cleared");
+}

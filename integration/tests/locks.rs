@@ -147,6 +147,37 @@ fn qemu_tools_refuse_an_image_qblk_serves_and_minus_u_reads_it() {
         qblk(&["snapshot", "-l", "-U", "a.qcow2"], d),
         "qblk snapshot -l -U",
     );
+    // compare and measure read their images as qemu-img does: refused
+    // with its exit codes (2 and 1), read with -U.
+    for (args, code) in [
+        (&["compare", "a.qcow2", "a.qcow2"][..], 2),
+        (&["measure", "-O", "qcow2", "a.qcow2"], 1),
+        (&["info", "--backing-chain", "a.qcow2"], 1),
+    ] {
+        let theirs = run("qemu-img", args, d);
+        assert_eq!(theirs.status.code(), Some(code), "qemu-img {args:?}");
+        let ours = qblk(args, d);
+        assert_eq!(ours.status.code(), Some(code), "qblk {args:?}");
+        refused(
+            ours,
+            "Failed to get shared \"write\" lock",
+            &format!("qblk {args:?}"),
+        );
+        let mut shared = args.to_vec();
+        shared.insert(1, "-U");
+        let theirs = run("qemu-img", &shared, d);
+        let ours = qblk(&shared, d);
+        assert_eq!(theirs.status.code(), Some(0), "qemu-img {shared:?}");
+        assert_eq!(
+            ours.status.code(),
+            Some(0),
+            "qblk {shared:?}: {}",
+            stderr(&ours)
+        );
+        if args[0] != "info" {
+            assert_eq!(ours.stdout, theirs.stdout, "qblk {shared:?}");
+        }
+    }
     succeeds(qblk(&["info", "-U", "a.qcow2"], d), "qblk info -U");
     succeeds(qblk(&["check", "-U", "a.qcow2"], d), "qblk check -U");
     succeeds(qblk(&["map", "-U", "a.qcow2"], d), "qblk map -U");

@@ -105,6 +105,14 @@ const BREAKAGES: &[Breakage] = &[
         test: "malformed_messages_get_an_error_or_a_disconnect",
         needle: "cannot read /nonexistent-proc/",
     },
+    // A compare mismatch reported at another offset must not pass.
+    Breakage {
+        switch: "compare-offset",
+        package: "qblk-integration",
+        target: "compare_measure",
+        test: "compare_matches_qemu_img",
+        needle: "differences:",
+    },
     // A hostile image that hangs the engine, or makes it allocate more
     // than the image justifies.
     Breakage {

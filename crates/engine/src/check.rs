@@ -41,6 +41,10 @@ pub struct CheckReport {
     pub messages: Vec<String>,
     /// (cluster, referenced) of every leaked cluster, for repair.
     pub leaked: Vec<(u64, u64)>,
+    /// Only a rebuild of the refcount structure can repair what was found
+    /// (a cluster in use with refcount 0, a misaligned refcount block):
+    /// qemu-img check -r leaks then fails rather than repair part of it.
+    pub needs_rebuild: bool,
 }
 
 impl CheckReport {
@@ -178,6 +182,7 @@ impl Checker<'_> {
             if e.validate(&self.geometry, at).is_err() {
                 self.report
                     .corruption(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
+                self.report.needs_rebuild = true;
                 blocks.push(None);
                 continue;
             }
@@ -373,9 +378,12 @@ impl Checker<'_> {
         }
         match compare(cluster, stored, referenced) {
             None => {}
-            Some(RefcountMismatch::Corruption { .. }) => self.report.corruption(format!(
-                "ERROR cluster {cluster} refcount={stored} reference={referenced}"
-            )),
+            Some(RefcountMismatch::Corruption { .. }) => {
+                self.report.needs_rebuild |= stored == 0;
+                self.report.corruption(format!(
+                    "ERROR cluster {cluster} refcount={stored} reference={referenced}"
+                ))
+            }
             // Leaks only count within the file, as in qemu-img.
             Some(RefcountMismatch::Leak { .. }) if cluster < file_clusters => {
                 self.report.leaks += 1;
@@ -519,7 +527,9 @@ pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
     crate::lock::lock_image(&guard, path, Access::WRITER)?;
     let before = check(path, CacheMode::None, true).await?;
     let needs = match mode {
-        RepairMode::Leaks => before.leaks > 0,
+        // Leaks are not lowered beside damage only a rebuild repairs
+        // (qemu-img check -r leaks fails then).
+        RepairMode::Leaks => before.leaks > 0 && !before.needs_rebuild,
         RepairMode::All => before.leaks > 0 || before.corruptions > 0,
     };
     if needs {
@@ -531,7 +541,27 @@ pub async fn repair(path: &Path, mode: RepairMode) -> Result<RepairOutcome> {
         }
     }
     let after = check(path, CacheMode::None, true).await?;
+    if after.corruptions == 0 && after.check_errors == 0 {
+        // As qemu-img check -r: an image found consistent after the
+        // repair is no longer corrupt (nor dirty), and writable again.
+        mark_consistent(&guard, path).await?;
+    }
     Ok(RepairOutcome { before, after })
+}
+
+/// Clears the corrupt and dirty bits of an image found consistent, durably.
+async fn mark_consistent(file: &HostFile, path: &Path) -> Result<()> {
+    use qblk_qcow2::header::IncompatibleFeatures;
+    let (mut header, _) = read_header(file, path).await?;
+    let bits = IncompatibleFeatures::CORRUPT | IncompatibleFeatures::DIRTY;
+    if !header.incompatible_features.intersects(bits) {
+        return Ok(());
+    }
+    header.incompatible_features.remove(bits);
+    let mut commit = Commit::new(End::Durable);
+    let _ = commit.write("write header", 0, header_buf(path, &header)?);
+    commit.run(repair_files(file)).await?;
+    Ok(())
 }
 
 async fn fix_leaks(file: &HostFile, path: &Path, report: &CheckReport) -> Result<()> {

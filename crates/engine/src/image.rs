@@ -148,6 +148,9 @@ pub struct Image {
     /// What only a writable image has: the allocator, the commit lock,
     /// guest-cluster locks (`crate::write`).
     writer: Option<crate::write::Writer>,
+    /// Whether the image looks preallocated (`crate::map`), found out on
+    /// first need.
+    metadata_preallocated: std::sync::OnceLock<bool>,
 }
 
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
@@ -373,6 +376,7 @@ impl Image {
                 refcount_cache_bytes: opts.refcount_cache_bytes,
                 crypto,
                 writer: None,
+                metadata_preallocated: std::sync::OnceLock::new(),
             })
         })
     }
@@ -453,6 +457,10 @@ impl Image {
 
     pub(crate) fn crypto(&self) -> Option<&crate::crypto::Crypto> {
         self.crypto.as_ref()
+    }
+
+    pub(crate) fn metadata_preallocated_cell(&self) -> &std::sync::OnceLock<bool> {
+        &self.metadata_preallocated
     }
 
     pub(crate) fn writer(&self) -> Option<&crate::write::Writer> {

@@ -190,7 +190,13 @@ impl Image {
                 SubclusterState::Allocated => {
                     let host =
                         host.expect("allocated subclusters have a host cluster") + in_cluster;
-                    let (is_data, n) = data_or_hole(host_file, host, len);
+                    // Holes count only in images that look preallocated,
+                    // as QEMU counts them (`metadata_preallocated`).
+                    let (is_data, n) = if self.metadata_preallocated().await {
+                        data_or_hole(host_file, host, len)
+                    } else {
+                        (true, len)
+                    };
                     Ok(entry(true, !is_data, true, false, Some(host), n))
                 }
                 SubclusterState::Zero => Ok(entry(
@@ -268,4 +274,288 @@ fn run_of(
         end += scs;
     }
     (state, (end - in_cluster).min(max))
+}
+
+/// What QEMU's block layer answers for a run of guest bytes when asked
+/// about a whole backing chain (`bdrv_block_status_above` with no base):
+/// the flags `qemu-img compare` decides by, strict mode comparing all of
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockStatus {
+    /// Stored data (which may still read as zeros).
+    pub data: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// The run has a host offset.
+    pub offset_valid: bool,
+    /// Some layer of the chain decides the run (else it reads from
+    /// nowhere: zeros).
+    pub allocated: bool,
+    /// The run ends at the end of the layer that answered.
+    pub eof: bool,
+}
+
+/// QEMU's qcow2 subcluster types: what one stretch of an L2 table says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubclusterType {
+    Normal,
+    ZeroPlain,
+    ZeroAlloc,
+    UnallocatedPlain,
+    UnallocatedAlloc,
+    Compressed,
+}
+
+impl SubclusterType {
+    /// Whether a run of this type continues only over contiguous host
+    /// clusters.
+    fn has_host_offset(self) -> bool {
+        matches!(
+            self,
+            Self::Normal | Self::ZeroAlloc | Self::UnallocatedAlloc
+        )
+    }
+}
+
+impl Image {
+    /// The status of the run of guest bytes from `pos` (at most `max`
+    /// bytes) over the whole backing chain, as QEMU's block layer reports
+    /// it: the answer of the first layer that allocates the run, zeros
+    /// beyond a shorter backing file counting as allocated there, and runs
+    /// no longer than QEMU's (one L2 table of one layer at a time, host
+    /// clusters contiguous, split where the host file has holes). A
+    /// length of 0 means `pos` is at or past the end.
+    pub async fn block_status(&self, pos: u64, max: u64) -> Result<(BlockStatus, u64)> {
+        let (mut status, mut len) = self.layer_status(pos, max).await?;
+        if len == 0 || status.allocated {
+            return Ok((status, len));
+        }
+        let eof = status.eof.then_some(pos + len);
+        let mut below = self.backing();
+        while let Some(layer) = below {
+            let (s, n) = match layer {
+                Backing::Qcow2(img) => img.layer_status(pos, len).await?,
+                Backing::Raw { file, size } => raw_layer_status(file, size, pos, len),
+            };
+            if n == 0 {
+                // Beyond the end of a shorter layer: zeros this layer
+                // decides.
+                status = BlockStatus {
+                    zero: true,
+                    allocated: true,
+                    ..BlockStatus::default()
+                };
+                break;
+            }
+            (status, len) = (s, n);
+            if s.allocated {
+                status.eof = false;
+                break;
+            }
+            below = match layer {
+                Backing::Qcow2(img) => img.backing(),
+                Backing::Raw { .. } => None,
+            };
+        }
+        if eof == Some(pos + len) {
+            status.eof = true;
+        }
+        Ok((status, len))
+    }
+
+    /// The status of the run from `pos` in this layer alone.
+    async fn layer_status(&self, pos: u64, max: u64) -> Result<(BlockStatus, u64)> {
+        let size = self.size();
+        if pos >= size {
+            let eof = BlockStatus {
+                eof: true,
+                ..BlockStatus::default()
+            };
+            return Ok((eof, 0));
+        }
+        let g = self.geometry();
+        let coverage = g.l2_coverage_bytes();
+        let limit = max.min(size - pos).min(coverage - pos % coverage);
+        let l1_index = g.l1_index(g.guest_cluster(qblk_qcow2::GuestOffset(pos))) as usize;
+        let no_table = self
+            .lock_tables()
+            .l1
+            .get(l1_index)
+            .is_none_or(|e| e.l2_offset().is_none());
+        let (kind, host, mut len) = if no_table {
+            (SubclusterType::UnallocatedPlain, None, limit)
+        } else {
+            let (kind, host, n, whole) = self.subcluster_run(pos, limit).await?;
+            let mut len = n;
+            let mut at_cluster_end = whole;
+            // Whole clusters of the same type (and contiguous on the
+            // host where they have a host cluster) continue the run;
+            // compressed clusters go one by one.
+            while at_cluster_end && len < limit && kind != SubclusterType::Compressed {
+                let (k, h, n, whole) = self.subcluster_run(pos + len, limit - len).await?;
+                let contiguous = match (host, h) {
+                    (Some(a), Some(b)) => a + (pos % g.cluster_size()) + len == b,
+                    _ => true,
+                };
+                if k != kind || (kind.has_host_offset() && !contiguous) {
+                    break;
+                }
+                len += n;
+                at_cluster_end = whole;
+            }
+            (kind, host, len)
+        };
+        let encrypted = self.header().crypt_method != qblk_qcow2::header::CryptMethod::None;
+        let mut status = BlockStatus {
+            offset_valid: kind.has_host_offset() && !encrypted,
+            zero: matches!(kind, SubclusterType::ZeroPlain | SubclusterType::ZeroAlloc),
+            data: matches!(kind, SubclusterType::Normal | SubclusterType::Compressed),
+            ..BlockStatus::default()
+        };
+        if status.data && status.offset_valid && self.metadata_preallocated().await {
+            // The host file says where it has holes: those read as zeros.
+            let host_file = self.data_file().unwrap_or(self.file());
+            let host =
+                host.expect("normal clusters have a host cluster") + g.offset_in_cluster(pos);
+            let (is_data, n) = data_or_hole(host_file, host, len);
+            len = n;
+            status.zero = !is_data;
+        }
+        if status.data || status.zero {
+            status.allocated = true;
+        } else {
+            match self.backing() {
+                None => status.zero = true,
+                Some(Backing::Qcow2(img)) => status.zero = pos >= img.size(),
+                Some(Backing::Raw { size, .. }) => status.zero = pos >= size,
+            }
+        }
+        status.eof = pos + len == size;
+        Ok((status, len))
+    }
+
+    /// Whether the image looks created with preallocation=metadata, as
+    /// QEMU guesses it: more clusters have a refcount than the host file
+    /// stores, by a ninth or by two clusters. Only for such images does
+    /// QEMU's block status ask the host file where data clusters have
+    /// holes; elsewhere a data cluster is data, holes or not. An image
+    /// whose refcounts cannot be read is taken as not preallocated, as
+    /// QEMU takes it.
+    pub(crate) async fn metadata_preallocated(&self) -> bool {
+        if let Some(&known) = self.metadata_preallocated_cell().get() {
+            return known;
+        }
+        let found = self.detect_metadata_preallocation().await.unwrap_or(false);
+        *self.metadata_preallocated_cell().get_or_init(|| found)
+    }
+
+    async fn detect_metadata_preallocation(&self) -> Option<bool> {
+        use std::os::unix::fs::MetadataExt;
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let meta = std::fs::metadata(self.file().path()).ok()?;
+        let stored_clusters = meta.blocks() * 512 / cs;
+        let threshold = (stored_clusters * 10 / 9).max(stored_clusters + 2);
+        let end_cluster = meta.len().div_ceil(cs);
+        let (table_offset, table_len) = self.lock_tables().refcount_table;
+        let per_block = g.refcount_block_entries();
+        let blocks = end_cluster.div_ceil(per_block).min(table_len / 8);
+        let table = self
+            .file()
+            .read(table_offset, usize::try_from(blocks * 8).ok()?)
+            .await
+            .ok()?;
+        let mut counted = 0u64;
+        for (i, raw) in qblk_qcow2::decode_table(&table).enumerate() {
+            let Some(block) = qblk_qcow2::refcount::RefcountTableEntry(raw).block_offset() else {
+                continue;
+            };
+            if block.0 % cs != 0 {
+                return None;
+            }
+            let buf = self.file().read(block.0, cs as usize).await.ok()?;
+            let first = i as u64 * per_block;
+            let n = per_block.min(end_cluster.saturating_sub(first));
+            for j in 0..n as usize {
+                if qblk_qcow2::refcount::get_refcount(&buf, g.refcount_order(), j) != 0 {
+                    counted += 1;
+                    if counted >= threshold {
+                        return Some(true);
+                    }
+                }
+            }
+        }
+        Some(false)
+    }
+
+    /// The type of the subcluster holding `pos`, the host cluster of its
+    /// cluster (types that have one), how many bytes (at most `max`) of
+    /// this cluster from `pos` share the type, and whether they reach the
+    /// end of the cluster.
+    async fn subcluster_run(
+        &self,
+        pos: u64,
+        max: u64,
+    ) -> Result<(SubclusterType, Option<u64>, u64, bool)> {
+        let g = self.geometry();
+        let in_cluster = g.offset_in_cluster(pos);
+        let to_end = g.cluster_size() - in_cluster;
+        let (kind, host, n) = match self.descriptor(pos).await? {
+            ClusterDescriptor::Unallocated => (SubclusterType::UnallocatedPlain, None, to_end),
+            ClusterDescriptor::Zero {
+                preallocated: Some(h),
+                ..
+            } => (SubclusterType::ZeroAlloc, Some(h.0), to_end),
+            ClusterDescriptor::Zero {
+                preallocated: None, ..
+            } => (SubclusterType::ZeroPlain, None, to_end),
+            ClusterDescriptor::Compressed { .. } => (SubclusterType::Compressed, None, to_end),
+            ClusterDescriptor::Standard {
+                host, subclusters, ..
+            } => {
+                let (state, n) = run_of(&g, subclusters, in_cluster, to_end);
+                let kind = match state {
+                    SubclusterState::Allocated => SubclusterType::Normal,
+                    SubclusterState::Zero => SubclusterType::ZeroAlloc,
+                    SubclusterState::Unallocated => SubclusterType::UnallocatedAlloc,
+                };
+                (kind, Some(host.0), n)
+            }
+            ClusterDescriptor::UnallocatedSubclusters { subclusters } => {
+                let (state, n) = run_of(&g, subclusters, in_cluster, to_end);
+                let kind = match state {
+                    SubclusterState::Zero => SubclusterType::ZeroPlain,
+                    // Without a host cluster no subcluster is allocated
+                    // (decoding refuses the bit).
+                    SubclusterState::Allocated | SubclusterState::Unallocated => {
+                        SubclusterType::UnallocatedPlain
+                    }
+                };
+                (kind, None, n)
+            }
+        };
+        let len = n.min(max);
+        Ok((kind, host, len, len == to_end))
+    }
+}
+
+/// The status of the run from `pos` (at most `max` bytes) of a raw file
+/// of `size` bytes: data or a hole, always allocated.
+pub fn raw_layer_status(file: &HostFile, size: u64, pos: u64, max: u64) -> (BlockStatus, u64) {
+    if pos >= size {
+        let eof = BlockStatus {
+            eof: true,
+            ..BlockStatus::default()
+        };
+        return (eof, 0);
+    }
+    let (is_data, n) = data_or_hole(file, pos, max.min(size - pos));
+    let status = BlockStatus {
+        data: is_data,
+        zero: !is_data,
+        offset_valid: true,
+        allocated: true,
+        eof: pos + n == size,
+    };
+    (status, n)
 }

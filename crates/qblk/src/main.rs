@@ -10,11 +10,13 @@ use qblk_engine::check::RepairMode;
 use qblk_tools::amend::{AMEND_OPTIONS, AmendRequest, amend};
 use qblk_tools::bitmap::{BitmapRequest, bitmap};
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
+use qblk_tools::compare::{CompareFailure, CompareRequest, Verdict, compare};
 use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
-use qblk_tools::info::image_info;
+use qblk_tools::info::{chain_to_human, chain_to_json, image_info, image_info_chain};
 use qblk_tools::map::{self, map_image};
+use qblk_tools::measure::{MeasureRequest, measure};
 use qblk_tools::options::{parse_size, split_options};
 use qblk_tools::snapshot::{SnapshotOp, SnapshotRequest, snapshot};
 
@@ -303,6 +305,58 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         src: PathBuf,
         dst: PathBuf,
     },
+    /// Compare the contents of two images, through their backing chains
+    /// (qemu-img compare: exit 0 identical, 1 different, 2 an image could
+    /// not be opened, 3 block status failed, 4 a read failed).
+    Compare {
+        /// Format of the first image; probed when omitted.
+        #[arg(short = 'f', value_name = "FMT")]
+        first_format: Option<String>,
+        /// Format of the second image; probed when omitted.
+        #[arg(short = 'F', value_name = "FMT")]
+        second_format: Option<String>,
+        /// Strict: images that differ in size or allocation are different
+        /// even if they read the same.
+        #[arg(short = 's')]
+        strict: bool,
+        /// Share the images with every other user, even a writer
+        /// (qemu-img's -U): what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Print nothing on stdout (the exit code tells).
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    /// How large a new image would be: empty of --size bytes, or a copy
+    /// of SRC (qemu-img measure's figures).
+    Measure {
+        /// Measure an empty image of this size (K, M, G, T, P, E suffixes).
+        #[arg(long, value_name = "SIZE")]
+        size: Option<String>,
+        /// Source format; probed when omitted.
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Target format.
+        #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+        output_format: String,
+        /// Target image options (as for create), comma separated; may repeat.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Human)]
+        output: Output,
+        /// Share the source with every other user, even a writer (qemu-img's
+        /// -U): what is read may be changing underneath.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Source image.
+        src: Option<PathBuf>,
+    },
     /// Show where each guest range lives (qemu-img map's output).
     Map {
         /// Image format; probed when omitted.
@@ -323,6 +377,10 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Image format; probed when omitted (qcow2 magic, else raw).
         #[arg(short = 'f', value_name = "FMT")]
         format: Option<String>,
+        /// Describe every image of the backing chain in turn (JSON: an
+        /// array).
+        #[arg(long)]
+        backing_chain: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Human)]
         output: Output,
@@ -380,6 +438,16 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// qemu-img's progress line, redrawn in place on stderr.
+fn print_progress(done: u64, total: u64) {
+    let pct = if total == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / total as f64
+    };
+    eprint!("    ({pct:.2}/100%)\r");
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -550,7 +618,22 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 Repair::Leaks => RepairMode::Leaks,
                 Repair::All => RepairMode::All,
             });
-            let Some(checked) = check_image(&image, format, repair, force_share)? else {
+            let checked = match check_image(&image, format, repair, force_share) {
+                Err(qblk_tools::Error::RepairRefused { path, messages }) => {
+                    // qemu-img's findings, then why nothing was repaired.
+                    for m in &messages {
+                        eprintln!("{m}");
+                    }
+                    eprintln!("ERROR need to rebuild refcount structures");
+                    return Err(qblk_tools::Error::RepairRefused {
+                        path,
+                        messages: Vec::new(),
+                    }
+                    .into());
+                }
+                other => other?,
+            };
+            let Some(checked) = checked else {
                 eprintln!(
                     "qblk: {}: this image format does not support checks",
                     image.display()
@@ -608,16 +691,98 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             let show = progress && !quiet;
             convert(&req, |done, total| {
                 if show {
-                    let pct = if total == 0 {
-                        100.0
-                    } else {
-                        done as f64 * 100.0 / total as f64
-                    };
-                    eprint!("    ({pct:.2}/100%)\r");
+                    print_progress(done, total);
                 }
             })?;
             if show {
                 eprintln!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compare {
+            first_format,
+            second_format,
+            strict,
+            force_share,
+            quiet,
+            progress,
+            first,
+            second,
+        } => {
+            // A format qblk does not read is an image it cannot open (2).
+            let parsed = (
+                first_format.as_deref().map(ImageFormat::parse).transpose(),
+                second_format.as_deref().map(ImageFormat::parse).transpose(),
+            );
+            let (first_format, second_format) = match parsed {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("qblk: {}", error_chain(&e));
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let req = CompareRequest {
+                first,
+                first_format,
+                second,
+                second_format,
+                strict,
+                force_share,
+            };
+            let show = progress && !quiet;
+            let compared = compare(&req, |done, total| {
+                if show {
+                    print_progress(done, total);
+                }
+            });
+            if show {
+                eprintln!();
+            }
+            if !quiet {
+                for m in &compared.messages {
+                    println!("{m}");
+                }
+            }
+            // qemu-img compare's exit codes.
+            let code = match &compared.outcome {
+                Ok(Verdict::Identical) => 0,
+                Ok(Verdict::Different) => 1,
+                Err(failure) => {
+                    eprintln!("qblk: {}", error_chain(failure.error()));
+                    match failure {
+                        CompareFailure::Open(_) => 2,
+                        CompareFailure::Status(_) => 3,
+                        CompareFailure::Read(_) => 4,
+                    }
+                }
+            };
+            Ok(ExitCode::from(code))
+        }
+        Command::Measure {
+            size,
+            format,
+            output_format,
+            options,
+            output,
+            force_share,
+            src,
+        } => {
+            let mut parsed = Vec::new();
+            for o in &options {
+                parsed.extend(split_options(o)?);
+            }
+            let req = MeasureRequest {
+                size: size.as_deref().map(parse_size).transpose()?,
+                source: src,
+                source_format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                target_format: ImageFormat::parse(&output_format)?,
+                options: parsed,
+                force_share,
+            };
+            let m = measure(&req)?;
+            match output {
+                Output::Json => println!("{}", m.to_json()),
+                Output::Human => print!("{}", m.to_human()),
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -716,11 +881,20 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }
         Command::Info {
             format,
+            backing_chain,
             output,
             force_share,
             image,
         } => {
             let format = format.as_deref().map(ImageFormat::parse).transpose()?;
+            if backing_chain {
+                let chain = image_info_chain(&image, format, force_share)?;
+                match output {
+                    Output::Json => println!("{}", chain_to_json(&chain)),
+                    Output::Human => print!("{}", chain_to_human(&chain)),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let info = image_info(&image, format, force_share)?;
             match output {
                 Output::Json => println!("{}", info.to_json()),

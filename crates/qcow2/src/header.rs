@@ -632,15 +632,14 @@ impl Header {
             0,
             MAX_SNAPSHOTS.into(),
         )?;
-        if self.nb_snapshots > 0 {
-            check_table(
-                "header.snapshots_offset",
-                at::SNAPSHOTS_OFFSET,
-                self.snapshots_offset,
-                u64::from(self.nb_snapshots) * crate::snapshot::SNAPSHOT_ENTRY_MIN_BYTES,
-                cluster_size,
-            )?;
-        }
+        // Checked without snapshots too, as QEMU checks it at open.
+        check_table(
+            "header.snapshots_offset",
+            at::SNAPSHOTS_OFFSET,
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots) * crate::snapshot::SNAPSHOT_ENTRY_MIN_BYTES,
+            cluster_size,
+        )?;
 
         // Feature combinations.
         let inc = self.incompatible_features;

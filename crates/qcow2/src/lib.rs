@@ -17,6 +17,7 @@
 //! - [`luks`]: the LUKS1 header of an encrypted image.
 //! - [`tally`]: refcounts computed from references, for check and repair.
 //! - [`create`]: the layout of a new image.
+//! - [`measure`]: how large a new image gets (qemu-img measure's figures).
 
 // qblk targets 64-bit Linux (io_uring, vhost-user): offsets and lengths
 // that fit in u64 are converted to usize only after bounds checks against
@@ -31,6 +32,7 @@ pub mod fuzz;
 pub mod header;
 pub mod luks;
 pub mod mapping;
+pub mod measure;
 pub mod refcount;
 pub mod snapshot;
 pub mod tally;

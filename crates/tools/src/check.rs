@@ -89,7 +89,8 @@ impl Checked {
     pub fn to_human(&self) -> String {
         let r = &self.report;
         let mut s = String::new();
-        if self.repaired_from.is_some() {
+        // qemu-img says what it repaired only when it repaired something.
+        if self.json.leaks_fixed > 0 || self.json.corruptions_fixed > 0 {
             s.push_str(&format!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...\n",
                 self.json.leaks_fixed, self.json.corruptions_fixed
@@ -157,6 +158,17 @@ pub fn check_image(
         path: path.to_owned(),
         source: Box::new(e),
     };
+    if repair == Some(RepairMode::Leaks) {
+        // qemu-img check -r leaks fails on damage only a rebuild of the
+        // refcount structure repairs, after reporting what it found.
+        let before = block_on(check(path, CacheMode::Writeback, false)).map_err(engine_err)?;
+        if before.needs_rebuild {
+            return Err(Error::RepairRefused {
+                path: path.to_owned(),
+                messages: before.messages,
+            });
+        }
+    }
     let (report, repaired_from) = match repair {
         None => (
             block_on(check(path, CacheMode::Writeback, force_share)).map_err(engine_err)?,

@@ -347,6 +347,77 @@ pub fn image_info(
     }
 }
 
+/// Describes the image at `path` and every image of its backing chain in
+/// turn, as `qemu-img info --backing-chain` does: each backing file by the
+/// name qemu-img gives it (the stored name joined to the directory of the
+/// name before), in its recorded format (probed when none is recorded).
+/// Every image is described before anything is returned, so a chain with a
+/// missing file or a loop is an error as a whole.
+pub fn image_info_chain(
+    path: &Path,
+    format: Option<ImageFormat>,
+    force_share: bool,
+) -> Result<Vec<ImageInfo>> {
+    let mut chain: Vec<ImageInfo> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut next = Some((path.to_owned(), format));
+    while let Some((path, format)) = next.take() {
+        let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, "open", e))?;
+        if !seen.insert(real) {
+            return Err(Error::Usage(format!(
+                "backing file '{}' creates an infinite loop",
+                path.display()
+            )));
+        }
+        if chain.len() > MAX_CHAIN_IMAGES {
+            return Err(Error::Usage(format!(
+                "{}: backing chain longer than {MAX_CHAIN_IMAGES} images",
+                chain[0].filename
+            )));
+        }
+        let info = image_info(&path, format, force_share)?;
+        if let Some(full) = &info.full_backing_filename {
+            let format = info
+                .backing_filename_format
+                .as_deref()
+                .map(ImageFormat::parse)
+                .transpose()
+                .map_err(|_| Error::Unsupported {
+                    path: path.clone(),
+                    what: format!(
+                        "backing file format '{}' is not supported",
+                        info.backing_filename_format.as_deref().unwrap_or_default()
+                    ),
+                })?;
+            next = Some((full.into(), format));
+        }
+        chain.push(info);
+    }
+    Ok(chain)
+}
+
+/// The longest backing chain `info --backing-chain` follows (images below
+/// the top one); the engine follows no deeper one.
+const MAX_CHAIN_IMAGES: usize = qblk_engine::image::DEFAULT_MAX_CHAIN_DEPTH as usize;
+
+/// JSON of a backing chain: an array of qemu-img info objects.
+pub fn chain_to_json(chain: &[ImageInfo]) -> String {
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    chain.serialize(&mut ser).expect("ImageInfo serializes");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
+/// Human report of a backing chain: each image's, a blank line between.
+pub fn chain_to_human(chain: &[ImageInfo]) -> String {
+    chain
+        .iter()
+        .map(ImageInfo::to_human)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Reads the snapshot table, growing the read until it holds every entry
 /// (bounded by QEMU's 64 MiB table limit and the file size).
 pub fn read_snapshots(file: &File, path: &Path, header: &Header) -> Result<Vec<SnapshotEntry>> {

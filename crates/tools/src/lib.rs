@@ -1,5 +1,6 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
-//! `check`, `convert`, `map`, `bitmap`, `snapshot` and `amend`.
+//! `check`, `compare`, `convert`, `map`, `measure`, `bitmap`, `snapshot`,
+//! `amend` and `ctl`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
@@ -8,14 +9,17 @@
 pub mod amend;
 pub mod bitmap;
 pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
 pub mod ctl;
 pub mod image;
 pub mod info;
 pub mod map;
+pub mod measure;
 pub mod options;
 pub mod snapshot;
+mod source;
 
 use std::io;
 use std::path::PathBuf;
@@ -50,6 +54,15 @@ pub enum Error {
         #[source]
         source: Box<qblk_engine::image::Error>,
     },
+    /// An engine operation on an image failed; `op` says which (and
+    /// where).
+    #[error("{}: {op}", path.display())]
+    EngineOp {
+        path: PathBuf,
+        op: String,
+        #[source]
+        source: Box<qblk_engine::image::Error>,
+    },
     /// Another program holds the image (QEMU's image locks).
     #[error("{}: {conflict}", path.display())]
     Locked {
@@ -61,6 +74,13 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: qblk_engine::crypto::CryptoError,
+    },
+    /// `check -r leaks` on damage only `-r all` repairs; `messages` are
+    /// the check's findings.
+    #[error("{}: check failed: need to rebuild refcount structures (use -r all)", path.display())]
+    RepairRefused {
+        path: PathBuf,
+        messages: Vec<String>,
     },
     /// Bad command-line input; the message says what and why.
     #[error("{0}")]
