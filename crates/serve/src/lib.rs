@@ -231,7 +231,9 @@ struct Stop {
 
 impl Stop {
     fn request(&self) {
-        self.requested.store(true, Ordering::Release);
+        if !self.requested.swap(true, Ordering::AcqRel) {
+            notify_service_manager("STOPPING=1");
+        }
         if let Some(fd) = *lock(&self.listener_fd) {
             // Wakes a blocked accept(2) with EINVAL.
             // SAFETY: shutdown(2) on a descriptor the main thread keeps open
@@ -373,6 +375,11 @@ fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<()
         source,
     })?;
     info!(socket = %opts.socket.display(), "listening");
+    notify_service_manager(&format!(
+        "READY=1\nSTATUS=serving {} on {}",
+        opts.image.display(),
+        opts.socket.display()
+    ));
     let result = accept_loop(&mut listener, device, &queues, stop);
     *lock(&stop.queues) = None;
     for q in queues.iter() {
@@ -451,6 +458,37 @@ fn accept_loop(
         drop(handler);
     }
     Ok(())
+}
+
+/// Tells a service manager (systemd's `Type=notify`, or anything that
+/// speaks its protocol) how the daemon is doing, if `NOTIFY_SOCKET` names
+/// one: `READY=1` once the vhost-user socket (and the control socket) take
+/// connections, `STOPPING=1` when a stop begins. Best effort: a manager
+/// that cannot be reached is logged and otherwise ignored.
+pub fn notify_service_manager(state: &str) {
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        let bytes = target.as_encoded_bytes();
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(std::path::Path::new(&target))?,
+        };
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        warn!(
+            "cannot notify the service manager at {}: {e}",
+            target.to_string_lossy()
+        );
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
