@@ -263,10 +263,18 @@ impl Image {
         Ok(())
     }
 
-    pub(super) async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
+    /// Discard; `full` makes the clusters unallocated even where a
+    /// backing file then shows through (QEMU's full discard).
+    pub(super) async fn discard_inner(&self, offset: u64, len: u64, full: bool) -> Result<()> {
         let w = self.check_writable(offset, len)?;
         let h = self.header();
-        if h.has_external_data_file() || (!h.is_v3() && self.backing_exists()) {
+        if full && h.has_external_data_file() {
+            return Err(Error::Unsupported {
+                path: self.path().to_owned(),
+                what: "deallocating clusters of an image with an external data file".into(),
+            });
+        }
+        if h.has_external_data_file() || (!full && !h.is_v3() && self.backing_exists()) {
             return Ok(());
         }
         let g = self.geometry();
@@ -291,7 +299,7 @@ impl Image {
                         }
                         | ClusterDescriptor::UnallocatedSubclusters { .. } => None,
                     };
-                    let new_entry = if !self.backing_exists() {
+                    let new_entry = if full || !self.backing_exists() {
                         L2Entry::UNALLOCATED
                     } else if g.extended_l2() {
                         L2Entry {
