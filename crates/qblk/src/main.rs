@@ -14,6 +14,7 @@ use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
 use qblk_tools::map::{self, map_image};
 use qblk_tools::options::{parse_size, split_options};
+use qblk_tools::resize::{NewSize, Preallocation, ResizeRequest, resize};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -245,6 +246,29 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Image file.
         image: PathBuf,
     },
+    /// Grow or shrink an image's virtual disk (qemu-img resize's options,
+    /// messages and exit codes).
+    Resize {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Allow a smaller size (what lies past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+        /// Preallocate the new space: off, metadata, falloc or full (qcow2:
+        /// the new clusters are allocated, written with zeros).
+        #[arg(long, value_name = "MODE")]
+        preallocation: Option<String>,
+        /// Do not print "Image resized.".
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
+        /// New size, or +SIZE / -SIZE relative to the current one (use
+        /// `--` before a negative one, as with qemu-img).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,6 +338,16 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(bad());
     }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// A size for resize, with qemu-img's message when it is not one.
+fn parse_resize_size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|_| {
+        "Parameter 'size' expects a non-negative number below 2^64\n\
+Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+and exabytes, respectively."
+            .to_owned()
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode, BoxError> {
@@ -547,6 +581,35 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                         return Err(e.into());
                     }
                 },
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resize {
+            format,
+            shrink,
+            preallocation,
+            quiet,
+            image,
+            size,
+        } => {
+            let size = match size.as_bytes().first() {
+                Some(b'+') => NewSize::Grow(parse_resize_size(&size[1..])?),
+                Some(b'-') => NewSize::Shrink(parse_resize_size(&size[1..])?),
+                _ => NewSize::Absolute(parse_resize_size(&size)?),
+            };
+            let req = ResizeRequest {
+                path: image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                size,
+                shrink,
+                preallocation: preallocation
+                    .as_deref()
+                    .map(Preallocation::parse)
+                    .transpose()?,
+            };
+            resize(&req)?;
+            if !quiet {
+                println!("Image resized.");
             }
             Ok(ExitCode::SUCCESS)
         }

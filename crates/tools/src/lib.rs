@@ -1,5 +1,5 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
-//! `check`, `convert` and `map`.
+//! `check`, `convert`, `map`, `rebase`, `commit` and `resize`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
@@ -12,6 +12,7 @@ pub mod image;
 pub mod info;
 pub mod map;
 pub mod options;
+pub mod resize;
 
 use std::io;
 use std::path::PathBuf;
