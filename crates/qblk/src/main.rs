@@ -14,6 +14,8 @@ use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
 use qblk_tools::map::{self, map_image};
 use qblk_tools::options::{parse_size, split_options};
+use qblk_tools::commit::{CommitRequest, commit};
+use qblk_tools::rebase::{RebaseRequest, rebase};
 use qblk_tools::resize::{NewSize, Preallocation, ResizeRequest, resize};
 
 #[derive(Parser, Debug)]
@@ -246,6 +248,57 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Image file.
         image: PathBuf,
     },
+    /// Change the backing file an image names (qemu-img rebase). Safe mode
+    /// copies into IMAGE what differs between the old and the new backing
+    /// chain, so the guest sees the same disk; -u only rewrites the header.
+    Rebase {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// The new backing file, as it is to be recorded (relative names
+        /// are relative to IMAGE's directory); "" removes it.
+        #[arg(short = 'b', value_name = "BACKING_FILE")]
+        backing: Option<String>,
+        /// The new backing file's format (qcow2 or raw).
+        #[arg(short = 'F', value_name = "BACKING_FMT")]
+        backing_format: Option<String>,
+        /// Unsafe mode: rewrite the header only, copy nothing.
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        /// Share the backing files with every other user, even a writer.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Do not print anything.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Commit an image's data into its backing file (qemu-img commit); the
+    /// image is emptied afterwards unless -d or -b.
+    Commit {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Commit into this image of the backing chain instead of the
+        /// immediate backing file (implies -d).
+        #[arg(short = 'b', value_name = "BASE")]
+        base: Option<PathBuf>,
+        /// Do not empty IMAGE afterwards.
+        #[arg(short = 'd')]
+        keep: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Do not print anything.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
+    },
     /// Grow or shrink an image's virtual disk (qemu-img resize's options,
     /// messages and exit codes).
     Resize {
@@ -338,6 +391,18 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(bad());
     }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// qemu-img's progress line, on stderr.
+fn show_progress(show: bool, done: u64, total: u64) {
+    if show {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        eprint!("    ({pct:.2}/100%)\r");
+    }
 }
 
 /// A size for resize, with qemu-img's message when it is not one.
@@ -581,6 +646,61 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                         return Err(e.into());
                     }
                 },
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rebase {
+            format,
+            backing,
+            backing_format,
+            unsafe_mode,
+            force_share,
+            progress,
+            quiet,
+            image,
+        } => {
+            let Some(backing) = backing else {
+                if !unsafe_mode {
+                    return Err("Must specify backing file (-b) or use unsafe mode (-u)".into());
+                }
+                return Err("rebase needs -b BACKING_FILE (-b \"\" removes it)".into());
+            };
+            let req = RebaseRequest {
+                path: image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                backing,
+                backing_format,
+                unsafe_mode,
+                force_share,
+            };
+            let show = progress && !quiet;
+            rebase(&req, |done, total| show_progress(show, done, total))?;
+            if show {
+                eprintln!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Commit {
+            format,
+            base,
+            keep,
+            progress,
+            quiet,
+            image,
+        } => {
+            let req = CommitRequest {
+                path: image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                base,
+                keep_top: keep,
+            };
+            let show = progress && !quiet;
+            commit(&req, |done, total| show_progress(show, done, total))?;
+            if show {
+                eprintln!();
+            }
+            if !quiet {
+                println!("Image committed.");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -5,13 +5,16 @@
 //! use plain blocking file I/O. Everything they know about the format comes
 //! from `qblk-qcow2`; this crate adds files, paths and qemu-img's syntax.
 
+mod chain;
 pub mod check;
+pub mod commit;
 pub mod convert;
 pub mod create;
 pub mod image;
 pub mod info;
 pub mod map;
 pub mod options;
+pub mod rebase;
 pub mod resize;
 
 use std::io;
