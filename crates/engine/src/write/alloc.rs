@@ -367,8 +367,18 @@ impl Refcounts {
                 self.grow_table(header, top as usize)?;
                 continue;
             }
-            self.place_blocks(start.0 + n.0, &layout.new_blocks);
             let used = ClusterCount(n.0 + layout.new_blocks.len() as u64);
+            // Every block the run needs besides the new ones is checked
+            // before anything changes: a miss after the new blocks were
+            // placed would run the step again with them in the table, and
+            // the blocks would no longer count themselves.
+            for c in start.0..start.0 + used.0 {
+                let index = g.refcount_table_index(HostCluster(c));
+                if !layout.new_blocks.contains(&index) {
+                    self.block(HostCluster(c))?;
+                }
+            }
+            self.place_blocks(start.0 + n.0, &layout.new_blocks);
             self.set_run(start, used)?;
             return Ok(start);
         }
@@ -615,6 +625,29 @@ mod tests {
             assert_eq!(count(&mut rc, c), 1, "cluster {c}");
         }
         assert_eq!(rc.end, HostCluster(32781));
+    }
+
+    /// Regression: a run crossing into a new block's range while the block
+    /// of its first clusters was not cached asked for that block after
+    /// placing the new one; run again, the new block no longer counted
+    /// itself (qemu-img check: "refcount=0 reference=1", found by growing
+    /// a 512-byte-cluster image whose L1 table moved).
+    #[test]
+    fn a_run_that_misses_a_block_changes_nothing_and_counts_its_new_block() {
+        let (mut rc, mut h) = fresh(4);
+        rc.end = HostCluster(32760);
+        let block = rc.blocks.pop(&0x10000).unwrap();
+        let before = (rc.end, rc.dirty_blocks.clone(), rc.table.clone());
+        match rc.alloc_run(&mut h, ClusterCount(20)) {
+            Err(Miss::RefcountBlock(HostOffset(0x10000))) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((rc.end, rc.dirty_blocks.clone(), rc.table.clone()), before);
+        rc.insert_loaded(HostOffset(0x10000), block, rc.block_epoch);
+        let start = rc.alloc_run(&mut h, ClusterCount(20)).unwrap();
+        assert_eq!(start, HostCluster(32760));
+        assert_eq!(rc.table[1], 32780 * 0x10000);
+        assert_eq!(count(&mut rc, 32780), 1, "the new block counts itself");
     }
 
     #[test]
