@@ -15,11 +15,9 @@ use crate::{Error, Result};
 /// Bytes read per step (a multiple of every cluster size).
 pub(crate) const STEP: u64 = 2 << 20;
 
-pub(crate) fn engine(path: &Path, e: qblk_engine::image::Error) -> Error {
-    Error::Engine {
-        path: path.to_owned(),
-        source: Box::new(e),
-    }
+/// An engine error on the image at `path` (which the error names).
+pub(crate) fn engine(_path: &Path, e: qblk_engine::image::Error) -> Error {
+    Error::Image(Box::new(e))
 }
 
 /// Opens a qcow2 image: `writable`, with (`chain`) or without its backing

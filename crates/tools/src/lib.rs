@@ -50,6 +50,10 @@ pub enum Error {
         #[source]
         source: Box<qblk_engine::image::Error>,
     },
+    /// The engine failed on an image (open, read, write…); its error
+    /// names the file.
+    #[error(transparent)]
+    Image(Box<qblk_engine::image::Error>),
     /// Another program holds the image (QEMU's image locks).
     #[error("{}: {conflict}", path.display())]
     Locked {

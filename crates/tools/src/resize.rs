@@ -11,6 +11,7 @@ use qblk_engine::lock::Access;
 use qblk_engine::runtime::block_on;
 use qblk_engine::{Image, OpenOptions};
 
+use crate::chain::engine;
 use crate::image::{ImageFormat, open_read, probe, read_at, read_header};
 use crate::{Error, Result};
 
@@ -70,12 +71,6 @@ fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())
 }
 
-fn engine(path: &Path, e: qblk_engine::image::Error) -> Error {
-    Error::Engine {
-        path: path.to_owned(),
-        source: Box::new(e),
-    }
-}
 
 /// The new size in bytes, with qemu-img's checks (in its order): positive,
 /// preallocation only when growing, a shrink only with `--shrink`.
