@@ -333,7 +333,26 @@ fn resize_matches_qemu() {
             let what = format!("{}: resize {}", kind.name, step.join(" "));
             let mut args = vec!["resize"];
             args.extend(*step);
-            let printed = both(&q, &b, &args, &what);
+            let mut qargs = vec!["qemu-img"];
+            qargs.extend(&args);
+            let theirs = run("qemu-img", &args, &q);
+            if !theirs.status.success()
+                && kind.opts.contains("compat=0.10")
+                && stderr(&theirs).contains("Failed to zero out new clusters")
+            {
+                // qemu-img cannot make the space past a longer backing
+                // file read as zeros in a version 2 image (no zero
+                // clusters) and refuses; qblk writes zeros there. The
+                // image before and the one after must compare equal (the
+                // longer one reading zeros past the other's end).
+                ok(qblk(&args, &b), &what);
+                same(&b, "qcow2", "../q/top.qcow2", "top.qcow2", &what);
+                qemu_check_clean("top.qcow2", &b);
+                std::fs::copy(b.join("top.qcow2"), q.join("top.qcow2")).expect("copy");
+                continue;
+            }
+            ok(theirs, &format!("{}", qargs.join(" ")));
+            let printed = ok(qblk(&args, &b), &what);
             assert_eq!(printed, "Image resized.\n", "{what}");
             qemu_check_clean("top.qcow2", &b);
             same(&b, "qcow2", "top.qcow2", "../q/top.qcow2", &what);

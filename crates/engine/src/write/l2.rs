@@ -285,7 +285,7 @@ impl Image {
             let _cluster = w.lock_guest_cluster(pos).await;
             let changed = w
                 .with_alloc(self, |a, staged| {
-                    let (desc, _) = self.lookup(pos, staged)?;
+                    let (desc, current) = self.lookup(pos, staged)?;
                     let drop = match desc {
                         ClusterDescriptor::Standard { host, .. }
                         | ClusterDescriptor::Zero {
@@ -309,7 +309,7 @@ impl Image {
                     } else {
                         L2Entry::zero(None, false)
                     };
-                    if drop.is_none() && new_entry == L2Entry::UNALLOCATED {
+                    if drop.is_none() && (new_entry == current || !full && new_entry == L2Entry::UNALLOCATED) {
                         return Ok(false);
                     }
                     self.remap(a, staged, pos, new_entry, drop)?;
