@@ -65,7 +65,11 @@ const KINDS: &[Kind] = &[
 
 impl Kind {
     fn base(&self) -> &'static str {
-        if self.raw_base { "base.raw" } else { "base.qcow2" }
+        if self.raw_base {
+            "base.raw"
+        } else {
+            "base.qcow2"
+        }
     }
 
     fn base_fmt(&self) -> &'static str {
@@ -82,7 +86,11 @@ impl Kind {
     }
 
     fn backing_fmt(&self) -> &'static str {
-        if self.depth == 3 { "qcow2" } else { self.base_fmt() }
+        if self.depth == 3 {
+            "qcow2"
+        } else {
+            self.base_fmt()
+        }
     }
 }
 
@@ -110,7 +118,10 @@ fn create(d: &Path, kind: &Kind, name: &str, size: &str, backing: Option<(&str, 
 /// reads as in top.orig.raw.
 fn build(d: &Path, kind: &Kind) {
     if kind.raw_base {
-        sh(d, &["qemu-img", "create", "-q", "-f", "raw", "base.raw", "6M"]);
+        sh(
+            d,
+            &["qemu-img", "create", "-q", "-f", "raw", "base.raw", "6M"],
+        );
     } else {
         create(d, kind, "base.qcow2", "6M", None);
     }
@@ -168,7 +179,14 @@ fn build(d: &Path, kind: &Kind) {
     );
     sh(
         d,
-        &["qemu-img", "convert", "-O", "raw", "top.qcow2", "top.orig.raw"],
+        &[
+            "qemu-img",
+            "convert",
+            "-O",
+            "raw",
+            "top.qcow2",
+            "top.orig.raw",
+        ],
     );
 }
 
@@ -229,10 +247,22 @@ fn rebase_matches_qemu() {
         let cases: Vec<(&str, Vec<&str>)> = vec![
             (
                 "safe onto the base",
-                vec!["-b", base_target, "-F", if kind.depth == 3 { kind.base_fmt() } else { "qcow2" }],
+                vec![
+                    "-b",
+                    base_target,
+                    "-F",
+                    if kind.depth == 3 {
+                        kind.base_fmt()
+                    } else {
+                        "qcow2"
+                    },
+                ],
             ),
             ("safe onto nothing", vec!["-b", ""]),
-            ("safe onto another image", vec!["-b", "other.qcow2", "-F", "qcow2"]),
+            (
+                "safe onto another image",
+                vec!["-b", "other.qcow2", "-F", "qcow2"],
+            ),
             ("unsafe", vec!["-u", "-b", "other.qcow2", "-F", "qcow2"]),
             ("unsafe onto nothing", vec!["-u", "-b", ""]),
         ];
@@ -267,11 +297,21 @@ fn commit_matches_qemu() {
         std::fs::create_dir(&d).expect("mkdir");
         build(&d, kind);
         let mut cases: Vec<(&str, Vec<&str>, &str, &str)> = vec![
-            ("into the backing file", vec![], kind.backing(), kind.backing_fmt()),
+            (
+                "into the backing file",
+                vec![],
+                kind.backing(),
+                kind.backing_fmt(),
+            ),
             ("-d", vec!["-d"], kind.backing(), kind.backing_fmt()),
         ];
         if kind.depth == 3 {
-            cases.push(("-b base", vec!["-b", kind.base()], kind.base(), kind.base_fmt()));
+            cases.push((
+                "-b base",
+                vec!["-b", kind.base()],
+                kind.base(),
+                kind.base_fmt(),
+            ));
         }
         for (what, opts, target, target_fmt) in cases {
             let what = format!("{}: commit {what}", kind.name);
@@ -289,19 +329,40 @@ fn commit_matches_qemu() {
             }
             let other = format!("../q/{target}");
             same(&b, target_fmt, target, &other, &format!("{what}: {target}"));
-            same(&b, "qcow2", "top.qcow2", "../q/top.qcow2", &format!("{what}: top"));
+            same(
+                &b,
+                "qcow2",
+                "top.qcow2",
+                "../q/top.qcow2",
+                &format!("{what}: top"),
+            );
             // The base holds what the top showed; the top still shows it.
             same(&b, "raw", "top.orig.raw", "top.qcow2", &what);
             let shown = format!("{target}.raw");
-            sh(&b, &["qemu-img", "convert", "-f", target_fmt, "-O", "raw", target, &shown]);
+            sh(
+                &b,
+                &[
+                    "qemu-img", "convert", "-f", target_fmt, "-O", "raw", target, &shown,
+                ],
+            );
             let orig = std::fs::read(b.join("top.orig.raw")).expect("read");
             let now = std::fs::read(b.join(&shown)).expect("read");
-            assert_eq!(now.len(), orig.len(), "{what}: {target} grew to the top's size");
-            assert!(now == orig, "{what}: {target} does not hold what the top showed");
+            assert_eq!(
+                now.len(),
+                orig.len(),
+                "{what}: {target} grew to the top's size"
+            );
+            assert!(
+                now == orig,
+                "{what}: {target} does not hold what the top showed"
+            );
             if opts.is_empty() {
                 // Emptied: nothing allocated in the top any more.
                 let map = ok(qblk(&["map", "--output", "json", "top.qcow2"], &b), "map");
-                assert!(!map.contains("\"depth\": 0"), "{what}: top not empty: {map}");
+                assert!(
+                    !map.contains("\"depth\": 0"),
+                    "{what}: top not empty: {map}"
+                );
             }
         }
     }
@@ -325,7 +386,7 @@ fn resize_matches_qemu() {
             &["--preallocation=falloc", "top.qcow2", "+64k"],
             &["--preallocation=off", "top.qcow2", "+64k"],
             &["--shrink", "top.qcow2", "--", "-2M"],
-            &["top.qcow2", "1G"],
+            &["top.qcow2", "64M"],
             &["--shrink", "top.qcow2", "5M"],
             &["top.qcow2", "5M"],
         ];
@@ -358,7 +419,10 @@ fn resize_matches_qemu() {
             same(&b, "qcow2", "top.qcow2", "../q/top.qcow2", &what);
         }
         if kind.raw_base {
-            for step in [&["-f", "raw", "base.raw", "+1M"][..], &["-f", "raw", "--shrink", "base.raw", "3M"]] {
+            for step in [
+                &["-f", "raw", "base.raw", "+1M"][..],
+                &["-f", "raw", "--shrink", "base.raw", "3M"],
+            ] {
                 let mut args = vec!["resize"];
                 args.extend(step);
                 both(&q, &b, &args, &format!("raw: resize {}", step.join(" ")));
@@ -374,8 +438,29 @@ fn resize_matches_qemu() {
 fn shrink_gives_space_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "64M"]);
-    qemu_io(d, "qcow2", "a.qcow2", &["write -P 1 0 1M", "write -P 2 8M 40M"]);
+    // 4 KiB clusters: an L2 table maps 2 MiB, so the shrink drops L2
+    // tables and L1 entries as well as data clusters.
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "a.qcow2",
+            "64M",
+        ],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "a.qcow2",
+        &["write -P 1 0 1M", "write -P 2 8M 40M"],
+    );
+    sh(d, &["qemu-img", "convert", "-O", "raw", "a.qcow2", "a.raw"]);
     let before = std::fs::metadata(d.join("a.qcow2")).expect("stat").len();
     ok(qblk(&["resize", "--shrink", "a.qcow2", "2M"], d), "shrink");
     qemu_check_clean("a.qcow2", d);
@@ -383,6 +468,13 @@ fn shrink_gives_space_back() {
     assert!(after < 4 << 20, "file still {after} bytes (was {before})");
     let info = qemu_info("a.qcow2", d);
     assert_eq!(info["virtual-size"], 2 << 20);
+    // What is left reads as before.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("a.raw"))
+        .and_then(|f| f.set_len(2 << 20))
+        .expect("truncate the raw copy");
+    same(d, "raw", "a.raw", "a.qcow2", "after the shrink");
 }
 
 /// Runs `args` with qemu-img and qblk in `d`: both must fail with the same
@@ -398,8 +490,16 @@ fn same_refusal(d: &Path, args: &[&str], needle: &str) {
         "{what}: exit code (qblk: {})",
         stderr(&ours)
     );
-    assert!(stderr(&theirs).contains(needle), "qemu-img {what}: {}", stderr(&theirs));
-    assert!(stderr(&ours).contains(needle), "qblk {what}: {}", stderr(&ours));
+    assert!(
+        stderr(&theirs).contains(needle),
+        "qemu-img {what}: {}",
+        stderr(&theirs)
+    );
+    assert!(
+        stderr(&ours).contains(needle),
+        "qblk {what}: {}",
+        stderr(&ours)
+    );
 }
 
 #[test]
@@ -412,7 +512,13 @@ fn refusals_match_qemu() {
     same_refusal(d, &["resize", "top.qcow2", "--", "-1M"], shrink);
     same_refusal(
         d,
-        &["resize", "--shrink", "--preallocation=full", "top.qcow2", "1M"],
+        &[
+            "resize",
+            "--shrink",
+            "--preallocation=full",
+            "top.qcow2",
+            "1M",
+        ],
         "Preallocation can only be used for growing images",
     );
     same_refusal(
@@ -420,9 +526,21 @@ fn refusals_match_qemu() {
         &["resize", "--preallocation=bogus", "top.qcow2", "+1M"],
         "Invalid preallocation mode 'bogus'",
     );
-    same_refusal(d, &["resize", "top.qcow2", "--", "-10M"], "New image size must be positive");
-    same_refusal(d, &["resize", "top.qcow2", "10485761"], "The new size must be a multiple of 512");
-    same_refusal(d, &["commit", "other.qcow2"], "Image does not have a backing file");
+    same_refusal(
+        d,
+        &["resize", "top.qcow2", "--", "-10M"],
+        "New image size must be positive",
+    );
+    same_refusal(
+        d,
+        &["resize", "top.qcow2", "10485761"],
+        "The new size must be a multiple of 512",
+    );
+    same_refusal(
+        d,
+        &["commit", "other.qcow2"],
+        "Image does not have a backing file",
+    );
     same_refusal(
         d,
         &["commit", "-b", "other.qcow2", "top.qcow2"],
@@ -448,9 +566,26 @@ fn refusals_match_qemu() {
     qemu_check_clean("top.qcow2", d);
 
     // A v2 image with snapshots cannot be resized.
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "4M"]);
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "4M",
+        ],
+    );
     sh(d, &["qemu-img", "snapshot", "-c", "s1", "v2.qcow2"]);
-    same_refusal(d, &["resize", "v2.qcow2", "8M"], "Can't resize a v2 image which has snapshots");
+    same_refusal(
+        d,
+        &["resize", "v2.qcow2", "8M"],
+        "Can't resize a v2 image which has snapshots",
+    );
     same_refusal(
         d,
         &["resize", "--shrink", "v2.qcow2", "2M"],
@@ -468,10 +603,20 @@ fn refusals_match_qemu() {
     // The backing file in use by a writer: commit cannot write it.
     let mut holder = qsd(d, "mid.qcow2");
     let out = qblk(&["commit", "top.qcow2"], d);
-    assert_eq!(out.status.code(), Some(1), "commit into a held backing file");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "commit into a held backing file"
+    );
     assert!(stderr(&out).contains("lock"), "{}", stderr(&out));
     holder.stop();
-    same(d, "raw", "top.orig.raw", "top.qcow2", "after the lock refusals");
+    same(
+        d,
+        "raw",
+        "top.orig.raw",
+        "top.qcow2",
+        "after the lock refusals",
+    );
 }
 
 /// qemu-storage-daemon holding `image` read-write, exported over vhost-user
@@ -479,7 +624,8 @@ fn refusals_match_qemu() {
 fn qsd(dir: &Path, image: &str) -> Daemon {
     let file = format!("driver=file,node-name=file,filename={image}");
     let fmt = format!("driver=qcow2,node-name=fmt,file=file");
-    let export = "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path=qsd.sock,writable=on";
+    let export =
+        "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path=qsd.sock,writable=on";
     Daemon::spawn(
         Path::new("qemu-storage-daemon"),
         &["--blockdev", &file, "--blockdev", &fmt, "--export", export],
@@ -495,13 +641,41 @@ fn rebase_resolves_relative_names_like_qemu() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     std::fs::create_dir(d.join("sub")).expect("mkdir");
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "sub/b.qcow2", "4M"]);
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "sub/b.qcow2",
+            "4M",
+        ],
+    );
     qemu_io(d, "qcow2", "sub/b.qcow2", &["write -P 5 0 1M"]);
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "sub/t.qcow2", "4M"]);
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "sub/t.qcow2",
+            "4M",
+        ],
+    );
     qemu_io(d, "qcow2", "sub/t.qcow2", &["write -P 6 512k 64k"]);
-    sh(d, &["qemu-img", "convert", "-O", "raw", "sub/t.qcow2", "t.raw"]);
+    sh(
+        d,
+        &["qemu-img", "convert", "-O", "raw", "sub/t.qcow2", "t.raw"],
+    );
     ok(
-        qblk(&["rebase", "-b", "b.qcow2", "-F", "qcow2", "sub/t.qcow2"], d),
+        qblk(
+            &["rebase", "-b", "b.qcow2", "-F", "qcow2", "sub/t.qcow2"],
+            d,
+        ),
         "rebase",
     );
     assert_eq!(
@@ -510,4 +684,64 @@ fn rebase_resolves_relative_names_like_qemu() {
     );
     same(d, "raw", "t.raw", "sub/t.qcow2", "relative rebase");
     qemu_check_clean("sub/t.qcow2", d);
+}
+
+/// A version 3 image with an internal snapshot shrinks and grows as with
+/// qemu-img (tables shared with the snapshot are copied or released, never
+/// freed under it): the snapshot reads back the same afterwards.
+#[test]
+fn shrink_keeps_snapshots() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "top.qcow2",
+            "64M",
+        ],
+    );
+    qemu_io(
+        d,
+        "qcow2",
+        "top.qcow2",
+        &["write -P 1 0 10M", "write -P 2 20M 30M"],
+    );
+    sh(d, &["qemu-img", "snapshot", "-c", "s1", "top.qcow2"]);
+    qemu_io(
+        d,
+        "qcow2",
+        "top.qcow2",
+        &["write -P 3 30M 4M", "write -P 4 1M 64k"],
+    );
+    let q = copy_of(d, "q");
+    let b = copy_of(d, "b");
+    for step in [
+        &["--shrink", "top.qcow2", "25000k"][..],
+        &["top.qcow2", "64M"],
+    ] {
+        let mut args = vec!["resize"];
+        args.extend(step);
+        let what = args.join(" ");
+        both(&q, &b, &args, &what);
+        qemu_check_clean("top.qcow2", &b);
+        same(&b, "qcow2", "top.qcow2", "../q/top.qcow2", &what);
+    }
+    for dir in [&q, &b] {
+        sh(dir, &["qemu-img", "snapshot", "-a", "s1", "top.qcow2"]);
+    }
+    qemu_check_clean("top.qcow2", &b);
+    same(
+        &b,
+        "qcow2",
+        "top.qcow2",
+        "../q/top.qcow2",
+        "the snapshot after the resizes",
+    );
 }

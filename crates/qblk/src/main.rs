@@ -8,13 +8,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use qblk_engine::check::RepairMode;
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
+use qblk_tools::commit::{CommitRequest, commit};
 use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
 use qblk_tools::image::ImageFormat;
 use qblk_tools::info::image_info;
 use qblk_tools::map::{self, map_image};
 use qblk_tools::options::{parse_size, split_options};
-use qblk_tools::commit::{CommitRequest, commit};
 use qblk_tools::rebase::{RebaseRequest, rebase};
 use qblk_tools::resize::{NewSize, Preallocation, ResizeRequest, resize};
 
@@ -256,7 +256,8 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         #[arg(short = 'f', value_name = "FMT")]
         format: Option<String>,
         /// The new backing file, as it is to be recorded (relative names
-        /// are relative to IMAGE's directory); "" removes it.
+        /// are relative to IMAGE's directory); "" (or no -b with -u)
+        /// removes it.
         #[arg(short = 'b', value_name = "BACKING_FILE")]
         backing: Option<String>,
         /// The new backing file's format (qcow2 or raw).
@@ -659,11 +660,13 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             quiet,
             image,
         } => {
-            let Some(backing) = backing else {
-                if !unsafe_mode {
+            // Like qemu-img: unsafe mode without -b removes the backing file.
+            let backing = match backing {
+                Some(b) => b,
+                None if unsafe_mode => String::new(),
+                None => {
                     return Err("Must specify backing file (-b) or use unsafe mode (-u)".into());
                 }
-                return Err("rebase needs -b BACKING_FILE (-b \"\" removes it)".into());
             };
             let req = RebaseRequest {
                 path: image,

@@ -141,7 +141,8 @@ pub fn commit(req: &CommitRequest, mut progress: impl FnMut(u64, u64)) -> Result
             above.push(open_qcow2(&c.path, false, false, false).await?);
         }
         let base_entry = &chain[base_index];
-        let mut base = Layer::open(&base_entry.path, base_entry.format.as_deref(), true, false).await?;
+        let mut base =
+            Layer::open(&base_entry.path, base_entry.format.as_deref(), true, false).await?;
         let size = above[0].size();
         if base.size() < size {
             base.grow(size).await?;
@@ -183,7 +184,12 @@ fn entry_at(map: &[MapEntry], pos: u64) -> Option<&MapEntry> {
 
 /// Which layer decides the bytes at `pos`, and for how many bytes (at
 /// most `max`).
-fn decide<'a>(above: &'a [Image], maps: &[Vec<MapEntry>], pos: u64, max: u64) -> (Decided<'a>, u64) {
+fn decide<'a>(
+    above: &'a [Image],
+    maps: &[Vec<MapEntry>],
+    pos: u64,
+    max: u64,
+) -> (Decided<'a>, u64) {
     let mut len = max;
     for (img, map) in above.iter().zip(maps) {
         if pos >= img.size() {

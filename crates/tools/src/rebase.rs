@@ -55,9 +55,9 @@ pub fn rebase(req: &RebaseRequest, mut progress: impl FnMut(u64, u64)) -> Result
                 "Could not change the backing file to '{name}': backing format must be specified"
             )));
         }
-        (Some(_), Some(f)) => Some(ImageFormat::parse(f).map_err(|_| {
-            usage(format!("Invalid format name: '{f}'"))
-        })?),
+        (Some(_), Some(f)) => {
+            Some(ImageFormat::parse(f).map_err(|_| usage(format!("Invalid format name: '{f}'")))?)
+        }
         (None, _) => None,
     };
     qblk_engine::runtime::block_on(async {

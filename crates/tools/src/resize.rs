@@ -71,7 +71,6 @@ fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())
 }
 
-
 /// The new size in bytes, with qemu-img's checks (in its order): positive,
 /// preallocation only when growing, a shrink only with `--shrink`.
 fn target_size(req: &ResizeRequest, current: u64) -> Result<u64> {
@@ -263,7 +262,6 @@ fn resize_raw(req: &ResizeRequest) -> Result<()> {
             pos += n as u64;
         }
     }
-    file.sync_all()
-        .map_err(|e| Error::io(path, "sync", e))?;
+    file.sync_all().map_err(|e| Error::io(path, "sync", e))?;
     Ok(())
 }

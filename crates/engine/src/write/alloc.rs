@@ -219,6 +219,51 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Drops the block at table `index` if it counts nothing but perhaps
+    /// itself (QEMU's refcount table shrink after an image shrink), in
+    /// memory: the table entry goes (the writeback writes the table after
+    /// the blocks), and a block counted by another block has that
+    /// reference released once the table without it is durable. Returns
+    /// whether it was dropped.
+    pub(super) fn drop_block_if_unused(&mut self, index: usize) -> Step<bool> {
+        let g = self.geometry;
+        let Some(off) = self
+            .table
+            .get(index)
+            .and_then(|&e| RefcountTableEntry(e).block_offset())
+        else {
+            return Ok(false);
+        };
+        if self.in_flight.contains(&off.0) {
+            return Ok(false);
+        }
+        if self.blocks.get(&off.0).is_none() {
+            return Err(Miss::RefcountBlock(off));
+        }
+        let own = g.host_cluster(off);
+        let counts_itself = g.refcount_table_index(own) as usize == index;
+        let own_index = counts_itself.then(|| g.refcount_block_index(own));
+        let buf = self.blocks.peek(&off.0).expect("cached above");
+        let unused = (0..g.refcount_block_entries() as usize)
+            .all(|k| Some(k) == own_index || get_refcount(buf, g.refcount_order(), k) == 0);
+        if !unused {
+            return Ok(false);
+        }
+        self.table[index] = 0;
+        self.table_dirty = true;
+        self.dirty_blocks.remove(&off.0);
+        self.blocks.pop(&off.0);
+        if !counts_itself {
+            self.release(own, ClusterCount(1));
+        }
+        Ok(true)
+    }
+
+    /// How many entries the refcount table has.
+    pub(super) fn table_len(&self) -> usize {
+        self.table.len()
+    }
+
     /// Drops one reference to each cluster of `count` from `first` once
     /// the tables that no longer hold them are durable.
     pub(super) fn release(&mut self, first: HostCluster, count: ClusterCount) {

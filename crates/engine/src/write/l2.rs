@@ -309,7 +309,9 @@ impl Image {
                     } else {
                         L2Entry::zero(None, false)
                     };
-                    if drop.is_none() && (new_entry == current || !full && new_entry == L2Entry::UNALLOCATED) {
+                    if drop.is_none()
+                        && (new_entry == current || !full && new_entry == L2Entry::UNALLOCATED)
+                    {
                         return Ok(false);
                     }
                     self.remap(a, staged, pos, new_entry, drop)?;

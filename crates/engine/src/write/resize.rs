@@ -16,7 +16,9 @@
 //! new size and L1 length. The writeback writes the shortened L1 table in
 //! place and then the header; the released clusters are freed only once
 //! that is durable (invariant 3). Entries past `l1_size` left in the old
-//! table's clusters are never read again.
+//! table's clusters are never read again. Last, refcount blocks that
+//! count nothing (but perhaps themselves) leave the refcount table, which
+//! is written in place; a block counted elsewhere is freed after that.
 
 use qblk_qcow2::mapping::L1Entry;
 use qblk_qcow2::{ClusterCount, HostCluster, HostOffset};
@@ -128,12 +130,11 @@ impl Image {
             let mut t = self.lock_tables();
             let old_len = t.l1.len() as u64;
             if entries < old_len {
-                let dropped: Vec<u64> = t
-                    .l1
-                    .drain(entries as usize..)
-                    .filter_map(|e| e.l2_offset())
-                    .map(|o| o.0)
-                    .collect();
+                let dropped: Vec<u64> =
+                    t.l1.drain(entries as usize..)
+                        .filter_map(|e| e.l2_offset())
+                        .map(|o| o.0)
+                        .collect();
                 for off in dropped {
                     // Its entries past the new end were deallocated above;
                     // the table itself goes with the L1 entry.
@@ -159,6 +160,19 @@ impl Image {
         .await?;
         w.writeback_locked(self, &mut synced, false).await?;
         self.set_size(new_size);
+        // Refcount blocks that count nothing any more leave the table (the
+        // file can then be cut before them). Blocks with decrements still
+        // in memory (lazy refcounts) are judged by what memory says.
+        let len = w.lock_alloc().rc.table_len();
+        let mut dropped = false;
+        for index in 0..len {
+            dropped |= w
+                .with_alloc(self, |a, _| a.rc.drop_block_if_unused(index))
+                .await?;
+        }
+        if dropped {
+            w.writeback_locked(self, &mut synced, false).await?;
+        }
         Ok(())
     }
 }
