@@ -412,7 +412,7 @@ fn resize_matches_qemu() {
                 std::fs::copy(b.join("top.qcow2"), q.join("top.qcow2")).expect("copy");
                 continue;
             }
-            ok(theirs, &format!("{}", qargs.join(" ")));
+            ok(theirs, &qargs.join(" "));
             let printed = ok(qblk(&args, &b), &what);
             assert_eq!(printed, "Image resized.\n", "{what}");
             qemu_check_clean("top.qcow2", &b);
@@ -623,12 +623,12 @@ fn refusals_match_qemu() {
 /// so that there is a socket to wait for.
 fn qsd(dir: &Path, image: &str) -> Daemon {
     let file = format!("driver=file,node-name=file,filename={image}");
-    let fmt = format!("driver=qcow2,node-name=fmt,file=file");
+    let fmt = "driver=qcow2,node-name=fmt,file=file";
     let export =
         "type=vhost-user-blk,id=e,node-name=fmt,addr.type=unix,addr.path=qsd.sock,writable=on";
     Daemon::spawn(
         Path::new("qemu-storage-daemon"),
-        &["--blockdev", &file, "--blockdev", &fmt, "--export", export],
+        &["--blockdev", &file, "--blockdev", fmt, "--export", export],
         dir,
         "qsd.sock",
     )
