@@ -1,0 +1,108 @@
+//! Crash ordering of a backing file switch (`qblk rebase`'s last step):
+//! data written before `Image::set_backing_file` is durable before the
+//! header names the new backing file. Every prefix of the recorded history
+//! is cut as a power cut would cut it (unsynced writes lost, whole or torn);
+//! wherever the header already names the new backing file, the data must
+//! read back.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Lcg, sh};
+use qblk_engine::fault::Recorder;
+use qblk_engine::image::BackingPolicy;
+use qblk_engine::runtime::block_on;
+use qblk_engine::{Image, OpenOptions};
+
+const PATTERN: u8 = 0x5a;
+/// Guest offset of the copied range: a cluster of its own, not allocated
+/// before (so the copy allocates it and a new L2 table).
+const AT: u64 = 3 << 20;
+const LEN: usize = 128 << 10;
+
+fn no_backing(writable: bool) -> OpenOptions {
+    OpenOptions {
+        writable,
+        backing: BackingPolicy {
+            enabled: false,
+            ..BackingPolicy::default()
+        },
+        ..OpenOptions::default()
+    }
+}
+
+/// Whether guest bytes at `AT` of the image at `path` read as `PATTERN`.
+fn reads_back(path: &Path) -> bool {
+    block_on(async {
+        let img = Image::open(path, &no_backing(false)).await.expect("open");
+        let mut buf = vec![0u8; LEN];
+        img.read(AT, &mut buf).await.expect("read");
+        buf.iter().all(|&b| b == PATTERN)
+    })
+}
+
+#[test]
+fn data_is_durable_before_the_header_names_the_new_backing_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    for name in ["old.qcow2", "new.qcow2"] {
+        sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", name, "8M"]);
+    }
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "old.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let path = d.join("top.qcow2");
+    let rec = Recorder::attach(&path).expect("attach");
+    let p = path.clone();
+    block_on(async move {
+        let img = Image::open(&p, &no_backing(true)).await.expect("open");
+        // What a rebase copies: the old chain's contents, then the switch.
+        img.write(AT, &[PATTERN; LEN]).await.expect("write");
+        img.set_backing_file(Some("new.qcow2"), Some("qcow2"))
+            .await
+            .expect("switch");
+        img.close().await.expect("close");
+    });
+    Recorder::detach(&path);
+    let events = rec.events();
+    let mut switched = 0;
+    let mut rng = Lcg(0x2545_f491);
+    for cut in 0..=events.len() {
+        for _ in 0..8 {
+            let bytes = rec.crash_image(cut, &mut |n| rng.next(n));
+            let Ok(header) = qblk_qcow2::Header::parse(&bytes) else {
+                continue;
+            };
+            if header.backing_file.as_deref() != Some("new.qcow2") {
+                continue;
+            }
+            switched += 1;
+            let crashed = d.join("crashed.qcow2");
+            std::fs::write(&crashed, &bytes).expect("write crash image");
+            assert!(
+                reads_back(&crashed),
+                "cut after event {cut} of {}: the header names the new backing file but the copied data is not there",
+                events.len()
+            );
+            let out = sh(d, &["qemu-img", "check", "crashed.qcow2"]);
+            assert!(!out.contains("ERROR"), "cut after event {cut}: {out}");
+        }
+    }
+    assert!(switched > 0, "no crash image had the switch");
+    let out = sh(d, &["qemu-img", "info", "top.qcow2"]);
+    assert!(out.contains("backing file: new.qcow2"), "{out}");
+    assert!(out.contains("backing file format: qcow2"), "{out}");
+}
