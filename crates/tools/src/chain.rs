@@ -153,6 +153,13 @@ impl Layer {
         let old = self.size();
         match self {
             Layer::Qcow2(i) => {
+                let h = i.header();
+                if !h.is_v3() && h.nb_snapshots > 0 {
+                    // Version 2 snapshots record no disk size of their own.
+                    return Err(Error::Usage(
+                        "Can't resize a v2 image which has snapshots".into(),
+                    ));
+                }
                 let e = |e| engine(i.path(), e);
                 i.resize(size).await.map_err(e)?;
                 if i.backing_size().is_some_and(|b| b > old) {

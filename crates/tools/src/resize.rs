@@ -247,7 +247,7 @@ fn resize_raw(req: &ResizeRequest) -> Result<()> {
     let total = target_size(req, current)?;
     let prealloc = req.preallocation.unwrap_or(Preallocation::Off);
     if prealloc == Preallocation::Metadata {
-        return Err(usage("Unsupported preallocation mode 'metadata'"));
+        return Err(usage("Unsupported preallocation mode: metadata"));
     }
     file.set_len(total)
         .map_err(|e| Error::io(path, "resize", e))?;
