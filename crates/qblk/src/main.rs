@@ -309,8 +309,9 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Allow a smaller size (what lies past the new end is lost).
         #[arg(long)]
         shrink: bool,
-        /// Preallocate the new space: off, metadata, falloc or full (qcow2:
-        /// the new clusters are allocated, written with zeros).
+        /// Preallocate the new space: off, metadata (clusters mapped, file
+        /// sparse), falloc (file blocks allocated too) or full (zeros
+        /// written).
         #[arg(long, value_name = "MODE")]
         preallocation: Option<String>,
         /// Do not print "Image resized.".

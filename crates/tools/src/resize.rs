@@ -133,11 +133,29 @@ fn resize_qcow2(req: &ResizeRequest) -> Result<()> {
         let e = |e| engine(path, e);
         if total > current {
             img.resize(total).await.map_err(e)?;
+            let engine_mode = |m| match m {
+                Preallocation::Metadata => Some(qblk_engine::Preallocation::Metadata),
+                Preallocation::Falloc => Some(qblk_engine::Preallocation::Falloc),
+                Preallocation::Off | Preallocation::Full => None,
+            };
             match req.preallocation.unwrap_or(Preallocation::Off) {
-                // qemu-img allocates the new clusters; qblk allocates them
-                // by writing zeros (for every mode).
-                Preallocation::Metadata | Preallocation::Falloc | Preallocation::Full => {
+                Preallocation::Full => {
                     write_zeros(&img, current, total).await.map_err(e)?;
+                }
+                m @ (Preallocation::Metadata | Preallocation::Falloc) => {
+                    // The cluster the old end lies in gets zeros written
+                    // (it may show a backing file below the old end); the
+                    // clusters after it are mapped to zeros unwritten.
+                    let aligned = current.next_multiple_of(img.cluster_size()).min(total);
+                    if aligned > current {
+                        write_zeros(&img, current, aligned).await.map_err(e)?;
+                    }
+                    if total > aligned {
+                        let mode = engine_mode(m).expect("metadata or falloc");
+                        img.preallocate(aligned, total - aligned, mode)
+                            .await
+                            .map_err(e)?;
+                    }
                 }
                 Preallocation::Off => {
                     // Like QEMU: a longer backing file must not show

@@ -55,7 +55,11 @@ impl Image {
 
     /// The descriptor and raw entry of the guest cluster at `pos`, from
     /// tables in memory.
-    fn lookup(&self, pos: u64, staged: Option<&Staged>) -> Step<(ClusterDescriptor, L2Entry)> {
+    pub(super) fn lookup(
+        &self,
+        pos: u64,
+        staged: Option<&Staged>,
+    ) -> Step<(ClusterDescriptor, L2Entry)> {
         let g = self.geometry();
         let cluster = g.guest_cluster(GuestOffset(pos));
         let l1_entry = self

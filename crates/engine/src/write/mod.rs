@@ -11,6 +11,7 @@
 //!   first), write-zeroes, discard, compressed writes.
 //! - `resize.rs`: growing and shrinking the virtual disk.
 //! - `backing.rs`: switching the backing file the header names.
+//! - `prealloc.rs`: preallocating unallocated space (resize --preallocation).
 //! - `writeback.rs`: **the only code that writes metadata or syncs**: it
 //!   turns what the others left dirty into one ordered [`Commit`] per
 //!   writeback (`crate::commit`), and runs the flush, close, open-time and
@@ -31,6 +32,7 @@ mod alloc;
 mod backing;
 mod data;
 mod l2;
+mod prealloc;
 mod resize;
 mod writeback;
 
@@ -47,6 +49,7 @@ use crate::image::Image;
 use crate::journal::Journal;
 
 pub(crate) use alloc::{Miss, Refcounts, Step};
+pub use prealloc::Preallocation;
 pub(crate) use writeback::prepare_for_writing;
 
 /// Dirty L2 tables allowed before an allocating write forces a writeback.
@@ -391,6 +394,18 @@ impl Image {
     /// made durable, with its refcounts, before the header points at it.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
         let r = self.resize_inner(new_size).await;
+        self.on_error(r).await
+    }
+
+    /// Maps every unallocated cluster of `[offset, offset + len)` (`offset`
+    /// at a cluster boundary; the range may end at the end of the disk) to
+    /// a new host cluster past everything the file ever held, which reads
+    /// as zeros without being written: `Metadata` makes the file long
+    /// enough, `Falloc` allocates its blocks too (what qemu-img resize
+    /// --preallocation does for new space). Not for images with an
+    /// external data file or encryption.
+    pub async fn preallocate(&self, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
+        let r = self.preallocate_inner(offset, len, mode).await;
         self.on_error(r).await
     }
 
