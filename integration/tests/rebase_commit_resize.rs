@@ -745,3 +745,47 @@ fn shrink_keeps_snapshots() {
         "the snapshot after the resizes",
     );
 }
+
+/// `--preallocation metadata` maps the new clusters without writing them
+/// (the file stays sparse); `falloc` allocates the file's blocks too; both
+/// read as zeros, as with qemu-img.
+#[test]
+fn preallocation_maps_without_writing() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "m.qcow2", "4M"],
+    );
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "f.qcow2", "4M"],
+    );
+    const MIB: u64 = 1 << 20;
+    for (image, mode) in [("m.qcow2", "metadata"), ("f.qcow2", "falloc")] {
+        let opt = format!("--preallocation={mode}");
+        ok(qblk(&["resize", &opt, image, "+256M"], d), "resize");
+        qemu_check_clean(image, d);
+        let map = ok(qblk(&["map", "--output", "json", image], d), "map");
+        let v: serde_json::Value = serde_json::from_str(&map).expect("map JSON");
+        let mapped: u64 = v
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["present"] == true && e["depth"] == 0)
+            .map(|e| e["length"].as_u64().expect("length"))
+            .sum();
+        assert_eq!(mapped, 256 * MIB, "{mode}: the new space is mapped: {map}");
+        let out = run("qemu-io", &["-r", "-c", "read -P 0 4M 256M", image], d);
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("verification failed"),
+            "{mode}: reads as zeros"
+        );
+        let used = std::fs::metadata(d.join(image)).expect("stat").blocks() * 512;
+        match mode {
+            "metadata" => assert!(used < 16 * MIB, "metadata wrote {used} bytes"),
+            _ => assert!(used >= 256 * MIB, "falloc allocated only {used} bytes"),
+        }
+    }
+}
