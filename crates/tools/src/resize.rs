@@ -133,11 +133,6 @@ fn resize_qcow2(req: &ResizeRequest) -> Result<()> {
         let e = |e| engine(path, e);
         if total > current {
             img.resize(total).await.map_err(e)?;
-            let engine_mode = |m| match m {
-                Preallocation::Metadata => Some(qblk_engine::Preallocation::Metadata),
-                Preallocation::Falloc => Some(qblk_engine::Preallocation::Falloc),
-                Preallocation::Off | Preallocation::Full => None,
-            };
             match req.preallocation.unwrap_or(Preallocation::Off) {
                 Preallocation::Full => {
                     write_zeros(&img, current, total).await.map_err(e)?;
@@ -151,7 +146,11 @@ fn resize_qcow2(req: &ResizeRequest) -> Result<()> {
                         write_zeros(&img, current, aligned).await.map_err(e)?;
                     }
                     if total > aligned {
-                        let mode = engine_mode(m).expect("metadata or falloc");
+                        let mode = if m == Preallocation::Metadata {
+                            qblk_engine::Preallocation::Metadata
+                        } else {
+                            qblk_engine::Preallocation::Falloc
+                        };
                         img.preallocate(aligned, total - aligned, mode)
                             .await
                             .map_err(e)?;
