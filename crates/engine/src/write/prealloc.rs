@@ -91,11 +91,9 @@ impl Image {
                             .map_err(io)?;
                     }
                     Preallocation::Metadata => {
-                        let file_len =
-                            self.file()
-                                .file_len()
-                                .map_err(Error::io(self.path(), "stat", None))?;
-                        if file_len < host_end {
+                        // The writer knows the file's length (no stat
+                        // outside open).
+                        if x.file_len < host_end {
                             self.file().set_len(host_end).await.map_err(io)?;
                         }
                     }
