@@ -397,6 +397,15 @@ impl Image {
         s
     }
 
+    /// The virtual size of the backing file as opened (`None` without
+    /// one, or when backing files were not opened).
+    pub fn backing_size(&self) -> Option<u64> {
+        match self.backing.as_ref()? {
+            Backing::Qcow2(img) => Some(img.size()),
+            Backing::Raw { size, .. } => Some(*size),
+        }
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }

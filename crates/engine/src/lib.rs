@@ -29,3 +29,4 @@ mod write;
 
 pub use error::{Corruption, Error, Result};
 pub use image::{Image, OpenOptions};
+pub use write::Preallocation;

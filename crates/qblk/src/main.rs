@@ -10,6 +10,7 @@ use qblk_engine::check::RepairMode;
 use qblk_tools::amend::{AMEND_OPTIONS, AmendRequest, amend};
 use qblk_tools::bitmap::{BitmapRequest, bitmap};
 use qblk_tools::check::{EXIT_UNSUPPORTED, check_image};
+use qblk_tools::commit::{CommitRequest, commit};
 use qblk_tools::compare::{CompareFailure, CompareRequest, Verdict, compare};
 use qblk_tools::convert::{ConvertRequest, convert};
 use qblk_tools::create::{CreateRequest, QCOW2_OPTIONS, RAW_OPTIONS, create};
@@ -18,6 +19,8 @@ use qblk_tools::info::{chain_to_human, chain_to_json, image_info, image_info_cha
 use qblk_tools::map::{self, map_image};
 use qblk_tools::measure::{MeasureRequest, measure};
 use qblk_tools::options::{parse_size, split_options};
+use qblk_tools::rebase::{RebaseRequest, rebase};
+use qblk_tools::resize::{NewSize, Preallocation, ResizeRequest, resize};
 use qblk_tools::snapshot::{SnapshotOp, SnapshotRequest, snapshot};
 
 #[derive(Parser, Debug)]
@@ -391,6 +394,82 @@ Use -o help for descriptions.\nSIZE takes K, M, G, T, P and E suffixes (powers o
         /// Image file.
         image: PathBuf,
     },
+    /// Change the backing file an image names (qemu-img rebase). Safe mode
+    /// copies into IMAGE what differs between the old and the new backing
+    /// chain, so the guest sees the same disk; -u only rewrites the header.
+    Rebase {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// The new backing file, as it is to be recorded (relative names
+        /// are relative to IMAGE's directory); "" (or no -b with -u)
+        /// removes it.
+        #[arg(short = 'b', value_name = "BACKING_FILE")]
+        backing: Option<String>,
+        /// The new backing file's format (qcow2 or raw).
+        #[arg(short = 'F', value_name = "BACKING_FMT")]
+        backing_format: Option<String>,
+        /// Unsafe mode: rewrite the header only, copy nothing.
+        #[arg(short = 'u')]
+        unsafe_mode: bool,
+        /// Share the backing files with every other user, even a writer.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Do not print anything.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Commit an image's data into its backing file (qemu-img commit); the
+    /// image is emptied afterwards unless -d or -b.
+    Commit {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Commit into this image of the backing chain instead of the
+        /// immediate backing file (implies -d).
+        #[arg(short = 'b', value_name = "BASE")]
+        base: Option<PathBuf>,
+        /// Do not empty IMAGE afterwards.
+        #[arg(short = 'd')]
+        keep: bool,
+        /// Show progress.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// Do not print anything.
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
+    },
+    /// Grow or shrink an image's virtual disk (qemu-img resize's options,
+    /// messages and exit codes).
+    Resize {
+        /// Image format; probed when omitted (qcow2 magic, else raw).
+        #[arg(short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// Allow a smaller size (what lies past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+        /// Preallocate the new space: off, metadata (clusters mapped, file
+        /// sparse), falloc (file blocks allocated too) or full (zeros
+        /// written).
+        #[arg(long, value_name = "MODE")]
+        preallocation: Option<String>,
+        /// Do not print "Image resized.".
+        #[arg(short = 'q')]
+        quiet: bool,
+        /// Image file.
+        image: PathBuf,
+        /// New size, or +SIZE / -SIZE relative to the current one (use
+        /// `--` before a negative one, as with qemu-img).
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -475,6 +554,28 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         return Err(bad());
     }
     Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// qemu-img's progress line, on stderr.
+fn show_progress(show: bool, done: u64, total: u64) {
+    if show {
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        eprint!("    ({pct:.2}/100%)\r");
+    }
+}
+
+/// A size for resize, with qemu-img's message when it is not one.
+fn parse_resize_size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|_| {
+        "Parameter 'size' expects a non-negative number below 2^64\n\
+Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+and exabytes, respectively."
+            .to_owned()
+    })
 }
 
 fn run(cli: Cli) -> Result<ExitCode, BoxError> {
@@ -877,6 +978,92 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         Command::Bitmap { args } => {
             let req = BitmapRequest::parse(&args)?;
             bitmap(&req)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rebase {
+            format,
+            backing,
+            backing_format,
+            unsafe_mode,
+            force_share,
+            progress,
+            quiet,
+            image,
+        } => {
+            // Like qemu-img: unsafe mode without -b removes the backing file.
+            let backing = match backing {
+                Some(b) => b,
+                None if unsafe_mode => String::new(),
+                None => {
+                    return Err("Must specify backing file (-b) or use unsafe mode (-u)".into());
+                }
+            };
+            let req = RebaseRequest {
+                path: image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                backing,
+                backing_format,
+                unsafe_mode,
+                force_share,
+            };
+            let show = progress && !quiet;
+            rebase(&req, |done, total| show_progress(show, done, total))?;
+            if show {
+                eprintln!();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Commit {
+            format,
+            base,
+            keep,
+            progress,
+            quiet,
+            image,
+        } => {
+            let req = CommitRequest {
+                path: image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                base,
+                keep_top: keep,
+            };
+            let show = progress && !quiet;
+            commit(&req, |done, total| show_progress(show, done, total))?;
+            if show {
+                eprintln!();
+            }
+            if !quiet {
+                println!("Image committed.");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resize {
+            format,
+            shrink,
+            preallocation,
+            quiet,
+            image,
+            size,
+        } => {
+            let size = match size.as_bytes().first() {
+                Some(b'+') => NewSize::Grow(parse_resize_size(&size[1..])?),
+                Some(b'-') => NewSize::Shrink(parse_resize_size(&size[1..])?),
+                _ => NewSize::Absolute(parse_resize_size(&size)?),
+            };
+            let req = ResizeRequest {
+                path: image,
+                format: format.as_deref().map(ImageFormat::parse).transpose()?,
+                size,
+                shrink,
+                preallocation: preallocation
+                    .as_deref()
+                    .map(Preallocation::parse)
+                    .transpose()?,
+            };
+            resize(&req)?;
+            if !quiet {
+                println!("Image resized.");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Info {

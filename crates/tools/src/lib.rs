@@ -1,6 +1,6 @@
 //! Offline image tools behind the `qblk` command line: `create`, `info`,
 //! `check`, `compare`, `convert`, `map`, `measure`, `bitmap`, `snapshot`,
-//! `amend` and `ctl`.
+//! `amend`, `ctl`, `rebase`, `commit` and `resize`.
 //!
 //! These run before or beside the daemon, never on its data path, so they
 //! use plain blocking file I/O. Everything they know about the format comes
@@ -8,7 +8,9 @@
 
 pub mod amend;
 pub mod bitmap;
+mod chain;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create;
@@ -18,6 +20,8 @@ pub mod info;
 pub mod map;
 pub mod measure;
 pub mod options;
+pub mod rebase;
+pub mod resize;
 pub mod snapshot;
 mod source;
 
@@ -63,6 +67,10 @@ pub enum Error {
         #[source]
         source: Box<qblk_engine::image::Error>,
     },
+    /// The engine failed on an image (open, read, write…); its error
+    /// names the file.
+    #[error(transparent)]
+    Image(Box<qblk_engine::image::Error>),
     /// Another program holds the image (QEMU's image locks).
     #[error("{}: {conflict}", path.display())]
     Locked {

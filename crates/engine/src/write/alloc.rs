@@ -219,6 +219,51 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Drops the block at table `index` if it counts nothing but perhaps
+    /// itself (QEMU's refcount table shrink after an image shrink), in
+    /// memory: the table entry goes (the writeback writes the table after
+    /// the blocks), and a block counted by another block has that
+    /// reference released once the table without it is durable. Returns
+    /// whether it was dropped.
+    pub(super) fn drop_block_if_unused(&mut self, index: usize) -> Step<bool> {
+        let g = self.geometry;
+        let Some(off) = self
+            .table
+            .get(index)
+            .and_then(|&e| RefcountTableEntry(e).block_offset())
+        else {
+            return Ok(false);
+        };
+        if self.in_flight.contains(&off.0) {
+            return Ok(false);
+        }
+        if self.blocks.get(&off.0).is_none() {
+            return Err(Miss::RefcountBlock(off));
+        }
+        let own = g.host_cluster(off);
+        let counts_itself = g.refcount_table_index(own) as usize == index;
+        let own_index = counts_itself.then(|| g.refcount_block_index(own));
+        let buf = self.blocks.peek(&off.0).expect("cached above");
+        let unused = (0..g.refcount_block_entries() as usize)
+            .all(|k| Some(k) == own_index || get_refcount(buf, g.refcount_order(), k) == 0);
+        if !unused {
+            return Ok(false);
+        }
+        self.table[index] = 0;
+        self.table_dirty = true;
+        self.dirty_blocks.remove(&off.0);
+        self.blocks.pop(&off.0);
+        if !counts_itself {
+            self.release(own, ClusterCount(1));
+        }
+        Ok(true)
+    }
+
+    /// How many entries the refcount table has.
+    pub(super) fn table_len(&self) -> usize {
+        self.table.len()
+    }
+
     /// Drops one reference to each cluster of `count` from `first` once
     /// the tables that no longer hold them are durable.
     pub(super) fn release(&mut self, first: HostCluster, count: ClusterCount) {
@@ -367,8 +412,18 @@ impl Refcounts {
                 self.grow_table(header, top as usize)?;
                 continue;
             }
-            self.place_blocks(start.0 + n.0, &layout.new_blocks);
             let used = ClusterCount(n.0 + layout.new_blocks.len() as u64);
+            // Every block the run needs besides the new ones is checked
+            // before anything changes: a miss after the new blocks were
+            // placed would run the step again with them in the table, and
+            // the blocks would no longer count themselves.
+            for c in start.0..start.0 + used.0 {
+                let index = g.refcount_table_index(HostCluster(c));
+                if !layout.new_blocks.contains(&index) {
+                    self.block(HostCluster(c))?;
+                }
+            }
+            self.place_blocks(start.0 + n.0, &layout.new_blocks);
             self.set_run(start, used)?;
             return Ok(start);
         }
@@ -615,6 +670,29 @@ mod tests {
             assert_eq!(count(&mut rc, c), 1, "cluster {c}");
         }
         assert_eq!(rc.end, HostCluster(32781));
+    }
+
+    /// Regression: a run crossing into a new block's range while the block
+    /// of its first clusters was not cached asked for that block after
+    /// placing the new one; run again, the new block no longer counted
+    /// itself (qemu-img check: "refcount=0 reference=1", found by growing
+    /// a 512-byte-cluster image whose L1 table moved).
+    #[test]
+    fn a_run_that_misses_a_block_changes_nothing_and_counts_its_new_block() {
+        let (mut rc, mut h) = fresh(4);
+        rc.end = HostCluster(32760);
+        let block = rc.blocks.pop(&0x10000).unwrap();
+        let before = (rc.end, rc.dirty_blocks.clone(), rc.table.clone());
+        match rc.alloc_run(&mut h, ClusterCount(20)) {
+            Err(Miss::RefcountBlock(HostOffset(0x10000))) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((rc.end, rc.dirty_blocks.clone(), rc.table.clone()), before);
+        rc.insert_loaded(HostOffset(0x10000), block, rc.block_epoch);
+        let start = rc.alloc_run(&mut h, ClusterCount(20)).unwrap();
+        assert_eq!(start, HostCluster(32760));
+        assert_eq!(rc.table[1], 32780 * 0x10000);
+        assert_eq!(count(&mut rc, 32780), 1, "the new block counts itself");
     }
 
     #[test]

@@ -55,7 +55,11 @@ impl Image {
 
     /// The descriptor and raw entry of the guest cluster at `pos`, from
     /// tables in memory.
-    fn lookup(&self, pos: u64, staged: Option<&Staged>) -> Step<(ClusterDescriptor, L2Entry)> {
+    pub(super) fn lookup(
+        &self,
+        pos: u64,
+        staged: Option<&Staged>,
+    ) -> Step<(ClusterDescriptor, L2Entry)> {
         let g = self.geometry();
         let cluster = g.guest_cluster(GuestOffset(pos));
         let l1_entry = self
@@ -263,10 +267,18 @@ impl Image {
         Ok(())
     }
 
-    pub(super) async fn discard_inner(&self, offset: u64, len: u64) -> Result<()> {
+    /// Discard; `full` makes the clusters unallocated even where a
+    /// backing file then shows through (QEMU's full discard).
+    pub(super) async fn discard_inner(&self, offset: u64, len: u64, full: bool) -> Result<()> {
         let w = self.check_writable(offset, len)?;
         let h = self.header();
-        if h.has_external_data_file() || (!h.is_v3() && self.backing_exists()) {
+        if full && h.has_external_data_file() {
+            return Err(Error::Unsupported {
+                path: self.path().to_owned(),
+                what: "deallocating clusters of an image with an external data file".into(),
+            });
+        }
+        if h.has_external_data_file() || (!full && !h.is_v3() && self.backing_exists()) {
             return Ok(());
         }
         let g = self.geometry();
@@ -277,7 +289,7 @@ impl Image {
             let _cluster = w.lock_guest_cluster(pos).await;
             let changed = w
                 .with_alloc(self, |a, staged| {
-                    let (desc, _) = self.lookup(pos, staged)?;
+                    let (desc, current) = self.lookup(pos, staged)?;
                     let drop = match desc {
                         ClusterDescriptor::Standard { host, .. }
                         | ClusterDescriptor::Zero {
@@ -291,7 +303,7 @@ impl Image {
                         }
                         | ClusterDescriptor::UnallocatedSubclusters { .. } => None,
                     };
-                    let new_entry = if !self.backing_exists() {
+                    let new_entry = if full || !self.backing_exists() {
                         L2Entry::UNALLOCATED
                     } else if g.extended_l2() {
                         L2Entry {
@@ -301,7 +313,9 @@ impl Image {
                     } else {
                         L2Entry::zero(None, false)
                     };
-                    if drop.is_none() && new_entry == L2Entry::UNALLOCATED {
+                    if drop.is_none()
+                        && (new_entry == current || !full && new_entry == L2Entry::UNALLOCATED)
+                    {
                         return Ok(false);
                     }
                     self.remap(a, staged, pos, new_entry, drop)?;

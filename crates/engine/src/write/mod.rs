@@ -9,7 +9,9 @@
 //!   file ahead of allocation.
 //! - `l2.rs`: L2 updates — publishing an entry (copying a shared table
 //!   first), write-zeroes, discard, compressed writes.
-//! - `resize.rs`: growing the virtual disk.
+//! - `resize.rs`: growing and shrinking the virtual disk.
+//! - `backing.rs`: switching the backing file the header names.
+//! - `prealloc.rs`: preallocating unallocated space (resize --preallocation).
 //! - `snapshot.rs`: internal snapshots (create, delete, apply).
 //! - `bitmap_store.rs`: storing the persistent dirty bitmaps
 //!   (`crate::bitmaps`), and the operations on them.
@@ -30,9 +32,11 @@
 //! [`Commit`]: crate::commit::Commit
 
 mod alloc;
+mod backing;
 mod bitmap_store;
 mod data;
 mod l2;
+mod prealloc;
 mod resize;
 mod snapshot;
 mod writeback;
@@ -50,6 +54,7 @@ use crate::image::Image;
 use crate::journal::Journal;
 
 pub(crate) use alloc::{Miss, Refcounts, Step};
+pub use prealloc::Preallocation;
 pub(crate) use writeback::prepare_for_writing;
 
 /// Dirty L2 tables allowed before an allocating write forces a writeback.
@@ -388,7 +393,19 @@ impl Image {
     /// files are left as they are.
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.mark_dirty(offset, len);
-        let r = self.discard_inner(offset, len).await;
+        let r = self.discard_inner(offset, len, false).await;
+        self.on_error(r).await
+    }
+
+    /// Makes whole clusters in `[offset, offset + len)` unallocated, so
+    /// that the backing file (or zeros) shows through, and releases their
+    /// host clusters (QEMU's full discard: how qemu-img commit empties the
+    /// top image). A partial cluster is left as it is, except one that ends
+    /// at the end of the disk. Refused for images with an external data
+    /// file.
+    pub async fn deallocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.mark_dirty(offset, len);
+        let r = self.discard_inner(offset, len, true).await;
         self.on_error(r).await
     }
 
@@ -408,6 +425,41 @@ impl Image {
     /// made durable, with its refcounts, before the header points at it.
     pub async fn resize(&self, new_size: u64) -> Result<()> {
         let r = self.resize_inner(new_size).await;
+        self.on_error(r).await
+    }
+
+    /// Maps every unallocated cluster of `[offset, offset + len)` (`offset`
+    /// at a cluster boundary; the range may end at the end of the disk) to
+    /// a new host cluster past everything the file ever held, which reads
+    /// as zeros without being written: `Metadata` makes the file long
+    /// enough, `Falloc` allocates its blocks too (what qemu-img resize
+    /// --preallocation does for new space). Not for images with an
+    /// external data file or encryption.
+    pub async fn preallocate(&self, offset: u64, len: u64, mode: Preallocation) -> Result<()> {
+        let r = self.preallocate_inner(offset, len, mode).await;
+        self.on_error(r).await
+    }
+
+    /// Shrinks the virtual disk to `new_size` bytes (a multiple of 512):
+    /// the clusters past the new end are deallocated, L2 tables no longer
+    /// needed are freed and the L1 table is cut to the new size; the
+    /// header with the new size and L1 length is written after the tables,
+    /// and what it no longer names is freed once it is durable. The
+    /// refcount structures stay as they are. Refused for images with an
+    /// external data file.
+    pub async fn shrink(&self, new_size: u64) -> Result<()> {
+        let r = self.shrink_inner(new_size).await;
+        self.on_error(r).await
+    }
+
+    /// Records `name` (and its `format`) as the image's backing file in the
+    /// header, or with `None` removes both. Everything written before is
+    /// made durable first, then the header is switched (durable). The
+    /// backing chain this `Image` opened stays as it was: reopen the image
+    /// to read through the new one. Nothing about the new backing file is
+    /// checked here.
+    pub async fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let r = self.set_backing_file_inner(name, format).await;
         self.on_error(r).await
     }
 
