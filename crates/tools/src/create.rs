@@ -258,6 +258,23 @@ pub fn qcow2_spec(req: &CreateRequest) -> Result<(CreateSpec, Option<LuksRequest
     Ok((spec, luks))
 }
 
+/// The bytes the LUKS area of a new image with these `-o` options takes
+/// (what `measure` adds), or `None` when they ask for no encryption; the
+/// same refusals as `create`, except that no passphrase is needed.
+pub(crate) fn luks_area_bytes(options: &[(String, String)]) -> Result<Option<u64>> {
+    let mut e = EncryptOptions::default();
+    for (k, v) in options {
+        match k.as_str() {
+            "encryption" => e.legacy = parse_bool(k, v)?,
+            k if k.starts_with("encrypt.") => e.set(k, v)?,
+            _ => {}
+        }
+    }
+    Ok(e.request(true)?.map(|l| {
+        qblk_qcow2::luks::LuksHeader::new_qemu_layout(&l.spec, String::new()).payload_offset
+    }))
+}
+
 /// The `encrypt.*` options as given.
 #[derive(Debug, Default)]
 struct EncryptOptions {

@@ -83,6 +83,8 @@ struct Qcow2Target {
     preallocation: Preallocation,
     has_backing_file: bool,
     size: u64,
+    /// The LUKS area of an encrypted target, in bytes.
+    luks_bytes: Option<u64>,
 }
 
 fn usage(msg: String) -> Error {
@@ -111,11 +113,11 @@ fn qcow2_target(options: &[(String, String)], size: Option<u64>) -> Result<Qcow2
             }
             "compat" | "refcount_bits" | "preallocation" | "compression_type" | "backing_file"
             | "backing_fmt" | "data_file" => {}
-            "encryption" | "encrypt.format" | "encrypt.key-secret" => {
-                return Err(usage(format!(
-                    "parameter '{k}': encrypted images are not supported by qblk"
-                )));
+            // Checked together below, as create checks them.
+            "encryption" => {
+                parse_bool(k, v)?;
             }
+            k if k.starts_with("encrypt.") => {}
             _ => return Err(usage(format!("invalid parameter '{k}'"))),
         }
     }
@@ -182,6 +184,7 @@ fn qcow2_target(options: &[(String, String)], size: Option<u64>) -> Result<Qcow2
         preallocation,
         has_backing_file: last("backing_file").is_some(),
         size,
+        luks_bytes: crate::create::luks_area_bytes(options)?,
     })
 }
 
@@ -289,6 +292,15 @@ async fn measure_qcow2(target: &Qcow2Target, source: Option<&Source>) -> Result<
     let required = (fully_allocated - virtual_size)
         .checked_add(required)
         .ok_or_else(too_large)?;
+    // The LUKS header and key material, in whole clusters, as QEMU adds.
+    let luks = target
+        .luks_bytes
+        .map_or(Some(0), |n| n.checked_next_multiple_of(cs))
+        .ok_or_else(too_large)?;
+    let (required, fully_allocated) = (
+        required.checked_add(luks).ok_or_else(too_large)?,
+        fully_allocated.checked_add(luks).ok_or_else(too_large)?,
+    );
     let bitmaps = match source {
         Some(Source::Qcow2(img)) if target.version >= 3 && img.header().is_v3() => {
             Some(bitmaps_size(&g, img)?)
