@@ -299,3 +299,51 @@ fn qmp_bitmaps_and_queries_while_a_client_writes() {
     qemu_check_clean("a.qcow2", d);
     assert!(!ctl.exists(), "the control socket outlived the daemon");
 }
+
+#[test]
+fn a_service_manager_hears_ready_once_the_sockets_take_connections_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "64M");
+    let notify = UnixDatagram::bind(d.join("notify")).expect("bind notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    /// Kills the daemon if the test fails before it stops.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = std::process::Command::new(qblk_bin())
+        .args([
+            "serve",
+            "--socket",
+            "a.sock",
+            "--control",
+            "qmp.sock",
+            "a.qcow2",
+        ])
+        .current_dir(d)
+        .env("NOTIFY_SOCKET", d.join("notify"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(Reap)
+        .expect("start qblk serve");
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).expect("READY=1 from the daemon");
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1\n"), "{msg}");
+    // Ready means ready: both sockets take connections now.
+    UnixStream::connect(d.join("a.sock")).expect("vhost-user socket ready");
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.0.wait().expect("wait").success());
+}
