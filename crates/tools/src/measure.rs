@@ -383,10 +383,16 @@ mod tests {
             "preallocation=sometimes",
             "lazy_refcounts=maybe",
             "frobnicate=1",
-            "encrypt.format=luks",
+            // Encryption as create refuses it.
+            "encrypt.format=aes",
+            "encrypt.format=luks,encrypt.cipher-alg=twofish-256",
+            "encrypt.cipher-alg=aes-128",
         ] {
             assert!(qcow2_target(&opts(bad), Some(1 << 20)).is_err(), "{bad}");
         }
+        let luks = qcow2_target(&opts("encrypt.format=luks"), Some(1 << 20)).unwrap();
+        // aes-256-xts: 4 KiB of header, 8 slots of 256000 bytes (4 KiB-aligned).
+        assert_eq!(luks.luks_bytes, Some(4096 + 8 * 258_048));
         assert!(raw_target(&opts("cluster_size=4k")).is_err());
         assert!(raw_target(&opts("preallocation=full,size=1M")).is_ok());
     }
