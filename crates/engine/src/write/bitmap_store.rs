@@ -242,36 +242,31 @@ impl Image {
     /// Adds an empty persistent bitmap (qemu-img bitmap --add), stored at
     /// once.
     pub async fn bitmap_add(&self, name: &str, granularity: u64, enabled: bool) -> Result<()> {
-        let w = self.check_writable(0, 0)?;
+        self.check_writable(0, 0)?;
         if !self.header().is_v3() {
             return Err(Error::Unsupported {
                 path: self.path().to_owned(),
                 what: "Cannot store dirty bitmaps in qcow2 v2 files".into(),
             });
         }
-        w.bitmaps.add(self.path(), name, granularity, enabled)?;
-        self.store_bitmaps_now().await
+        self.bitmap_op(|b| b.add(self.path(), name, granularity, enabled))
+            .await
     }
 
     /// Removes bitmap `name` (its clusters are freed).
     pub async fn bitmap_remove(&self, name: &str) -> Result<()> {
-        let w = self.check_writable(0, 0)?;
-        w.bitmaps.remove(self.path(), name)?;
-        self.store_bitmaps_now().await
+        self.bitmap_op(|b| b.remove(self.path(), name)).await
     }
 
     /// Clears every bit of bitmap `name`.
     pub async fn bitmap_clear(&self, name: &str) -> Result<()> {
-        let w = self.check_writable(0, 0)?;
-        w.bitmaps.clear(self.path(), name)?;
-        self.store_bitmaps_now().await
+        self.bitmap_op(|b| b.clear(self.path(), name)).await
     }
 
     /// Enables (tracks writes) or disables bitmap `name`.
     pub async fn bitmap_set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
-        let w = self.check_writable(0, 0)?;
-        w.bitmaps.set_enabled(self.path(), name, enabled)?;
-        self.store_bitmaps_now().await
+        self.bitmap_op(|b| b.set_enabled(self.path(), name, enabled))
+            .await
     }
 
     /// ORs bitmap `src_name` of `src` (this image when `None`) into bitmap
@@ -292,14 +287,21 @@ impl Image {
             path: src.map_or(self.path(), Image::path).to_owned(),
             what: format!("Dirty bitmap '{src_name}' not found"),
         })?;
-        w.bitmaps.merge(self.path(), name, bits, &words)?;
-        self.store_bitmaps_now().await
+        self.bitmap_op(|b| b.merge(self.path(), name, bits, &words))
+            .await
     }
 
-    /// Stores the bitmaps, still in use (an operation changed them).
-    async fn store_bitmaps_now(&self) -> Result<()> {
+    /// Changes the bitmaps and stores them, still in use, both under the
+    /// commit lock: the list never changes under a store in progress (two
+    /// control-socket clients at once), whose directory entries it matches
+    /// to the bitmaps by position.
+    async fn bitmap_op(
+        &self,
+        change: impl FnOnce(&crate::bitmaps::Bitmaps) -> Result<()>,
+    ) -> Result<()> {
         let w = self.check_writable(0, 0)?;
         let mut synced = w.commit.lock().await;
+        change(&w.bitmaps)?;
         let r = w.store_bitmaps(self, &mut synced, true).await;
         drop(synced);
         self.on_error(r).await
