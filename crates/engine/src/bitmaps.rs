@@ -753,6 +753,15 @@ impl Loaded {
     }
 }
 
+/// QEMU's words for a bitmaps extension a writer without bitmap support
+/// left behind, which a writable open drops as QEMU does.
+fn warn_dropped(path: &Path) {
+    warn!(
+        image = %path.display(),
+        "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent; dropping them (run qblk check -r all to free their clusters)"
+    );
+}
+
 /// Reads the bitmaps of a writable image: the directory, and every
 /// consistent bitmap's table and data (or, for one a crashed writer left
 /// in use, its words from that writer's sidecar). Damage is refused with
@@ -765,11 +774,8 @@ pub(crate) async fn load(img: &Image, h: &Header, meta: &MetaMap, file_len: u64)
         .any(|e| e.kind() == qblk_qcow2::header::ext_type::BITMAPS);
     let Some(ext) = h.bitmaps_extension() else {
         if stale {
-            // QEMU's words: without the autoclear bit the extension is stale.
-            warn!(
-                image = %path.display(),
-                "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent; dropping them (run qblk check -r all to free their clusters)"
-            );
+            // Without the autoclear bit the extension is stale.
+            warn_dropped(path);
         }
         return Ok(Loaded {
             bitmaps: Vec::new(),
@@ -778,10 +784,7 @@ pub(crate) async fn load(img: &Image, h: &Header, meta: &MetaMap, file_len: u64)
         });
     };
     if !h.is_v3() || !h.autoclear_features.contains(AutoclearFeatures::BITMAPS) {
-        warn!(
-            image = %path.display(),
-            "a program lacking bitmap support modified this file, so all bitmaps are now considered inconsistent; dropping them (run qblk check -r all to free their clusters)"
-        );
+        warn_dropped(path);
         return Ok(Loaded {
             bitmaps: Vec::new(),
             dir: None,
