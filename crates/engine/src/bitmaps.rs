@@ -74,11 +74,7 @@ pub const MAX_GRANULARITY_BITS: u8 = 31;
 
 /// The sidecar holding the bitmaps' words of the image at `image`.
 pub fn sidecar(image: &Path) -> PathBuf {
-    let name = image
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    image.with_file_name(format!(".{name}.qblk-bitmaps"))
+    crate::shm::sidecar_path(image, "qblk-bitmaps")
 }
 
 /// What an operator sees of a bitmap.

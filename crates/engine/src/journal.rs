@@ -107,11 +107,7 @@ const KIND_L1: u64 = 2;
 
 /// The journal file of the image at `image`.
 pub fn sidecar(image: &Path) -> PathBuf {
-    let name = image
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    image.with_file_name(format!(".{name}.qblk-journal"))
+    crate::shm::sidecar_path(image, "qblk-journal")
 }
 
 /// A fresh stamp: 31 random bits (what the header has room for), the

@@ -127,6 +127,16 @@ impl Drop for SharedMap {
     }
 }
 
+/// `.<image file name>.<suffix>` beside the image: where a sidecar of it
+/// lives (the crash journal's, the dirty bitmaps').
+pub(crate) fn sidecar_path(image: &Path, suffix: &str) -> std::path::PathBuf {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    image.with_file_name(format!(".{name}.{suffix}"))
+}
+
 /// This boot's id (`/proc/sys/kernel/random/boot_id`): what survives a
 /// process crash in the page cache does not survive a reboot, so a sidecar
 /// from another boot is never trusted.

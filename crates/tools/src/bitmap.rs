@@ -5,10 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use qblk_engine::Image;
-use qblk_engine::file::CacheMode;
-use qblk_engine::image::{BackingPolicy, OpenOptions};
 use qblk_engine::runtime::block_on;
 
+use crate::chain::tool_open_options;
 use crate::image::ImageFormat;
 use crate::options::parse_size;
 use crate::{Error, Result};
@@ -157,19 +156,6 @@ fn op_failed(op: &BitmapOp, bitmap: &str, e: qblk_engine::image::Error) -> Error
     ))
 }
 
-fn open_options(writable: bool) -> OpenOptions {
-    OpenOptions {
-        writable,
-        cache: CacheMode::Writeback,
-        backing: BackingPolicy {
-            // Like qemu-img: the operator named this image.
-            allow_any_dir: true,
-            ..BackingPolicy::default()
-        },
-        ..OpenOptions::default()
-    }
-}
-
 /// Runs the request's operations in order. Those done before one fails
 /// stay done, as with qemu-img.
 pub fn bitmap(req: &BitmapRequest) -> Result<()> {
@@ -190,7 +176,7 @@ pub fn bitmap(req: &BitmapRequest) -> Result<()> {
     block_on(async {
         let source = match &req.source_file {
             Some(p) => Some(
-                Image::open(p, &open_options(false))
+                Image::open(p, &tool_open_options(false, true, false))
                     .await
                     .map_err(|e| not_opened(p, e))?,
             ),
@@ -198,7 +184,7 @@ pub fn bitmap(req: &BitmapRequest) -> Result<()> {
         };
         // After the source: from here on the image is closed on every path
         // (an open writer has marked its bitmaps in use).
-        let img = Image::open(&req.image, &open_options(true))
+        let img = Image::open(&req.image, &tool_open_options(true, true, false))
             .await
             .map_err(|e| not_opened(&req.image, e))?;
         let mut result = Ok(());

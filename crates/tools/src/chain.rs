@@ -28,7 +28,16 @@ pub(crate) async fn open_qcow2(
     chain: bool,
     force_share: bool,
 ) -> Result<Image> {
-    let opts = OpenOptions {
+    let opts = tool_open_options(writable, chain, force_share);
+    Image::open(path, &opts).await.map_err(|e| engine(path, e))
+}
+
+/// How the offline tools open a qcow2 image: through the page cache,
+/// `writable` or not, with (`chain`) or without its backing files, which
+/// may lie in any directory as with qemu-img (the operator named the
+/// image), sharing everything with `force_share` (`-U`).
+pub(crate) fn tool_open_options(writable: bool, chain: bool, force_share: bool) -> OpenOptions {
+    OpenOptions {
         writable,
         cache: CacheMode::Writeback,
         backing: BackingPolicy {
@@ -38,8 +47,7 @@ pub(crate) async fn open_qcow2(
         },
         force_share,
         ..OpenOptions::default()
-    };
-    Image::open(path, &opts).await.map_err(|e| engine(path, e))
+    }
 }
 
 /// One layer of a chain opened as a whole image.

@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 
 use qblk_engine::Image;
-use qblk_engine::file::CacheMode;
-use qblk_engine::image::{BackingPolicy, OpenOptions};
 use qblk_engine::runtime::block_on;
 use qblk_qcow2::snapshot::SnapshotEntry;
 
@@ -45,19 +43,8 @@ pub fn snapshot(req: &SnapshotRequest) -> Result<String> {
             "force-share is only supported with --list (-l)".into(),
         ));
     }
-    let opts = OpenOptions {
-        writable,
-        cache: CacheMode::Writeback,
-        backing: BackingPolicy {
-            // Like qemu-img: the operator named this image; backing files
-            // are not needed for snapshots.
-            enabled: false,
-            allow_any_dir: true,
-            ..BackingPolicy::default()
-        },
-        force_share: req.force_share,
-        ..OpenOptions::default()
-    };
+    // Backing files are not needed for snapshots.
+    let opts = crate::chain::tool_open_options(writable, false, req.force_share);
     block_on(async {
         let img = Image::open(&req.image, &opts)
             .await

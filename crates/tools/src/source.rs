@@ -3,11 +3,10 @@
 
 use std::path::Path;
 
+use qblk_engine::Image;
 use qblk_engine::file::{CacheMode, HostFile};
-use qblk_engine::image::BackingPolicy;
 use qblk_engine::lock::Access;
 use qblk_engine::map::{BlockStatus, raw_layer_status};
-use qblk_engine::{Image, OpenOptions};
 
 use crate::image::{ImageFormat, open_read, probe};
 use crate::{Error, Result};
@@ -37,16 +36,7 @@ impl Source {
         };
         match format {
             ImageFormat::Qcow2 => {
-                let opts = OpenOptions {
-                    cache: CacheMode::Writeback,
-                    backing: BackingPolicy {
-                        // Like qemu-img: the operator named this image.
-                        allow_any_dir: true,
-                        ..BackingPolicy::default()
-                    },
-                    force_share,
-                    ..OpenOptions::default()
-                };
+                let opts = crate::chain::tool_open_options(false, true, force_share);
                 let img = Image::open(path, &opts)
                     .await
                     .map_err(|e| engine(path, "cannot open".into(), e))?;
