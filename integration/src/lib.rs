@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod guest;
+pub mod qmp;
 pub mod rawq;
 pub mod vhost;
 

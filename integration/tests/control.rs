@@ -4,69 +4,13 @@
 //! socket, several clients at once, bad input answered without disturbing
 //! the daemon, and `quit`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::Duration;
 
+use qblk_integration::qmp::Qmp;
 use qblk_integration::vhost::{Client, Daemon};
 use qblk_integration::*;
 use serde_json::{Value, json};
-
-/// A QMP client on a raw socket.
-struct Qmp {
-    out: UnixStream,
-    lines: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> (Qmp, Value) {
-        let s = UnixStream::connect(path).expect("connect to the control socket");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let mut q = Qmp {
-            out: s.try_clone().expect("clone"),
-            lines: BufReader::new(s),
-        };
-        let greeting = q.read();
-        (q, greeting)
-    }
-
-    fn read(&mut self) -> Value {
-        let mut line = String::new();
-        self.lines.read_line(&mut line).expect("read a reply");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"))
-    }
-
-    fn raw(&mut self, bytes: &[u8]) -> Value {
-        self.out.write_all(bytes).expect("send");
-        self.read()
-    }
-
-    fn cmd(&mut self, execute: &str, arguments: Value) -> Value {
-        let req = json!({"execute": execute, "arguments": arguments, "id": execute});
-        let r = self.raw(&serde_json::to_vec(&req).expect("json"));
-        assert_eq!(r["id"], execute, "{r}");
-        r
-    }
-
-    fn ok(&mut self, execute: &str, arguments: Value) -> Value {
-        let r = self.cmd(execute, arguments);
-        assert!(r.get("return").is_some(), "{execute}: {r}");
-        r["return"].clone()
-    }
-
-    fn err(&mut self, execute: &str, arguments: Value) -> (String, String) {
-        let r = self.cmd(execute, arguments);
-        let e = &r["error"];
-        assert!(e.is_object(), "{execute} should fail: {r}");
-        (
-            e["class"].as_str().unwrap_or("").to_owned(),
-            e["desc"].as_str().unwrap_or("").to_owned(),
-        )
-    }
-}
 
 fn bitmaps(q: &mut Qmp) -> Vec<Value> {
     let nodes = q.ok("query-named-block-nodes", json!({}));
@@ -190,12 +134,7 @@ fn qmp_bitmaps_and_queries_while_a_client_writes() {
     q2.ok("qmp_capabilities", json!({}));
     let r = q.raw(b"}{");
     assert_eq!(r["error"]["class"], "GenericError", "{r}");
-    let mut rest = String::new();
-    assert_eq!(
-        q.lines.read_line(&mut rest).ok(),
-        Some(0),
-        "not hung up: {rest}"
-    );
+    assert!(q.hung_up(), "not hung up");
     drop(q);
     // b1 (enabled again) has the writes at 20M and 30M.
     assert_eq!(count(&mut q2, "b1"), 2 * 4096);
@@ -338,7 +277,7 @@ fn a_service_manager_hears_ready_once_the_sockets_take_connections_and_stopping(
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(msg.starts_with("READY=1\n"), "{msg}");
     // Ready means ready: both sockets take connections now.
-    UnixStream::connect(d.join("a.sock")).expect("vhost-user socket ready");
+    std::os::unix::net::UnixStream::connect(d.join("a.sock")).expect("vhost-user socket ready");
     let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
     q.ok("qmp_capabilities", json!({}));
     // SAFETY: kill(2) on our own child.
