@@ -17,6 +17,8 @@ pub mod config;
 pub mod control;
 pub mod device;
 pub mod disk;
+pub mod events;
+pub mod gate;
 mod pin;
 pub mod request;
 pub mod stats;
@@ -489,6 +491,18 @@ pub fn notify_service_manager(state: &str) {
             target.to_string_lossy()
         );
     }
+}
+
+/// An error and its sources, `: `-separated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
