@@ -38,6 +38,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox", "busybox-static"),
     ("fio", "fio"),
     ("cpio", "cpio"),
+    ("resize2fs", "e2fsprogs"),
     ("modprobe", "kmod"),
     ("/boot/vmlinuz-*", "linux-image-amd64"),
     ("qemu-img", "qemu-utils"),
