@@ -68,6 +68,30 @@ struct Serve {
 }
 
 impl Serve {
+    /// The next message from the daemon (READY=1 ...), failing at once
+    /// with its log if it exits first.
+    fn ready(&mut self, n: &Notify) -> String {
+        n.0.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 4096];
+        let got = loop {
+            match n.0.recv(&mut buf) {
+                Ok(len) => break String::from_utf8_lossy(&buf[..len]).into_owned(),
+                Err(_) if Instant::now() < deadline => {
+                    let c = self.child.as_mut().expect("running");
+                    if let Some(status) = c.try_wait().expect("wait") {
+                        panic!("daemon exited ({status}) before READY=1:\n{}", self.log());
+                    }
+                }
+                Err(e) => panic!("no READY=1 within 60 s ({e}):\n{}", self.log()),
+            }
+        };
+        n.0.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        got
+    }
+
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -220,7 +244,7 @@ fn a_service_manager_hears_ready_status_lines_and_stopping() {
             ..Start::default()
         },
     );
-    let ready = notify.next();
+    let ready = serve.ready(&notify);
     assert_eq!(
         ready, "READY=1\nSTATUS=serving a.qcow2 on a.sock",
         "the first message is readiness with what is served where"
@@ -268,7 +292,7 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_them_listening() {
         log,
     };
     let mut serve = start(d, activated("first.log"));
-    let ready = notify.next();
+    let ready = serve.ready(&notify);
     assert!(ready.starts_with("READY=1\n"), "{ready}");
     assert!(
         ready.contains("act.sock (fd 4 from socket activation)"),
@@ -290,7 +314,7 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_them_listening() {
     // Those two connections wait in the backlog; the next daemon takes
     // them (and sees them go) before the client below.
     let mut again = start(d, activated("second.log"));
-    assert!(notify.until("READY=1").len() >= 1);
+    notify.until("READY=1");
     io_through(&d.join("act.sock"), 0x22);
     assert!(again.stop().success(), "{}", again.log());
     assert!(d.join("act.sock").exists());
@@ -331,7 +355,7 @@ fn an_inherited_fd_is_served_and_never_unlinked() {
             ..Start::default()
         },
     );
-    let ready = notify.next();
+    let ready = serve.ready(&notify);
     assert!(ready.contains("fd.sock (fd 5)"), "{ready}");
     io_through(&d.join("fd.sock"), 0x33);
     assert!(serve.stop().success(), "{}", serve.log());
@@ -493,7 +517,7 @@ fn the_pidfile_is_written_when_ready_held_and_removed_at_exit() {
             ..Start::default()
         },
     );
-    assert!(notify.next().starts_with("READY=1\n"));
+    assert!(first.ready(&notify).starts_with("READY=1\n"));
     let pid = std::fs::read_to_string(d.join("qblk.pid")).expect("pid file once ready");
     assert_eq!(pid, format!("{}\n", first.pid()));
 
@@ -535,7 +559,7 @@ fn the_pidfile_is_written_when_ready_held_and_removed_at_exit() {
             ..Start::default()
         },
     );
-    assert!(notify.until("READY=1").len() >= 1);
+    notify.until("READY=1");
     assert_eq!(
         std::fs::read_to_string(d.join("qblk.pid")).expect("pid file"),
         format!("{}\n", third.pid())
@@ -569,7 +593,7 @@ fn the_socket_gets_its_owner_and_mode_before_ready() {
             ..Start::default()
         },
     );
-    assert!(notify.next().starts_with("READY=1\n"));
+    assert!(serve.ready(&notify).starts_with("READY=1\n"));
     // Checked at READY=1, the moment a manager may hand the socket out.
     let m = std::fs::metadata(d.join("a.sock")).expect("socket");
     assert_eq!(m.permissions().mode() & 0o7777, 0o604, "socket mode");
@@ -634,7 +658,7 @@ fn json_logs_are_one_object_per_line_with_level_and_message() {
             ..Start::default()
         },
     );
-    assert!(notify.next().starts_with("READY=1\n"));
+    assert!(serve.ready(&notify).starts_with("READY=1\n"));
     io_through(&d.join("a.sock"), 0x55);
     assert!(serve.stop().success(), "{}", serve.log());
     let log = serve.log();
@@ -681,7 +705,7 @@ fn qemu_convention_aliases_work() {
             ..Start::default()
         },
     );
-    assert!(notify.next().starts_with("READY=1\n"));
+    assert!(serve.ready(&notify).starts_with("READY=1\n"));
     {
         // Read-only: blkio refuses to start read-write on it.
         assert!(Client::connect_with(&d.join("a.sock"), 1, false).is_err());
