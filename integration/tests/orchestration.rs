@@ -191,18 +191,18 @@ fn start(d: &Path, s: Start<'_>) -> Serve {
         .collect();
     if !moved.is_empty() {
         let pairs = moved.clone();
+        let hook = move || {
+            for &(high, target) in &pairs {
+                // SAFETY: dup2(2) of descriptors the child inherited.
+                if unsafe { libc::dup2(high, target) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        };
         // SAFETY: only dup2(2), which is async-signal-safe, runs between
         // fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for &(high, target) in &pairs {
-                    if libc::dup2(high, target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        unsafe { cmd.pre_exec(hook) };
     }
     let child = cmd.spawn().expect("start qblk serve");
     for (high, _) in moved {
@@ -573,8 +573,10 @@ fn the_socket_gets_its_owner_and_mode_before_ready() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     create_qcow2(d, "a.qcow2", "64M");
-    // SAFETY: getuid(2)/getgid(2) cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    // SAFETY: getuid(2) cannot fail.
+    let uid = unsafe { libc::getuid() };
+    // SAFETY: getgid(2) cannot fail.
+    let gid = unsafe { libc::getgid() };
     let owner = format!("{uid}:{gid}");
     let notify = Notify::bind(d);
     let mut serve = start(

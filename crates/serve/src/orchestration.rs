@@ -258,6 +258,10 @@ pub struct Activation {
     pub control: Option<InheritedSocket>,
 }
 
+/// Descriptors passed by socket activation, each with its
+/// `LISTEN_FDNAMES` name if the variable was set.
+pub type PassedFds = Vec<(RawFd, Option<String>)>;
+
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;
 
@@ -271,7 +275,7 @@ pub fn parse_listen_fds(
     listen_fds: Option<&str>,
     listen_fdnames: Option<&str>,
     our_pid: u32,
-) -> Result<Option<Vec<(RawFd, Option<String>)>>, Error> {
+) -> Result<Option<PassedFds>, Error> {
     let (Some(pid), Some(fds)) = (listen_pid, listen_fds) else {
         return Ok(None);
     };
@@ -592,9 +596,8 @@ impl Default for Wake {
             return Wake { fd: None };
         }
         // SAFETY: see above.
-        Wake {
-            fd: Some(unsafe { OwnedFd::from_raw_fd(fd) }),
-        }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Wake { fd: Some(fd) }
     }
 }
 
