@@ -506,7 +506,7 @@ fn accept_loop(
 /// that cannot be reached is logged and otherwise ignored.
 pub fn notify_service_manager(state: &str) {
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET").filter(|t| !t.is_empty()) else {
         return;
     };
     let sent = (|| -> std::io::Result<()> {
