@@ -584,6 +584,8 @@ pub const CAPABILITIES: &str = r#"{
 #[derive(Debug)]
 pub struct Wake {
     fd: Option<OwnedFd>,
+    /// Set by `wake`, for when there is no eventfd to poll.
+    woken: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Wake {
@@ -593,16 +595,23 @@ impl Default for Wake {
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
             warn!("cannot create an eventfd: {}", last_os_error());
-            return Wake { fd: None };
+            return Wake {
+                fd: None,
+                woken: false.into(),
+            };
         }
         // SAFETY: see above.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Wake { fd: Some(fd) }
+        Wake {
+            fd: Some(fd),
+            woken: false.into(),
+        }
     }
 }
 
 impl Wake {
     pub fn wake(&self) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
         if let Some(fd) = &self.fd {
             let one = 1u64.to_ne_bytes();
             // SAFETY: write(2) of 8 bytes from a live buffer to our eventfd.
@@ -611,15 +620,15 @@ impl Wake {
     }
 
     /// Waits until `listener` has a connection to accept (true) or this
-    /// was woken (false). Without an eventfd, polls every 100 ms and
-    /// asks `stopped`.
+    /// was woken or `stopped` says so (false). Without an eventfd, polls
+    /// every 100 ms.
     pub fn wait_for_connection(
         &self,
         listener: RawFd,
         stopped: impl Fn() -> bool,
     ) -> std::io::Result<bool> {
         loop {
-            if stopped() {
+            if stopped() || self.woken.load(std::sync::atomic::Ordering::Acquire) {
                 return Ok(false);
             }
             let mut fds = [
@@ -880,6 +889,22 @@ mod tests {
         let e = parse_socket_owner("root:no-such-group-qblk").unwrap_err();
         assert!(e.to_string().contains("no such group"), "{e}");
         assert!(parse_socket_owner(":").is_err());
+    }
+
+    #[test]
+    fn a_wake_ends_the_wait_and_leaves_the_listener_listening() {
+        let d = tempfile::tempdir().unwrap();
+        let l = UnixListener::bind(d.path().join("s")).unwrap();
+        let wake = Wake::default();
+        let _c = std::os::unix::net::UnixStream::connect(d.path().join("s")).unwrap();
+        assert!(wake.wait_for_connection(l.as_raw_fd(), || false).unwrap());
+        wake.wake();
+        assert!(!wake.wait_for_connection(l.as_raw_fd(), || false).unwrap());
+        // Stays woken; the listener was not touched.
+        assert!(!wake.wait_for_connection(l.as_raw_fd(), || false).unwrap());
+        let _again = std::os::unix::net::UnixStream::connect(d.path().join("s")).unwrap();
+        let s = inherit_listener(l.as_raw_fd(), Origin::FdOption).unwrap();
+        assert_eq!(s.path.as_deref(), Some(d.path().join("s").as_path()));
     }
 
     #[test]
