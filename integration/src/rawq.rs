@@ -160,6 +160,18 @@ impl RawFrontend {
         (fe, count)
     }
 
+    /// Reads the 4 KiB at `offset` (a T_IN request) and returns them.
+    pub fn read_at(&mut self, offset: u64) -> Vec<u8> {
+        let status = DATA + 64;
+        let h = self.header(DATA, 0, offset / 512);
+        let (_, st) = self.roundtrip(
+            &[h, D(DATA + 16384, 4096, true), D(status, 1, true)],
+            status,
+        );
+        assert_eq!(st, 0, "read at {offset}");
+        self.read(DATA + 16384, 4096)
+    }
+
     /// Enables or disables the ring (SET_VRING_ENABLE): the daemon stops
     /// or starts serving it.
     pub fn set_enabled(&mut self, on: bool) {

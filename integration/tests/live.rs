@@ -375,3 +375,85 @@ fn internal_snapshots_while_a_client_writes_restore_exactly_what_was_written_bef
         );
     }
 }
+
+#[test]
+fn a_second_frontend_negotiates_while_the_first_serves_and_takes_over_its_queues() {
+    // A VM migrating on this host: the incoming QEMU connects to the same
+    // socket while the outgoing one still serves, and starts its rings
+    // once the outgoing ones have stopped.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "m.qcow2", "64M");
+    let mut daemon = Daemon::qblk(d, "m.sock", &["--control", "qmp.sock", "m.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    let mut a = RawFrontend::connect(&daemon.socket);
+    let (w, _, _) = write_read(&mut a, 1 << 20, 0x61);
+    assert_eq!(w, S_OK);
+
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel::<()>();
+    let served = Arc::new(AtomicBool::new(false));
+    let socket = daemon.socket.clone();
+    let b_served = served.clone();
+    let incoming = std::thread::spawn(move || {
+        // Its ring start waits for the outgoing frontend's ring to stop;
+        // its first request meanwhile waits in its ring.
+        let mut b = RawFrontend::connect(&socket);
+        connected_tx.send(()).expect("main thread");
+        let (_, r, back) = write_read(&mut b, 2 << 20, 0x62);
+        b_served.store(true, Ordering::SeqCst);
+        let first = b.read_at(1 << 20);
+        (r, back, first)
+    });
+    connected_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the incoming frontend did not connect");
+    // While both are connected, a resize is refused.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = q.cmd(
+            "block_resize",
+            json!({"node-name": "disk", "size": 64 << 20}),
+        );
+        if r["error"]["desc"]
+            .as_str()
+            .is_some_and(|d| d.contains("second frontend"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "resize not refused: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !served.load(Ordering::SeqCst),
+        "the incoming frontend was served while the outgoing one's ring ran"
+    );
+    // The outgoing frontend stops its device: the incoming one's ring
+    // starts, and its request is served.
+    a.set_enabled(false);
+    let (r, back, first) = incoming.join().expect("incoming frontend");
+    assert_eq!(r, S_OK);
+    assert_eq!(back, vec![0x62; 4096]);
+    assert_eq!(first, vec![0x61; 4096], "the outgoing frontend's write");
+    drop(a);
+    // Alone again: resizing works.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while q
+        .cmd(
+            "block_resize",
+            json!({"node-name": "disk", "size": 96 << 20}),
+        )
+        .get("error")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "resize still refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(q);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    qemu_check_clean("m.qcow2", d);
+    let disk = qemu_raw(d, "m.qcow2");
+    assert_eq!(&disk[1 << 20..(1 << 20) + 4096], &[0x61; 4096][..]);
+    assert_eq!(&disk[2 << 20..(2 << 20) + 4096], &[0x62; 4096][..]);
+}

@@ -238,9 +238,9 @@ struct Stop {
     /// of the listener: an inherited one is shared with its maker, who
     /// listens on after we exit.)
     wake: Wake,
-    /// The current connection's socket, if any (a clone: shutting it down
-    /// ends the protocol thread's wait for a message).
-    connection: Mutex<Option<UnixStream>>,
+    /// The frontend connections (their sockets are clones: shutting one
+    /// down ends its protocol thread's wait for a message).
+    connections: Mutex<Vec<Connection>>,
     /// The queue workers, drained before the connection is closed.
     queues: Mutex<Option<Arc<Vec<QueueHandle>>>>,
 }
@@ -260,8 +260,15 @@ impl Stop {
                 q.close();
             }
         }
-        if let Some(c) = lock(&self.connection).as_ref() {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        self.hang_up();
+    }
+
+    /// Hangs up every frontend.
+    fn hang_up(&self) {
+        for c in lock(&self.connections).iter() {
+            if let Some(s) = &c.socket {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 
@@ -425,6 +432,20 @@ fn run(
     result
 }
 
+/// One frontend connection: its socket (a clone, to hang up at stop) and
+/// its protocol thread.
+struct Connection {
+    id: u64,
+    /// Taken (and shut down) when the connection ends.
+    socket: Option<UnixStream>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Accepts frontends until asked to stop. Several may be connected at
+/// once — a VM migrating on this host has its incoming QEMU connect while
+/// the outgoing one still serves — each with its own protocol thread and
+/// `Handler`; a queue serves one connection's ring at a time (`Handler`
+/// starts a ring only once the queue is free).
 fn accept_loop(
     listener: &mut Listener,
     device: &Arc<Device>,
@@ -432,73 +453,111 @@ fn accept_loop(
     stop: &Arc<Stop>,
 ) -> Result<(), ServeError> {
     let listener_fd = listener.as_raw_fd();
-    while !stop.requested() {
-        device.reset();
-        let handler = Arc::new(Mutex::new(Handler::new(device.clone(), queues.clone())));
-        let mut backend = BackendListener::new(listener, handler.clone())
-            .map_err(|e| ServeError::Start(e.to_string()))?;
-
+    let mut next_id = 0u64;
+    let result = loop {
+        if stop.requested() {
+            break Ok(());
+        }
+        next_id += 1;
+        let id = next_id;
+        let handler = Arc::new(Mutex::new(Handler::new(id, device.clone(), queues.clone())));
+        let mut backend = match BackendListener::new(listener, handler.clone()) {
+            Ok(b) => b,
+            Err(e) => break Err(ServeError::Start(e.to_string())),
+        };
         // The wake stays set once a stop is requested: none is missed.
         match stop
             .wake
             .wait_for_connection(listener_fd, || stop.requested())
         {
             Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => return Err(ServeError::Start(format!("waiting for a frontend: {e}"))),
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(ServeError::Start(format!("waiting for a frontend: {e}"))),
         }
-        let accepted = backend.accept();
-        let mut conn = match accepted {
+        let mut conn = match backend.accept() {
             Ok(Some(conn)) => conn,
             Ok(None) => continue,
-            Err(_) if stop.requested() => break,
-            Err(e) => return Err(ServeError::Start(format!("accepting a frontend: {e}"))),
+            Err(_) if stop.requested() => break Ok(()),
+            Err(e) => break Err(ServeError::Start(format!("accepting a frontend: {e}"))),
         };
-        info!("frontend connected");
+        lock(&handler).connected();
+        info!(connection = id, "frontend connected");
         orchestration::status("frontend connected");
-        *lock(&stop.connection) = conn.try_clone_connection().ok();
-        if stop.requested() {
-            if let Some(c) = lock(&stop.connection).as_ref() {
-                let _ = c.shutdown(std::net::Shutdown::Both);
-            }
+        {
+            let mut conns = lock(&stop.connections);
+            conns.retain(|c| c.thread.as_ref().is_none_or(|t| !t.is_finished()));
+            conns.push(Connection {
+                id,
+                socket: conn.try_clone_connection().ok(),
+                thread: None,
+            });
         }
-        let protocol = std::thread::Builder::new()
-            .name("qblk-vhost".into())
+        let finished_device = device.clone();
+        let finished_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("qblk-vhost{id}"))
             .spawn(move || {
-                loop {
+                let e = loop {
                     if let Err(e) = conn.handle_request() {
-                        return e;
+                        break e;
                     }
+                };
+                match e {
+                    ::vhost::vhost_user::Error::Disconnected
+                    | ::vhost::vhost_user::Error::PartialMessage => {
+                        info!(connection = id, "frontend disconnected")
+                    }
+                    e if finished_stop.requested() => {
+                        info!(connection = id, "connection closed to stop: {e}")
+                    }
+                    e => warn!(connection = id, "frontend connection ended: {e}"),
                 }
-            })
-            .map_err(|e| ServeError::Start(format!("cannot start the protocol thread: {e}")))?;
-        match protocol.join() {
-            Ok(
-                ::vhost::vhost_user::Error::Disconnected
-                | ::vhost::vhost_user::Error::PartialMessage,
-            ) => {
-                info!("frontend disconnected")
+                // The frontend sees the end at once (the stop's clone of
+                // the socket would keep it open).
+                drop(conn);
+                let clone = lock(&finished_stop.connections)
+                    .iter_mut()
+                    .find(|c| c.id == id)
+                    .and_then(|c| c.socket.take());
+                if let Some(s) = clone {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                // Requests the frontend left behind finish before its
+                // queues serve anyone else; the disk is flushed either way.
+                lock(&handler).end();
+                if let Err(e) = qblk_engine::runtime::block_on(finished_device.disk.flush()) {
+                    error!("flush after disconnect failed: {e}");
+                }
+                drop(handler);
+                if !finished_stop.requested() {
+                    orchestration::status("frontend disconnected, waiting for the next one");
+                }
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                break Err(ServeError::Start(format!(
+                    "cannot start the protocol thread: {e}"
+                )));
             }
-            Ok(e) if stop.requested() => info!("connection closed to stop: {e}"),
-            Ok(e) => warn!("frontend connection ended: {e}"),
-            Err(_) => error!("the protocol thread panicked"),
+        };
+        if let Some(c) = lock(&stop.connections).iter_mut().find(|c| c.id == id) {
+            c.thread = Some(thread);
         }
-        *lock(&stop.connection) = None;
-        // Requests the frontend left behind finish before the next one
-        // starts; the disk is flushed either way.
-        lock(&handler).end();
-        for q in queues.iter() {
-            q.stop();
+        if stop.requested() {
+            stop.hang_up();
         }
-        if let Err(e) = qblk_engine::runtime::block_on(device.disk.flush()) {
-            error!("flush after disconnect failed: {e}");
-        }
-        drop(handler);
-        if !stop.requested() {
-            orchestration::status("frontend disconnected, waiting for the next one");
+    };
+    // Every connection's rings are drained by now (the stop closed the
+    // queues); hang up and wait for the protocol threads.
+    stop.hang_up();
+    let conns = std::mem::take(&mut *lock(&stop.connections));
+    for c in conns {
+        if c.thread.is_some_and(|t| t.join().is_err()) {
+            error!(connection = c.id, "the protocol thread panicked");
         }
     }
-    Ok(())
+    result
 }
 
 /// Tells a service manager (systemd's `Type=notify`, or anything that

@@ -77,6 +77,14 @@ enum Cmd {
     Exit,
 }
 
+/// What [`QueueHandle::start`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Started {
+    Yes,
+    /// The daemon is stopping.
+    Closed,
+}
+
 /// The protocol side's handle on one queue worker.
 #[derive(Debug)]
 pub(crate) struct QueueHandle {
@@ -86,6 +94,8 @@ pub(crate) struct QueueHandle {
     attached: Arc<AtomicBool>,
     /// Set when the daemon stops: no ring starts any more.
     closed: AtomicBool,
+    /// The connection whose ring this queue serves.
+    owner: Mutex<Option<u64>>,
     /// The worker thread, shared with the other queues it serves.
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
@@ -144,18 +154,46 @@ impl QueueHandle {
                 cmds,
                 attached,
                 closed: AtomicBool::new(false),
+                owner: Mutex::new(None),
                 thread: thread.clone(),
             })
             .collect())
     }
 
-    /// Starts serving a ring; false when the daemon is stopping.
-    pub(crate) fn start(&self, ring: RingStart) -> bool {
+    /// Starts serving connection `owner`'s ring, unless the daemon is
+    /// stopping; while the queue serves another connection's ring, the
+    /// ring is handed back with that connection's number.
+    pub(crate) fn start(&self, ring: RingStart, owner: u64) -> Result<Started, (RingStart, u64)> {
         if self.closed.load(Ordering::Acquire) {
-            return false;
+            return Ok(Started::Closed);
+        }
+        {
+            let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+            match *o {
+                Some(other) if other != owner => return Err((ring, other)),
+                _ => *o = Some(owner),
+            }
         }
         self.attached.store(true, Ordering::Release);
-        self.cmds.send(Cmd::Start(Box::new(ring))).is_ok()
+        if self.cmds.send(Cmd::Start(Box::new(ring))).is_ok() {
+            Ok(Started::Yes)
+        } else {
+            Ok(Started::Closed)
+        }
+    }
+
+    /// Connection `owner` no longer has a ring on this queue (stopped with
+    /// [`QueueHandle::stop`] first).
+    pub(crate) fn release(&self, owner: u64) {
+        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        if *o == Some(owner) {
+            *o = None;
+        }
+    }
+
+    /// The connection whose ring the queue serves, if any.
+    pub(crate) fn owner(&self) -> Option<u64> {
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The frontend changed its memory table: a serving worker looks at

@@ -46,11 +46,15 @@ use crate::device::{Device, check_memory, check_region};
 use crate::pin::SharedPins;
 use crate::request::Mem;
 use crate::vhost::notice::ConfigNotice;
-use crate::worker::{QueueHandle, RingStart};
+use crate::worker::{QueueHandle, RingStart, Started};
 
 /// Most memory regions a frontend may add (the number kernel vhost
 /// supports, as libvhost-user and vhost-user-backend answer).
 const MAX_MEM_SLOTS: u64 = 509;
+
+/// How long a ring start waits for another connection to stop its ring
+/// on the same queue.
+const RING_HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The protocol features offered.
 pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
@@ -104,6 +108,8 @@ impl Default for VringConf {
 
 /// The state of one frontend connection.
 pub(crate) struct Handler {
+    /// This connection's number (queue ownership).
+    id: u64,
     device: Arc<Device>,
     queues: Arc<Vec<QueueHandle>>,
     /// Guest memory: the workers take a snapshot of it for every chain.
@@ -120,6 +126,8 @@ pub(crate) struct Handler {
     /// Config-change notices to this frontend, on the backend request
     /// channel it sets up (SET_BACKEND_REQ_FD).
     notice: Arc<ConfigNotice>,
+    /// Counted among the device's frontends (from accept to drop).
+    counted: bool,
 }
 
 impl std::fmt::Debug for Handler {
@@ -146,11 +154,11 @@ fn refuse(msg: impl Into<String>) -> Error {
 }
 
 impl Handler {
-    pub(crate) fn new(device: Arc<Device>, queues: Arc<Vec<QueueHandle>>) -> Self {
+    pub(crate) fn new(id: u64, device: Arc<Device>, queues: Arc<Vec<QueueHandle>>) -> Self {
         let vrings = queues.iter().map(|_| VringConf::default()).collect();
         let notice = ConfigNotice::new();
-        device.frontend_connected(&notice);
         Self {
+            id,
             device,
             queues,
             mem: GuestMemoryAtomic::new(Mem::new()),
@@ -163,6 +171,15 @@ impl Handler {
             vrings,
             inflight: None,
             notice,
+            counted: false,
+        }
+    }
+
+    /// A frontend connected to this handler: the device counts it.
+    pub(crate) fn connected(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.device.frontend_connected(&self.notice);
         }
     }
 
@@ -234,11 +251,40 @@ impl Handler {
             mem: self.mem.clone(),
             pins: self.pins.clone(),
         };
-        if self.queues[index].start(start) {
-            self.vrings[index].running = true;
-            debug!(queue = index, "ring started");
-            self.notice.set_started(true, self.device.capacity());
+        // Another connection's ring on this queue (a migration's outgoing
+        // frontend) is stopped before the incoming one starts its device;
+        // a frontend that starts early waits a moment for that.
+        let mut start = Some(start);
+        let deadline = std::time::Instant::now() + RING_HANDOVER_WAIT;
+        loop {
+            let Some(s) = start.take() else { return };
+            match self.queues[index].start(s, self.id) {
+                Ok(Started::Yes) => break,
+                Ok(Started::Closed) => return,
+                Err((s, other)) if std::time::Instant::now() < deadline => {
+                    debug!(
+                        queue = index,
+                        other, "queue busy with another frontend's ring"
+                    );
+                    start = Some(s);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err((_, other)) => {
+                    warn!(
+                        queue = index,
+                        other, "ring not started: the queue still serves another frontend's ring"
+                    );
+                    return;
+                }
+            }
         }
+        if !self.vrings.iter().any(|v| v.running) {
+            // The device-wide cache mode is this frontend's from now on.
+            self.device.set_acked_features(self.acked_features);
+        }
+        self.vrings[index].running = true;
+        debug!(queue = index, "ring started");
+        self.notice.set_started(true, self.device.capacity());
     }
 
     /// Stops ring `index` (draining its requests) and records its base.
@@ -249,6 +295,7 @@ impl Handler {
         if let Some(base) = self.queues[index].stop() {
             self.vrings[index].base = base;
         }
+        self.queues[index].release(self.id);
         self.vrings[index].running = false;
         if self.vrings.iter().all(|v| !v.running) {
             self.notice.set_started(false, self.device.capacity());
@@ -276,7 +323,16 @@ impl Handler {
         self.features_set = false;
         self.acked_features = 0;
         self.acked_protocol = VhostUserProtocolFeatures::empty();
-        self.device.reset();
+        if !self.serving_elsewhere() {
+            self.device.reset();
+        }
+    }
+
+    /// Whether some queue serves another connection's ring.
+    fn serving_elsewhere(&self) -> bool {
+        self.queues
+            .iter()
+            .any(|q| q.owner().is_some_and(|o| o != self.id))
     }
 
     fn gpa_of(&self, user_addr: u64) -> Result<GuestAddress> {
@@ -347,7 +403,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         self.features_set = true;
         self.acked_features = features;
-        self.device.set_acked_features(features);
+        // Device-wide; a frontend negotiating while another one's rings
+        // run (a migration's incoming side) takes over at its first ring.
+        if !self.serving_elsewhere() {
+            self.device.set_acked_features(features);
+        }
         // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled.
         for i in 0..self.vrings.len() {
             self.try_start(i);
@@ -651,6 +711,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
 impl Drop for Handler {
     fn drop(&mut self) {
         self.end();
-        self.device.frontend_disconnected();
+        if self.counted {
+            self.device.frontend_disconnected();
+        }
     }
 }
