@@ -97,6 +97,13 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// for bitmaps and queries, usable with QEMU's QMP clients.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Serve Prometheus metrics at GET /metrics over HTTP on ADDR: a
+        /// unix socket path (or unix:PATH; mode 0600) or a loopback
+        /// address such as 127.0.0.1:9100 or [::1]:9100 (port 0 picks a
+        /// free port, logged). Other addresses are refused: the endpoint
+        /// has no authentication.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         /// Log level (error, warn, info, debug, trace) or a tracing filter.
         #[arg(long, value_name = "LEVEL", default_value = "info")]
         log_level: String,
@@ -626,6 +633,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             key_file,
             pin_guest_memory,
             control,
+            metrics,
             log_level,
             image,
         } => {
@@ -658,6 +666,10 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 key,
                 pin_guest_memory,
                 control,
+                metrics: metrics
+                    .as_deref()
+                    .map(qblk_serve::metrics::MetricsAddr::parse)
+                    .transpose()?,
             };
             qblk_serve::serve(&opts)?;
             Ok(ExitCode::SUCCESS)

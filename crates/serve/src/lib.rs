@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod device;
 pub mod disk;
+pub mod metrics;
 mod pin;
 pub mod request;
 pub mod stats;
@@ -79,6 +80,8 @@ pub struct ServeOptions {
     pub pin_guest_memory: bool,
     /// The QMP control socket (`control.rs`), if any.
     pub control: Option<PathBuf>,
+    /// The Prometheus metrics endpoint (`metrics.rs`), if any.
+    pub metrics: Option<metrics::MetricsAddr>,
 }
 
 /// A failure that stops the daemon.
@@ -325,7 +328,19 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         None => None,
     };
 
+    let metrics = match &opts.metrics {
+        Some(addr) => Some(
+            metrics::Metrics::start(addr, device.clone())
+                .map_err(|e| ServeError::Start(format!("--metrics {addr}: cannot listen: {e}")))?,
+        ),
+        None => None,
+    };
+
     let result = run(opts, &device, &stop);
+
+    if let Some(m) = metrics {
+        m.stop();
+    }
 
     // No control command is inside the engine once this returns.
     if let Some(c) = control {

@@ -1,9 +1,12 @@
-//! Per-queue I/O statistics (`query-blockstats` on the control socket).
+//! Per-queue I/O statistics (`query-blockstats` on the control socket,
+//! the Prometheus metrics of `metrics.rs`).
 //!
 //! Each queue's worker counts its own requests in relaxed atomics that
 //! only it writes (no cache line shared between workers); readers sum
 //! them. A request is timed from when its worker starts it to when its
-//! status is written.
+//! status is written; reads, writes and flushes also land in a latency
+//! histogram of fixed buckets ([`LATENCY_BUCKETS_NS`]), one relaxed
+//! increment each, so a scrape never takes a lock the workers take.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +24,101 @@ pub enum Kind {
     WriteZeroes,
 }
 
+impl Kind {
+    pub const ALL: [Kind; KINDS] = [
+        Kind::Read,
+        Kind::Write,
+        Kind::Flush,
+        Kind::Discard,
+        Kind::WriteZeroes,
+    ];
+
+    /// The kind's name in metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Write => "write",
+            Kind::Flush => "flush",
+            Kind::Discard => "discard",
+            Kind::WriteZeroes => "write_zeroes",
+        }
+    }
+
+    /// The index of the kind's latency histogram, for the kinds that have
+    /// one.
+    fn timed(self) -> Option<usize> {
+        match self {
+            Kind::Read => Some(0),
+            Kind::Write => Some(1),
+            Kind::Flush => Some(2),
+            Kind::Discard | Kind::WriteZeroes => None,
+        }
+    }
+}
+
 const KINDS: usize = 5;
+
+/// The kinds with a latency histogram, in their index order.
+pub const TIMED_KINDS: [Kind; TIMED] = [Kind::Read, Kind::Write, Kind::Flush];
+const TIMED: usize = 3;
+
+/// Upper bounds (inclusive, nanoseconds) of the latency buckets: 1-2-5
+/// steps from 10 µs to 10 s; slower requests count in the last, unbounded
+/// bucket only.
+pub const LATENCY_BUCKETS_NS: [u64; 19] = [
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    20_000_000,
+    50_000_000,
+    100_000_000,
+    200_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_000_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+const BUCKETS: usize = LATENCY_BUCKETS_NS.len() + 1;
+
+/// Requests per latency bucket (not cumulative), the last one unbounded.
+#[derive(Debug, Default)]
+struct Histogram([AtomicU64; BUCKETS]);
+
+impl Histogram {
+    fn observe(&self, ns: u64) {
+        let i = LATENCY_BUCKETS_NS.partition_point(|&b| b < ns);
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What a latency histogram holds at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    /// Requests per bucket of [`LATENCY_BUCKETS_NS`] (not cumulative),
+    /// then the slower ones.
+    pub buckets: [u64; BUCKETS],
+    /// Their total time in nanoseconds.
+    pub sum_ns: u64,
+}
+
+/// One kind's counters of a queue at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindSnapshot {
+    /// Requests completed, failed ones included.
+    pub ops: u64,
+    /// Bytes of the requests that succeeded.
+    pub bytes: u64,
+    pub failed: u64,
+    pub total_ns: u64,
+}
 
 #[derive(Debug, Default)]
 struct Counter {
@@ -36,6 +133,7 @@ struct Counter {
 #[repr(align(128))]
 pub struct QueueStats {
     by_kind: [Counter; KINDS],
+    latency: [Histogram; TIMED],
     /// Requests refused as malformed.
     invalid: AtomicU64,
     in_flight: AtomicU64,
@@ -58,7 +156,11 @@ impl QueueStats {
         } else {
             c.failed.fetch_add(1, Ordering::Relaxed);
         }
-        c.ns.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let ns = took.as_nanos() as u64;
+        c.ns.fetch_add(ns, Ordering::Relaxed);
+        if let Some(h) = kind.timed() {
+            self.latency[h].observe(ns);
+        }
     }
 
     /// A malformed request was refused.
@@ -70,6 +172,37 @@ impl QueueStats {
     fn get(&self, k: Kind) -> [u64; 4] {
         let c = &self.by_kind[k as usize];
         [&c.ops, &c.bytes, &c.failed, &c.ns].map(|a| a.load(Ordering::Relaxed))
+    }
+
+    /// The counters of requests of kind `k`.
+    pub fn kind(&self, k: Kind) -> KindSnapshot {
+        let [ops, bytes, failed, total_ns] = self.get(k);
+        KindSnapshot {
+            ops,
+            bytes,
+            failed,
+            total_ns,
+        }
+    }
+
+    /// The latency histogram of `k`, if it has one (reads, writes,
+    /// flushes).
+    pub fn latency(&self, k: Kind) -> Option<LatencySnapshot> {
+        let h = &self.latency[k.timed()?];
+        Some(LatencySnapshot {
+            buckets: std::array::from_fn(|i| h.0[i].load(Ordering::Relaxed)),
+            sum_ns: self.by_kind[k as usize].ns.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Requests refused as malformed.
+    pub fn invalid_count(&self) -> u64 {
+        self.invalid.load(Ordering::Relaxed)
+    }
+
+    /// Requests taken from the ring and not finished yet.
+    pub fn in_flight_count(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 }
 
