@@ -24,6 +24,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -102,6 +103,7 @@ impl std::fmt::Display for MetricsAddr {
 /// The running metrics endpoint.
 pub struct Metrics {
     server: Arc<tiny_http::Server>,
+    stopping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The address it listens on (the port chosen for port 0).
     pub addr: MetricsAddr,
@@ -136,18 +138,30 @@ impl Metrics {
         let mut registry = Registry::with_prefix("qblk");
         registry.register_collector(Box::new(DeviceCollector { device }));
         let s = server.clone();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
         let thread = std::thread::Builder::new()
             .name("qblk-metrics".into())
             .spawn(move || {
-                // `recv` fails once the server is unblocked to stop (or
-                // its accept thread died).
-                while let Ok(req) = s.recv() {
-                    answer(req, &registry);
+                loop {
+                    match s.recv() {
+                        Ok(req) => answer(req, &registry),
+                        // Unblocked to stop.
+                        Err(_) if stop.load(Ordering::Acquire) => return,
+                        // tiny_http's accept thread gives up on an accept
+                        // error (out of descriptors): the endpoint is gone,
+                        // the daemon goes on.
+                        Err(e) => {
+                            warn!("the metrics endpoint stopped: {e}");
+                            return;
+                        }
+                    }
                 }
             })?;
         info!(metrics = %addr, "metrics endpoint listening");
         Ok(Metrics {
             server,
+            stopping,
             thread: Some(thread),
             addr,
         })
@@ -155,6 +169,7 @@ impl Metrics {
 
     /// Stops answering, ends the thread and removes a unix socket.
     pub fn stop(mut self) {
+        self.stopping.store(true, Ordering::Release);
         self.server.unblock();
         if let Some(t) = self.thread.take() {
             let _ = t.join();

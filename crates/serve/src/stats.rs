@@ -242,3 +242,40 @@ pub fn to_json(queues: &[&QueueStats]) -> Value {
         "timed_stats": [],
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_land_in_the_bucket_of_their_bound() {
+        let q = QueueStats::default();
+        let ms = Duration::from_millis;
+        for (kind, took) in [
+            (Kind::Read, Duration::from_nanos(1)),
+            (Kind::Read, Duration::from_micros(10)),
+            (Kind::Read, Duration::from_nanos(10_001)),
+            (Kind::Read, ms(3)),
+            (Kind::Read, Duration::from_secs(11)),
+            (Kind::Write, ms(1)),
+            (Kind::Discard, ms(1)),
+        ] {
+            q.started();
+            q.finished(Some(kind), 4096, true, took);
+        }
+        let r = q.latency(Kind::Read).expect("reads are timed");
+        let mut want = [0u64; BUCKETS];
+        want[0] = 2; // 1 ns and exactly 10 µs
+        want[1] = 1; // just over 10 µs
+        want[8] = 1; // 3 ms: (2 ms, 5 ms]
+        want[BUCKETS - 1] = 1; // beyond 10 s
+        assert_eq!(r.buckets, want);
+        assert_eq!(r.sum_ns, 1 + 10_000 + 10_001 + 3_000_000 + 11_000_000_000);
+        let w = q.latency(Kind::Write).expect("writes are timed");
+        assert_eq!(w.buckets[6], 1, "1 ms is the (500 µs, 1 ms] bucket");
+        assert!(q.latency(Kind::Discard).is_none());
+        assert_eq!(q.kind(Kind::Read).ops, 5);
+        assert_eq!(q.kind(Kind::Read).bytes, 5 * 4096);
+        assert_eq!(q.in_flight_count(), 0);
+    }
+}
