@@ -70,7 +70,10 @@ struct Scrape(Vec<(String, Vec<(String, String)>, f64)>);
 impl Scrape {
     fn parse(text: &str) -> Scrape {
         let mut out = Vec::new();
-        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             let (series, value) = line
                 .rsplit_once(' ')
                 .unwrap_or_else(|| panic!("sample line {line:?}"));
@@ -278,7 +281,10 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
     assert_eq!(s["x-in-flight"], 0, "{stats}");
 
     assert!(daemon.stop().success(), "{}", daemon.log());
-    assert!(!d.join("m.sock").exists(), "the metrics socket outlived the daemon");
+    assert!(
+        !d.join("m.sock").exists(),
+        "the metrics socket outlived the daemon"
+    );
     qemu_check_clean("a.qcow2", d);
 }
 
@@ -306,7 +312,12 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
     create_qcow2(d, "a.qcow2", "64M");
 
     // Anything but loopback is refused, before the daemon listens.
-    for addr in ["0.0.0.0:9100", "[::]:9100", "192.0.2.1:9100", "localhost:9100"] {
+    for addr in [
+        "0.0.0.0:9100",
+        "[::]:9100",
+        "192.0.2.1:9100",
+        "localhost:9100",
+    ] {
         match Daemon::try_qblk(d, "a.sock", &["--metrics", addr, "a.qcow2"]) {
             Ok(_) => panic!("--metrics {addr} was accepted"),
             Err((status, log)) => {
@@ -349,18 +360,23 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
     let idle = std::net::TcpStream::connect(addr).expect("connect");
     let mut half = std::net::TcpStream::connect(addr).expect("connect");
     half.write_all(b"GET /metr").expect("send");
-    for garbage in [
-        &b"\x00\xff\xfe garbage\r\n\r\n"[..],
-        b"GET\r\n\r\n",
-        b"GET /metrics HTTP/9.9\r\n\r\n",
-        &[b'A'; 100_000][..],
+    for (garbage, want) in [
+        (&b"\x00\xff\xfe garbage\r\n\r\n"[..], "400"),
+        (b"GET\r\n\r\n", "400"),
+        (b"GET /metrics HTTP/9.9\r\n\r\n", "400"),
+        // A request head without end is cut off at its bound.
+        (&[b'A'; 100_000][..], "431"),
     ] {
         let r = exchange(&at, garbage);
-        assert!(r.is_empty() || r.starts_with("HTTP/1."), "{garbage:?}: {r}");
+        assert!(
+            r.starts_with(&format!("HTTP/1.1 {want} ")),
+            "{garbage:?}: {r}"
+        );
     }
     {
         let mut gone = std::net::TcpStream::connect(addr).expect("connect");
-        gone.write_all(b"GET /metrics HTTP/1.1\r\nHo").expect("send");
+        gone.write_all(b"GET /metrics HTTP/1.1\r\nHo")
+            .expect("send");
     }
     // The data path and the endpoint go on.
     c.write_all(65536, &[0x22; 65536]);
@@ -370,9 +386,26 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
     assert_eq!(s.int("qblk_requests_total", &[("type", "write")]), 2);
     assert_eq!(s.int("qblk_requests_total", &[("type", "read")]), 2);
     drop(c);
-    // A stop with clients still connected is clean.
+    // A client that never finishes its request is dropped in time.
+    half.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let began = Instant::now();
+    let mut rest = Vec::new();
+    let _ = half.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
+        "{rest:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "a stalled client kept for {:?}",
+        began.elapsed()
+    );
+    drop(idle);
+    // A stop with a client still connected is clean.
+    let idle = std::net::TcpStream::connect(addr).expect("connect");
     assert!(daemon.stop().success(), "{}", daemon.log());
-    drop((idle, half));
+    drop(idle);
     assert!(
         std::net::TcpStream::connect(addr).is_err(),
         "the metrics port is still open after the daemon stopped"
@@ -382,7 +415,10 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
     std::fs::write(d.join("m.sock"), b"stale").expect("stale file");
     let mut daemon = Daemon::qblk(d, "a.sock", &["--metrics", "unix:m.sock", "a.qcow2"]);
     let at = Endpoint::Unix(&d.join("m.sock"));
-    assert_eq!(scrape(&at).int("qblk_image_virtual_size_bytes", &[]), 64 << 20);
+    assert_eq!(
+        scrape(&at).int("qblk_image_virtual_size_bytes", &[]),
+        64 << 20
+    );
     assert_eq!(get(&at, "GET", "/nope").0, 404);
     assert!(daemon.stop().success(), "{}", daemon.log());
     assert!(!d.join("m.sock").exists());
@@ -447,8 +483,14 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
                 "block-dirty-bitmap-add",
                 json!({"node": "disk", "name": "b", "persistent": true, "granularity": "big"}),
             ),
-            ("block-dirty-bitmap-remove", json!({"node": ["disk"], "name": "b"})),
-            ("block-dirty-bitmap-merge", json!({"node": "disk", "target": "b", "bitmaps": "b"})),
+            (
+                "block-dirty-bitmap-remove",
+                json!({"node": ["disk"], "name": "b"}),
+            ),
+            (
+                "block-dirty-bitmap-merge",
+                json!({"node": "disk", "target": "b", "bitmaps": "b"}),
+            ),
             ("query-named-block-nodes", json!({"flat": "yes"})),
             ("query-blockstats", json!({"query-nodes": 1})),
         ] {
@@ -465,7 +507,12 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
             b"null\r\n",
         ] {
             let r = q.raw(raw);
-            assert_eq!(class(&r), "GenericError", "{}: {r}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                class(&r),
+                "GenericError",
+                "{}: {r}",
+                String::from_utf8_lossy(raw)
+            );
         }
         // The client is still served.
         q.ok("query-version", json!({}));

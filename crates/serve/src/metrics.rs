@@ -13,18 +13,23 @@
 //! The allocated size is one `stat(2)` of the image file on the scrape's
 //! own thread.
 //!
-//! HTTP is `tiny_http`'s: its accept thread hands parsed requests to one
-//! thread of ours that answers them in turn; a client that sends garbage
-//! gets a 400 from `tiny_http` and never reaches the disk. [`Metrics::stop`]
-//! ends that thread (at daemon stop).
+//! HTTP is hyper's (HTTP/1.1, no keep-alive) on one thread with a
+//! current-thread tokio runtime of its own, one task per connection.
+//! Everything a client can make it spend is bounded: connections at once
+//! ([`MAX_CONNECTIONS`]), the request head's size and the time to send it,
+//! a connection's whole life. A client that sends garbage gets a 4xx from
+//! hyper and never reaches the disk; a client that stalls is dropped.
+//! [`Metrics::stop`] ends the thread (at daemon stop).
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -100,10 +105,18 @@ impl std::fmt::Display for MetricsAddr {
     }
 }
 
+/// Connections served at once; more are closed as they come.
+const MAX_CONNECTIONS: usize = 32;
+/// The most a request's head may take (hyper's minimum is 8 KiB).
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// How long a client may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may last, request and response together.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The running metrics endpoint.
 pub struct Metrics {
-    server: Arc<tiny_http::Server>,
-    stopping: Arc<AtomicBool>,
+    stop: Arc<tokio::sync::Notify>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The address it listens on (the port chosen for port 0).
     pub addr: MetricsAddr,
@@ -115,62 +128,59 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// A bound socket, not yet handed to the runtime.
+enum Bound {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
 impl Metrics {
     /// Listens on `addr` (a stale unix socket is replaced; the new one is
     /// mode 0600) and answers scrapes from a thread of its own.
     pub fn start(addr: &MetricsAddr, device: Arc<Device>) -> std::io::Result<Metrics> {
-        let (listener, addr): (tiny_http::Listener, MetricsAddr) = match addr {
+        let (bound, addr) = match addr {
             MetricsAddr::Unix(path) => {
                 let _ = std::fs::remove_file(path);
                 let l = UnixListener::bind(path)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-                (l.into(), MetricsAddr::Unix(path.clone()))
+                l.set_nonblocking(true)?;
+                (Bound::Unix(l), MetricsAddr::Unix(path.clone()))
             }
             MetricsAddr::Tcp(a) => {
                 let l = TcpListener::bind(a)?;
                 let local = l.local_addr()?;
-                (l.into(), MetricsAddr::Tcp(local))
+                l.set_nonblocking(true)?;
+                (Bound::Tcp(l), MetricsAddr::Tcp(local))
             }
         };
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let server = Arc::new(server);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
         let mut registry = Registry::with_prefix("qblk");
         registry.register_collector(Box::new(DeviceCollector { device }));
-        let s = server.clone();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let stop = stopping.clone();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("qblk-metrics".into())
             .spawn(move || {
-                loop {
-                    match s.recv() {
-                        Ok(req) => answer(req, &registry),
-                        // Unblocked to stop.
-                        Err(_) if stop.load(Ordering::Acquire) => return,
-                        // tiny_http's accept thread gives up on an accept
-                        // error (out of descriptors): the endpoint is gone,
-                        // the daemon goes on.
-                        Err(e) => {
-                            warn!("the metrics endpoint stopped: {e}");
-                            return;
-                        }
-                    }
-                }
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, accept(bound, Rc::new(registry), stopped));
+                // Dropping the runtime drops the connections still open.
             })?;
         info!(metrics = %addr, "metrics endpoint listening");
         Ok(Metrics {
-            server,
-            stopping,
+            stop,
             thread: Some(thread),
             addr,
         })
     }
 
-    /// Stops answering, ends the thread and removes a unix socket.
+    /// Stops answering (connections still open are dropped), ends the
+    /// thread and removes a unix socket.
     pub fn stop(mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.server.unblock();
+        // A permit is kept if the thread is not waiting yet.
+        self.stop.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -180,31 +190,133 @@ impl Metrics {
     }
 }
 
-fn answer(req: tiny_http::Request, registry: &Registry) {
-    use tiny_http::{Header, Method, Response};
-    let path = req.url().split('?').next().unwrap_or("");
-    let response = if path != "/metrics" {
-        Response::from_string("not found: the metrics are at /metrics\n").with_status_code(404)
-    } else if !matches!(req.method(), Method::Get | Method::Head) {
-        Response::from_string("method not allowed\n").with_status_code(405)
-    } else {
-        let mut body = String::new();
-        match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
-            Ok(()) => Response::from_string(body).with_header(
-                Header::from_bytes(
-                    &b"Content-Type"[..],
-                    &b"text/plain; version=0.0.4; charset=utf-8"[..],
-                )
-                .expect("a valid header"),
-            ),
-            Err(e) => {
-                warn!("cannot encode the metrics: {e}");
-                Response::from_string("cannot encode the metrics\n").with_status_code(500)
-            }
+/// Accepts connections until told to stop, each served as a task of this
+/// thread; at most [`MAX_CONNECTIONS`] at once.
+async fn accept(bound: Bound, registry: Rc<Registry>, stop: Arc<tokio::sync::Notify>) {
+    enum L {
+        Unix(tokio::net::UnixListener),
+        Tcp(tokio::net::TcpListener),
+    }
+    let listener = match bound {
+        Bound::Unix(l) => tokio::net::UnixListener::from_std(l).map(L::Unix),
+        Bound::Tcp(l) => tokio::net::TcpListener::from_std(l).map(L::Tcp),
+    };
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("the metrics endpoint cannot start: {e}");
+            return;
         }
     };
-    // A client that went away is its own problem.
-    let _ = req.respond(response);
+    let open = Rc::new(Cell::new(0usize));
+    loop {
+        let accepted = tokio::select! {
+            () = stop.notified() => return,
+            a = async {
+                match &listener {
+                    L::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+                    L::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+                }
+            } => a,
+        };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait, and go on.
+                warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.get() >= MAX_CONNECTIONS {
+            // Too many clients at once: hang up on this one.
+            continue;
+        }
+        open.set(open.get() + 1);
+        let open = open.clone();
+        let registry = registry.clone();
+        tokio::task::spawn_local(async move {
+            let _ = match stream {
+                Stream::Unix(s) => {
+                    tokio::time::timeout(CONNECTION_TIMEOUT, serve(s, registry)).await
+                }
+                Stream::Tcp(s) => {
+                    tokio::time::timeout(CONNECTION_TIMEOUT, serve(s, registry)).await
+                }
+            };
+            open.set(open.get() - 1);
+        });
+    }
+}
+
+enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+/// One connection: one request (no keep-alive), its head bounded in size
+/// and time; hyper answers a malformed one with a 4xx by itself.
+async fn serve<S>(stream: S, registry: Rc<Registry>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let response = answer(&req, &registry);
+        async move { Ok::<_, std::convert::Infallible>(response) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+}
+
+type Body = http_body_util::Full<bytes::Bytes>;
+
+fn answer<B>(req: &hyper::Request<B>, registry: &Registry) -> hyper::Response<Body> {
+    use hyper::{Method, StatusCode, header};
+    let text = |status: StatusCode, body: String, content_type: &'static str| {
+        let mut r = hyper::Response::new(Body::new(body.into()));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        );
+        r
+    };
+    let plain = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: the metrics are at /metrics\n".into(),
+            plain,
+        );
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+            plain,
+        );
+    }
+    let mut body = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
+        Ok(()) => text(
+            StatusCode::OK,
+            body,
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        Err(e) => {
+            warn!("cannot encode the metrics: {e}");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n".into(),
+                plain,
+            )
+        }
+    }
 }
 
 /// Reads the device's counters at scrape time.
@@ -453,7 +565,12 @@ mod tests {
             MetricsAddr::parse("127.1.2.3:1").ok(),
             Some(tcp("127.1.2.3:1"))
         );
-        for refused in ["0.0.0.0:9100", "10.0.0.1:9100", "[::]:9100", "[::ffff:127.0.0.1]:1"] {
+        for refused in [
+            "0.0.0.0:9100",
+            "10.0.0.1:9100",
+            "[::]:9100",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert!(
                 matches!(MetricsAddr::parse(refused), Err(AddrError::NotLoopback(_))),
                 "{refused}"
@@ -467,7 +584,10 @@ mod tests {
         assert!(matches!(MetricsAddr::parse("unix:"), Err(AddrError::Empty)));
         let unix = |p: &str| Some(MetricsAddr::Unix(p.into()));
         assert_eq!(MetricsAddr::parse("m.sock").ok(), unix("m.sock"));
-        assert_eq!(MetricsAddr::parse("/run/q/m.sock").ok(), unix("/run/q/m.sock"));
+        assert_eq!(
+            MetricsAddr::parse("/run/q/m.sock").ok(),
+            unix("/run/q/m.sock")
+        );
         assert_eq!(
             MetricsAddr::parse("unix:/run/q:9100").ok(),
             unix("/run/q:9100")
