@@ -64,8 +64,11 @@ fn get(at: &Endpoint, method: &str, path: &str) -> (u16, String, String) {
     (status, head.to_lowercase(), body.to_owned())
 }
 
-/// A scrape's samples: name, labels (sorted `k="v"` pairs) and value.
-struct Scrape(Vec<(String, Vec<(String, String)>, f64)>);
+/// A sample's labels, `(name, value)`.
+type Labels = Vec<(String, String)>;
+
+/// A scrape's samples: name, labels and value.
+struct Scrape(Vec<(String, Labels, f64)>);
 
 impl Scrape {
     fn parse(text: &str) -> Scrape {
