@@ -22,7 +22,6 @@
 //! [`Metrics::stop`] ends the thread (at daemon stop).
 
 use std::cell::Cell;
-use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -335,11 +334,8 @@ fn family<M: EncodeMetric>(
 ) -> Result<(), std::fmt::Error> {
     let mut m = encoder.encode_descriptor(name, help, None, metric_type)?;
     for (labels, v) in samples {
-        if labels.is_empty() {
-            v.encode(m.encode_family(&Vec::<(&str, String)>::new())?)?;
-        } else {
-            v.encode(m.encode_family(&labels)?)?;
-        }
+        // No labels: the bare name.
+        v.encode(m.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -385,11 +381,7 @@ fn allocated_bytes(path: &Path) -> Option<u64> {
 impl Collector for DeviceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let queues = &self.device.queue_stats;
-        let q_label = |i: usize| {
-            let mut s = String::new();
-            let _ = write!(s, "{i}");
-            s
-        };
+        let q_label = |i: usize| i.to_string();
         let per_kind = |f: fn(crate::stats::KindSnapshot) -> u64| {
             queues.iter().enumerate().flat_map(move |(i, q)| {
                 Kind::ALL.into_iter().map(move |k| {
