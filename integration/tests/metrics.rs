@@ -337,6 +337,23 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
         }
     }
 
+    // A port taken: a clear error, and no control socket left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").to_string();
+    match Daemon::try_qblk(
+        d,
+        "a.sock",
+        &["--metrics", &port, "--control", "qmp.sock", "a.qcow2"],
+    ) {
+        Ok(_) => panic!("--metrics {port} was accepted while taken"),
+        Err((status, log)) => {
+            assert!(!status.success());
+            assert!(log.contains("cannot listen"), "{log}");
+        }
+    }
+    assert!(!d.join("qmp.sock").exists(), "control socket left behind");
+    drop(taken);
+
     let mut daemon = Daemon::qblk(d, "a.sock", &["--metrics", "127.0.0.1:0", "a.qcow2"]);
     let addr = logged_address(&daemon);
     assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");

@@ -306,6 +306,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         (handle, thread)
     };
 
+    // Stopped when dropped, so an early return below closes it too.
+    let metrics = match &opts.metrics {
+        Some(addr) => Some(
+            metrics::Metrics::start(addr, device.clone())
+                .map_err(|e| ServeError::Start(format!("--metrics {addr}: cannot listen: {e}")))?,
+        ),
+        None => None,
+    };
+
     let control = match &opts.control {
         Some(path) => {
             let stop = stop.clone();
@@ -325,14 +334,6 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
                 })?,
             )
         }
-        None => None,
-    };
-
-    let metrics = match &opts.metrics {
-        Some(addr) => Some(
-            metrics::Metrics::start(addr, device.clone())
-                .map_err(|e| ServeError::Start(format!("--metrics {addr}: cannot listen: {e}")))?,
-        ),
         None => None,
     };
 

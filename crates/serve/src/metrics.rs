@@ -176,8 +176,14 @@ impl Metrics {
     }
 
     /// Stops answering (connections still open are dropped), ends the
-    /// thread and removes a unix socket.
-    pub fn stop(mut self) {
+    /// thread and removes a unix socket; as dropping it does.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
         // A permit is kept if the thread is not waiting yet.
         self.stop.notify_one();
         if let Some(t) = self.thread.take() {
