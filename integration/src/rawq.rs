@@ -14,12 +14,16 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures,
 };
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{
+    Frontend, FrontendReqHandler, HandlerResult, VhostUserFrontend, VhostUserFrontendReqHandler,
+};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -35,6 +39,17 @@ pub const QUEUE_SIZE: u16 = 256;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
+
+/// Counts the config-change notices of the backend channel.
+#[derive(Debug, Default)]
+struct Notices(Arc<AtomicU64>);
+
+impl VhostUserFrontendReqHandler for Notices {
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(0)
+    }
+}
 
 /// One descriptor to place: address, length, device-writable.
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +125,47 @@ impl RawFrontend {
         Self::setup(socket, guest, None, false, F_EVENT_IDX, 0)
     }
 
+    /// Like [`RawFrontend::connect`], with a backend request channel
+    /// (BACKEND_REQ) set up after the ring: the returned counter is the
+    /// number of config-change notices the daemon has sent on it (each
+    /// acked, as QEMU acks them).
+    pub fn connect_with_notices(socket: &Path) -> (Self, Arc<AtomicU64>) {
+        // SAFETY: memfd_create with a static name.
+        let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create");
+        // SAFETY: a fresh descriptor we own.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
+        let guest = Guest {
+            mem: map_memory(&memfd),
+            memfd,
+        };
+        let mut fe = Self::setup_with(
+            socket,
+            guest,
+            None,
+            false,
+            F_EVENT_IDX,
+            0,
+            VhostUserProtocolFeatures::BACKEND_REQ,
+        );
+        let notices = Arc::new(Notices::default());
+        let mut handler = FrontendReqHandler::new(notices.clone()).expect("backend channel");
+        handler.set_reply_ack_flag(true);
+        fe.fe
+            .set_backend_request_fd(&handler.get_tx_raw_fd())
+            .expect("SET_BACKEND_REQ_FD");
+        std::thread::spawn(move || while handler.handle_request().is_ok() {});
+        let count = notices.0.clone();
+        (fe, count)
+    }
+
+    /// Enables or disables the ring (SET_VRING_ENABLE): the daemon stops
+    /// or starts serving it.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.fe.set_vring_enable(0, on).expect("SET_VRING_ENABLE");
+    }
+
     /// Connects with inflight tracking: negotiates INFLIGHT_SHMFD, asks
     /// the daemon for a region (GET_INFLIGHT_FD) and hands it back
     /// (SET_INFLIGHT_FD). `features_off` are virtio features left out
@@ -160,6 +216,19 @@ impl RawFrontend {
         features_off: u64,
         base: u16,
     ) -> Self {
+        let none = VhostUserProtocolFeatures::empty();
+        Self::setup_with(socket, guest, inflight, tracked, features_off, base, none)
+    }
+
+    fn setup_with(
+        socket: &Path,
+        guest: Guest,
+        inflight: Option<(File, VhostUserInflight)>,
+        tracked: bool,
+        features_off: u64,
+        base: u16,
+        extra: VhostUserProtocolFeatures,
+    ) -> Self {
         let mut fe = Frontend::connect(socket, 1).expect("connect to the daemon");
         fe.set_owner().expect("SET_OWNER");
         let offered = fe.get_features().expect("GET_FEATURES");
@@ -168,7 +237,9 @@ impl RawFrontend {
         let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
         let mut want = VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | extra;
+        assert!(proto.contains(extra), "the daemon does not offer {extra:?}");
         if tracked {
             assert!(
                 proto.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),

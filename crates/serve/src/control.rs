@@ -8,7 +8,8 @@
 //! request's `id`); nothing but `qmp_capabilities` is accepted before the
 //! capabilities are negotiated. Several clients may be connected at once,
 //! each on a thread of its own; engine calls run on that thread's own
-//! ring. The socket is made mode 0600.
+//! ring. A socket qblk binds is made mode 0600; one it inherits (socket
+//! activation) keeps what its maker gave it.
 //!
 //! Commands so far: `qmp_capabilities`, `query-version`,
 //! `query-commands`, `query-block-exports`, `query-named-block-nodes`,
@@ -20,7 +21,7 @@
 //! something that cannot be parsed at all is disconnected. Nothing a
 //! client sends stops the daemon but `quit`.
 
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -32,6 +33,8 @@ use tracing::{info, warn};
 
 use crate::device::Device;
 use crate::disk::Disk;
+use crate::events::{Out, WRITE_TIMEOUT, send};
+use crate::orchestration::{ListenOn, Wake};
 
 /// The name the disk's block node answers to.
 pub const NODE_NAME: &str = "disk";
@@ -52,8 +55,13 @@ fn generic(desc: impl Into<String>) -> QmpError {
 
 /// The running control socket.
 pub struct Control {
-    path: PathBuf,
-    listener_fd: i32,
+    /// The socket's description, for logs.
+    name: String,
+    /// The path qblk bound, removed at stop (not an inherited socket's).
+    path: Option<PathBuf>,
+    /// Wakes the accept thread (the listener is not shut down: an
+    /// inherited one is shared with its maker).
+    wake: Arc<Wake>,
     accept: Option<std::thread::JoinHandle<()>>,
     clients: Clients,
 }
@@ -63,24 +71,33 @@ type Clients = Arc<Mutex<Vec<(UnixStream, std::thread::JoinHandle<()>)>>>;
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("path", &self.path).finish()
+        f.debug_struct("Control")
+            .field("socket", &self.name)
+            .finish()
     }
 }
 
 impl Control {
-    /// Listens on `path` (replacing a stale socket). `quit` calls
-    /// `on_quit`.
+    /// Listens on `source`: binds a path (replacing a stale socket), or
+    /// takes an inherited listener. `quit` calls `on_quit`.
     pub fn start(
-        path: &Path,
+        source: &ListenOn,
         device: Arc<Device>,
         readonly: bool,
         image: PathBuf,
         on_quit: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Control> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let listener_fd = listener.as_raw_fd();
+        let (listener, path) = match source {
+            ListenOn::Path(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                (listener, Some(path.clone()))
+            }
+            // SAFETY: validated at start; this is the one place that takes it.
+            ListenOn::Inherited(s) => (unsafe { s.into_listener() }, None),
+        };
+        let wake = Arc::new(Wake::default());
         let clients: Clients = Arc::default();
         let ctx = Arc::new(Context {
             device,
@@ -89,13 +106,16 @@ impl Control {
             on_quit,
         });
         let list = clients.clone();
+        let woken = wake.clone();
         let accept = std::thread::Builder::new()
             .name("qblk-control".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else {
-                        // Shut down to stop (or a transient error).
-                        break;
+                let fd = listener.as_raw_fd();
+                while let Ok(true) = woken.wait_for_connection(fd, || false) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        // Transient (a client gone, out of descriptors).
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
                     };
                     let Ok(keep) = stream.try_clone() else {
                         continue;
@@ -110,21 +130,21 @@ impl Control {
                     }
                 }
             })?;
-        info!(control = %path.display(), "control socket listening");
+        info!(control = %source.describe(), "control socket listening");
         Ok(Control {
-            path: path.to_owned(),
-            listener_fd,
+            name: source.describe(),
+            path,
+            wake,
             accept: Some(accept),
             clients,
         })
     }
 
     /// Stops accepting, hangs up every client and waits for their threads
-    /// (none is inside an engine call afterwards), removes the socket.
+    /// (none is inside an engine call afterwards), removes the socket it
+    /// bound.
     pub fn stop(mut self) {
-        // SAFETY: shutdown(2) on the listener the accept thread owns; it is
-        // open until that thread ends, which is joined below.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        self.wake.wake();
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
@@ -135,7 +155,9 @@ impl Control {
         for (_, t) in clients {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -148,12 +170,6 @@ struct Context {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn send(out: &mut UnixStream, v: &Value) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(v).unwrap_or_default();
-    line.extend_from_slice(b"\r\n");
-    out.write_all(&line)
 }
 
 fn version() -> Value {
@@ -180,23 +196,32 @@ const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-enable",
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
+    "block_resize",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
     "quit",
 ];
 
 fn serve_client(stream: UnixStream, ctx: &Context) {
-    let Ok(mut out) = stream.try_clone() else {
+    let Ok(out) = stream.try_clone() else {
         return;
     };
+    // A client that stops reading is hung up rather than holding this
+    // thread (or the event thread) in a write.
+    if out.set_write_timeout(Some(WRITE_TIMEOUT)).is_err() {
+        return;
+    }
     // The accept thread keeps a clone (to hang up at stop): a client this
     // thread is done with is hung up here, or it would never see EOF.
     let hang_up = out.try_clone();
-    converse(stream, &mut out, ctx);
+    let out: Out = Arc::new(Mutex::new(out));
+    converse(stream, &out, ctx);
     if let Ok(s) = hang_up {
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
 }
 
-fn converse(stream: UnixStream, out: &mut UnixStream, ctx: &Context) {
+fn converse(stream: UnixStream, out: &Out, ctx: &Context) {
     if send(
         out,
         &json!({"QMP": {"version": version(), "capabilities": []}}),
@@ -206,6 +231,7 @@ fn converse(stream: UnixStream, out: &mut UnixStream, ctx: &Context) {
         return;
     }
     let mut negotiated = false;
+    let mut subscribed = false;
     let requests =
         serde_json::Deserializer::from_reader(BufReader::new(stream)).into_iter::<Value>();
     for req in requests {
@@ -232,6 +258,11 @@ fn converse(stream: UnixStream, out: &mut UnixStream, ctx: &Context) {
         }
         if send(out, &reply).is_err() {
             return;
+        }
+        if !subscribed && negotiated {
+            // Events from the end of the negotiation on, as QEMU sends them.
+            ctx.device.events.subscribe(out);
+            subscribed = true;
         }
         if req.get("execute").and_then(Value::as_str) == Some("quit") && negotiated {
             (ctx.on_quit)();
@@ -367,6 +398,27 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             }
             Ok(json!({}))
         }
+        "block_resize" => {
+            a.only(&["device", "node-name", "size"])?;
+            node_of(&a, "device", "node-name")?;
+            let size = a.uint("size")?;
+            qblk_engine::runtime::block_on(ctx.device.grow(size))
+                .map(|()| json!({}))
+                .map_err(generic)
+        }
+        "blockdev-snapshot-internal-sync" => {
+            a.only(&["device", "name"])?;
+            node_of(&a, "device", "")?;
+            let name = a.string("name")?;
+            snapshot_create(ctx, &name)
+        }
+        "blockdev-snapshot-delete-internal-sync" => {
+            a.only(&["device", "id", "name"])?;
+            node_of(&a, "device", "")?;
+            let id = a.opt_string("id")?;
+            let name = a.opt_string("name")?;
+            snapshot_delete(ctx, id.as_deref(), name.as_deref())
+        }
         "quit" => a.none().map(|()| json!({})),
         other => Err(QmpError {
             class: "CommandNotFound",
@@ -408,6 +460,24 @@ impl Args<'_> {
         }
     }
 
+    fn opt_string(&self, key: &str) -> Result<Option<String>, QmpError> {
+        match self.map.get(key) {
+            None => Ok(None),
+            Some(_) => self.string(key).map(Some),
+        }
+    }
+
+    fn uint(&self, key: &str) -> Result<u64, QmpError> {
+        match self.map.get(key) {
+            Some(v) => v.as_u64().ok_or_else(|| {
+                generic(format!(
+                    "Invalid parameter type for '{key}', expected: integer"
+                ))
+            }),
+            None => Err(generic(format!("Parameter '{key}' is missing"))),
+        }
+    }
+
     fn flag(&self, key: &str) -> Result<Option<bool>, QmpError> {
         match self.map.get(key) {
             None => Ok(None),
@@ -417,6 +487,134 @@ impl Args<'_> {
             ))),
         }
     }
+}
+
+/// Checks that a command names the disk: by `device` or (where the
+/// command has it) `node_key`, exactly one of them.
+fn node_of(a: &Args<'_>, device_key: &str, node_key: &str) -> Result<(), QmpError> {
+    let device = a.opt_string(device_key)?;
+    let node = if node_key.is_empty() {
+        None
+    } else {
+        a.opt_string(node_key)?
+    };
+    let name = match (device, node) {
+        (Some(n), None) | (None, Some(n)) => n,
+        (None, None) if node_key.is_empty() => {
+            return Err(generic(format!("Parameter '{device_key}' is missing")));
+        }
+        _ => {
+            return Err(generic(format!(
+                "Need exactly one of '{device_key}' and '{node_key}'"
+            )));
+        }
+    };
+    if name != NODE_NAME {
+        return Err(QmpError {
+            class: "DeviceNotFound",
+            desc: format!("Cannot find device='{name}' nor node-name='{name}'"),
+        });
+    }
+    Ok(())
+}
+
+/// The served qcow2 image for an internal snapshot operation.
+fn snapshot_image(ctx: &Context) -> Result<&qblk_engine::Image, QmpError> {
+    match &ctx.device.disk {
+        Disk::Qcow2(img) if img.is_writable() => Ok(img),
+        Disk::Qcow2(_) => Err(generic(format!("Device '{NODE_NAME}' is read only"))),
+        Disk::Raw(_) => Err(generic(format!(
+            "Block format 'raw' used by device '{NODE_NAME}' does not support internal snapshots"
+        ))),
+    }
+}
+
+/// Runs `op` on the image with the guest's requests drained and held,
+/// and logs how long they were held.
+fn with_guest_held<T>(
+    ctx: &Context,
+    what: &str,
+    op: impl std::future::Future<Output = qblk_engine::Result<T>>,
+) -> Result<T, QmpError> {
+    let began = std::time::Instant::now();
+    let paused = ctx
+        .device
+        .gate
+        .pause(crate::device::DRAIN_TIMEOUT)
+        .map_err(|n| {
+            generic(format!(
+                "{n} guest requests did not finish within {} s: no {what}",
+                crate::device::DRAIN_TIMEOUT.as_secs()
+            ))
+        })?;
+    let drain = paused.drain;
+    let r = qblk_engine::runtime::block_on(op);
+    drop(paused);
+    info!(
+        drain_us = drain.as_micros() as u64,
+        held_us = began.elapsed().as_micros() as u64,
+        "{what}: guest requests held"
+    );
+    r.map_err(|e| {
+        generic(format!(
+            "{}: {}",
+            ctx.image.display(),
+            crate::error_chain(&e)
+        ))
+    })
+}
+
+fn snapshot_create(ctx: &Context, name: &str) -> Result<Value, QmpError> {
+    let img = snapshot_image(ctx)?;
+    if name.is_empty() {
+        return Err(generic("Name is empty"));
+    }
+    let list = qblk_engine::runtime::block_on(img.snapshots())
+        .map_err(|e| generic(crate::error_chain(&e)))?;
+    if list.iter().any(|s| s.name == name.as_bytes()) {
+        return Err(generic(format!(
+            "Snapshot with name '{name}' already exists on device '{NODE_NAME}'"
+        )));
+    }
+    with_guest_held(ctx, "internal snapshot", img.snapshot_create(name))?;
+    Ok(json!({}))
+}
+
+fn snapshot_delete(ctx: &Context, id: Option<&str>, name: Option<&str>) -> Result<Value, QmpError> {
+    let img = snapshot_image(ctx)?;
+    if id.is_none() && name.is_none() {
+        return Err(generic("Name or id must be provided"));
+    }
+    let list = qblk_engine::runtime::block_on(img.snapshots())
+        .map_err(|e| generic(crate::error_chain(&e)))?;
+    let found = list.iter().find(|s| {
+        id.is_none_or(|i| s.id == i.as_bytes()) && name.is_none_or(|n| s.name == n.as_bytes())
+    });
+    let Some(sn) = found else {
+        return Err(generic(format!(
+            "Snapshot with id '{}' and name '{}' does not exist on device '{NODE_NAME}'",
+            id.unwrap_or("(null)"),
+            name.unwrap_or("(null)")
+        )));
+    };
+    let sn_name = String::from_utf8_lossy(&sn.name).into_owned();
+    if list.iter().filter(|s| s.name == sn.name).count() > 1 && id.is_some() {
+        // The engine deletes the first snapshot of a name.
+        return Err(generic(format!(
+            "several snapshots are named '{sn_name}': delete them by name"
+        )));
+    }
+    let info = json!({
+        "id": String::from_utf8_lossy(&sn.id),
+        "name": sn_name,
+        "vm-state-size": sn.vm_state_size(),
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+    });
+    with_guest_held(ctx, "snapshot delete", img.snapshot_delete(&sn_name))?;
+    Ok(info)
 }
 
 /// The qcow2 image behind `node`, writable.

@@ -2,7 +2,9 @@
 //! space and feature handling, and the checks on the frontend's memory.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
@@ -10,7 +12,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::config::{CONFIG_LEN, CONFIG_WRITEBACK, DeviceConfig};
 use crate::disk::{Disk, DiskError};
+use crate::events::Events;
+use crate::gate::Gate;
 use crate::request::Mem;
+use crate::vhost::notice::ConfigNotice;
 
 /// The end of the largest virtio-blk configuration layout (96 bytes in
 /// virtio 1.3, with the secure-erase and zoned fields), rounded up.
@@ -52,11 +57,27 @@ pub(crate) fn check_memory(mem: &Mem) -> io::Result<()> {
     mem.iter().try_for_each(check_region)
 }
 
+/// How long a live resize or snapshot waits for the guest's requests in
+/// the disk to finish before giving up.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What every queue worker shares: the disk and the device's settings.
 #[derive(Debug)]
 pub struct Device {
     pub disk: Disk,
+    /// The settings the device started with; the capacity may grow since
+    /// (`size()`).
     pub config: DeviceConfig,
+    /// The guest-visible size in bytes.
+    size: AtomicU64,
+    /// Every guest request passes it on its way into the disk.
+    pub gate: Gate,
+    /// QMP events (`events.rs`).
+    pub events: Events,
+    /// Connected frontends (two while a VM migrates).
+    frontends: AtomicUsize,
+    /// The connections' config-change notices.
+    notices: Mutex<Vec<Weak<ConfigNotice>>>,
     /// GET_ID answer (at most 20 bytes).
     pub serial: Vec<u8>,
     /// The guest-visible cache mode: write-back (flushes come from the
@@ -74,6 +95,11 @@ impl Device {
         Self {
             disk,
             config,
+            size: AtomicU64::new(config.size),
+            gate: Gate::default(),
+            events: Events::new(),
+            frontends: AtomicUsize::new(0),
+            notices: Mutex::default(),
             serial,
             writeback: AtomicBool::new(true),
             io_errors: AtomicU64::new(0),
@@ -84,22 +110,119 @@ impl Device {
         }
     }
 
+    /// The size the guest sees, in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.size() / crate::config::SECTOR_SIZE
+    }
+
+    /// A frontend connected; its connection's notices go to `notice`.
+    pub(crate) fn frontend_connected(&self, notice: &Arc<ConfigNotice>) {
+        self.frontends.fetch_add(1, Ordering::AcqRel);
+        let mut n = lock(&self.notices);
+        n.retain(|w| w.strong_count() > 0);
+        n.push(Arc::downgrade(notice));
+    }
+
+    /// A frontend went away.
+    pub(crate) fn frontend_disconnected(&self) {
+        self.frontends.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Grows the disk to `new_size` bytes while it is served: the guest's
+    /// requests are drained and held while the image changes, then the
+    /// frontends hear of the new capacity. Shrinking is refused (the guest
+    /// may have data there), and so is a resize while a second frontend
+    /// is connected (a migration: the other side has the old size).
+    pub async fn grow(&self, new_size: u64) -> Result<(), String> {
+        let old = self.size();
+        if self.config.readonly {
+            return Err("the disk is served read-only".into());
+        }
+        if new_size < old {
+            return Err(format!(
+                "shrinking a served disk is not supported ({new_size} bytes is less than its {old}): the guest may have data there"
+            ));
+        }
+        if new_size % crate::config::SECTOR_SIZE != 0 {
+            return Err(format!(
+                "the new size {new_size} is not a multiple of {} bytes",
+                crate::config::SECTOR_SIZE
+            ));
+        }
+        if self.frontends.load(Ordering::Acquire) > 1 {
+            return Err(
+                "a second frontend is connected (a migration): resize once it has ended".into(),
+            );
+        }
+        if new_size == old {
+            return Ok(());
+        }
+        let paused = self.gate.pause(DRAIN_TIMEOUT).map_err(|n| {
+            format!(
+                "{n} guest requests did not finish within {} s; not resized",
+                DRAIN_TIMEOUT.as_secs()
+            )
+        })?;
+        let grown = self.disk.grow(new_size).await;
+        if grown.is_ok() {
+            self.size.store(new_size, Ordering::Release);
+        }
+        drop(paused);
+        grown.map_err(|e| crate::error_chain(&e))?;
+        tracing::info!(old, new = new_size, "disk grown");
+        let capacity = self.capacity();
+        let notices: Vec<Arc<ConfigNotice>> = lock(&self.notices)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for n in notices {
+            n.capacity_changed(capacity);
+        }
+        Ok(())
+    }
+
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Acquire)
     }
 
-    pub(crate) fn log_io_error(&self, e: &DiskError) {
+    /// A guest request failed with `e`: logged (the first ones, then
+    /// every thousandth) and told to the control clients as QEMU tells
+    /// them — `BLOCK_IMAGE_CORRUPTED` when the image was just found
+    /// inconsistent, and `BLOCK_IO_ERROR` (`write` covers flushes,
+    /// discards and write-zeroes, as in QEMU).
+    pub(crate) fn io_error(&self, e: &DiskError, write: bool) {
         let n = self.io_errors.fetch_add(1, Ordering::Relaxed);
+        let msg = crate::error_chain(e);
         if n < 16 || n % 1000 == 0 {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                source = s.source();
-            }
             warn!(count = n + 1, "request failed: {msg}");
         }
+        if let DiskError::Image(qblk_engine::Error::Corrupt { cause, .. }) = e {
+            self.events.emit(
+                "BLOCK_IMAGE_CORRUPTED",
+                serde_json::json!({
+                    "device": "",
+                    "node-name": crate::control::NODE_NAME,
+                    "msg": cause.to_string(),
+                    "fatal": true,
+                }),
+            );
+        }
+        self.events.emit(
+            "BLOCK_IO_ERROR",
+            serde_json::json!({
+                "device": "",
+                "node-name": crate::control::NODE_NAME,
+                "operation": if write { "write" } else { "read" },
+                "action": "report",
+                "nospace": is_enospc(e),
+                "reason": msg,
+            }),
+        );
     }
 
     /// Back to the state a new frontend expects.
@@ -130,7 +253,11 @@ impl Device {
             warn!(offset, size, "refused a config read past the config space");
             return None;
         }
-        let space = self.config.space(self.writeback());
+        let config = DeviceConfig {
+            size: self.size(),
+            ..self.config
+        };
+        let space = config.space(self.writeback());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(CONFIG_LEN);
         let end = (offset as usize)
@@ -156,4 +283,22 @@ impl Device {
             ),
         ))
     }
+}
+
+/// Whether `e` comes from a full file system.
+fn is_enospc(e: &DiskError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOSPC) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

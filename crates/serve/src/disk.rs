@@ -26,7 +26,7 @@ pub enum DiskError {
 #[derive(Debug)]
 pub struct RawDisk {
     file: HostFile,
-    size: u64,
+    size: std::sync::atomic::AtomicU64,
 }
 
 impl RawDisk {
@@ -44,7 +44,7 @@ impl RawDisk {
             LockError::Conflict(c) => io::Error::new(io::ErrorKind::ResourceBusy, c),
             LockError::Io { source, .. } => source,
         })?;
-        let size = file.file_len()?;
+        let size = file.file_len()?.into();
         Ok(Self { file, size })
     }
 
@@ -74,7 +74,28 @@ impl Disk {
     pub fn size(&self) -> u64 {
         match self {
             Disk::Qcow2(i) => i.size(),
-            Disk::Raw(r) => r.size,
+            Disk::Raw(r) => r.size.load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+
+    /// Grows the disk to `new_size` bytes: a qcow2 image's header and L1
+    /// table (`Image::resize`), a raw file's length. Shrinking is refused.
+    pub async fn grow(&self, new_size: u64) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.resize(new_size).await?),
+            Disk::Raw(r) => {
+                use std::sync::atomic::Ordering;
+                let old = r.size.load(Ordering::Acquire);
+                if new_size < old {
+                    return Err(r.err("shrink")(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{new_size} bytes is smaller than the disk's {old}"),
+                    )));
+                }
+                r.file.set_len(new_size).await.map_err(r.err("grow"))?;
+                r.size.store(new_size, Ordering::Release);
+                Ok(())
+            }
         }
     }
 

@@ -385,7 +385,7 @@ impl Queue {
 
     fn limits(&self) -> Limits {
         Limits {
-            size: self.device.config.size,
+            size: self.device.size(),
             readonly: self.device.config.readonly,
         }
     }
@@ -494,7 +494,11 @@ impl Queue {
                 let q = self.clone();
                 tokio::task::spawn_local(async move {
                     let began = std::time::Instant::now();
+                    // Held here while the control side has the disk to
+                    // itself (a live snapshot or resize).
+                    let pass = q.device.gate.enter().await;
                     let (code, id_len) = execute(&q.device, &r).await;
+                    drop(pass);
                     let (kind, bytes) = accounting(&r.op);
                     q.device.queue_stats[q.index].finished(
                         kind,
@@ -723,7 +727,7 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
     match result {
         Ok(()) => (ok, 0),
         Err(e) => {
-            device.log_io_error(&e);
+            device.io_error(&e, !matches!(r.op, Op::Read { .. }));
             (ioerr, 0)
         }
     }

@@ -45,6 +45,7 @@ use crate::config::MAX_QUEUE_SIZE;
 use crate::device::{Device, check_memory, check_region};
 use crate::pin::SharedPins;
 use crate::request::Mem;
+use crate::vhost::notice::ConfigNotice;
 use crate::worker::{QueueHandle, RingStart};
 
 /// Most memory regions a frontend may add (the number kernel vhost
@@ -58,6 +59,7 @@ pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
 }
 
 /// A region of the memory table: where the frontend has it mapped.
@@ -115,9 +117,9 @@ pub(crate) struct Handler {
     acked_protocol: VhostUserProtocolFeatures,
     vrings: Vec<VringConf>,
     inflight: Option<Arc<Region>>,
-    /// The backend request channel (SET_BACKEND_REQ_FD), for config-change
-    /// notifications once BACKEND_REQ is offered.
-    backend_channel: Option<Backend>,
+    /// Config-change notices to this frontend, on the backend request
+    /// channel it sets up (SET_BACKEND_REQ_FD).
+    notice: Arc<ConfigNotice>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -131,7 +133,7 @@ impl std::fmt::Debug for Handler {
             .field("acked_protocol", &self.acked_protocol)
             .field("vrings", &self.vrings)
             .field("inflight", &self.inflight)
-            .field("backend_channel", &self.backend_channel.is_some())
+            .field("notice", &self.notice)
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +148,8 @@ fn refuse(msg: impl Into<String>) -> Error {
 impl Handler {
     pub(crate) fn new(device: Arc<Device>, queues: Arc<Vec<QueueHandle>>) -> Self {
         let vrings = queues.iter().map(|_| VringConf::default()).collect();
+        let notice = ConfigNotice::new();
+        device.frontend_connected(&notice);
         Self {
             device,
             queues,
@@ -158,7 +162,7 @@ impl Handler {
             acked_protocol: VhostUserProtocolFeatures::empty(),
             vrings,
             inflight: None,
-            backend_channel: None,
+            notice,
         }
     }
 
@@ -233,6 +237,7 @@ impl Handler {
         if self.queues[index].start(start) {
             self.vrings[index].running = true;
             debug!(queue = index, "ring started");
+            self.notice.set_started(true, self.device.capacity());
         }
     }
 
@@ -245,6 +250,9 @@ impl Handler {
             self.vrings[index].base = base;
         }
         self.vrings[index].running = false;
+        if self.vrings.iter().all(|v| !v.running) {
+            self.notice.set_started(false, self.device.capacity());
+        }
         debug!(
             queue = index,
             base = self.vrings[index].base,
@@ -502,7 +510,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
         _flags: VhostUserConfigFlags,
     ) -> Result<Vec<u8>> {
         // An empty answer is the protocol's error reply.
-        Ok(self.device.config_read(offset, size).unwrap_or_default())
+        let space = self.device.config_read(offset, size).unwrap_or_default();
+        if offset == 0 && space.len() >= 8 {
+            let capacity = u64::from_le_bytes(space[..8].try_into().expect("8 bytes"));
+            self.notice.config_read(capacity);
+        }
+        Ok(space)
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8], _flags: VhostUserConfigFlags) -> Result<()> {
@@ -518,7 +531,7 @@ impl VhostUserBackendReqHandlerMut for Handler {
         {
             backend.set_reply_ack_flag(true);
         }
-        self.backend_channel = Some(backend);
+        self.notice.set_channel(backend);
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
@@ -638,5 +651,6 @@ impl VhostUserBackendReqHandlerMut for Handler {
 impl Drop for Handler {
     fn drop(&mut self) {
         self.end();
+        self.device.frontend_disconnected();
     }
 }
