@@ -94,6 +94,9 @@ pub struct BenchResult {
     pub span: u64,
     pub seconds: f64,
     pub ops: u64,
+    /// Of `ops`, the reads and the writes (each `bs` bytes).
+    pub reads: u64,
+    pub writes: u64,
     pub iops: f64,
     /// Megabytes (10^6 bytes) per second.
     pub mbps: f64,
@@ -205,6 +208,7 @@ struct Worker {
 struct WorkerOut {
     hist: Histogram<u64>,
     ops: u64,
+    writes: u64,
     error: Option<String>,
 }
 
@@ -220,7 +224,8 @@ impl Worker {
         }
     }
 
-    fn submit(&mut self, slot: usize) {
+    /// Submits a request into `slot`; whether it is a write.
+    fn submit(&mut self, slot: usize) -> bool {
         let offset = self.offset();
         let write = match self.rw {
             Rw::RandWrite | Rw::Write => true,
@@ -245,6 +250,7 @@ impl Worker {
                 ReqFlags::empty(),
             );
         }
+        write
     }
 
     fn run(mut self, stop: &AtomicBool, done_ops: &AtomicU64) -> WorkerOut {
@@ -253,12 +259,14 @@ impl Worker {
         let mut started = vec![Instant::now(); self.iodepth];
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..self.iodepth).map(|_| MaybeUninit::uninit()).collect();
+        let mut is_write = vec![false; self.iodepth];
         for (slot, at) in started.iter_mut().enumerate() {
             *at = Instant::now();
-            self.submit(slot);
+            is_write[slot] = self.submit(slot);
         }
         let mut inflight = self.iodepth;
         let mut ops = 0u64;
+        let mut writes = 0u64;
         let mut error = None;
         while inflight > 0 {
             let mut timeout = Duration::from_secs(30);
@@ -288,16 +296,22 @@ impl Worker {
                 let ns = now.duration_since(started[slot]).as_nanos() as u64;
                 let _ = hist.record(ns.max(1));
                 ops += 1;
+                writes += u64::from(is_write[slot]);
                 if stopping || error.is_some() {
                     inflight -= 1;
                 } else {
                     started[slot] = Instant::now();
-                    self.submit(slot);
+                    is_write[slot] = self.submit(slot);
                 }
             }
             done_ops.fetch_add(n as u64, Ordering::Relaxed);
         }
-        WorkerOut { hist, ops, error }
+        WorkerOut {
+            hist,
+            ops,
+            writes,
+            error,
+        }
     }
 }
 
@@ -447,11 +461,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
         .expect("histogram bounds are valid");
     let mut ops = 0;
+    let mut writes = 0;
     for o in outs {
         if let Some(e) = o.error {
             return Err(BenchError::Io(e));
         }
         ops += o.ops;
+        writes += o.writes;
         hist.add(&o.hist)
             .map_err(|e| BenchError::Io(format!("merging histograms: {e}")))?;
     }
@@ -464,6 +480,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
         span,
         seconds,
         ops,
+        reads: ops - writes,
+        writes,
         iops: ops as f64 / seconds,
         mbps: ops as f64 * opts.bs as f64 / seconds / 1e6,
         lat_us: Latency {

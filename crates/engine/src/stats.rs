@@ -7,8 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Counters {
     pub(crate) metadata_writes: AtomicU64,
     pub(crate) fsyncs: AtomicU64,
-    pub(crate) l2_hits: AtomicU64,
-    pub(crate) l2_misses: AtomicU64,
     pub(crate) allocating_writes: AtomicU64,
     pub(crate) in_place_writes: AtomicU64,
     pub(crate) cow_bytes: AtomicU64,
@@ -21,6 +19,8 @@ pub struct Stats {
     pub metadata_writes: u64,
     /// fdatasync calls on the image and data file.
     pub fsyncs: u64,
+    /// L2 table lookups of guest reads and writes answered from the
+    /// metadata cache, and those that read the table from the image.
     pub l2_hits: u64,
     pub l2_misses: u64,
     /// Guest write chunks (up to a cluster each) that needed allocation.
@@ -49,8 +49,9 @@ impl Counters {
         Stats {
             metadata_writes: g(&self.metadata_writes),
             fsyncs: g(&self.fsyncs),
-            l2_hits: g(&self.l2_hits),
-            l2_misses: g(&self.l2_misses),
+            // Counted under the tables' lock (`Image::stats`).
+            l2_hits: 0,
+            l2_misses: 0,
             allocating_writes: g(&self.allocating_writes),
             in_place_writes: g(&self.in_place_writes),
             cow_bytes: g(&self.cow_bytes),

@@ -107,6 +107,13 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// for bitmaps and queries, usable with QEMU's QMP clients.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Serve Prometheus metrics at GET /metrics over HTTP on ADDR: a
+        /// unix socket path (or unix:PATH; mode 0600) or a loopback
+        /// address such as 127.0.0.1:9100 or [::1]:9100 (port 0 picks a
+        /// free port, logged). Other addresses are refused: the endpoint
+        /// has no authentication.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         /// Write the daemon's pid to PATH once it is ready, keep the file
         /// locked while it runs and remove it at exit; refuse to start if a
         /// live process holds it.
@@ -673,6 +680,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
             key_file,
             pin_guest_memory,
             control,
+            metrics,
             pidfile,
             socket_owner,
             socket_mode,
@@ -756,6 +764,10 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                 key,
                 pin_guest_memory,
                 control,
+                metrics: metrics
+                    .as_deref()
+                    .map(qblk_serve::metrics::MetricsAddr::parse)
+                    .transpose()?,
                 service,
             };
             qblk_serve::serve(&opts)?;

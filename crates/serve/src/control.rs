@@ -321,8 +321,14 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
         "query-block-exports" => a.none().map(|()| {
             json!([{"type": "vhost-user-blk", "id": NODE_NAME, "node-name": NODE_NAME, "shutting-down": false}])
         }),
-        "query-named-block-nodes" => a.only(&["flat"]).map(|()| named_nodes(ctx)),
-        "query-blockstats" => a.only(&["query-nodes"]).map(|()| blockstats(ctx)),
+        "query-named-block-nodes" => a
+            .only(&["flat"])
+            .and_then(|()| a.flag("flat"))
+            .map(|_| named_nodes(ctx)),
+        "query-blockstats" => a
+            .only(&["query-nodes"])
+            .and_then(|()| a.flag("query-nodes"))
+            .map(|_| blockstats(ctx)),
         "block-dirty-bitmap-add" => {
             a.only(&["node", "name", "granularity", "persistent", "disabled"])?;
             let img = image(ctx, &a)?;

@@ -99,6 +99,14 @@ impl Disk {
         }
     }
 
+    /// The image file (the qcow2 image, not its data file).
+    pub fn path(&self) -> &Path {
+        match self {
+            Disk::Qcow2(i) => i.path(),
+            Disk::Raw(r) => r.file.path(),
+        }
+    }
+
     /// The allocation unit: the optimal I/O size and discard granularity.
     pub fn cluster_size(&self) -> u64 {
         match self {

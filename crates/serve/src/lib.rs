@@ -20,6 +20,7 @@ pub mod device;
 pub mod disk;
 pub mod events;
 pub mod gate;
+pub mod metrics;
 pub mod orchestration;
 mod pin;
 pub mod request;
@@ -87,6 +88,8 @@ pub struct ServeOptions {
     pub control: Option<ListenOn>,
     /// Pid file and the vhost-user socket's owner and mode.
     pub service: ServiceOptions,
+    /// The Prometheus metrics endpoint (`metrics.rs`), if any.
+    pub metrics: Option<metrics::MetricsAddr>,
 }
 
 /// A failure that stops the daemon.
@@ -322,6 +325,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         (handle, thread)
     };
 
+    // Stopped when dropped, so an early return below closes it too.
+    let metrics = match &opts.metrics {
+        Some(addr) => Some(
+            metrics::Metrics::start(addr, device.clone())
+                .map_err(|e| ServeError::Start(format!("--metrics {addr}: cannot listen: {e}")))?,
+        ),
+        None => None,
+    };
+
     let control = match &opts.control {
         Some(source) => {
             let stop = stop.clone();
@@ -347,6 +359,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     // Held (locked) from readiness until the image is closed.
     let mut pidfile: Option<Pidfile> = None;
     let result = run(opts, &device, &stop, &mut pidfile);
+
+    if let Some(m) = metrics {
+        m.stop();
+    }
 
     // No control command is inside the engine once this returns.
     if let Some(c) = control {

@@ -1,0 +1,605 @@
+//! The Prometheus endpoint of `qblk serve --metrics` and the statistics
+//! behind it: a scrape during a `qblk bench` run, and once it is over, agree
+//! with the client's own counts and with `query-blockstats`; the endpoint
+//! over a unix socket and loopback TCP, its refusals, and bad HTTP clients;
+//! and bad input on the control socket while I/O runs.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use qblk_integration::qmp::Qmp;
+use qblk_integration::vhost::{Client, Daemon};
+use qblk_integration::*;
+use serde_json::{Value, json};
+
+/// Where a test scrapes.
+enum Endpoint<'a> {
+    Unix(&'a Path),
+    Tcp(std::net::SocketAddr),
+}
+
+/// Sends `request` as it is and returns everything the server answers
+/// before it closes the connection (a server that hangs up on garbage
+/// before reading it all may cut the sending or the reading short).
+fn exchange(at: &Endpoint, request: &[u8]) -> String {
+    fn go<S: Read + Write>(mut s: S, request: &[u8]) -> String {
+        let _ = s.write_all(request);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    let timeout = Some(Duration::from_secs(30));
+    match at {
+        Endpoint::Unix(p) => {
+            let s = UnixStream::connect(p).expect("connect to the metrics socket");
+            s.set_read_timeout(timeout).expect("timeout");
+            go(s, request)
+        }
+        Endpoint::Tcp(a) => {
+            let s = std::net::TcpStream::connect(a).expect("connect to the metrics port");
+            s.set_read_timeout(timeout).expect("timeout");
+            go(s, request)
+        }
+    }
+}
+
+/// `GET path`: the status code, the headers (lower-cased) and the body.
+fn get(at: &Endpoint, method: &str, path: &str) -> (u16, String, String) {
+    let r = exchange(
+        at,
+        format!("{method} {path} HTTP/1.1\r\nHost: qblk\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {r:?}"));
+    (status, head.to_lowercase(), body.to_owned())
+}
+
+/// A sample's labels, `(name, value)`.
+type Labels = Vec<(String, String)>;
+
+/// A scrape's samples: name, labels and value.
+struct Scrape(Vec<(String, Labels, f64)>);
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let mut out = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("sample line {line:?}"));
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or_else(|_| panic!("value in {line:?}")),
+            };
+            let (name, labels) = match series.split_once('{') {
+                None => (series, Vec::new()),
+                Some((n, rest)) => {
+                    let inner = rest.strip_suffix('}').expect("closing brace");
+                    let labels = inner
+                        .split(',')
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (k, v) = p.split_once('=').expect("label=value");
+                            (k.to_owned(), v.trim_matches('"').to_owned())
+                        })
+                        .collect();
+                    (n, labels)
+                }
+            };
+            out.push((name.to_owned(), labels, value));
+        }
+        Scrape(out)
+    }
+
+    /// The sum of the samples of `name` whose labels include `with`.
+    fn sum(&self, name: &str, with: &[(&str, &str)]) -> f64 {
+        let matching: Vec<f64> = self
+            .0
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && with
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|s| s.2)
+            .collect();
+        assert!(!matching.is_empty(), "no sample {name} {with:?}");
+        matching.iter().sum()
+    }
+
+    fn int(&self, name: &str, with: &[(&str, &str)]) -> u64 {
+        self.sum(name, with) as u64
+    }
+}
+
+fn scrape(at: &Endpoint) -> Scrape {
+    let (status, head, body) = get(at, "GET", "/metrics");
+    assert_eq!(status, 200, "{head}{body}");
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    Scrape::parse(&body)
+}
+
+/// Runs `qblk bench ARGS --json` in `dir` in the background.
+fn start_bench(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(qblk_bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qblk bench")
+}
+
+fn bench_result(child: std::process::Child) -> Value {
+    let out = child.wait_with_output().expect("qblk bench");
+    assert!(out.status.success(), "qblk bench: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).expect("qblk bench --json")
+}
+
+#[test]
+fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "64M");
+    let mut daemon = Daemon::qblk(
+        d,
+        "a.sock",
+        &[
+            "--queues",
+            "2",
+            "--control",
+            "qmp.sock",
+            "--metrics",
+            "m.sock",
+            "a.qcow2",
+        ],
+    );
+    let at = Endpoint::Unix(&d.join("m.sock"));
+    let mode = std::fs::metadata(d.join("m.sock"))
+        .expect("metrics socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "metrics socket mode {mode:o}");
+    let before = scrape(&at);
+    assert_eq!(before.int("qblk_requests_total", &[]), 0);
+    assert_eq!(
+        before.int("qblk_image_virtual_size_bytes", &[]),
+        64 << 20,
+        "virtual size"
+    );
+
+    let bench = start_bench(
+        d,
+        &[
+            "--socket",
+            "a.sock",
+            "--rw",
+            "randrw",
+            "--queues",
+            "2",
+            "--iodepth",
+            "16",
+            "--runtime",
+            "3s",
+        ],
+    );
+    // A scrape while the run goes on: it succeeds and shows some of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let during = loop {
+        let s = scrape(&at);
+        if s.int("qblk_requests_total", &[]) > 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no request counted in 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let result = bench_result(bench);
+    let reads = result["reads"].as_u64().expect("reads");
+    let writes = result["writes"].as_u64().expect("writes");
+    let bs = result["bs"].as_u64().expect("bs");
+    assert_eq!(reads + writes, result["ops"].as_u64().expect("ops"));
+    assert!(reads > 0 && writes > 0, "{result}");
+
+    // The client has disconnected: everything it sent is complete.
+    let after = scrape(&at);
+    let read = [("type", "read")];
+    let write = [("type", "write")];
+    assert_eq!(after.int("qblk_requests_total", &read), reads);
+    assert_eq!(after.int("qblk_requests_total", &write), writes);
+    assert_eq!(after.int("qblk_request_bytes_total", &read), reads * bs);
+    assert_eq!(after.int("qblk_request_bytes_total", &write), writes * bs);
+    assert_eq!(after.int("qblk_requests_failed_total", &[]), 0);
+    assert_eq!(after.int("qblk_requests_invalid_total", &[]), 0);
+    assert_eq!(after.int("qblk_requests_in_flight", &[]), 0);
+    // Both queues served their share.
+    for q in ["0", "1"] {
+        assert!(
+            after.int("qblk_requests_total", &[("queue", q)]) > 0,
+            "queue {q} idle"
+        );
+    }
+    for (kind, n) in [(&read, reads), (&write, writes)] {
+        let inf = [kind[0], ("le", "+Inf")];
+        assert_eq!(after.int("qblk_request_duration_seconds_bucket", &inf), n);
+        assert_eq!(after.int("qblk_request_duration_seconds_count", kind), n);
+        assert!(after.sum("qblk_request_duration_seconds_sum", kind) > 0.0);
+        // Cumulative buckets never fall.
+        let mut last = 0.0;
+        for (name, labels, v) in &after.0 {
+            if name == "qblk_request_duration_seconds_bucket"
+                && labels.iter().any(|(k, v)| k == "type" && v == kind[0].1)
+                && labels.iter().any(|(k, v)| k == "queue" && v == "0")
+            {
+                assert!(*v >= last, "buckets fall: {labels:?} {v} < {last}");
+                last = *v;
+            }
+        }
+    }
+    // The mid-run scrape lay between nothing and the totals.
+    for (kind, n) in [(&read, reads), (&write, writes)] {
+        let mid = during.int("qblk_requests_total", kind);
+        assert!(mid <= n, "{kind:?}: {mid} counted mid-run, {n} in all");
+    }
+    assert!(during.int("qblk_requests_total", &[]) < reads + writes);
+    // The engine's counters: every write went through it, and the L2
+    // lookups of reads and writes were counted.
+    let engine_writes = after.int("qblk_engine_allocating_writes_total", &[])
+        + after.int("qblk_engine_in_place_writes_total", &[]);
+    assert!(engine_writes >= writes, "{engine_writes} < {writes}");
+    assert!(after.int("qblk_engine_allocating_writes_total", &[]) > 0);
+    assert!(after.int("qblk_l2_cache_hits_total", &[]) > 0);
+    // (present, if zero: the one L2 table was made in memory)
+    after.int("qblk_l2_cache_misses_total", &[]);
+    let allocated = after.int("qblk_image_allocated_size_bytes", &[]);
+    assert!(allocated > 0, "allocated size 0");
+
+    // query-blockstats says the same.
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    let stats = q.ok("query-blockstats", json!({}));
+    let s = &stats[0]["stats"];
+    assert_eq!(s["rd_operations"], reads, "{stats}");
+    assert_eq!(s["wr_operations"], writes, "{stats}");
+    assert_eq!(s["rd_bytes"], reads * bs, "{stats}");
+    assert_eq!(s["wr_bytes"], writes * bs, "{stats}");
+    assert_eq!(s["x-in-flight"], 0, "{stats}");
+
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert!(
+        !d.join("m.sock").exists(),
+        "the metrics socket outlived the daemon"
+    );
+    qemu_check_clean("a.qcow2", d);
+}
+
+/// The address `qblk serve` logged for `--metrics 127.0.0.1:0`.
+fn logged_address(daemon: &Daemon) -> std::net::SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = daemon.log();
+        if let Some(at) = log.find("metrics=") {
+            let addr = log[at + "metrics=".len()..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("");
+            return addr.parse().unwrap_or_else(|_| panic!("address {addr:?}"));
+        }
+        assert!(Instant::now() < deadline, "no metrics address in {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_disturb_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "64M");
+
+    // Anything but loopback is refused, before the daemon listens.
+    for addr in [
+        "0.0.0.0:9100",
+        "[::]:9100",
+        "192.0.2.1:9100",
+        "localhost:9100",
+    ] {
+        match Daemon::try_qblk(d, "a.sock", &["--metrics", addr, "a.qcow2"]) {
+            Ok(_) => panic!("--metrics {addr} was accepted"),
+            Err((status, log)) => {
+                assert!(!status.success());
+                assert!(
+                    log.contains(&format!("--metrics {addr}")) && !log.contains("panicked"),
+                    "{log}"
+                );
+                assert!(
+                    addr.starts_with("localhost") || log.contains("not a loopback address"),
+                    "{log}"
+                );
+            }
+        }
+    }
+
+    // A port taken: a clear error, and no control socket left behind.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").to_string();
+    match Daemon::try_qblk(
+        d,
+        "a.sock",
+        &["--metrics", &port, "--control", "qmp.sock", "a.qcow2"],
+    ) {
+        Ok(_) => panic!("--metrics {port} was accepted while taken"),
+        Err((status, log)) => {
+            assert!(!status.success());
+            assert!(log.contains("cannot listen"), "{log}");
+        }
+    }
+    assert!(!d.join("qmp.sock").exists(), "control socket left behind");
+    drop(taken);
+
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--metrics", "127.0.0.1:0", "a.qcow2"]);
+    let addr = logged_address(&daemon);
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
+    let at = Endpoint::Tcp(addr);
+    assert_eq!(scrape(&at).int("qblk_requests_total", &[]), 0);
+
+    // A client doing I/O throughout.
+    let mut c = Client::connect(&daemon.socket, 1).expect("vhost-user client");
+    c.write_all(0, &[0x11; 65536]);
+
+    // Other paths and methods.
+    for (method, path, want) in [
+        ("GET", "/", 404),
+        ("GET", "/metricsx", 404),
+        ("GET", "/../metrics", 404),
+        ("POST", "/metrics", 405),
+        ("HEAD", "/metrics", 200),
+        ("GET", "/metrics?x=1", 200),
+    ] {
+        let (status, head, _) = get(&at, method, path);
+        assert_eq!(status, want, "{method} {path}: {head}");
+    }
+    // Garbage, half requests, silent clients and clients that vanish.
+    let idle = std::net::TcpStream::connect(addr).expect("connect");
+    let mut half = std::net::TcpStream::connect(addr).expect("connect");
+    half.write_all(b"GET /metr").expect("send");
+    for (garbage, want) in [
+        (&b"\x00\xff\xfe garbage\r\n\r\n"[..], "400"),
+        (b"GET\r\n\r\n", "400"),
+        (b"GET /metrics HTTP/9.9\r\n\r\n", "400"),
+        // A request head without end is cut off at its bound.
+        (&[b'A'; 100_000][..], "431"),
+    ] {
+        let r = exchange(&at, garbage);
+        assert!(
+            r.starts_with(&format!("HTTP/1.1 {want} ")),
+            "{garbage:?}: {r}"
+        );
+    }
+    {
+        let mut gone = std::net::TcpStream::connect(addr).expect("connect");
+        gone.write_all(b"GET /metrics HTTP/1.1\r\nHo")
+            .expect("send");
+    }
+    // The data path and the endpoint go on.
+    c.write_all(65536, &[0x22; 65536]);
+    assert_eq!(c.read_vec(0, 65536), vec![0x11; 65536]);
+    assert_eq!(c.read_vec(65536, 65536), vec![0x22; 65536]);
+    let s = scrape(&at);
+    assert_eq!(s.int("qblk_requests_total", &[("type", "write")]), 2);
+    assert_eq!(s.int("qblk_requests_total", &[("type", "read")]), 2);
+    drop(c);
+    // A client that never finishes its request is dropped in time.
+    half.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let began = Instant::now();
+    let mut rest = Vec::new();
+    let _ = half.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty() || String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408"),
+        "{rest:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "a stalled client kept for {:?}",
+        began.elapsed()
+    );
+    drop(idle);
+    // A stop with a client still connected is clean.
+    let idle = std::net::TcpStream::connect(addr).expect("connect");
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    drop(idle);
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the metrics port is still open after the daemon stopped"
+    );
+
+    // A unix socket named `unix:PATH`, a stale one replaced.
+    std::fs::write(d.join("m.sock"), b"stale").expect("stale file");
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--metrics", "unix:m.sock", "a.qcow2"]);
+    let at = Endpoint::Unix(&d.join("m.sock"));
+    assert_eq!(
+        scrape(&at).int("qblk_image_virtual_size_bytes", &[]),
+        64 << 20
+    );
+    assert_eq!(get(&at, "GET", "/nope").0, 404);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert!(!d.join("m.sock").exists());
+    qemu_check_clean("a.qcow2", d);
+}
+
+#[test]
+fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "64M");
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--control", "qmp.sock", "a.qcow2"]);
+    let ctl = d.join("qmp.sock");
+
+    // A well-behaved client, connected throughout.
+    let (mut good, _) = Qmp::connect(&ctl);
+    good.ok("qmp_capabilities", json!({}));
+
+    // I/O throughout: each write read back.
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = {
+        let stop = stop.clone();
+        let socket = daemon.socket.clone();
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&socket, 1).expect("vhost-user client");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) || n < 32 {
+                let offset = (n % 512) * 65536;
+                let pattern = (n % 251) as u8 + 1;
+                c.write_all(offset, &vec![pattern; 65536]);
+                assert_eq!(
+                    c.read_vec(offset, 65536),
+                    vec![pattern; 65536],
+                    "read back at {offset}"
+                );
+                n += 1;
+            }
+            n
+        })
+    };
+
+    // Bad input from clients of their own, each answered with QMP's class.
+    let class = |r: &Value| r["error"]["class"].as_str().unwrap_or("").to_owned();
+    {
+        let (mut q, _) = Qmp::connect(&ctl);
+        // Before negotiation.
+        assert_eq!(q.err("query-version", json!({})).0, "CommandNotFound");
+        q.ok("qmp_capabilities", json!({}));
+        assert_eq!(q.err("no-such-command", json!({})).0, "CommandNotFound");
+        assert_eq!(q.err("qmp_capabilities", json!({})).0, "CommandNotFound");
+        for (cmd, args) in [
+            ("query-version", json!({"extra": 1})),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "disk", "name": 5, "persistent": true}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "disk", "name": "b", "persistent": "yes"}),
+            ),
+            (
+                "block-dirty-bitmap-add",
+                json!({"node": "disk", "name": "b", "persistent": true, "granularity": "big"}),
+            ),
+            (
+                "block-dirty-bitmap-remove",
+                json!({"node": ["disk"], "name": "b"}),
+            ),
+            (
+                "block-dirty-bitmap-merge",
+                json!({"node": "disk", "target": "b", "bitmaps": "b"}),
+            ),
+            ("query-named-block-nodes", json!({"flat": "yes"})),
+            ("query-blockstats", json!({"query-nodes": 1})),
+        ] {
+            assert_eq!(q.err(cmd, args.clone()).0, "GenericError", "{cmd} {args}");
+        }
+        for raw in [
+            &br#"{"execute": 5}"#[..],
+            br#"{"execute": "query-version", "arguments": [1]}"#,
+            br#"{"arguments": {}}"#,
+            br#"{"execute": "query-version", "bogus": 1}"#,
+            br#""a string""#,
+            b"[1, 2]",
+            // (a bare word needs a delimiter after it, as in QEMU)
+            b"null\r\n",
+        ] {
+            let r = q.raw(raw);
+            assert_eq!(
+                class(&r),
+                "GenericError",
+                "{}: {r}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // The client is still served.
+        q.ok("query-version", json!({}));
+    }
+    // Unparsable input: answered, then hung up.
+    for raw in [
+        &b"}{"[..],
+        b"\xff\xfe\x00garbage",
+        &"[".repeat(10_000).into_bytes()[..],
+    ] {
+        let (mut q, _) = Qmp::connect(&ctl);
+        q.ok("qmp_capabilities", json!({}));
+        let r = q.raw(raw);
+        assert_eq!(class(&r), "GenericError", "{r}");
+        assert!(q.hung_up(), "not hung up after unparsable input");
+    }
+    // Clients that vanish: before the greeting is read, mid-command before
+    // and after negotiation.
+    for sent in [
+        &b""[..],
+        br#"{"execute": "qmp_capab"#,
+        br#"{"execute": "qmp_capabilities"}{"execute": "query-block"#,
+    ] {
+        let mut s = UnixStream::connect(&ctl).expect("connect");
+        s.write_all(sent).expect("send");
+        drop(s);
+    }
+    // A hundred clients at once.
+    let clients = 100;
+    let barrier = Arc::new(Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let ctl = ctl.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let (mut q, greeting) = Qmp::connect(&ctl);
+                assert!(greeting["QMP"].is_object(), "{greeting}");
+                barrier.wait();
+                q.ok("qmp_capabilities", json!({}));
+                let v = q.ok("query-version", json!({}));
+                assert!(
+                    v["package"].as_str().is_some_and(|p| p.starts_with("qblk")),
+                    "{v}"
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a control client failed");
+    }
+
+    // The first client and the data path were never disturbed.
+    good.ok("query-version", json!({}));
+    stop.store(true, Ordering::Relaxed);
+    let rounds = io.join().expect("the I/O client failed");
+    assert!(rounds >= 32, "{rounds}");
+    let stats = good.ok("query-blockstats", json!({}));
+    let s = &stats[0]["stats"];
+    assert_eq!(s["wr_operations"], rounds, "{stats}");
+    assert_eq!(s["rd_operations"], rounds, "{stats}");
+    assert_eq!(s["failed_wr_operations"], 0, "{stats}");
+    assert_eq!(s["failed_rd_operations"], 0, "{stats}");
+    // And a new client is served afterwards.
+    let (mut after, _) = Qmp::connect(&ctl);
+    after.ok("qmp_capabilities", json!({}));
+    after.ok("query-version", json!({}));
+    assert!(daemon.alive(), "{}", daemon.log());
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    qemu_check_clean("a.qcow2", d);
+}
