@@ -36,6 +36,9 @@ pub const USED: u64 = 0x8000;
 pub const DATA: u64 = 0x10000;
 pub const QUEUE_SIZE: u16 = 256;
 
+/// VHOST_F_LOG_ALL.
+pub const F_LOG_ALL: u64 = 1 << 26;
+
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
@@ -172,6 +175,34 @@ impl RawFrontend {
         self.read(DATA + 16384, 4096)
     }
 
+    /// Hands the daemon a dirty-page log (SET_LOG_BASE with `log`, a
+    /// shared memory file of `size` bytes) and switches logging on or off
+    /// (VHOST_F_LOG_ALL in SET_FEATURES), as QEMU does around a migration.
+    pub fn set_logging(&mut self, log: Option<(&File, u64)>, on: bool) {
+        if let Some((file, size)) = log {
+            self.fe
+                .set_log_base(
+                    0,
+                    Some(vhost::VhostUserDirtyLogRegion {
+                        mmap_size: size,
+                        mmap_offset: 0,
+                        mmap_handle: file.as_raw_fd(),
+                    }),
+                )
+                .expect("SET_LOG_BASE");
+        }
+        let offered = self.fe.get_features().expect("GET_FEATURES");
+        let mut f = offered & !self.features_off & !F_LOG_ALL;
+        if on {
+            f |= F_LOG_ALL;
+        }
+        self.fe.set_features(f).expect("SET_FEATURES");
+        // SET_FEATURES has no reply: a request that has one makes sure the
+        // daemon took it before the next kick (QEMU waits for an ack when
+        // it turns logging on).
+        self.fe.get_features().expect("GET_FEATURES");
+    }
+
     /// Enables or disables the ring (SET_VRING_ENABLE): the daemon stops
     /// or starts serving it.
     pub fn set_enabled(&mut self, on: bool) {
@@ -244,10 +275,13 @@ impl RawFrontend {
         let mut fe = Frontend::connect(socket, 1).expect("connect to the daemon");
         fe.set_owner().expect("SET_OWNER");
         let offered = fe.get_features().expect("GET_FEATURES");
-        fe.set_features(offered & !features_off)
+        // Logging (LOG_ALL) only when a test asks, as QEMU does at a
+        // migration's start.
+        fe.set_features(offered & !features_off & !F_LOG_ALL)
             .expect("SET_FEATURES");
         let proto = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
         let mut want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::LOG_SHMFD
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | extra;

@@ -70,7 +70,9 @@ impl DeviceConfig {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_CONFIG_WCE
             | 1 << VIRTIO_BLK_F_MQ
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            // Dirty-page logging for live migration (vhost/log.rs).
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
         if self.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {

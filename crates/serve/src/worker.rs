@@ -41,6 +41,7 @@ use crate::request::{self, IoSeg, Limits, Mem, Op, Parsed, Request};
 use crate::vhost::Call;
 use crate::vhost::chain;
 use crate::vhost::inflight::InflightQueue;
+use crate::vhost::log::{DirtyLog, LogMap};
 use crate::vhost::vring::{RingError, RingLayout, SplitRing};
 
 /// How long stopping a ring waits for in-flight requests before giving up
@@ -67,6 +68,8 @@ pub(crate) struct RingStart {
     pub(crate) mem: GuestMemoryAtomic<Mem>,
     /// The connection's pinning jobs, shared with its other queues.
     pub(crate) pins: Arc<SharedPins>,
+    /// The connection's dirty-page log (live migration).
+    pub(crate) log: Arc<DirtyLog>,
 }
 
 #[derive(Debug)]
@@ -305,6 +308,7 @@ impl Worker {
             call,
             mem,
             pins,
+            log,
         } = s;
         let snapshot = mem.memory().into_inner();
         let (ring, recovery) = match SplitRing::start(layout, event_idx, base, inflight, &snapshot)
@@ -324,6 +328,7 @@ impl Worker {
             self.kick.clone(),
             pinning.clone(),
             pins,
+            log,
         ));
         tokio::task::spawn_local(q.clone().completer());
         // SAFETY: the AsyncFd owns `kick` (our own duplicate of the kick
@@ -385,6 +390,8 @@ struct Queue {
     pinning: Rc<RefCell<Pinning>>,
     /// The connection's pinning jobs, shared with its other queues.
     pins: Arc<SharedPins>,
+    /// The connection's dirty-page log.
+    log: Arc<DirtyLog>,
 }
 
 impl Queue {
@@ -398,6 +405,7 @@ impl Queue {
         kick: Arc<Notify>,
         pinning: Rc<RefCell<Pinning>>,
         pins: Arc<SharedPins>,
+        log: Arc<DirtyLog>,
     ) -> Self {
         pinning.borrow_mut().attach();
         Self {
@@ -418,6 +426,7 @@ impl Queue {
             bad_requests: Cell::new(0),
             pinning,
             pins,
+            log,
         }
     }
 
@@ -549,6 +558,9 @@ impl Queue {
                     } else {
                         0
                     };
+                    if let Some(log) = q.log.active() {
+                        mark_written(&log, &r);
+                    }
                     q.complete(head, len);
                 });
             }
@@ -556,6 +568,9 @@ impl Queue {
                 self.log_bad(&why);
                 stats.invalid();
                 let len = u32::from(mem.write_obj(code, status).is_ok());
+                if let Some(log) = self.log.active() {
+                    log.mark(status.0, 1);
+                }
                 self.complete(head, len);
             }
             Parsed::Broken { why } => {
@@ -581,7 +596,12 @@ impl Queue {
         let mem = self.mem.memory().into_inner();
         let notify = {
             let mut ring = self.ring.borrow_mut();
-            match ring.push_used_batch(&mem, &done) {
+            let pushed = ring.push_used_batch(&mem, &done);
+            if let Some(log) = self.log.active() {
+                let (at, len) = ring.layout().used_area();
+                log.mark(at.0, len);
+            }
+            match pushed {
                 Ok(()) => ring.needs_notification(&mem).unwrap_or(true),
                 Err(e) => {
                     drop(ring);
@@ -769,4 +789,38 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
             (ioerr, 0)
         }
     }
+}
+
+/// Marks in the dirty log every guest page request `r` may have written:
+/// its status byte, and the data it read (a failed read too: part of it
+/// may have landed) or the serial.
+fn mark_written(log: &LogMap, r: &Request) {
+    log.mark(r.status.0, 1);
+    match &r.op {
+        Op::Read { bufs, .. } => {
+            for b in bufs {
+                if let Some(gpa) = gpa_of_host(&r.mem, b.ptr, b.len) {
+                    log.mark(gpa, b.len as u64);
+                }
+            }
+        }
+        Op::GetId { dst } => {
+            for &(addr, len) in dst {
+                log.mark(addr.0, len as u64);
+            }
+        }
+        Op::Write { .. } | Op::Flush | Op::Discard { .. } | Op::WriteZeroes { .. } => {}
+    }
+}
+
+/// The guest physical address of host pointer `ptr` (a request's buffer
+/// of `len` bytes, mapped from one region).
+fn gpa_of_host(mem: &Mem, ptr: *mut u8, len: usize) -> Option<u64> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    let p = ptr as usize;
+    mem.iter().find_map(|region| {
+        let base = region.get_host_address(MemoryRegionAddress(0)).ok()? as usize;
+        let size = region.len() as usize;
+        (p >= base && p + len <= base + size).then(|| region.start_addr().0 + (p - base) as u64)
+    })
 }

@@ -45,6 +45,7 @@ use crate::config::MAX_QUEUE_SIZE;
 use crate::device::{Device, check_memory, check_region};
 use crate::pin::SharedPins;
 use crate::request::Mem;
+use crate::vhost::log::{DirtyLog, LogMap};
 use crate::vhost::notice::ConfigNotice;
 use crate::worker::{QueueHandle, RingStart, Started};
 
@@ -64,6 +65,7 @@ pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// A region of the memory table: where the frontend has it mapped.
@@ -128,6 +130,8 @@ pub(crate) struct Handler {
     notice: Arc<ConfigNotice>,
     /// Counted among the device's frontends (from accept to drop).
     counted: bool,
+    /// The dirty-page log of a migration (SET_LOG_BASE, LOG_ALL).
+    log: Arc<DirtyLog>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -172,6 +176,7 @@ impl Handler {
             inflight: None,
             notice,
             counted: false,
+            log: Arc::default(),
         }
     }
 
@@ -250,6 +255,7 @@ impl Handler {
             call: v.call.clone(),
             mem: self.mem.clone(),
             pins: self.pins.clone(),
+            log: self.log.clone(),
         };
         // Another connection's ring on this queue (a migration's outgoing
         // frontend) is stopped before the incoming one starts its device;
@@ -403,6 +409,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
         }
         self.features_set = true;
         self.acked_features = features;
+        self.log
+            .set_enabled(features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0);
         // Device-wide; a frontend negotiating while another one's rings
         // run (a migration's incoming side) takes over at its first ring.
         if !self.serving_elsewhere() {
@@ -465,9 +473,6 @@ impl VhostUserBackendReqHandlerMut for Handler {
         available: u64,
         _log: u64,
     ) -> Result<()> {
-        if self.vring(index)?.running {
-            return Err(refuse("SET_VRING_ADDR on a running ring"));
-        }
         if self.mappings.is_empty() {
             return Err(refuse("SET_VRING_ADDR before a memory table"));
         }
@@ -475,6 +480,15 @@ impl VhostUserBackendReqHandlerMut for Handler {
         let used = self.gpa_of(used)?;
         let avail = self.gpa_of(available)?;
         let v = self.vring(index)?;
+        if v.running {
+            // QEMU sends the same addresses again to switch the ring's
+            // used-ring logging on or off at a migration's start and end;
+            // the used ring is logged whenever logging is on anyway.
+            if (v.desc, v.used, v.avail) == (Some(desc), Some(used), Some(avail)) {
+                return Ok(());
+            }
+            return Err(refuse("SET_VRING_ADDR moving a running ring"));
+        }
         v.desc = Some(desc);
         v.used = Some(used);
         v.avail = Some(avail);
@@ -703,8 +717,11 @@ impl VhostUserBackendReqHandlerMut for Handler {
         Err(refuse("shared memory regions are not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        Err(refuse("dirty-page logging is not supported yet"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        let map = LogMap::map(&file, log.mmap_size, log.mmap_offset)
+            .map_err(|e| refuse(format!("SET_LOG_BASE: {e}")))?;
+        self.log.set_map(map);
+        Ok(())
     }
 }
 

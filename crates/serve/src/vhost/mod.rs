@@ -15,6 +15,7 @@
 pub mod chain;
 pub(crate) mod handler;
 pub mod inflight;
+pub(crate) mod log;
 pub(crate) mod notice;
 pub mod vring;
 

@@ -41,6 +41,12 @@ pub struct RingLayout {
 }
 
 impl RingLayout {
+    /// The used ring's bytes (flags, idx, the elements, `avail_event`):
+    /// what the device writes in guest memory besides request data.
+    pub fn used_area(&self) -> (GuestAddress, u64) {
+        (self.used, 4 + 8 * u64::from(self.size) + 2)
+    }
+
     /// Bytes of each part: descriptor table, avail ring (flags, idx, ring,
     /// used_event), used ring (flags, idx, ring, avail_event).
     fn parts(&self) -> [(GuestAddress, u64, u64); 3] {
