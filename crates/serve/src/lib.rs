@@ -1,8 +1,10 @@
 //! `qblk serve`: a vhost-user-blk daemon over the qcow2 engine.
 //!
-//! Threads: the main thread accepts frontends one at a time and owns the
-//! lifecycle; one protocol thread per connection reads its vhost-user
-//! messages (`vhost/handler.rs`); each queue has a worker thread
+//! Threads: the main thread accepts frontends and owns the lifecycle; one
+//! protocol thread per connection reads its vhost-user messages
+//! (`vhost/handler.rs`) — several frontends may be connected at once (a VM
+//! migrating on this host), a queue serving one connection's ring at a
+//! time; each queue has a worker thread
 //! (`worker.rs`) that watches the ring's kick eventfd and serves its
 //! requests with the engine. A signal thread turns SIGTERM/SIGINT into an
 //! orderly stop. Where the sockets come from and how the daemon reports
