@@ -57,6 +57,9 @@ fn qmp_bitmaps_and_queries_while_a_client_writes() {
     assert_eq!(exports[0]["type"], "vhost-user-blk");
     let nodes = q.ok("query-named-block-nodes", json!({}));
     assert_eq!(nodes[0]["image"]["virtual-size"], 64 << 20);
+    // What the image file holds on the host (a fresh image: its metadata).
+    let actual = nodes[0]["image"]["actual-size"].as_u64().unwrap_or(0);
+    assert!(actual > 0 && actual < 1 << 20, "{nodes}");
 
     // Bitmaps, with writes going on through the vhost-user socket.
     q.ok(

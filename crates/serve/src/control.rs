@@ -696,6 +696,7 @@ fn named_nodes(ctx: &Context) -> Value {
             "filename": file,
             "format": drv,
             "virtual-size": disk.size(),
+            "actual-size": crate::metrics::allocated_bytes(disk.path()).unwrap_or(0),
             "cluster-size": disk.cluster_size(),
         },
         "dirty-bitmaps": bitmaps,

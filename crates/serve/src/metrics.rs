@@ -380,7 +380,7 @@ impl EncodeMetric for Latency {
 
 /// The allocated bytes of the image file, as QEMU's `actual-size`
 /// (st_blocks).
-fn allocated_bytes(path: &Path) -> Option<u64> {
+pub(crate) fn allocated_bytes(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }
 
