@@ -194,10 +194,21 @@ impl Console {
 }
 
 /// A running VM.
+///
+/// Each has a QMP monitor (`NAME.qmp`, see [`Vm::qmp`]). A VM made by
+/// [`Vm::incoming`] is the same machine (every argument the same but its
+/// console, QMP socket and `-incoming`) waiting for a migration stream; the
+/// guest's output continues on its own console file, and its
+/// [`Vm::console`] is the source's followed by its own.
 #[derive(Debug)]
 pub struct Vm {
     child: Option<Child>,
-    console: PathBuf,
+    /// The machine: every argument the migration source and destination
+    /// share.
+    machine: Vec<String>,
+    /// The consoles of the machines this guest ran on, this one's last.
+    consoles: Vec<PathBuf>,
+    qmp: PathBuf,
     started: Instant,
 }
 
@@ -208,8 +219,7 @@ impl Vm {
         let (_, kernel) = kernel();
         let initrd = dir.join(format!("{name}.cpio"));
         initramfs(&initrd, script, disks.len());
-        let console = dir.join(format!("{name}.console"));
-        let mut args: Vec<String> = vec![
+        let mut machine: Vec<String> = vec![
             "-accel".into(),
             "tcg".into(),
             "-m".into(),
@@ -231,25 +241,58 @@ impl Vm {
             "none".into(),
             "-monitor".into(),
             "none".into(),
-            "-serial".into(),
-            format!("file:{}", console.display()),
             "-nodefaults".into(),
         ];
         if !reboot {
-            args.push("-no-reboot".into());
+            machine.push("-no-reboot".into());
         }
         for (i, d) in disks.iter().enumerate() {
             let reconnect = if d.reconnect { ",reconnect=1" } else { "" };
-            args.push("-chardev".into());
-            args.push(format!(
+            machine.push("-chardev".into());
+            machine.push(format!(
                 "socket,id=vu{i},path={}{reconnect}",
                 d.socket.display()
             ));
-            args.push("-device".into());
-            args.push(format!(
+            machine.push("-device".into());
+            machine.push(format!(
                 "vhost-user-blk-pci,chardev=vu{i},num-queues={}",
                 d.queues
             ));
+        }
+        Self::launch(dir, name, machine, Vec::new(), None)
+    }
+
+    /// A new QEMU process for this same machine, waiting for the guest
+    /// to come in on `uri` (`-incoming`: `unix:PATH`, `exec:cat FILE`).
+    /// Its console continues this VM's.
+    pub fn incoming(&self, dir: &Path, name: &str, uri: &str) -> Self {
+        Self::launch(
+            dir,
+            name,
+            self.machine.clone(),
+            self.consoles.clone(),
+            Some(uri),
+        )
+    }
+
+    fn launch(
+        dir: &Path,
+        name: &str,
+        machine: Vec<String>,
+        mut consoles: Vec<PathBuf>,
+        incoming: Option<&str>,
+    ) -> Self {
+        let console = dir.join(format!("{name}.console"));
+        let qmp = dir.join(format!("{name}.qmp"));
+        let _ = std::fs::remove_file(&qmp);
+        let mut args = machine.clone();
+        args.push("-serial".into());
+        args.push(format!("file:{}", console.display()));
+        args.push("-qmp".into());
+        args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(uri) = incoming {
+            args.push("-incoming".into());
+            args.push(uri.into());
         }
         let child = Command::new("qemu-system-x86_64")
             .args(&args)
@@ -258,16 +301,72 @@ impl Vm {
             .stderr(std::fs::File::create(dir.join(format!("{name}.qemu.log"))).expect("log"))
             .spawn()
             .expect("start qemu-system-x86_64 (cargo xtask e2e installs qemu-system-x86)");
+        consoles.push(console);
         Self {
             child: Some(child),
-            console,
+            machine,
+            consoles,
+            qmp,
             started: Instant::now(),
         }
     }
 
-    /// The console so far.
+    /// A QMP client on this VM's monitor (capabilities negotiated), once
+    /// QEMU listens.
+    pub fn qmp(&mut self) -> crate::qmp::Qmp {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.qmp.exists() {
+            assert!(self.alive(), "qemu exited before its QMP socket appeared");
+            assert!(Instant::now() < deadline, "no QMP socket after 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (mut q, greeting) = crate::qmp::Qmp::connect(&self.qmp);
+        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+        q.ok("qmp_capabilities", serde_json::json!({}));
+        q
+    }
+
+    /// Whether the QEMU process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends `quit` and waits (at most 60 s) for QEMU to exit: its status.
+    pub fn quit(&mut self, mut qmp: crate::qmp::Qmp) -> std::process::ExitStatus {
+        qmp.ok("quit", serde_json::json!({}));
+        drop(qmp);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait qemu") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("qemu did not quit within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills QEMU (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The console so far: the guest's output on every machine it ran
+    /// on, oldest first.
     pub fn console(&self) -> String {
-        std::fs::read_to_string(&self.console).unwrap_or_default()
+        self.consoles
+            .iter()
+            .map(|c| std::fs::read_to_string(c).unwrap_or_default())
+            .collect()
     }
 
     /// Waits until the console shows `marker` (or the VM ends or times out).
@@ -339,4 +438,99 @@ pub fn qemu_md5(dir: &Path, image: &str) -> String {
     let sum = md5_file(&dir.join(&raw));
     let _ = std::fs::remove_file(dir.join(&raw));
     sum
+}
+
+/// Waits (at most 60 s) for `path` to exist (a socket a QEMU listens on).
+pub fn wait_for_path(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within 60 s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How a migration ended, from the source's `query-migrate`.
+#[derive(Debug, Clone)]
+pub struct Migrated {
+    /// The last `query-migrate` answer (status `completed`).
+    pub info: serde_json::Value,
+    /// When the source saw it completed.
+    pub at: Instant,
+}
+
+impl Migrated {
+    /// `downtime` (ms) as QEMU measured it.
+    pub fn downtime_ms(&self) -> u64 {
+        self.info["downtime"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no downtime in query-migrate: {}", self.info))
+    }
+
+    /// `total-time` (ms).
+    pub fn total_ms(&self) -> u64 {
+        self.info["total-time"].as_u64().unwrap_or(0)
+    }
+}
+
+/// Sends `migrate` to `uri` and polls `query-migrate` every 50 ms until it
+/// completes (at most `timeout`). A refused `migrate`, a failed or
+/// cancelled migration or a timeout is an `Err` with QEMU's words.
+pub fn migrate(
+    src: &mut crate::qmp::Qmp,
+    uri: &str,
+    timeout: Duration,
+) -> Result<Migrated, String> {
+    let r = src.cmd("migrate", serde_json::json!({ "uri": uri }));
+    if r.get("return").is_none() {
+        return Err(format!("migrate refused: {}", r["error"]));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let info = src.ok("query-migrate", serde_json::json!({}));
+        match info["status"].as_str().unwrap_or("") {
+            "completed" => {
+                return Ok(Migrated {
+                    info,
+                    at: Instant::now(),
+                });
+            }
+            "failed" | "cancelled" | "cancelling" => {
+                return Err(format!("migration ended: {info}"));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(format!("migration not done after {timeout:?}: {info}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `query-status`'s `status` (`running`, `postmigrate`, `inmigrate`...).
+pub fn run_state(q: &mut crate::qmp::Qmp) -> String {
+    q.ok("query-status", serde_json::json!({}))["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// Polls `query-status` (every 20 ms, at most `timeout`) until it is
+/// `status`; the time it was seen.
+pub fn wait_state(q: &mut crate::qmp::Qmp, status: &str, timeout: Duration) -> Instant {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = run_state(q);
+        if now == status {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM is {now}, not {status}, after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -6,10 +6,12 @@
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use qblk_integration::guest::{Disk, Vm, qemu_md5};
+use qblk_integration::guest::{Disk, Vm, migrate, qemu_md5, run_state, wait_for_path, wait_state};
 use qblk_integration::vhost::{Daemon, log_counter};
 use qblk_integration::{create_qcow2, qemu_check_clean, sh};
+use serde_json::json;
 
 fn disk(daemon: &Daemon, queues: u16) -> Disk {
     Disk {
@@ -729,4 +731,360 @@ fn a_snapshot_while_the_guest_writes_and_a_bitmap_of_its_writes() {
         "the snapshot does not hold region A as it was"
     );
     qemu_check_clean("s1.qcow2", d);
+}
+
+/// Random 4 KiB writes with crc32c verify headers over 64 MiB, pass after
+/// pass (each the same: one seed) for `WRITE_SECS` of guest time while
+/// the host migrates the VM, with reads of every size beside them; then
+/// the same job verifying only, on whichever machine the guest ended on.
+/// The script starts with `QUEUES=N` and `WRITE_SECS=S` lines.
+const MIG_SCRIPT: &str = r#"
+dev=/dev/vda
+[ "$(ls /sys/block/vda/mq | wc -l)" = "$QUEUES" ]
+job="--name=mig --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite \
+    --bs=4k --iodepth=16 --size=64M --verify=crc32c --randseed=4242 \
+    --output-format=terse"
+echo MIG-READY
+(set +x; while [ ! -e /tmp/stop ]; do
+    dd if=$dev of=/dev/null bs=4k count=$((1 + RANDOM % 64)) \
+        skip=$((RANDOM % 32000)) iflag=direct 2>/dev/null
+done) &
+start=$(date +%s)
+passes=0
+while :; do
+    fio $job --do_verify=0 >/tmp/fio-w
+    passes=$((passes + 1))
+    [ $(($(date +%s) - start)) -lt "$WRITE_SECS" ] || break
+done
+touch /tmp/stop
+wait
+echo "WRITES-DONE after $passes passes"
+fio $job --verify_only --verify_fatal=1 >/tmp/fio-v
+echo "fio verify passed"
+if dmesg | grep -i -E "not a head|i/o error|blk_update_request|critical|blocked for more than|virtio.*(error|broken)"; then
+    echo "the guest kernel logged block errors"
+    exit 1
+fi
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
+/// The guest script: [`MIG_SCRIPT`] with its parameters.
+fn mig_script(queues: u16, write_secs: u32) -> String {
+    format!("QUEUES={queues}\nWRITE_SECS={write_secs}\n{MIG_SCRIPT}")
+}
+
+/// How long one migration may take (TCG, both cores shared).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One qblk daemon serving a qcow2 image; the guest writes on it while
+/// it is live-migrated `hops` times on this host (each time to a new
+/// incoming QEMU on the same qblk socket, the source quitting once it is
+/// done), then verifies its writes on the last machine. The image is
+/// clean and reads as the guest read it. Returns the downtimes (ms).
+fn live_migrations(name: &str, queues: u16, hops: u32) -> Vec<u64> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = format!("{name}.qcow2");
+    create_qcow2(d, &image, "128M");
+    let socket = format!("{name}.sock");
+    let q = queues.to_string();
+    let daemon = Daemon::qblk(d, &socket, &["--queues", &q, &image]);
+    let script = mig_script(queues, 15 + 15 * hops);
+    let mut vm = Vm::start(
+        d,
+        &format!("{name}-0"),
+        &script,
+        &[disk(&daemon, queues)],
+        false,
+    );
+    assert!(vm.wait_for("MIG-READY"), "{}", vm.console());
+    // The writes and reads are under way.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut q = vm.qmp();
+    let mut downtimes = Vec::new();
+    for hop in 1..=hops {
+        let sock = d.join(format!("{name}-{hop}.mig"));
+        let uri = format!("unix:{}", sock.display());
+        let mut dst = vm.incoming(d, &format!("{name}-{hop}"), &uri);
+        wait_for_path(&sock);
+        let mut dq = dst.qmp();
+        assert_eq!(run_state(&mut dq), "inmigrate");
+        q.ok(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": 1u64 << 30}),
+        );
+        let m = migrate(&mut q, &uri, MIGRATION_TIMEOUT).unwrap_or_else(|e| {
+            panic!(
+                "migration {hop} of {name}: {e}\nconsole:\n{}\ndaemon:\n{}",
+                vm.console(),
+                daemon.log()
+            )
+        });
+        assert!(
+            !vm.console().contains("WRITES-DONE"),
+            "the write phase ended before migration {hop} did: make it longer\n{}",
+            vm.console()
+        );
+        assert_eq!(run_state(&mut q), "postmigrate", "{}", m.info);
+        let resumed = wait_state(&mut dq, "running", Duration::from_secs(60));
+        let status = vm.quit(q);
+        assert!(status.success(), "the source QEMU exited {status}");
+        println!(
+            "qblk live migration {name} #{hop}: downtime {} ms (query-migrate), \
+             total {} ms, destination running {} ms after the source completed",
+            m.downtime_ms(),
+            m.total_ms(),
+            resumed.saturating_duration_since(m.at).as_millis()
+        );
+        downtimes.push(m.downtime_ms());
+        vm = dst;
+        q = dq;
+    }
+    drop(q);
+    let console = vm.finish();
+    assert!(
+        console.passed() && console.0.contains("fio verify passed"),
+        "guest failed:\n{}\ndaemon:\n{}",
+        console.0,
+        daemon.log()
+    );
+    let log = stop_and_compare(d, daemon, &image, console.md5s().get("vda"));
+    assert!(
+        log.matches("frontend connected").count() > hops as usize,
+        "every QEMU connected:\n{log}"
+    );
+    downtimes
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn live_migration_on_one_host_keeps_the_disk_intact() {
+    let downtimes = live_migrations("mig", 1, 1);
+    println!("qblk live migration, one queue: downtime {downtimes:?} ms");
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn live_migration_with_two_queues_keeps_the_disk_intact() {
+    let downtimes = live_migrations("mig2q", 2, 1);
+    println!("qblk live migration, two queues: downtime {downtimes:?} ms");
+}
+
+/// A to B and back again (to a third QEMU process on the same socket).
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn live_migration_there_and_back_again_keeps_the_disk_intact() {
+    let downtimes = live_migrations("migback", 1, 2);
+    println!("qblk live migration, there and back: downtimes {downtimes:?} ms");
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn a_cancelled_migration_leaves_the_source_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    create_qcow2(d, "cx.qcow2", "128M");
+    let daemon = Daemon::qblk(d, "cx.sock", &["cx.qcow2"]);
+    let mut vm = Vm::start(d, "cx-a", &mig_script(1, 20), &[disk(&daemon, 1)], false);
+    assert!(vm.wait_for("MIG-READY"), "{}", vm.console());
+    std::thread::sleep(Duration::from_secs(1));
+    let mut q = vm.qmp();
+    let sock = d.join("cx.mig");
+    let uri = format!("unix:{}", sock.display());
+    let mut dst = vm.incoming(d, "cx-b", &uri);
+    wait_for_path(&sock);
+    // 1 MiB/s: 512 MiB of guest RAM cannot be through within a second.
+    q.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 20}),
+    );
+    let r = q.cmd("migrate", json!({ "uri": uri }));
+    assert!(
+        r.get("return").is_some(),
+        "migrate refused: {}\ndaemon:\n{}",
+        r["error"],
+        daemon.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let info = q.ok("query-migrate", json!({}));
+    assert!(
+        matches!(info["status"].as_str(), Some("setup" | "active")),
+        "the migration should still be under way: {info}"
+    );
+    q.ok("migrate_cancel", json!({}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = q.ok("query-migrate", json!({}));
+        if info["status"] == "cancelled" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && info["status"] == "cancelling",
+            "the migration did not end cancelled: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(run_state(&mut q), "running");
+    assert!(
+        !vm.console().contains("WRITES-DONE"),
+        "the write phase ended before the cancel: make it longer\n{}",
+        vm.console()
+    );
+    dst.kill();
+    drop(q);
+    let console = vm.finish();
+    assert!(
+        console.passed() && console.0.contains("fio verify passed"),
+        "guest failed:\n{}\ndaemon:\n{}",
+        console.0,
+        daemon.log()
+    );
+    stop_and_compare(d, daemon, "cx.qcow2", console.md5s().get("vda"));
+}
+
+/// `qemu-storage-daemon` exporting `image` on `socket` (vhost-user-blk,
+/// writable).
+fn qsd(dir: &Path, socket: &str, image: &str) -> Daemon {
+    Daemon::spawn(
+        Path::new("qemu-storage-daemon"),
+        &[
+            "--blockdev",
+            &format!("driver=file,node-name=file,filename={image}"),
+            "--blockdev",
+            "driver=qcow2,node-name=fmt,file=file",
+            "--export",
+            &format!(
+                "type=vhost-user-blk,id=exp,node-name=fmt,addr.type=unix,addr.path={socket},writable=on"
+            ),
+        ],
+        dir,
+        socket,
+    )
+}
+
+/// The guest writes while it is migrated through a file: `migrate` to
+/// `exec:cat > FILE`, the source quits, then a new QEMU comes in from
+/// the file. With `qsd` the disk is qemu-storage-daemon's, restarted
+/// between the two (its export serves one client and takes no second
+/// one while it does); otherwise qblk's, left running. Returns the
+/// downtime (ms, query-migrate's) and how long the guest was paused (ms,
+/// from the source's completion until the destination ran).
+fn file_migration(name: &str, use_qsd: bool) -> (u64, u128) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let image = format!("{name}.qcow2");
+    create_qcow2(d, &image, "128M");
+    let socket = format!("{name}.sock");
+    let start = |d: &Path| {
+        if use_qsd {
+            qsd(d, &socket, &image)
+        } else {
+            Daemon::qblk(d, &socket, &[&image])
+        }
+    };
+    let mut daemon = start(d);
+    let mut vm = Vm::start(
+        d,
+        &format!("{name}-a"),
+        &mig_script(1, 20),
+        &[disk(&daemon, 1)],
+        false,
+    );
+    assert!(vm.wait_for("MIG-READY"), "{}", vm.console());
+    std::thread::sleep(Duration::from_secs(2));
+    let mut q = vm.qmp();
+    if use_qsd {
+        // A second QEMU on the export's socket, as a live migration on
+        // one host would need: what becomes of it.
+        let mut second = vm.incoming(d, &format!("{name}-live"), "defer");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while second.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log =
+            std::fs::read_to_string(d.join(format!("{name}-live.qemu.log"))).unwrap_or_default();
+        println!(
+            "qemu-storage-daemon, a second QEMU on its socket while the first runs \
+             (socket file there: {}): {}",
+            daemon.socket.exists(),
+            if second.alive() {
+                "still not up after 10 s (no one answers it)".to_owned()
+            } else {
+                format!("exited: {}", log.trim())
+            }
+        );
+        second.kill();
+    }
+    let state = d.join(format!("{name}.state"));
+    q.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 30}),
+    );
+    let m = migrate(
+        &mut q,
+        &format!("exec:cat > {}", state.display()),
+        MIGRATION_TIMEOUT,
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "migration of {name} to a file: {e}\nconsole:\n{}\ndaemon:\n{}",
+            vm.console(),
+            daemon.log()
+        )
+    });
+    assert!(
+        !vm.console().contains("WRITES-DONE"),
+        "the write phase ended before the migration did: make it longer\n{}",
+        vm.console()
+    );
+    assert_eq!(run_state(&mut q), "postmigrate", "{}", m.info);
+    let status = vm.quit(q);
+    assert!(status.success(), "the source QEMU exited {status}");
+    if use_qsd {
+        let status = daemon.stop();
+        assert!(status.success(), "qsd exited {status}:\n{}", daemon.log());
+        daemon = start(d);
+    }
+    let mut dst = vm.incoming(
+        d,
+        &format!("{name}-b"),
+        &format!("exec:cat {}", state.display()),
+    );
+    let mut dq = dst.qmp();
+    let resumed = wait_state(&mut dq, "running", Duration::from_secs(120));
+    let paused = resumed.saturating_duration_since(m.at).as_millis();
+    drop(dq);
+    let console = dst.finish();
+    assert!(
+        console.passed() && console.0.contains("fio verify passed"),
+        "guest failed:\n{}\ndaemon:\n{}",
+        console.0,
+        daemon.log()
+    );
+    stop_and_compare(d, daemon, &image, console.md5s().get("vda"));
+    (m.downtime_ms(), paused)
+}
+
+/// qemu-storage-daemon's vhost-user-blk export cannot serve the incoming
+/// QEMU of a live migration on one host; through a file it works, with
+/// the daemon restarted in between. Prints its downtime, for comparison
+/// with qblk's live ones.
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn qemu_storage_daemon_migrates_through_a_file_only() {
+    let (downtime, paused) = file_migration("qsd", true);
+    println!(
+        "qemu-storage-daemon, migrated through a file: downtime {downtime} ms (query-migrate), \
+         guest paused {paused} ms (source completed until destination running)"
+    );
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn qblk_migrates_through_a_file() {
+    let (downtime, paused) = file_migration("qfile", false);
+    println!(
+        "qblk, migrated through a file: downtime {downtime} ms (query-migrate), \
+         guest paused {paused} ms (source completed until destination running)"
+    );
 }
