@@ -97,6 +97,17 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// for bitmaps and queries, usable with QEMU's QMP clients.
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// What a failed write, write-zeroes, discard or flush does, as
+        /// QEMU's -drive werror: `report` fails it, `stop` holds it and
+        /// stops the device until QMP `cont` retries it, `enospc` stops
+        /// on a full file system and reports anything else.
+        #[arg(long, value_name = "POLICY", default_value = "enospc",
+              value_parser = |s: &str| qblk_serve::errors::OnError::parse(s, true))]
+        werror: qblk_serve::errors::OnError,
+        /// What a failed read does: `report` or `stop` (as --werror).
+        #[arg(long, value_name = "POLICY", default_value = "report",
+              value_parser = |s: &str| qblk_serve::errors::OnError::parse(s, false))]
+        rerror: qblk_serve::errors::OnError,
         /// Log level (error, warn, info, debug, trace) or a tracing filter.
         #[arg(long, value_name = "LEVEL", default_value = "info")]
         log_level: String,
@@ -626,6 +637,8 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             key_file,
             pin_guest_memory,
             control,
+            werror,
+            rerror,
             log_level,
             image,
         } => {
@@ -658,6 +671,8 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 key,
                 pin_guest_memory,
                 control,
+                werror,
+                rerror,
             };
             qblk_serve::serve(&opts)?;
             Ok(ExitCode::SUCCESS)

@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod device;
 pub mod disk;
+pub mod errors;
 pub mod events;
 pub mod gate;
 mod pin;
@@ -81,6 +82,11 @@ pub struct ServeOptions {
     pub pin_guest_memory: bool,
     /// The QMP control socket (`control.rs`), if any.
     pub control: Option<PathBuf>,
+    /// What a failed write, write-zeroes, discard or flush does
+    /// (`--werror`, `errors.rs`).
+    pub werror: errors::OnError,
+    /// What a failed read does (`--rerror`).
+    pub rerror: errors::OnError,
 }
 
 /// A failure that stops the daemon.
@@ -276,6 +282,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let serial = opts.serial.clone().unwrap_or_default().into_bytes();
     let mut device = Device::new(disk, config, serial);
     device.pin_memory = opts.pin_guest_memory;
+    device.set_error_policies(opts.werror, opts.rerror);
     let device = Arc::new(device);
     info!(
         image = %opts.image.display(),
@@ -283,6 +290,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         queues = opts.queues,
         threads = opts.threads.unwrap_or(opts.queues),
         readonly = opts.readonly,
+        werror = opts.werror.as_str(),
+        rerror = opts.rerror.as_str(),
         "disk open"
     );
 
