@@ -54,7 +54,12 @@ impl SmallFs {
         let path = self.mnt.join("filler");
         sh(
             &self.mnt,
-            &["fallocate", "-l", &n.to_string(), path.to_str().expect("utf-8")],
+            &[
+                "fallocate",
+                "-l",
+                &n.to_string(),
+                path.to_str().expect("utf-8"),
+            ],
         );
     }
 
@@ -75,9 +80,7 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.mnt)
-            .status();
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
     }
 }
 
@@ -120,7 +123,11 @@ fn submit_write(c: &mut Client, i: usize) {
 /// Keeps `DEPTH` writes in flight until none completes for `quiet`:
 /// returns the writes that completed (with their results) and those
 /// still in flight.
-fn write_until_stuck(c: &mut Client, max: usize, quiet: Duration) -> (Vec<(usize, i32)>, Vec<usize>) {
+fn write_until_stuck(
+    c: &mut Client,
+    max: usize,
+    quiet: Duration,
+) -> (Vec<(usize, i32)>, Vec<usize>) {
     let mut done = Vec::new();
     let mut in_flight = Vec::new();
     let mut next = 0;
@@ -211,7 +218,10 @@ fn a_full_file_system_stops_the_device_and_cont_completes_every_held_write() {
     assert_eq!(e["data"]["action"], "stop", "{e}");
     assert_eq!(e["data"]["nospace"], true, "{e}");
     assert_eq!(e["data"]["operation"], "write", "{e}");
-    assert!(q.event("STOP", Duration::from_secs(10)).is_some(), "no STOP");
+    assert!(
+        q.event("STOP", Duration::from_secs(10)).is_some(),
+        "no STOP"
+    );
     assert_eq!(
         status(&mut q),
         json!({"running": false, "singlestep": false, "status": "io-error"})
@@ -237,7 +247,10 @@ fn a_full_file_system_stops_the_device_and_cont_completes_every_held_write() {
     assert!(poll(&mut c, Duration::from_millis(300)).is_empty());
 
     q.ok("cont", json!({}));
-    assert!(q.event("RESUME", Duration::from_secs(10)).is_some(), "no RESUME");
+    assert!(
+        q.event("RESUME", Duration::from_secs(10)).is_some(),
+        "no RESUME"
+    );
     let mut done = done;
     let mut waiting = held.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -264,7 +277,10 @@ fn a_full_file_system_stops_the_device_and_cont_completes_every_held_write() {
     assert!(daemon.stop().success(), "{}", daemon.log());
 
     qemu_check_clean("mnt/a.qcow2", d);
-    sh(d, &["qemu-img", "convert", "-O", "raw", "mnt/a.qcow2", "a.raw"]);
+    sh(
+        d,
+        &["qemu-img", "convert", "-O", "raw", "mnt/a.qcow2", "a.raw"],
+    );
     let disk = std::fs::read(d.join("a.raw")).expect("converted image");
     for &(i, _) in &done {
         let at = i * CHUNK;
@@ -357,7 +373,10 @@ fn stop_and_cont_hold_new_requests_and_a_ring_stop_does_not_wait_for_them() {
         json!({"running": false, "singlestep": false, "status": "paused"})
     );
     raw_write(&mut raw, 0, 0, 0x11);
-    assert!(raw.wait_used(Duration::from_millis(500)).is_none(), "ran while stopped");
+    assert!(
+        raw.wait_used(Duration::from_millis(500)).is_none(),
+        "ran while stopped"
+    );
     // A snapshot while it waits goes ahead at once.
     let r = prompt(
         &mut q,
@@ -378,7 +397,10 @@ fn stop_and_cont_hold_new_requests_and_a_ring_stop_does_not_wait_for_them() {
     // and the next daemon runs it.
     let mut raw = RawFrontend::connect_tracked(&daemon.socket, 0);
     raw_write(&mut raw, 1, 8192, 0x22);
-    assert!(raw.wait_used(Duration::from_millis(500)).is_none(), "ran while stopped");
+    assert!(
+        raw.wait_used(Duration::from_millis(500)).is_none(),
+        "ran while stopped"
+    );
     drop(q);
     let began = Instant::now();
     assert!(daemon.stop().success(), "{}", daemon.log());
@@ -402,10 +424,16 @@ fn stop_and_cont_hold_new_requests_and_a_ring_stop_does_not_wait_for_them() {
     q.ok("qmp_capabilities", json!({}));
     q.ok("stop", json!({}));
     raw_write(&mut raw, 2, 16384, 0x33);
-    assert!(raw.wait_used(Duration::from_millis(500)).is_none(), "ran while stopped");
+    assert!(
+        raw.wait_used(Duration::from_millis(500)).is_none(),
+        "ran while stopped"
+    );
     q.ok("cont", json!({}));
     assert!(q.event("RESUME", Duration::from_secs(10)).is_some());
-    assert!(raw.wait_used(Duration::from_secs(10)).is_some(), "not run after cont");
+    assert!(
+        raw.wait_used(Duration::from_secs(10)).is_some(),
+        "not run after cont"
+    );
     assert_eq!(raw_status(&raw, 2), 0);
     assert_eq!(status(&mut q)["running"], true);
     // cont on a running device does nothing.
@@ -415,7 +443,10 @@ fn stop_and_cont_hold_new_requests_and_a_ring_stop_does_not_wait_for_them() {
     assert!(second.stop().success(), "{}", second.log());
     qemu_check_clean("a.qcow2", d);
     let disk = qemu_raw(d, "a.qcow2");
-    assert!(disk[..4096].iter().all(|&b| b == 0), "the failed write landed");
+    assert!(
+        disk[..4096].iter().all(|&b| b == 0),
+        "the failed write landed"
+    );
     assert!(disk[8192..12288].iter().all(|&b| b == 0x22));
     assert!(disk[16384..20480].iter().all(|&b| b == 0x33));
 }
@@ -425,8 +456,14 @@ fn bad_error_policies_are_refused_by_the_command_line() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     for (args, says) in [
-        (&["--werror", "ignore"][..], "--werror ignore is not supported"),
-        (&["--rerror", "ignore"][..], "--rerror ignore is not supported"),
+        (
+            &["--werror", "ignore"][..],
+            "--werror ignore is not supported",
+        ),
+        (
+            &["--rerror", "ignore"][..],
+            "--rerror ignore is not supported",
+        ),
         (&["--rerror", "enospc"][..], "--rerror enospc"),
         (&["--werror", "halt"][..], "report, stop, enospc"),
     ] {

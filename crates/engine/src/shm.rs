@@ -33,7 +33,8 @@ impl std::fmt::Debug for SharedMap {
 /// Gives every byte of the first `len` of `file` a block: fallocate, or
 /// zeros written where the file system has no fallocate.
 fn allocate(file: &File, len: usize) -> io::Result<()> {
-    let len_off = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len_off =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: fallocate(2) on a descriptor we own, no pointers.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
     if rc == 0 {

@@ -20,7 +20,10 @@ fn failure(e: &qblk_engine::Error) -> SyncFailed {
 fn a_failed_fsync_fails_every_later_flush_of_the_image_until_it_is_reopened() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "16M"]);
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "a.qcow2", "16M"],
+    );
     let path = d.join("a.qcow2");
     let rec = Recorder::attach(&path).unwrap();
     let opts = OpenOptions {
@@ -49,7 +52,9 @@ fn a_failed_fsync_fails_every_later_flush_of_the_image_until_it_is_reopened() {
         // and at close.
         for round in 0..3 {
             if round == 1 {
-                img.write(131072, &[0x33; 4096]).await.expect("writes go on");
+                img.write(131072, &[0x33; 4096])
+                    .await
+                    .expect("writes go on");
             }
             let e = img.flush().await.expect_err("a later flush");
             let f = failure(&e);
@@ -72,7 +77,10 @@ fn a_failed_fsync_fails_every_later_flush_of_the_image_until_it_is_reopened() {
 fn the_engines_own_writeback_sync_failing_fails_the_next_flush() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    sh(d, &["qemu-img", "create", "-q", "-f", "qcow2", "b.qcow2", "16M"]);
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "b.qcow2", "16M"],
+    );
     let path = d.join("b.qcow2");
     let rec = Recorder::attach(&path).unwrap();
     block_on(async {
@@ -84,7 +92,10 @@ fn the_engines_own_writeback_sync_failing_fails_the_next_flush() {
         // A resize commits and syncs on its own, with no guest flush.
         img.write(0, &[0x44; 4096]).await.unwrap();
         rec.fail_syncs(&[libc::EIO]);
-        assert!(img.resize(32 << 20).await.is_err(), "the resize's sync failed");
+        assert!(
+            img.resize(32 << 20).await.is_err(),
+            "the resize's sync failed"
+        );
         let e = img.flush().await.expect_err("the guest's next flush");
         let f = failure(&e);
         assert_eq!((f.errno, f.earlier), (libc::EIO, true));
@@ -104,7 +115,11 @@ fn a_raw_files_failed_fsync_is_remembered_too() {
         f.flush().await.unwrap();
         rec.fail_syncs(&[libc::EIO]);
         let e = f.flush().await.expect_err("the sync failed");
-        assert_eq!(e.raw_os_error(), None, "not an errno a caller could retry on");
+        assert_eq!(
+            e.raw_os_error(),
+            None,
+            "not an errno a caller could retry on"
+        );
         for _ in 0..2 {
             f.write(4096, &[2; 4096]).await.expect("writes go on");
             let e = f.flush().await.expect_err("later flushes");

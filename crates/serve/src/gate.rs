@@ -262,7 +262,9 @@ mod tests {
         assert!(gate.stop());
         assert!(!gate.stop(), "stopped already");
         // A pause does not wait for anything: nothing is inside.
-        let p = gate.pause(Duration::from_millis(100)).expect("nothing inside");
+        let p = gate
+            .pause(Duration::from_millis(100))
+            .expect("nothing inside");
         drop(p);
         assert!(gate.is_closed() && gate.is_stopped(), "still stopped");
         let g = gate.clone();
