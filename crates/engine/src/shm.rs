@@ -75,7 +75,12 @@ impl SharedMap {
             .mode(0o600)
             .open(path)?;
         file.set_len(len as u64)?;
-        allocate(&file, len)?;
+        if let Err(e) = allocate(&file, len) {
+            // Nothing is left behind that a later open could take for a
+            // journal or sidecar.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Self::map(file, len)
     }
 
