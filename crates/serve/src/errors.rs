@@ -8,9 +8,11 @@
 //!   request goes into the disk; requests inside finish), the request
 //!   waits *outside* the gate (it holds no pass: a snapshot or resize
 //!   meanwhile does not wait for it), and `BLOCK_IO_ERROR` (action
-//!   `stop`) and `STOP` are sent. `cont` retries every held request —
-//!   before any request that arrived while the device was stopped, in the
-//!   order they first arrived — and opens the gate (`RESUME`). A retry
+//!   `stop`) and `STOP` are sent. `cont` retries every held request — in
+//!   the order they first arrived, each queue's ahead of the requests
+//!   that arrived there while the device was stopped (virtio orders
+//!   nothing between requests in flight together, so across queues
+//!   nothing more is promised) — and opens the gate (`RESUME`). A retry
 //!   that fails again is held again.
 //! - `enospc` stops when the error is a full file system (`nospace`),
 //!   and reports otherwise. The default for writes, as for QEMU's
