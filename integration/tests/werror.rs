@@ -2,11 +2,13 @@
 //! `stop`/`cont`/`query-status`): a write that meets a full file system
 //! is held and the device stops (`BLOCK_IO_ERROR` with `nospace`, `STOP`)
 //! until the operator frees space and says `cont`, after which every held
-//! write completes and lands; `--werror report` fails it instead. Held
-//! requests never hold up a snapshot, a resize or a ring's stop.
+//! write completes and lands; `--werror report` fails it instead.
+//! `--rerror stop` holds a failing read, and a retry that fails again is
+//! held again. Held requests never hold up a snapshot, a resize or a
+//! ring's stop.
 //!
-//! The full file system is a loop-mounted ext4 image: these tests need
-//! root (CI runs them as root) and fail, not skip, without it.
+//! The full file system is a loop-mounted ext4 image: the tests that use
+//! it need root (CI runs them as root) and fail, not skip, without it.
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -475,4 +477,91 @@ fn bad_error_policies_are_refused_by_the_command_line() {
         let err = stderr(&out);
         assert!(err.contains(says), "{args:?}: {err}");
     }
+}
+
+/// An image whose first cluster is compressed and no longer decompresses
+/// (its compressed bytes overwritten): every read of it fails, and
+/// nothing marks the image corrupt.
+fn broken_compressed(d: &Path) {
+    std::fs::write(d.join("src.raw"), vec![0x5a; 1 << 20]).expect("source");
+    sh(
+        d,
+        &[
+            "qemu-img", "convert", "-q", "-c", "-O", "qcow2", "src.raw", "c.qcow2",
+        ],
+    );
+    // The first L2 entry's host offset (qcow2.txt: compressed cluster
+    // descriptor, 64 KiB clusters: the offset is bits 0..54).
+    let img = std::fs::read(d.join("c.qcow2")).expect("read image");
+    let be = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().expect("8 bytes"));
+    let l1 = be(40) as usize;
+    let l2 = (be(l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(l2);
+    assert_ne!(entry & 1 << 62, 0, "cluster 0 is not compressed");
+    let at = entry & ((1 << 54) - 1);
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("c.qcow2"))
+        .expect("open image");
+    f.write_all_at(&[0xff; 64], at).expect("break the cluster");
+}
+
+#[test]
+fn rerror_stop_holds_a_failing_read_and_a_retry_that_fails_again_is_held_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    broken_compressed(d);
+    let mut daemon = Daemon::qblk(
+        d,
+        "r.sock",
+        &["--control", "qmp.sock", "--rerror", "stop", "c.qcow2"],
+    );
+    let mut q = qmp(d);
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    let p = c.ptr(0);
+    c.queues[0].read(0, p, 4096, 7, ReqFlags::empty());
+    // Submitted by the first do_io; held, so nothing completes.
+    assert!(
+        poll(&mut c, Duration::from_millis(300)).is_empty(),
+        "not held"
+    );
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no BLOCK_IO_ERROR\n{}", daemon.log()));
+    assert_eq!(e["data"]["operation"], "read", "{e}");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    assert_eq!(e["data"]["nospace"], false, "{e}");
+    assert!(q.event("STOP", Duration::from_secs(10)).is_some());
+    assert_eq!(status(&mut q)["status"], "io-error");
+    // Nothing was cured: the retry fails and is held again.
+    q.ok("cont", json!({}));
+    assert!(q.event("RESUME", Duration::from_secs(10)).is_some());
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .expect("a second BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    assert!(q.event("STOP", Duration::from_secs(10)).is_some());
+    assert_eq!(status(&mut q)["status"], "io-error");
+    assert!(
+        poll(&mut c, Duration::from_millis(300)).is_empty(),
+        "not held again"
+    );
+    drop(c);
+    drop(q);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+
+    // The default, report: the read fails.
+    let mut daemon = Daemon::qblk(d, "r.sock", &["--control", "qmp.sock", "c.qcow2"]);
+    let mut q = qmp(d);
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    assert_eq!(c.read(0, 0, 4096), -libc::EIO);
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .expect("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["action"], "report", "{e}");
+    assert_eq!(status(&mut q)["status"], "running");
+    drop(c);
+    drop(q);
+    assert!(daemon.stop().success(), "{}", daemon.log());
 }
