@@ -45,7 +45,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{Notify, oneshot};
 
@@ -176,14 +175,19 @@ impl Cause {
     }
 }
 
+/// When a request arrived: its number on its queue (each queue counts
+/// its own, so no counter is shared on the data path), and the queue.
+/// Retries go in this order, which orders each queue's requests; virtio
+/// orders nothing between requests in flight together, so the order
+/// across queues does not matter.
+pub type Arrival = (u64, usize);
+
 /// The policies and the run state of one device.
 #[derive(Debug)]
 pub struct RunState {
     pub werror: OnError,
     pub rerror: OnError,
     state: Mutex<State>,
-    /// Numbers requests in the order they arrive (the order of retries).
-    arrivals: AtomicU64,
     /// Woken whenever the device stops.
     stopped: Notify,
 }
@@ -191,8 +195,8 @@ pub struct RunState {
 #[derive(Debug, Default)]
 struct State {
     status: Status,
-    /// The held requests by arrival number; sending lets one retry.
-    held: BTreeMap<u64, oneshot::Sender<()>>,
+    /// The held requests by arrival; sending lets one retry.
+    held: BTreeMap<Arrival, oneshot::Sender<()>>,
 }
 
 /// A held request's place in the queue of retries. Dropped without a
@@ -200,7 +204,7 @@ struct State {
 #[derive(Debug)]
 pub struct Ticket<'a> {
     run: &'a RunState,
-    arrival: u64,
+    arrival: Arrival,
     go: oneshot::Receiver<()>,
 }
 
@@ -225,14 +229,8 @@ impl RunState {
             werror,
             rerror,
             state: Mutex::default(),
-            arrivals: AtomicU64::new(0),
             stopped: Notify::new(),
         }
-    }
-
-    /// The next arrival number.
-    pub fn arrival(&self) -> u64 {
-        self.arrivals.fetch_add(1, Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Status {
@@ -268,7 +266,7 @@ impl RunState {
 
     /// Holds the request that arrived as `arrival` and stops the device
     /// (`STOP` if it was running).
-    pub fn hold(&self, arrival: u64, gate: &Gate, events: &Events) -> Ticket<'_> {
+    pub fn hold(&self, arrival: Arrival, gate: &Gate, events: &Events) -> Ticket<'_> {
         let (tx, go) = oneshot::channel();
         let was = {
             let mut s = lock(&self.state);
@@ -387,9 +385,9 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let mut late = run.hold(7, &gate, &events);
-        let mut early = run.hold(3, &gate, &events);
-        let dropped = run.hold(5, &gate, &events);
+        let mut late = run.hold((7, 0), &gate, &events);
+        let mut early = run.hold((3, 0), &gate, &events);
+        let dropped = run.hold((5, 0), &gate, &events);
         assert_eq!(run.status(), Status::IoError);
         assert!(gate.is_closed());
         drop(dropped);

@@ -36,7 +36,7 @@ use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 use qblk_engine::guest::GuestSlice;
 
 use crate::device::Device;
-use crate::errors::{Action, Cause};
+use crate::errors::{Action, Arrival, Cause};
 use crate::pin::{Pinning, SharedPins};
 use crate::request::{self, IoSeg, Limits, Mem, Op, Parsed, Request};
 use crate::vhost::Call;
@@ -346,6 +346,9 @@ struct Queue {
     /// the ring stops: they do not hold up its drain.
     released: Notify,
     bad_requests: Cell<u64>,
+    /// Requests started on this queue (the order held requests are
+    /// retried in).
+    arrivals: Cell<u64>,
     /// Guest memory registered with this thread's ring (`--pin-guest-memory`),
     /// shared with the thread's other queues.
     pinning: Rc<RefCell<Pinning>>,
@@ -383,6 +386,7 @@ impl Queue {
             detached: Notify::new(),
             released: Notify::new(),
             bad_requests: Cell::new(0),
+            arrivals: Cell::new(0),
             pinning,
             pins,
         }
@@ -497,7 +501,7 @@ impl Queue {
         match parsed {
             Parsed::Request(r) => {
                 let q = self.clone();
-                let arrival = q.device.run.arrival();
+                let arrival = (self.arrivals.replace(self.arrivals.get() + 1), self.index);
                 tokio::task::spawn_local(async move {
                     let began = std::time::Instant::now();
                     let Some((code, id_len)) = q.run_request(&r, arrival).await else {
@@ -536,13 +540,13 @@ impl Queue {
         }
     }
 
-    /// Runs `r` (the `arrival`-th request) through the gate and the disk
+    /// Runs `r` (which arrived as `arrival`) through the gate and the disk
     /// until it succeeds or fails for good: the status and, for GET_ID,
     /// the bytes written. A failure the policy says to stop on holds the
     /// request outside the gate until `cont` retries it (`errors.rs`).
     /// `None` when the ring stops while the request waits (held, or at a
     /// stopped device's gate) and it is left to the inflight region.
-    async fn run_request(&self, r: &Request, arrival: u64) -> Option<(u8, usize)> {
+    async fn run_request(&self, r: &Request, arrival: Arrival) -> Option<(u8, usize)> {
         let device = &self.device;
         let write = !matches!(r.op, Op::Read { .. });
         let mut retry = false;
