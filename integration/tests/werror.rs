@@ -565,3 +565,159 @@ fn rerror_stop_holds_a_failing_read_and_a_retry_that_fails_again_is_held_again()
     drop(q);
     assert!(daemon.stop().success(), "{}", daemon.log());
 }
+
+/// qemu-storage-daemon exporting `disk.raw` as the regular file `exp.img`
+/// over FUSE, through QEMU's blkdebug driver set to fail the first flush
+/// with EIO: the first fdatasync of `exp.img` fails, later ones succeed
+/// (what Linux does after a failed writeback: the pages it could not
+/// write are clean now).
+fn failing_flush_export(d: &Path) -> Daemon {
+    std::fs::File::create(d.join("disk.raw"))
+        .and_then(|f| f.set_len(16 * MIB))
+        .expect("disk");
+    std::fs::File::create(d.join("exp.img")).expect("mount point");
+    let dbg = json!({
+        "driver": "blkdebug", "node-name": "dbg", "image": "f",
+        "inject-error": [{"event": "flush_to_disk", "iotype": "flush", "errno": 5, "once": true}],
+    })
+    .to_string();
+    Daemon::spawn(
+        Path::new("qemu-storage-daemon"),
+        &[
+            "--blockdev",
+            "driver=file,node-name=f,filename=disk.raw",
+            "--blockdev",
+            &dbg,
+            "--blockdev",
+            "driver=raw,node-name=top,file=dbg",
+            "--export",
+            "type=fuse,id=e,node-name=top,mountpoint=exp.img,writable=on",
+            // Last: the socket appears once the export is up.
+            "--chardev",
+            "socket,id=m,path=qsd.qmp,server=on,wait=off",
+            "--monitor",
+            "chardev=m",
+        ],
+        d,
+        "qsd.qmp",
+    )
+}
+
+#[test]
+fn a_failed_fdatasync_fails_every_later_flush_even_when_the_disk_would_sync_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    let _qsd = failing_flush_export(d);
+    let args = [
+        "--control",
+        "qmp.sock",
+        "--format",
+        "raw",
+        "--cache",
+        "writeback",
+        "exp.img",
+    ];
+    let mut daemon = Daemon::qblk(d, "f.sock", &args);
+    let mut q = qmp(d);
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    c.buf()[..4096].fill(0x31);
+    assert_eq!(c.write(0, 0, 4096), 0);
+    assert_eq!(c.flush(), -libc::EIO, "the injected flush failure");
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .expect("BLOCK_IO_ERROR");
+    // Not a full disk, whatever the errno: reported under enospc.
+    assert_eq!(e["data"]["action"], "report", "{e}");
+    assert_eq!(e["data"]["nospace"], false, "{e}");
+    let reason = e["data"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("fdatasync failed"), "{e}");
+    // Writes go on; no flush succeeds again, though the disk would sync.
+    for fill in [0x32, 0x33] {
+        c.buf()[..4096].fill(fill);
+        assert_eq!(c.write(4096, 0, 4096), 0, "writes are still accepted");
+        assert_eq!(
+            c.flush(),
+            -libc::EIO,
+            "a flush after the failed fdatasync succeeded\n{}",
+            daemon.log()
+        );
+        let e = q
+            .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+            .expect("BLOCK_IO_ERROR");
+        let reason = e["data"]["reason"].as_str().unwrap_or("");
+        assert!(reason.contains("an earlier fdatasync failed"), "{e}");
+    }
+    drop(c);
+    drop(q);
+    assert!(
+        !daemon.stop().success(),
+        "a clean close after a failed fdatasync\n{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn werror_stop_holds_a_flush_whose_fdatasync_failed_and_cont_does_not_cure_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    let _qsd = failing_flush_export(d);
+    let args = [
+        "--control",
+        "qmp.sock",
+        "--werror",
+        "stop",
+        "--format",
+        "raw",
+        "--cache",
+        "writeback",
+        "exp.img",
+    ];
+    let mut daemon = Daemon::qblk(d, "f.sock", &args);
+    let mut q = qmp(d);
+    let mut raw = RawFrontend::connect_tracked(&daemon.socket, 0);
+    raw_write(&mut raw, 0, 0, 0x41);
+    assert!(raw.wait_used(Duration::from_secs(10)).is_some());
+    assert_eq!(raw_status(&raw, 0), 0);
+    // A flush (VIRTIO_BLK_T_FLUSH) in slot 1.
+    let base = DATA + 16384;
+    raw.write(base + 64, &[0xee]);
+    let h = raw.header(base, 4, 0);
+    raw.place(3, &[h, D(base + 64, 1, true)]);
+    raw.publish(3);
+    assert!(
+        raw.wait_used(Duration::from_millis(300)).is_none(),
+        "not held"
+    );
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .expect("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    assert_eq!(e["data"]["nospace"], false, "{e}");
+    assert_eq!(status(&mut q)["status"], "io-error");
+    // The disk would sync now; the retry still fails, and says why.
+    q.ok("cont", json!({}));
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .expect("the retry's BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    let reason = e["data"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("an earlier fdatasync failed"), "{e}");
+    assert!(
+        raw.wait_used(Duration::from_millis(300)).is_none(),
+        "not held again"
+    );
+    assert_eq!(status(&mut q)["status"], "io-error");
+    // The ring stops: the held flush is failed, not left in the inflight
+    // region for a daemon that would retry it on a fresh open.
+    raw.set_enabled(false);
+    assert!(
+        raw.wait_used(Duration::from_secs(10)).is_some(),
+        "the held flush did not complete when the ring stopped\n{}",
+        daemon.log()
+    );
+    assert_eq!(raw_status(&raw, 1), 1, "not VIRTIO_BLK_S_IOERR");
+    assert_eq!(raw.inflight_desc(3).inflight, 0, "left in flight");
+    drop(raw);
+    drop(q);
+    assert!(!daemon.stop().success(), "{}", daemon.log());
+}
