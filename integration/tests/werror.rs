@@ -7,8 +7,14 @@
 //! held again. Held requests never hold up a snapshot, a resize or a
 //! ring's stop.
 //!
+//! A failed fdatasync is never forgotten: with a disk whose first flush
+//! fails (qemu-storage-daemon's FUSE export over QEMU's blkdebug), every
+//! later flush fails too, `cont` does not cure a held one, and its ring's
+//! stop fails it rather than leave it for a fresh daemon to retry.
+//!
 //! The full file system is a loop-mounted ext4 image: the tests that use
-//! it need root (CI runs them as root) and fail, not skip, without it.
+//! it need root (CI runs them as root) and fail, not skip, without it;
+//! the FUSE export needs /dev/fuse.
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
