@@ -1,8 +1,8 @@
 //! Real Linux guests under QEMU TCG, attached to vhost-user-blk daemons.
 //!
 //! The guest is Debian's kernel with an initramfs made here: busybox for
-//! the shell and tools, fio with its shared libraries, and the virtio and
-//! ext4 modules. `/init` loads the modules, runs the scenario's `/test.sh`
+//! the shell and tools, fio, mke2fs and resize2fs with their shared
+//! libraries, and the virtio and ext4 modules. `/init` loads the modules, runs the scenario's `/test.sh`
 //! and prints `QBLK-E2E-PASS` or `QBLK-E2E-FAIL` on the serial console
 //! before powering off. A scenario prints `MD5 <name> <sum>` lines that the
 //! host compares with what QEMU's own tools read from the images.
@@ -82,20 +82,33 @@ fn staging() -> &'static Path {
             std::fs::copy(src, dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
         };
         copy(Path::new("/bin/busybox"), &root.join("bin/busybox"));
-        let fio = cmd_out("sh", &["-c", "command -v fio"]);
-        let fio = fio.trim();
-        copy(Path::new(fio), &root.join("bin/fio"));
-        // fio's shared libraries at the paths the loader looks in.
-        for line in cmd_out("ldd", &[fio]).lines() {
-            let path = line
-                .split_whitespace()
-                .find(|w| w.starts_with('/'))
-                .map(str::to_owned);
-            if let Some(p) = path {
-                let real = std::fs::canonicalize(&p).expect("resolve library");
-                copy(&real, &root.join(p.trim_start_matches('/')));
+        // Dynamically linked tools (in /bin: busybox links its own mke2fs
+        // into /sbin), with their shared libraries at the
+        // paths the loader looks in (PATH has /usr/sbin for root, not for
+        // every CI user, so the sbin tools are looked up there too).
+        for tool in ["fio", "mke2fs", "resize2fs"] {
+            let found = cmd_out(
+                "sh",
+                &[
+                    "-c",
+                    &format!("PATH=$PATH:/usr/sbin:/sbin command -v {tool}"),
+                ],
+            );
+            let found = found.trim();
+            copy(Path::new(found), &root.join("bin").join(tool));
+            for line in cmd_out("ldd", &[found]).lines() {
+                let path = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with('/'))
+                    .map(str::to_owned);
+                if let Some(p) = path {
+                    let real = std::fs::canonicalize(&p).expect("resolve library");
+                    copy(&real, &root.join(p.trim_start_matches('/')));
+                }
             }
         }
+        // mke2fs reads its file system types (ext4's features) from here.
+        copy(Path::new("/etc/mke2fs.conf"), &root.join("etc/mke2fs.conf"));
         // Modules in dependency order.
         let mut order = String::new();
         let mut seen = std::collections::HashSet::new();

@@ -575,3 +575,158 @@ fn guest_survives_five_daemon_kills() {
 fn guest_survives_five_daemon_kills_lazy_refcounts() {
     survive_kills("lazy_refcounts=on");
 }
+
+/// Waits (quietly, at most 60 s) until the disk's size in sectors is no
+/// longer `$1`.
+const WAIT_RESIZE: &str = r#"
+wait_resize() {
+    (set +x; i=0; while [ "$(cat /sys/block/vda/size)" = "$1" ]; do
+        sleep 0.1; i=$((i + 1)); [ $i -lt 600 ] || { echo "no resize seen"; exit 1; }
+    done)
+}
+"#;
+
+/// An ext4 file system on the whole disk, grown online once the host's
+/// `block_resize` reaches the guest.
+const RESIZE_SCRIPT: &str = r#"
+[ "$(cat /sys/block/vda/size)" = $((64 * 2048)) ]
+/bin/mke2fs -t ext4 -q /dev/vda
+mount -t ext4 /dev/vda /mnt
+dd if=/dev/urandom of=/mnt/a bs=1M count=4 2>/dev/null
+sum=$(md5sum /mnt/a | cut -d' ' -f1)
+sync
+echo RESIZE-READY
+wait_resize $((64 * 2048))
+[ "$(cat /sys/block/vda/size)" = $((192 * 2048)) ]
+echo "guest sees the new size"
+/bin/resize2fs /dev/vda
+[ "$(df -k /mnt | tail -1 | awk '{print $2}')" -gt $((150 * 1024)) ]
+# More than the old disk held.
+dd if=/dev/zero of=/mnt/big bs=1M count=100 2>/dev/null
+sync
+[ "$(md5sum /mnt/a | cut -d' ' -f1)" = "$sum" ]
+umount /mnt
+echo "MD5 vda $(md5sum /dev/vda | cut -d' ' -f1)"
+"#;
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn a_live_block_resize_reaches_the_guest_and_its_file_system_grows() {
+    use qblk_integration::qmp::Qmp;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    create_qcow2(d, "rs.qcow2", "64M");
+    let daemon = Daemon::qblk(d, "rs.sock", &["--control", "rs.qmp", "rs.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("rs.qmp"));
+    q.ok("qmp_capabilities", serde_json::json!({}));
+    let script = format!("{WAIT_RESIZE}{RESIZE_SCRIPT}");
+    let mut vm = Vm::start(d, "resize", &script, &[disk(&daemon, 1)], false);
+    assert!(vm.wait_for("RESIZE-READY"), "{}", vm.console());
+    q.ok(
+        "block_resize",
+        serde_json::json!({"node-name": "disk", "size": 192 << 20}),
+    );
+    let console = vm.finish();
+    assert!(
+        console.passed() && console.0.contains("guest sees the new size"),
+        "{}\n{}",
+        console.0,
+        daemon.log()
+    );
+    drop(q);
+    stop_and_compare(d, daemon, "rs.qcow2", console.md5s().get("vda"));
+    assert_eq!(
+        qblk_integration::qemu_info("rs.qcow2", d)["virtual-size"],
+        192 << 20
+    );
+}
+
+/// Region A (4 MiB at 8 MiB) written and left alone, region B (32..48 MiB)
+/// written all along by a background writer while the host takes an
+/// internal snapshot; then, with the writer stopped and a bitmap added by
+/// the host, known writes only. Each step waits for the host's signal: a
+/// 1 MiB `block_resize`.
+const LIVE_SCRIPT: &str = r#"
+dev=/dev/vda
+dd if=/dev/urandom of=/tmp/a1 bs=1M count=4 2>/dev/null
+dd if=/tmp/a1 of=$dev bs=1M seek=8 oflag=direct 2>/dev/null
+echo "MD5 a1 $(md5sum /tmp/a1 | cut -d' ' -f1)"
+(set +x; while [ ! -e /tmp/stop ]; do
+    dd if=/dev/urandom of=$dev bs=64k count=1 seek=$((512 + RANDOM % 256)) oflag=direct 2>/dev/null
+done) &
+noise=$!
+size0=$(cat /sys/block/vda/size)
+echo SNAP-READY
+wait_resize $size0
+touch /tmp/stop
+wait $noise
+size1=$(cat /sys/block/vda/size)
+echo BITMAP-READY
+wait_resize $size1
+dd if=/dev/urandom of=/tmp/a2 bs=1M count=4 2>/dev/null
+dd if=/tmp/a2 of=$dev bs=1M seek=8 oflag=direct 2>/dev/null
+dd if=/dev/urandom of=$dev bs=4k count=1 seek=$((50 * 256)) oflag=direct 2>/dev/null
+echo "MD5 a2 $(md5sum /tmp/a2 | cut -d' ' -f1)"
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn a_snapshot_while_the_guest_writes_and_a_bitmap_of_its_writes() {
+    use qblk_integration::qmp::Qmp;
+    use serde_json::json;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    create_qcow2(d, "lv.qcow2", "64M");
+    let daemon = Daemon::qblk(d, "lv.sock", &["--control", "lv.qmp", "lv.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("lv.qmp"));
+    q.ok("qmp_capabilities", json!({}));
+    let script = format!("{WAIT_RESIZE}{LIVE_SCRIPT}");
+    let mut vm = Vm::start(d, "live", &script, &[disk(&daemon, 1)], false);
+    assert!(vm.wait_for("SNAP-READY"), "{}", vm.console());
+    // The background writer is at work.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    q.ok(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "disk", "name": "s1"}),
+    );
+    q.ok(
+        "block_resize",
+        json!({"node-name": "disk", "size": 65 << 20}),
+    );
+    assert!(vm.wait_for("BITMAP-READY"), "{}", vm.console());
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b1", "persistent": true}),
+    );
+    q.ok(
+        "block_resize",
+        json!({"node-name": "disk", "size": 66 << 20}),
+    );
+    let console = vm.finish();
+    assert!(console.passed(), "{}\n{}", console.0, daemon.log());
+    drop(q);
+    let md5s = console.md5s();
+    stop_and_compare(d, daemon, "lv.qcow2", md5s.get("vda"));
+
+    // The bitmap has exactly the guest's writes after it was added, in
+    // 64 KiB granules, as QEMU reads it.
+    let export = qblk_integration::BitmapExport::start(d, "lv.qcow2", &["b1".to_owned()]);
+    let dirty = export.dirty_ranges(d, "b1");
+    drop(export);
+    assert_eq!(dirty, vec![(8 << 20, 4 << 20), (50 << 20, 64 << 10)]);
+
+    // The snapshot holds region A as it was written before it.
+    // (QEMU applies no snapshot to an image with active bitmaps.)
+    sh(d, &["cp", "lv.qcow2", "s1.qcow2"]);
+    sh(d, &["qemu-img", "bitmap", "--remove", "s1.qcow2", "b1"]);
+    sh(d, &["qemu-img", "snapshot", "-a", "s1", "s1.qcow2"]);
+    let disk = qblk_integration::qemu_raw(d, "s1.qcow2");
+    std::fs::write(d.join("a1.raw"), &disk[8 << 20..12 << 20]).expect("write region A");
+    assert_eq!(
+        Some(&qblk_integration::guest::md5_file(&d.join("a1.raw"))),
+        md5s.get("a1"),
+        "the snapshot does not hold region A as it was"
+    );
+    qemu_check_clean("s1.qcow2", d);
+}

@@ -21,6 +21,7 @@
 //! Plain Rust and std only, so it builds before anything else.
 
 mod bench;
+mod snapshot_bench;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox", "busybox-static"),
     ("fio", "fio"),
     ("cpio", "cpio"),
+    ("resize2fs", "e2fsprogs"),
     ("modprobe", "kmod"),
     ("/boot/vmlinuz-*", "linux-image-amd64"),
     ("qemu-img", "qemu-utils"),
@@ -153,6 +155,7 @@ fn main() -> ExitCode {
         Some("e2e") => e2e(),
         Some("must-fail") => must_fail(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
+        Some("bench-snapshot") => snapshot_bench::run(&args[1..]),
         Some("run") => run_main_job(
             args.get(1).map(String::as_str),
             args.get(2).map(String::as_str),
@@ -162,7 +165,7 @@ fn main() -> ExitCode {
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60),
         ),
         _ => Err(
-            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
+            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | bench-snapshot [--runtime S] [--rounds N] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
         ),
     };
     match result {

@@ -30,8 +30,11 @@
 //! the boot that wrote it.
 //!
 //! Kinds: an L2 table word (its host offset; extended L2 entries are two
-//! words), a new L2 table (zeros over the cluster, before its words), and
-//! an L1 entry (by index, so a resize that moved the L1 table in memory
+//! words), a new L2 table (zeros over the cluster, before its words), a
+//! copy of an L2 table shared with a snapshot (the new table's offset and
+//! the old one's, whose content the copy starts from: one record, where
+//! its words would be up to 8192 — after a snapshot, every table's first
+//! write copies it), and an L1 entry (by index, so a resize that moved the L1 table in memory
 //! but not yet on disk cannot misdirect it). Refcounts are not journaled:
 //! a replay rebuilds them from the tables (see below).
 //!
@@ -104,6 +107,7 @@ const KIND_MASK: u64 = 7;
 const KIND_L2_WORD: u64 = 0;
 const KIND_L2_NEW: u64 = 1;
 const KIND_L1: u64 = 2;
+const KIND_L2_COPY: u64 = 3;
 
 /// The journal file of the image at `image`.
 pub fn sidecar(image: &Path) -> PathBuf {
@@ -247,6 +251,15 @@ impl Journal {
     /// before its words.
     pub(crate) fn l2_new(&mut self, seq: u64, offset: u64, len: u64) {
         self.put(seq, offset | KIND_L2_NEW, len);
+    }
+
+    /// Change `seq`: the L2 table at `offset` starts as a copy of the one at
+    /// `source`. The source is shared with a snapshot and never changed in
+    /// place, and the reference the copy drops is released only after the
+    /// writeback that covers this record: its content on disk is the copy's
+    /// until the checkpoint passes this record.
+    pub(crate) fn l2_copy(&mut self, seq: u64, offset: u64, source: u64) {
+        self.put(seq, offset | KIND_L2_COPY, source);
     }
 
     /// Change `seq`: L1 entry `index` now holds `value`.
@@ -449,30 +462,51 @@ pub(crate) async fn recover(img: &Image) -> Result<bool> {
     let mut l1: BTreeMap<u64, u64> = BTreeMap::new();
     for r in &records {
         match r.addr & KIND_MASK {
-            KIND_L2_WORD | KIND_L2_NEW => {
+            KIND_L2_WORD | KIND_L2_NEW | KIND_L2_COPY => {
+                let kind = r.addr & KIND_MASK;
                 let off = r.addr & !KIND_MASK;
                 let table = off - off % cs;
                 if off >= file_limit || overlaps_fixed(table) {
                     return Err(bad(format!("an L2 table at {table:#x}")));
                 }
-                let buf = match tables.entry(table) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(if r.addr & KIND_MASK == KIND_L2_NEW {
-                            AlignedBuf::zeroed(cs as usize)
-                        } else {
+                // A new table's content: zeros, or its source's.
+                let base = match kind {
+                    KIND_L2_NEW => Some(AlignedBuf::zeroed(cs as usize)),
+                    KIND_L2_COPY => {
+                        let source = r.value;
+                        if source % cs != 0 || source >= file_limit || overlaps_fixed(source) {
+                            return Err(bad(format!("an L2 table copied from {source:#x}")));
+                        }
+                        Some(
                             img.file()
-                                .read(table, cs as usize)
+                                .read(source, cs as usize)
                                 .await
-                                .map_err(Error::io(path, "read L2 table", table))?
-                        })
+                                .map_err(Error::io(path, "read L2 table", source))?,
+                        )
                     }
+                    _ => None,
                 };
-                if r.addr & KIND_MASK == KIND_L2_NEW {
-                    buf.fill(0);
-                } else {
-                    let at = (off - table) as usize;
-                    buf[at..at + 8].copy_from_slice(&r.value.to_be_bytes());
+                match (tables.entry(table), base) {
+                    (std::collections::btree_map::Entry::Occupied(mut e), Some(base)) => {
+                        e.insert(base);
+                    }
+                    (std::collections::btree_map::Entry::Vacant(e), Some(base)) => {
+                        e.insert(base);
+                    }
+                    (std::collections::btree_map::Entry::Occupied(mut e), None) => {
+                        let at = (off - table) as usize;
+                        e.get_mut()[at..at + 8].copy_from_slice(&r.value.to_be_bytes());
+                    }
+                    (std::collections::btree_map::Entry::Vacant(e), None) => {
+                        let mut buf = img
+                            .file()
+                            .read(table, cs as usize)
+                            .await
+                            .map_err(Error::io(path, "read L2 table", table))?;
+                        let at = (off - table) as usize;
+                        buf[at..at + 8].copy_from_slice(&r.value.to_be_bytes());
+                        e.insert(buf);
+                    }
                 }
             }
             KIND_L1 => {

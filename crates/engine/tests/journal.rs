@@ -228,3 +228,66 @@ fn qemu_img_writing_after_the_crash_voids_the_journal() {
     let snaps = sh(d, &["qemu-img", "snapshot", "-l", "j.qcow2"]);
     assert!(snaps.contains("after-crash"), "{snaps}");
 }
+
+/// Another cluster of the same L2 table (32 KiB clusters: 128 MiB each).
+fn beside(off: u64) -> u64 {
+    if off >= 1 << 29 {
+        off - (512 << 10)
+    } else {
+        off + (512 << 10)
+    }
+}
+
+#[test]
+fn writes_that_copy_tables_shared_with_a_snapshot_survive_a_crash() {
+    // After a snapshot every L2 table is shared: a table's first write
+    // copies it, and the journal records the copy as one record naming its
+    // source. A crash then: the copies' content (all the old mappings) and
+    // the new writes read back, the snapshot keeps the old data.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let path = image(d);
+    block_on(async {
+        let img = Image::open(&path, &opts(true)).await.expect("open");
+        for (off, p) in WRITES {
+            img.write(off, &vec![p; 64 << 10]).await.expect("write");
+        }
+        img.snapshot_create("before").await.expect("snapshot");
+        // One write per table the old data lives in, into other clusters
+        // of it: each copies its table.
+        for (off, _) in WRITES {
+            img.write(beside(off), &vec![0xee; 4096])
+                .await
+                .expect("write after the snapshot");
+        }
+        drop(img);
+    });
+    let journal = qblk_engine::journal::sidecar(&path);
+    assert!(journal.exists(), "the crashed writer left its journal");
+    block_on(async {
+        let img = Image::open(&path, &opts(true)).await.expect("reopen");
+        for (off, p) in WRITES {
+            let mut buf = vec![0u8; 64 << 10];
+            img.read(off, &mut buf).await.expect("read");
+            assert!(buf == vec![p; 64 << 10], "old data at {off:#x} lost");
+            let mut buf = vec![0u8; 4096];
+            img.read(beside(off), &mut buf).await.expect("read");
+            assert!(buf == vec![0xee; 4096], "write at {off:#x} + 1M lost");
+        }
+        img.close().await.expect("close");
+    });
+    qemu_check_clean(d);
+    sh(d, &["qemu-img", "snapshot", "-a", "before", "j.qcow2"]);
+    block_on(async {
+        let img = Image::open(&path, &opts(true)).await.expect("reopen");
+        for (off, p) in WRITES {
+            let mut buf = vec![0u8; 4096];
+            img.read(beside(off), &mut buf).await.expect("read");
+            assert!(buf == vec![0; 4096], "the snapshot changed at {off:#x}");
+            let mut buf = vec![0u8; 64 << 10];
+            img.read(off, &mut buf).await.expect("read");
+            assert!(buf == vec![p; 64 << 10], "the snapshot lost {off:#x}");
+        }
+        img.close().await.expect("close");
+    });
+}

@@ -43,15 +43,25 @@ enum Command {
 (guest RAM must be shared: -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem)\n\
 and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N.")]
     Serve {
-        /// Unix socket to listen on (replaced if it exists).
-        #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        /// Unix socket to listen on (replaced if it exists, removed at
+        /// exit). Under socket activation it only names the socket systemd
+        /// passed, which is used instead.
+        #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Serve on this inherited listening unix socket instead of binding
+        /// one (QEMU's backend program conventions); it is never unlinked.
+        #[arg(long, value_name = "FDNUM", conflicts_with = "socket")]
+        fd: Option<i32>,
+        /// Print the vhost-user backend capabilities as JSON (QEMU's
+        /// vhost-user.json) and exit; needs no image.
+        #[arg(long)]
+        print_capabilities: bool,
         /// Image format. Never probed: a raw disk is served only when this
         /// says raw.
         #[arg(long, value_enum, default_value_t = ServeFormat::Qcow2)]
         format: ServeFormat,
         /// Export the disk read-only (the guest sees VIRTIO_BLK_F_RO).
-        #[arg(long)]
+        #[arg(long, visible_alias = "read-only")]
         readonly: bool,
         /// Serial number the guest reads with GET_ID (at most 20 bytes).
         #[arg(long, value_name = "ID")]
@@ -108,11 +118,29 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         #[arg(long, value_name = "POLICY", default_value = "report",
               value_parser = |s: &str| qblk_serve::errors::OnError::parse(s, false))]
         rerror: qblk_serve::errors::OnError,
+        /// Write the daemon's pid to PATH once it is ready, keep the file
+        /// locked while it runs and remove it at exit; refuse to start if a
+        /// live process holds it.
+        #[arg(long, value_name = "PATH")]
+        pidfile: Option<PathBuf>,
+        /// Owner of the vhost-user socket: USER, USER:GROUP or :GROUP
+        /// (names or numeric ids).
+        #[arg(long, value_name = "USER[:GROUP]")]
+        socket_owner: Option<String>,
+        /// Permission bits of the vhost-user socket, in octal (e.g. 0660).
+        #[arg(long, value_name = "MODE")]
+        socket_mode: Option<String>,
         /// Log level (error, warn, info, debug, trace) or a tracing filter.
         #[arg(long, value_name = "LEVEL", default_value = "info")]
         log_level: String,
+        /// Log lines as text (default) or as one JSON object per line.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Image file (QEMU's conventions: --blk-file PATH).
+        #[arg(long = "blk-file", value_name = "PATH", conflicts_with = "image")]
+        blk_file: Option<PathBuf>,
         /// Image file.
-        image: PathBuf,
+        image: Option<PathBuf>,
     },
     /// Drive a vhost-user-blk socket (qblk's, qemu-storage-daemon's, any)
     /// without a VM and report IOPS, bandwidth and latency percentiles.
@@ -490,6 +518,12 @@ enum ServeFormat {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Cache {
     None,
     Writeback,
@@ -508,8 +542,19 @@ enum Output {
 }
 
 fn main() -> ExitCode {
+    // systemd's socket activation variables are taken (and removed from
+    // the environment) before any thread exists.
+    // SAFETY: no other thread has been started yet.
+    let activation = unsafe { qblk_serve::orchestration::take_socket_activation() };
     let cli = Cli::parse();
-    match run(cli) {
+    if let Command::Serve { .. } = cli.command {
+        if let Err(e) = &activation {
+            eprintln!("qblk: {}", error_chain(e));
+            return ExitCode::FAILURE;
+        }
+    }
+    let activation = activation.unwrap_or_default();
+    match run(cli, activation) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("qblk: {}", error_chain(&*e));
@@ -589,7 +634,7 @@ and exabytes, respectively."
     })
 }
 
-fn run(cli: Cli) -> Result<ExitCode, BoxError> {
+fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<ExitCode, BoxError> {
     match cli.command {
         Command::Bench {
             socket,
@@ -625,6 +670,8 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
         }
         Command::Serve {
             socket,
+            fd,
+            print_capabilities,
             format,
             readonly,
             serial,
@@ -639,16 +686,67 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
             control,
             werror,
             rerror,
+            pidfile,
+            socket_owner,
+            socket_mode,
             log_level,
+            log_format,
+            blk_file,
             image,
         } => {
+            use qblk_serve::orchestration as orch;
+            if print_capabilities {
+                // QEMU's conventions: other options are ignored.
+                println!("{}", orch::CAPABILITIES);
+                return Ok(ExitCode::SUCCESS);
+            }
             let filter = tracing_subscriber::EnvFilter::try_new(&log_level)
                 .map_err(|e| format!("--log-level '{log_level}': {e}"))?;
-            tracing_subscriber::fmt()
+            let logs = tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+                .with_writer(std::io::stderr);
+            match log_format {
+                LogFormat::Text => logs
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .init(),
+                // One object per line, the message and fields at the top
+                // level beside timestamp, level and target.
+                LogFormat::Json => logs.json().flatten_event(true).init(),
+            }
+            let image = image
+                .or(blk_file)
+                .ok_or("no image: give IMAGE or --blk-file PATH")?;
+            let socket = match (fd, activation.vhost_user, socket) {
+                (Some(_), Some(_), _) => {
+                    return Err(
+                        "--fd and socket activation (LISTEN_FDS) both give the vhost-user socket"
+                            .into(),
+                    );
+                }
+                (Some(fd), None, _) => {
+                    orch::ListenOn::Inherited(orch::inherit_listener(fd, orch::Origin::FdOption)?)
+                }
+                (None, Some(passed), _) => orch::ListenOn::Inherited(passed),
+                (None, None, Some(path)) => orch::ListenOn::Path(path),
+                (None, None, None) => {
+                    return Err("no vhost-user socket: give --socket PATH or --fd FDNUM, or start qblk through socket activation".into());
+                }
+            };
+            let control = match (activation.control, control) {
+                (Some(passed), _) => Some(orch::ListenOn::Inherited(passed)),
+                (None, path) => path.map(orch::ListenOn::Path),
+            };
+            let service = orch::ServiceOptions {
+                pidfile,
+                socket_owner: socket_owner
+                    .as_deref()
+                    .map(orch::parse_socket_owner)
+                    .transpose()?,
+                socket_mode: socket_mode
+                    .as_deref()
+                    .map(orch::parse_socket_mode)
+                    .transpose()?,
+            };
             let key = key_file.as_deref().map(read_key).transpose()?;
             let opts = qblk_serve::ServeOptions {
                 socket,
@@ -673,6 +771,7 @@ fn run(cli: Cli) -> Result<ExitCode, BoxError> {
                 control,
                 werror,
                 rerror,
+                service,
             };
             qblk_serve::serve(&opts)?;
             Ok(ExitCode::SUCCESS)

@@ -8,7 +8,8 @@
 //! request's `id`); nothing but `qmp_capabilities` is accepted before the
 //! capabilities are negotiated. Several clients may be connected at once,
 //! each on a thread of its own; engine calls run on that thread's own
-//! ring. The socket is made mode 0600.
+//! ring. A socket qblk binds is made mode 0600; one it inherits (socket
+//! activation) keeps what its maker gave it.
 //!
 //! Commands so far: `qmp_capabilities`, `query-version`,
 //! `query-commands`, `query-block-exports`, `query-named-block-nodes`,
@@ -35,6 +36,7 @@ use tracing::{info, warn};
 use crate::device::Device;
 use crate::disk::Disk;
 use crate::events::{Out, WRITE_TIMEOUT, send};
+use crate::orchestration::{ListenOn, Wake};
 
 /// The name the disk's block node answers to.
 pub const NODE_NAME: &str = "disk";
@@ -55,8 +57,13 @@ fn generic(desc: impl Into<String>) -> QmpError {
 
 /// The running control socket.
 pub struct Control {
-    path: PathBuf,
-    listener_fd: i32,
+    /// The socket's description, for logs.
+    name: String,
+    /// The path qblk bound, removed at stop (not an inherited socket's).
+    path: Option<PathBuf>,
+    /// Wakes the accept thread (the listener is not shut down: an
+    /// inherited one is shared with its maker).
+    wake: Arc<Wake>,
     accept: Option<std::thread::JoinHandle<()>>,
     clients: Clients,
 }
@@ -66,24 +73,33 @@ type Clients = Arc<Mutex<Vec<(UnixStream, std::thread::JoinHandle<()>)>>>;
 
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control").field("path", &self.path).finish()
+        f.debug_struct("Control")
+            .field("socket", &self.name)
+            .finish()
     }
 }
 
 impl Control {
-    /// Listens on `path` (replacing a stale socket). `quit` calls
-    /// `on_quit`.
+    /// Listens on `source`: binds a path (replacing a stale socket), or
+    /// takes an inherited listener. `quit` calls `on_quit`.
     pub fn start(
-        path: &Path,
+        source: &ListenOn,
         device: Arc<Device>,
         readonly: bool,
         image: PathBuf,
         on_quit: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Control> {
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let listener_fd = listener.as_raw_fd();
+        let (listener, path) = match source {
+            ListenOn::Path(path) => {
+                let _ = std::fs::remove_file(path);
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                (listener, Some(path.clone()))
+            }
+            // SAFETY: validated at start; this is the one place that takes it.
+            ListenOn::Inherited(s) => (unsafe { s.into_listener() }, None),
+        };
+        let wake = Arc::new(Wake::default());
         let clients: Clients = Arc::default();
         let ctx = Arc::new(Context {
             device,
@@ -92,13 +108,16 @@ impl Control {
             on_quit,
         });
         let list = clients.clone();
+        let woken = wake.clone();
         let accept = std::thread::Builder::new()
             .name("qblk-control".into())
             .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else {
-                        // Shut down to stop (or a transient error).
-                        break;
+                let fd = listener.as_raw_fd();
+                while let Ok(true) = woken.wait_for_connection(fd, || false) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        // Transient (a client gone, out of descriptors).
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
                     };
                     let Ok(keep) = stream.try_clone() else {
                         continue;
@@ -113,21 +132,21 @@ impl Control {
                     }
                 }
             })?;
-        info!(control = %path.display(), "control socket listening");
+        info!(control = %source.describe(), "control socket listening");
         Ok(Control {
-            path: path.to_owned(),
-            listener_fd,
+            name: source.describe(),
+            path,
+            wake,
             accept: Some(accept),
             clients,
         })
     }
 
     /// Stops accepting, hangs up every client and waits for their threads
-    /// (none is inside an engine call afterwards), removes the socket.
+    /// (none is inside an engine call afterwards), removes the socket it
+    /// bound.
     pub fn stop(mut self) {
-        // SAFETY: shutdown(2) on the listener the accept thread owns; it is
-        // open until that thread ends, which is joined below.
-        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        self.wake.wake();
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
@@ -138,7 +157,9 @@ impl Control {
         for (_, t) in clients {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

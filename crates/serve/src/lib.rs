@@ -5,7 +5,8 @@
 //! messages (`vhost/handler.rs`); each queue has a worker thread
 //! (`worker.rs`) that watches the ring's kick eventfd and serves its
 //! requests with the engine. A signal thread turns SIGTERM/SIGINT into an
-//! orderly stop.
+//! orderly stop. Where the sockets come from and how the daemon reports
+//! to its service manager (sd_notify, pid file) is `orchestration.rs`.
 //!
 //! A connection's vhost-user state (features, memory table, rings,
 //! inflight region) lives in a `Handler` made for that connection and
@@ -20,6 +21,7 @@ pub mod disk;
 pub mod errors;
 pub mod events;
 pub mod gate;
+pub mod orchestration;
 mod pin;
 pub mod request;
 pub mod stats;
@@ -40,6 +42,7 @@ use tracing::{error, info, warn};
 use crate::config::DeviceConfig;
 use crate::device::Device;
 use crate::disk::{Disk, RawDisk};
+use crate::orchestration::{ListenOn, Pidfile, ServiceOptions, Wake};
 use crate::vhost::handler::Handler;
 use crate::worker::QueueHandle;
 
@@ -55,7 +58,8 @@ pub enum Format {
 /// Everything `qblk serve` is told.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    pub socket: PathBuf,
+    /// The vhost-user socket: a path to bind, or an inherited listener.
+    pub socket: ListenOn,
     pub image: PathBuf,
     pub format: Format,
     pub readonly: bool,
@@ -81,7 +85,9 @@ pub struct ServeOptions {
     /// discards (balloon, virtio-mem, free page reporting).
     pub pin_guest_memory: bool,
     /// The QMP control socket (`control.rs`), if any.
-    pub control: Option<PathBuf>,
+    pub control: Option<ListenOn>,
+    /// Pid file and the vhost-user socket's owner and mode.
+    pub service: ServiceOptions,
     /// What a failed write, write-zeroes, discard or flush does
     /// (`--werror`, `errors.rs`).
     pub werror: errors::OnError,
@@ -120,6 +126,8 @@ pub enum ServeError {
     },
     #[error("cannot start: {0}")]
     Start(String),
+    #[error(transparent)]
+    Orchestration(#[from] orchestration::Error),
     #[error("cannot close the disk cleanly")]
     Close(#[source] disk::DiskError),
 }
@@ -153,6 +161,10 @@ fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
         return Err(ServeError::Usage(
             "--create makes a new image, which --readonly could never write".into(),
         ));
+    }
+    opts.service.check(&opts.socket)?;
+    if let Some(p) = &opts.service.pidfile {
+        Pidfile::check_free(p)?;
     }
     Ok(())
 }
@@ -228,8 +240,10 @@ pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
 #[derive(Default)]
 struct Stop {
     requested: AtomicBool,
-    /// The listening socket while the main thread waits in accept.
-    listener_fd: Mutex<Option<i32>>,
+    /// Wakes the main thread waiting for a frontend. (Not `shutdown(2)`
+    /// of the listener: an inherited one is shared with its maker, who
+    /// listens on after we exit.)
+    wake: Wake,
     /// The current connection's socket, if any (a clone: shutting it down
     /// ends the protocol thread's wait for a message).
     connection: Mutex<Option<UnixStream>>,
@@ -241,13 +255,9 @@ impl Stop {
     fn request(&self) {
         if !self.requested.swap(true, Ordering::AcqRel) {
             notify_service_manager("STOPPING=1");
+            orchestration::status("stopping: finishing requests in flight, closing the image");
         }
-        if let Some(fd) = *lock(&self.listener_fd) {
-            // Wakes a blocked accept(2) with EINVAL.
-            // SAFETY: shutdown(2) on a descriptor the main thread keeps open
-            // while it is recorded here.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        }
+        self.wake.wake();
         // Finish what the frontend handed over while it can still see the
         // completions; only then hang up.
         let queues = lock(&self.queues).clone();
@@ -315,11 +325,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     };
 
     let control = match &opts.control {
-        Some(path) => {
+        Some(source) => {
             let stop = stop.clone();
             Some(
                 control::Control::start(
-                    path,
+                    source,
                     device.clone(),
                     opts.readonly,
                     opts.image.clone(),
@@ -329,14 +339,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
                     }),
                 )
                 .map_err(|e| {
-                    ServeError::Start(format!("{}: cannot listen: {e}", path.display()))
+                    ServeError::Start(format!("{}: cannot listen: {e}", source.describe()))
                 })?,
             )
         }
         None => None,
     };
 
-    let result = run(opts, &device, &stop);
+    // Held (locked) from readiness until the image is closed.
+    let mut pidfile: Option<Pidfile> = None;
+    let result = run(opts, &device, &stop, &mut pidfile);
 
     // No control command is inside the engine once this returns.
     if let Some(c) = control {
@@ -345,7 +357,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     signals.0.close();
     let _ = signals.1.join();
     let closed = qblk_engine::runtime::block_on(device.disk.close());
-    let _ = std::fs::remove_file(&opts.socket);
+    // A socket someone else made stays theirs.
+    if let ListenOn::Path(p) = &opts.socket {
+        let _ = std::fs::remove_file(p);
+    }
     if let Some(s) = device.disk.stats() {
         info!(
             allocating_writes = s.allocating_writes,
@@ -362,11 +377,17 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     result?;
     closed.map_err(ServeError::Close)?;
     info!("disk closed cleanly");
+    drop(pidfile);
     Ok(())
 }
 
 /// Accepts frontends one after another until asked to stop.
-fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<(), ServeError> {
+fn run(
+    opts: &ServeOptions,
+    device: &Arc<Device>,
+    stop: &Arc<Stop>,
+    pidfile: &mut Option<Pidfile>,
+) -> Result<(), ServeError> {
     // Queue i is served by thread i mod threads.
     let threads = usize::from(opts.threads.unwrap_or(opts.queues));
     let mut queues: Vec<Option<QueueHandle>> = (0..opts.queues).map(|_| None).collect();
@@ -381,15 +402,26 @@ fn run(opts: &ServeOptions, device: &Arc<Device>, stop: &Arc<Stop>) -> Result<()
     let queues: Vec<QueueHandle> = queues.into_iter().flatten().collect();
     let queues = Arc::new(queues);
     *lock(&stop.queues) = Some(queues.clone());
-    let mut listener = Listener::new(&opts.socket, true).map_err(|source| ServeError::Listen {
-        path: opts.socket.clone(),
-        source,
-    })?;
-    info!(socket = %opts.socket.display(), "listening");
+    let mut listener = match &opts.socket {
+        ListenOn::Path(path) => {
+            let l = Listener::new(path, true).map_err(|source| ServeError::Listen {
+                path: path.clone(),
+                source,
+            })?;
+            orchestration::apply_permissions(path, &opts.service)?;
+            l
+        }
+        // SAFETY: validated at start; this is the one place that takes it.
+        ListenOn::Inherited(s) => Listener::from(unsafe { s.into_listener() }),
+    };
+    info!(socket = %opts.socket.describe(), "listening");
+    if let Some(path) = &opts.service.pidfile {
+        *pidfile = Some(Pidfile::write(path)?);
+    }
     notify_service_manager(&format!(
         "READY=1\nSTATUS=serving {} on {}",
         opts.image.display(),
-        opts.socket.display()
+        opts.socket.describe()
     ));
     let result = accept_loop(&mut listener, device, &queues, stop);
     *lock(&stop.queues) = None;
@@ -415,13 +447,16 @@ fn accept_loop(
         let mut backend = BackendListener::new(listener, handler.clone())
             .map_err(|e| ServeError::Start(e.to_string()))?;
 
-        *lock(&stop.listener_fd) = Some(listener_fd);
-        // A stop requested before the fd was recorded would be missed.
-        if stop.requested() {
-            break;
+        // The wake stays set once a stop is requested: none is missed.
+        match stop
+            .wake
+            .wait_for_connection(listener_fd, || stop.requested())
+        {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(ServeError::Start(format!("waiting for a frontend: {e}"))),
         }
         let accepted = backend.accept();
-        *lock(&stop.listener_fd) = None;
         let mut conn = match accepted {
             Ok(Some(conn)) => conn,
             Ok(None) => continue,
@@ -429,6 +464,7 @@ fn accept_loop(
             Err(e) => return Err(ServeError::Start(format!("accepting a frontend: {e}"))),
         };
         info!("frontend connected");
+        orchestration::status("frontend connected");
         *lock(&stop.connection) = conn.try_clone_connection().ok();
         if stop.requested() {
             if let Some(c) = lock(&stop.connection).as_ref() {
@@ -467,6 +503,9 @@ fn accept_loop(
             error!("flush after disconnect failed: {e}");
         }
         drop(handler);
+        if !stop.requested() {
+            orchestration::status("frontend disconnected, waiting for the next one");
+        }
     }
     Ok(())
 }
@@ -478,7 +517,7 @@ fn accept_loop(
 /// that cannot be reached is logged and otherwise ignored.
 pub fn notify_service_manager(state: &str) {
     use std::os::unix::net::{SocketAddr, UnixDatagram};
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET").filter(|t| !t.is_empty()) else {
         return;
     };
     let sent = (|| -> std::io::Result<()> {

@@ -119,16 +119,15 @@ impl Image {
                 // A table shared with a snapshot is copied; none: a new one.
                 let src = old.map(|off| self.cached_l2(off, staged)).transpose()?;
                 let t = a.rc.alloc_cluster(&mut a.header)?.0 * cs;
-                a.note_l2_new(t, cs);
                 let mut table = AlignedBuf::zeroed(cs as usize);
                 if let (Some(src), Some(off)) = (src, old) {
                     table.copy_from_slice(&src);
+                    // Released after the writeback that makes the copy
+                    // durable: the journal's copy record reads it until then.
                     a.rc.release(g.host_cluster(off), qblk_qcow2::ClusterCount(1));
-                    for (i, word) in qblk_qcow2::decode_table(&table).enumerate() {
-                        if word != 0 {
-                            a.note_l2_word(t + i as u64 * 8, word);
-                        }
-                    }
+                    a.note_l2_copy(t, off.0);
+                } else {
+                    a.note_l2_new(t, cs);
                 }
                 let table = Arc::new(table);
                 let l1 = L1Entry::new(HostOffset(t), true);

@@ -134,6 +134,16 @@ impl Alloc {
         }
     }
 
+    /// A new L2 table at `offset`: a copy of the one at `source` (shared
+    /// with a snapshot; the reference to it is released by the next
+    /// writeback, so it stays as it is while this record counts).
+    pub(super) fn note_l2_copy(&mut self, offset: u64, source: u64) {
+        self.changes += 1;
+        if let Some(j) = &mut self.journal {
+            j.l2_copy(self.changes, offset, source);
+        }
+    }
+
     /// L1 entry `index` now holds `value`.
     pub(super) fn note_l1(&mut self, index: u64, value: u64) {
         self.changes += 1;
