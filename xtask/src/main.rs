@@ -44,6 +44,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/boot/vmlinuz-*", "linux-image-amd64"),
     ("qemu-img", "qemu-utils"),
     ("qemu-io", "qemu-utils"),
+    // integration/tests/werror.rs fills a small loop-mounted ext4.
+    ("/usr/sbin/mkfs.ext4", "e2fsprogs"),
 ];
 
 /// Fuzz targets and how long `xtask test` runs each.

@@ -68,6 +68,8 @@ pub struct Recorder {
     state: Mutex<State>,
     /// Metadata writes held back by a test (see [`Recorder::stall`]).
     stalls: Mutex<Vec<Arc<Stall>>>,
+    /// Errnos the next fdatasyncs fail with (see [`Recorder::fail_syncs`]).
+    sync_failures: Mutex<std::collections::VecDeque<i32>>,
 }
 
 /// A gate that holds every metadata write of one kind until released.
@@ -123,6 +125,7 @@ impl Recorder {
             initial: std::fs::read(path)?,
             state: Mutex::new(State::default()),
             stalls: Mutex::new(Vec::new()),
+            sync_failures: Mutex::new(std::collections::VecDeque::new()),
         });
         registry()
             .lock()
@@ -183,6 +186,24 @@ impl Recorder {
         let mut s = self.state();
         s.durable.extend(ids.iter().copied());
         s.events.push(Event::Synced { ids });
+    }
+
+    /// The next fdatasyncs of the file fail, one with each of `errnos`
+    /// in turn, without syncing anything (what a failing disk or a lost
+    /// network file system does).
+    pub fn fail_syncs(&self, errnos: &[i32]) {
+        self.sync_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(errnos.iter().copied());
+    }
+
+    /// The errno the fdatasync being issued fails with, if one is due.
+    pub(crate) fn take_sync_failure(&self) -> Option<i32> {
+        self.sync_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_front()
     }
 
     /// Holds every metadata write of kind `op` ("write L2 table", "write

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use crate::buf::{AlignedBuf, BUF_ALIGN};
 #[cfg(test)]
@@ -60,6 +60,9 @@ pub struct HostFile {
     bounced_ios: AtomicU64,
     /// Direct transfers that went through a registered buffer.
     fixed_ios: AtomicU64,
+    /// The errno of the first fdatasync that failed, 0 while none has:
+    /// from then on every flush fails (see [`SyncFailed`]).
+    sync_errno: AtomicI32,
     /// Crash simulation: the history of this file's writes and syncs.
     #[cfg(feature = "fault-injection")]
     rec: Option<Arc<crate::fault::Recorder>>,
@@ -113,6 +116,7 @@ impl HostFile {
             direct_ios: AtomicU64::new(0),
             bounced_ios: AtomicU64::new(0),
             fixed_ios: AtomicU64::new(0),
+            sync_errno: AtomicI32::new(0),
             #[cfg(feature = "fault-injection")]
             rec: if writable {
                 crate::fault::Recorder::for_path(path)
@@ -479,17 +483,122 @@ impl HostFile {
             .map(|_| ())
     }
 
-    /// fdatasync.
+    /// fdatasync. Once one has failed, every later call fails too (without
+    /// syncing), with a [`SyncFailed`] error: after a failed fdatasync
+    /// Linux may have marked the pages it could not write clean, so the
+    /// next fdatasync would succeed without them (PostgreSQL's
+    /// "fsyncgate"). Nothing written to this file since the last
+    /// successful flush can be called durable again; only reopening the
+    /// file (restarting whoever serves it, after checking the disk)
+    /// starts afresh. QEMU's `file-posix` does the same
+    /// (`page_cache_inconsistent`), though only without O_DIRECT: here
+    /// it holds with O_DIRECT as well, because the file system's own
+    /// metadata (the blocks of a growing image) goes through the page
+    /// cache either way.
     pub async fn flush(&self) -> io::Result<()> {
+        if let Some(e) = self.sync_failed() {
+            return Err(e);
+        }
         #[cfg(feature = "fault-injection")]
         let covered = self.rec.as_ref().map(|r| r.sync_issued());
-        let r = Ring::current()?.fsync(self.fd(), true).await.0.map(|_| ());
+        #[cfg(feature = "fault-injection")]
+        let injected = self.rec.as_ref().and_then(|r| r.take_sync_failure());
+        #[cfg(not(feature = "fault-injection"))]
+        let injected: Option<i32> = None;
+        let r = match injected {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ring::current()?.fsync(self.fd(), true).await.0.map(|_| ()),
+        };
         #[cfg(feature = "fault-injection")]
         if let (Ok(()), Some(rec), Some(ids)) = (&r, self.rec.as_ref(), covered) {
             rec.sync_done(ids);
         }
-        r
+        r.map_err(|e| {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            // The first failure is the one remembered.
+            let _ = self
+                .sync_errno
+                .compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+            SyncFailed {
+                errno,
+                earlier: false,
+            }
+            .into()
+        })
     }
+
+    /// The error every flush of this file returns since an fdatasync of
+    /// it failed, if one has.
+    pub fn sync_failed(&self) -> Option<io::Error> {
+        match self.sync_errno.load(Ordering::Acquire) {
+            0 => None,
+            errno => Some(
+                SyncFailed {
+                    errno,
+                    earlier: true,
+                }
+                .into(),
+            ),
+        }
+    }
+}
+
+/// A flush that failed because an fdatasync of the file failed, now or
+/// earlier ([`HostFile::flush`]). Never worth retrying: the data the
+/// failed fdatasync should have made durable may be gone from the page
+/// cache. The errno is kept as a number, not as a source error, so that
+/// nobody mistakes a failed sync for the condition it reported (an
+/// ENOSPC here is not a full disk that freeing space would cure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncFailed {
+    /// What the failed fdatasync returned.
+    pub errno: i32,
+    /// Whether it failed at an earlier flush (this one did not sync).
+    pub earlier: bool,
+}
+
+impl std::fmt::Display for SyncFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = io::Error::from_raw_os_error(self.errno);
+        if self.earlier {
+            write!(
+                f,
+                "an earlier fdatasync failed ({what}): no flush succeeds until the image is reopened"
+            )
+        } else {
+            write!(
+                f,
+                "fdatasync failed ({what}): writes since the last flush may be lost; no flush succeeds until the image is reopened"
+            )
+        }
+    }
+}
+
+impl std::error::Error for SyncFailed {}
+
+impl From<SyncFailed> for io::Error {
+    fn from(e: SyncFailed) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// The [`SyncFailed`] somewhere in `e`'s chain of sources, if any.
+pub fn sync_failure(e: &(dyn std::error::Error + 'static)) -> Option<SyncFailed> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(f) = s.downcast_ref::<SyncFailed>() {
+            return Some(*f);
+        }
+        if let Some(inner) = s
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|i| i.downcast_ref::<SyncFailed>())
+        {
+            return Some(*inner);
+        }
+        source = s.source();
+    }
+    None
 }
 
 impl AsRawFd for HostFile {

@@ -30,9 +30,42 @@ impl std::fmt::Debug for SharedMap {
     }
 }
 
+/// Gives every byte of the first `len` of `file` a block: fallocate, or
+/// zeros written where the file system has no fallocate.
+fn allocate(file: &File, len: usize) -> io::Result<()> {
+    let len_off =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: fallocate(2) on a descriptor we own, no pointers.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len_off) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0usize;
+    while at < len {
+        let n = (len - at).min(zeros.len());
+        file.write_all_at(&zeros[..n], at as u64)?;
+        at += n;
+    }
+    Ok(())
+}
+
 impl SharedMap {
     /// Creates (or empties) the file at `path` (mode 0600), sizes it to
-    /// `len` bytes (reading as zeros) and maps it.
+    /// `len` bytes (reading as zeros), allocates its blocks and maps it.
+    ///
+    /// The blocks are allocated now because a store into a page of a
+    /// sparse shared mapping that the file system cannot back (it is
+    /// full: the very moment guest writes start failing with ENOSPC) is
+    /// not an error but SIGBUS, which would kill the daemon. A file system
+    /// that cannot preallocate gets the zeros written instead; one that
+    /// has no room for them fails here, at open, where the caller can do
+    /// without the mapping.
     pub fn create(path: &Path, len: usize) -> io::Result<SharedMap> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -42,6 +75,12 @@ impl SharedMap {
             .mode(0o600)
             .open(path)?;
         file.set_len(len as u64)?;
+        if let Err(e) = allocate(&file, len) {
+            // Nothing is left behind that a later open could take for a
+            // journal or sidecar.
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         Self::map(file, len)
     }
 

@@ -114,6 +114,17 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// has no authentication.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// What a failed write, write-zeroes, discard or flush does, as
+        /// QEMU's -drive werror: `report` fails it, `stop` holds it and
+        /// stops the device until QMP `cont` retries it, `enospc` stops
+        /// on a full file system and reports anything else.
+        #[arg(long, value_name = "POLICY", default_value = "enospc",
+              value_parser = |s: &str| qblk_serve::errors::OnError::parse(s, true))]
+        werror: qblk_serve::errors::OnError,
+        /// What a failed read does: `report` or `stop` (as --werror).
+        #[arg(long, value_name = "POLICY", default_value = "report",
+              value_parser = |s: &str| qblk_serve::errors::OnError::parse(s, false))]
+        rerror: qblk_serve::errors::OnError,
         /// Write the daemon's pid to PATH once it is ready, keep the file
         /// locked while it runs and remove it at exit; refuse to start if a
         /// live process holds it.
@@ -681,6 +692,8 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
             pin_guest_memory,
             control,
             metrics,
+            werror,
+            rerror,
             pidfile,
             socket_owner,
             socket_mode,
@@ -768,6 +781,8 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                     .as_deref()
                     .map(qblk_serve::metrics::MetricsAddr::parse)
                     .transpose()?,
+                werror,
+                rerror,
                 service,
             };
             qblk_serve::serve(&opts)?;

@@ -14,7 +14,9 @@
 //! Commands so far: `qmp_capabilities`, `query-version`,
 //! `query-commands`, `query-block-exports`, `query-named-block-nodes`,
 //! `query-blockstats` (`stats.rs`), `block-dirty-bitmap-add`/`-remove`/`-clear`/`-enable`/`-disable`/
-//! `-merge` and `quit`. The disk's node is named `disk`.
+//! `-merge`, `block_resize`, internal snapshots, `stop`, `cont` and
+//! `query-status` (the run state and held requests of `errors.rs`), and
+//! `quit`. The disk's node is named `disk`.
 //!
 //! Bad input — unparsable JSON, a request that is no object, unknown
 //! commands or arguments — gets an error reply; a client that sends
@@ -199,6 +201,9 @@ const COMMANDS: &[&str] = &[
     "block_resize",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
+    "stop",
+    "cont",
+    "query-status",
     "quit",
 ];
 
@@ -419,12 +424,52 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             let name = a.opt_string("name")?;
             snapshot_delete(ctx, id.as_deref(), name.as_deref())
         }
+        "stop" => {
+            a.none()?;
+            stop(ctx)
+        }
+        "cont" => {
+            a.none()?;
+            let d = &ctx.device;
+            let held = d.run.cont(&d.gate, &d.events);
+            if held > 0 {
+                info!(held, "cont: held requests retried");
+            }
+            Ok(json!({}))
+        }
+        "query-status" => a.none().map(|()| {
+            let status = ctx.device.run.status();
+            json!({
+                "running": status == crate::errors::Status::Running,
+                "singlestep": false,
+                "status": status.as_str(),
+            })
+        }),
         "quit" => a.none().map(|()| json!({})),
         other => Err(QmpError {
             class: "CommandNotFound",
             desc: format!("The command {other} has not been found"),
         }),
     }
+}
+
+/// QMP `stop`: no new guest request goes into the disk until `cont`, and
+/// the ones inside are waited for (as QEMU drains its block devices when
+/// the VM stops), at most [`crate::device::DRAIN_TIMEOUT`].
+fn stop(ctx: &Context) -> Result<Value, QmpError> {
+    let d = &ctx.device;
+    if !d.run.stop(&d.gate, &d.events) {
+        return Ok(json!({}));
+    }
+    // A pause of the stopped gate drains it; the stop outlasts the pause.
+    let drained = d.gate.pause(crate::device::DRAIN_TIMEOUT).map(drop);
+    info!("stopped: no guest request goes into the disk until cont");
+    drained.map(|()| json!({})).map_err(|n| {
+        generic(format!(
+            "stopped, but {n} guest requests did not finish within {} s",
+            crate::device::DRAIN_TIMEOUT.as_secs()
+        ))
+    })
 }
 
 fn name_is_enable(name: &str) -> bool {

@@ -12,6 +12,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::config::{CONFIG_LEN, CONFIG_WRITEBACK, DeviceConfig};
 use crate::disk::{Disk, DiskError};
+use crate::errors::{Action, Cause, OnError, RunState};
 use crate::events::Events;
 use crate::gate::Gate;
 use crate::request::Mem;
@@ -74,6 +75,8 @@ pub struct Device {
     pub gate: Gate,
     /// QMP events (`events.rs`).
     pub events: Events,
+    /// `--werror`/`--rerror` and whether the device runs (`errors.rs`).
+    pub run: RunState,
     /// Connected frontends (two while a VM migrates).
     frontends: AtomicUsize,
     /// The connections' config-change notices.
@@ -98,6 +101,7 @@ impl Device {
             size: AtomicU64::new(config.size),
             gate: Gate::default(),
             events: Events::new(),
+            run: RunState::new(OnError::WRITE_DEFAULT, OnError::READ_DEFAULT),
             frontends: AtomicUsize::new(0),
             notices: Mutex::default(),
             serial,
@@ -190,16 +194,29 @@ impl Device {
         self.writeback.load(Ordering::Acquire)
     }
 
-    /// A guest request failed with `e`: logged (the first ones, then
-    /// every thousandth) and told to the control clients as QEMU tells
-    /// them — `BLOCK_IMAGE_CORRUPTED` when the image was just found
-    /// inconsistent, and `BLOCK_IO_ERROR` (`write` covers flushes,
-    /// discards and write-zeroes, as in QEMU).
-    pub(crate) fn io_error(&self, e: &DiskError, write: bool) {
+    /// Sets what failed requests do (`--werror`, `--rerror`).
+    pub fn set_error_policies(&mut self, werror: OnError, rerror: OnError) {
+        self.run = RunState::new(werror, rerror);
+    }
+
+    /// A guest request failed with `e`: what the policy says to do with
+    /// it, logged (the first ones, then every thousandth) and told to the
+    /// control clients as QEMU tells them — `BLOCK_IMAGE_CORRUPTED` when
+    /// the image was just found inconsistent, and `BLOCK_IO_ERROR` with
+    /// the action taken (`write` covers flushes, discards and
+    /// write-zeroes, as in QEMU). The caller holds the request (see
+    /// `errors.rs`) when the action is [`Action::Stop`].
+    pub(crate) fn io_error(&self, e: &DiskError, write: bool) -> Action {
+        let cause = Cause::of(e);
+        let action = self.run.action(cause, write);
         let n = self.io_errors.fetch_add(1, Ordering::Relaxed);
         let msg = crate::error_chain(e);
         if n < 16 || n % 1000 == 0 {
-            warn!(count = n + 1, "request failed: {msg}");
+            warn!(
+                count = n + 1,
+                action = action.as_str(),
+                "request failed: {msg}"
+            );
         }
         if let DiskError::Image(qblk_engine::Error::Corrupt { cause, .. }) = e {
             self.events.emit(
@@ -218,11 +235,12 @@ impl Device {
                 "device": "",
                 "node-name": crate::control::NODE_NAME,
                 "operation": if write { "write" } else { "read" },
-                "action": "report",
-                "nospace": is_enospc(e),
+                "action": action.as_str(),
+                "nospace": cause == Cause::NoSpace,
                 "reason": msg,
             }),
         );
+        action
     }
 
     /// Back to the state a new frontend expects.
@@ -283,20 +301,6 @@ impl Device {
             ),
         ))
     }
-}
-
-/// Whether `e` comes from a full file system.
-fn is_enospc(e: &DiskError) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if io.raw_os_error() == Some(libc::ENOSPC) {
-                return true;
-            }
-        }
-        source = s.source();
-    }
-    false
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,14 +1,22 @@
 //! The gate every guest request passes on its way into the disk, so the
 //! control side can drain and hold them: a live snapshot, a resize, a
-//! stopped VM (`--werror stop`).
+//! stopped device (`--werror stop`, QMP `stop`).
 //!
 //! A request holds a [`Pass`] while it is inside the disk. [`Gate::pause`]
 //! closes the gate and waits until no pass is out; requests arriving
 //! meanwhile wait at the gate (still in flight for the guest, nothing
 //! started in the engine) until the last [`Paused`] guard is dropped.
 //! Passing an open gate costs two atomic read-modify-writes and a load.
+//!
+//! [`Gate::stop`] closes it too, without draining and without a guard,
+//! until [`Gate::resume`]: the device is stopped (after an I/O error, or
+//! by the operator). Requests held after an error wait outside the gate,
+//! holding no pass, so a pause meanwhile does not wait for them; when
+//! they are retried they go in with [`Gate::enter_retry`], which only a
+//! pause holds back, so they run before the requests that arrived while
+//! the device was stopped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +28,8 @@ pub struct Gate {
     inside: AtomicU64,
     /// Holders of a [`Paused`] guard (the gate is closed while non-zero).
     closers: AtomicU64,
+    /// The device is stopped: closed to new requests (not to retries).
+    stopped: AtomicBool,
     /// Woken when `inside` reaches zero while the gate is closed.
     drained: (Mutex<()>, Condvar),
     /// Woken when the gate opens.
@@ -53,9 +63,23 @@ impl Drop for Paused<'_> {
 impl Gate {
     /// Waits until the gate is open and goes in.
     pub async fn enter(&self) -> Pass<'_> {
+        self.enter_when(true).await
+    }
+
+    /// Waits until no pause holds the gate and goes in, even while the
+    /// device is stopped: a held request's retry.
+    pub async fn enter_retry(&self) -> Pass<'_> {
+        self.enter_when(false).await
+    }
+
+    fn shut(&self, heed_stop: bool) -> bool {
+        self.closers.load(Ordering::SeqCst) > 0 || heed_stop && self.stopped.load(Ordering::SeqCst)
+    }
+
+    async fn enter_when(&self, heed_stop: bool) -> Pass<'_> {
         loop {
             self.inside.fetch_add(1, Ordering::SeqCst);
-            if self.closers.load(Ordering::SeqCst) == 0 {
+            if !self.shut(heed_stop) {
                 return Pass(self);
             }
             // Closed: step back out and wait for it to open. The waiter is
@@ -65,11 +89,28 @@ impl Gate {
             tokio::pin!(opened);
             opened.as_mut().enable();
             self.leave();
-            if self.closers.load(Ordering::SeqCst) == 0 {
+            if !self.shut(heed_stop) {
                 continue;
             }
             opened.await;
         }
+    }
+
+    /// Closes the gate to new requests until [`Gate::resume`]; requests
+    /// inside go on. Whether it was open to them before.
+    pub fn stop(&self) -> bool {
+        !self.stopped.swap(true, Ordering::SeqCst)
+    }
+
+    /// Opens the gate closed by [`Gate::stop`] (a pause still holds it).
+    pub fn resume(&self) {
+        self.stopped.store(false, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    /// Whether [`Gate::stop`] holds the gate closed.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     fn leave(&self) {
@@ -115,13 +156,15 @@ impl Gate {
 
     fn reopen(&self) {
         if self.closers.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Retries go in now; new requests only if not stopped (they
+            // look again).
             self.opened.notify_waiters();
         }
     }
 
-    /// Whether the gate is closed.
+    /// Whether the gate is closed to new requests (paused or stopped).
     pub fn is_closed(&self) -> bool {
-        self.closers.load(Ordering::SeqCst) > 0
+        self.shut(true)
     }
 }
 
@@ -211,5 +254,33 @@ mod tests {
         for w in workers {
             assert!(w.join().unwrap() > 0);
         }
+    }
+
+    #[test]
+    fn a_stopped_gate_holds_new_requests_but_not_retries_and_pauses_at_once() {
+        let gate = Arc::new(Gate::default());
+        assert!(gate.stop());
+        assert!(!gate.stop(), "stopped already");
+        // A pause does not wait for anything: nothing is inside.
+        let p = gate
+            .pause(Duration::from_millis(100))
+            .expect("nothing inside");
+        drop(p);
+        assert!(gate.is_closed() && gate.is_stopped(), "still stopped");
+        let g = gate.clone();
+        let entered = Arc::new(AtomicBool::new(false));
+        let e = entered.clone();
+        let waiter = std::thread::spawn(move || {
+            let _pass = rt().block_on(g.enter());
+            e.store(true, Ordering::SeqCst);
+        });
+        // A retry goes in while stopped; a new request does not.
+        drop(rt().block_on(gate.enter_retry()));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!entered.load(Ordering::SeqCst), "went in while stopped");
+        gate.resume();
+        waiter.join().unwrap();
+        assert!(entered.load(Ordering::SeqCst));
+        assert!(!gate.is_closed());
     }
 }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod device;
 pub mod disk;
+pub mod errors;
 pub mod events;
 pub mod gate;
 pub mod metrics;
@@ -92,6 +93,11 @@ pub struct ServeOptions {
     pub service: ServiceOptions,
     /// The Prometheus metrics endpoint (`metrics.rs`), if any.
     pub metrics: Option<metrics::MetricsAddr>,
+    /// What a failed write, write-zeroes, discard or flush does
+    /// (`--werror`, `errors.rs`).
+    pub werror: errors::OnError,
+    /// What a failed read does (`--rerror`).
+    pub rerror: errors::OnError,
 }
 
 /// A failure that stops the daemon.
@@ -298,6 +304,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let serial = opts.serial.clone().unwrap_or_default().into_bytes();
     let mut device = Device::new(disk, config, serial);
     device.pin_memory = opts.pin_guest_memory;
+    device.set_error_policies(opts.werror, opts.rerror);
     let device = Arc::new(device);
     info!(
         image = %opts.image.display(),
@@ -305,6 +312,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         queues = opts.queues,
         threads = opts.threads.unwrap_or(opts.queues),
         readonly = opts.readonly,
+        werror = opts.werror.as_str(),
+        rerror = opts.rerror.as_str(),
         "disk open"
     );
 

@@ -36,6 +36,7 @@ use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic};
 use qblk_engine::guest::GuestSlice;
 
 use crate::device::Device;
+use crate::errors::{Action, Arrival, Cause};
 use crate::pin::{Pinning, SharedPins};
 use crate::request::{self, IoSeg, Limits, Mem, Op, Parsed, Request};
 use crate::vhost::Call;
@@ -384,7 +385,13 @@ struct Queue {
     done_wanted: Notify,
     /// Wakes the kick watcher when the ring stops.
     detached: Notify,
+    /// Wakes requests waiting (held, or at a stopped device's gate) when
+    /// the ring stops: they do not hold up its drain.
+    released: Notify,
     bad_requests: Cell<u64>,
+    /// Requests started on this queue (the order held requests are
+    /// retried in).
+    arrivals: Cell<u64>,
     /// Guest memory registered with this thread's ring (`--pin-guest-memory`),
     /// shared with the thread's other queues.
     pinning: Rc<RefCell<Pinning>>,
@@ -423,7 +430,9 @@ impl Queue {
             done: RefCell::new(Vec::new()),
             done_wanted: Notify::new(),
             detached: Notify::new(),
+            released: Notify::new(),
             bad_requests: Cell::new(0),
+            arrivals: Cell::new(0),
             pinning,
             pins,
             log,
@@ -539,13 +548,16 @@ impl Queue {
         match parsed {
             Parsed::Request(r) => {
                 let q = self.clone();
+                let arrival = (self.arrivals.replace(self.arrivals.get() + 1), self.index);
                 tokio::task::spawn_local(async move {
                     let began = std::time::Instant::now();
-                    // Held here while the control side has the disk to
-                    // itself (a live snapshot or resize).
-                    let pass = q.device.gate.enter().await;
-                    let (code, id_len) = execute(&q.device, &r).await;
-                    drop(pass);
+                    let Some((code, id_len)) = q.run_request(&r, arrival).await else {
+                        // Left unfinished to the frontend's inflight
+                        // region: whoever serves the ring next runs it.
+                        q.device.queue_stats[q.index].finished(None, 0, false, began.elapsed());
+                        q.abandon();
+                        return;
+                    };
                     let (kind, bytes) = accounting(&r.op);
                     q.device.queue_stats[q.index].finished(
                         kind,
@@ -578,6 +590,103 @@ impl Queue {
                 stats.invalid();
                 self.complete(head, 0);
             }
+        }
+    }
+
+    /// Runs `r` (which arrived as `arrival`) through the gate and the disk
+    /// until it succeeds or fails for good: the status and, for GET_ID,
+    /// the bytes written. A failure the policy says to stop on holds the
+    /// request outside the gate until `cont` retries it (`errors.rs`).
+    /// `None` when the ring stops while the request waits (held, or at a
+    /// stopped device's gate) and it is left to the inflight region.
+    async fn run_request(&self, r: &Request, arrival: Arrival) -> Option<(u8, usize)> {
+        let device = &self.device;
+        let write = !matches!(r.op, Op::Read { .. });
+        let mut retry = false;
+        loop {
+            let pass = if retry {
+                device.gate.enter_retry().await
+            } else {
+                match self.pass_gate().await {
+                    Some(pass) => pass,
+                    None => return self.give_up(false),
+                }
+            };
+            let result = execute(device, r).await;
+            drop(pass);
+            let e = match result {
+                Ok(id_len) => return Some((VIRTIO_BLK_S_OK as u8, id_len)),
+                Err(Failed::Guest) => return Some((VIRTIO_BLK_S_IOERR as u8, 0)),
+                Err(Failed::Disk(e)) => e,
+            };
+            if device.io_error(&e, write) == Action::Report {
+                return Some((VIRTIO_BLK_S_IOERR as u8, 0));
+            }
+            let sync_failed = Cause::of(&e) == Cause::SyncFailed;
+            let mut ticket = device.run.hold(arrival, &device.gate, &device.events);
+            loop {
+                let released = self.released.notified();
+                if self.stopped.get() {
+                    drop(ticket);
+                    return self.give_up(sync_failed);
+                }
+                tokio::select! {
+                    () = ticket.retry() => break,
+                    () = released => {}
+                }
+            }
+            retry = true;
+        }
+    }
+
+    /// Waits at the gate; `None` if the ring stops while the device is
+    /// stopped (the gate may stay closed for ever).
+    async fn pass_gate(&self) -> Option<crate::gate::Pass<'_>> {
+        loop {
+            let released = self.released.notified();
+            let device_stopped = self.device.run.stop_notified();
+            if self.stopped.get() && self.device.run.is_stopped() {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                pass = self.device.gate.enter() => return Some(pass),
+                () = released => {}
+                () = device_stopped => {}
+            }
+        }
+    }
+
+    /// What becomes of a request the ring stopped under while it waited
+    /// (see `errors.rs`): left unfinished (`None`) where the frontend
+    /// keeps an inflight region, to be run by whoever serves the ring
+    /// next; failed where it keeps none (it would never complete), or
+    /// when the request was held after a failed fdatasync (a retry on a
+    /// fresh open of the image would report durable what was lost).
+    fn give_up(&self, sync_failed: bool) -> Option<(u8, usize)> {
+        let tracked = self.ring.borrow().tracks_inflight();
+        if tracked && !sync_failed {
+            debug!(
+                queue = self.index,
+                "ring stopped: a waiting request is left to the inflight region"
+            );
+            return None;
+        }
+        warn!(
+            queue = self.index,
+            "ring stopped while a request was held: failed (I/O error)"
+        );
+        Some((VIRTIO_BLK_S_IOERR as u8, 0))
+    }
+
+    /// A request left unfinished: no used entry, no longer in flight here.
+    fn abandon(&self) {
+        self.inflight.set(self.inflight.get() - 1);
+        if self.inflight.get() == 0 {
+            self.idle.notify_waiters();
+        }
+        if self.throttled.replace(false) {
+            self.kick.notify_one();
         }
     }
 
@@ -668,6 +777,9 @@ impl Queue {
         // The kick watcher is parked in its select (tasks on this thread
         // run one at a time) or has not run yet and will see `stopped`.
         self.detached.notify_waiters();
+        // Requests held after an error, or at the gate of a stopped
+        // device, would wait for a `cont` that may never come.
+        self.released.notify_waiters();
         loop {
             let idle = self.idle.notified();
             if self.inflight.get() == 0 {
@@ -711,11 +823,17 @@ fn accounting(op: &Op) -> (Option<crate::stats::Kind>, u64) {
     }
 }
 
-/// Runs one request against the disk; returns the status and, for GET_ID,
-/// the bytes written.
-async fn execute(device: &Device, r: &Request) -> (u8, usize) {
-    let ok = VIRTIO_BLK_S_OK as u8;
-    let ioerr = VIRTIO_BLK_S_IOERR as u8;
+/// Why a request failed.
+enum Failed {
+    /// Guest memory could not take the answer (GET_ID).
+    Guest,
+    /// The disk failed it: the error policy decides (`errors.rs`).
+    Disk(crate::disk::DiskError),
+}
+
+/// Runs one request against the disk once; for GET_ID, returns the bytes
+/// written.
+async fn execute(device: &Device, r: &Request) -> Result<usize, Failed> {
     let disk = &device.disk;
     let result = match &r.op {
         Op::Read { offset, bufs } => {
@@ -762,11 +880,11 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
                 chunk[..n].copy_from_slice(&id[..n]);
                 id = &id[n..];
                 if r.mem.write_slice(&chunk, addr).is_err() {
-                    return (ioerr, 0);
+                    return Err(Failed::Guest);
                 }
                 written += len;
             }
-            return (ok, written);
+            return Ok(written);
         }
         // Rare operations with large futures: boxed, so that every request
         // task does not carry their state.
@@ -782,13 +900,7 @@ async fn execute(device: &Device, r: &Request) -> (u8, usize) {
         Ok(()) if writes && !device.writeback() => Box::pin(disk.flush()).await,
         result => result,
     };
-    match result {
-        Ok(()) => (ok, 0),
-        Err(e) => {
-            device.io_error(&e, !matches!(r.op, Op::Read { .. }));
-            (ioerr, 0)
-        }
-    }
+    result.map(|()| 0).map_err(Failed::Disk)
 }
 
 /// Marks in the dirty log every guest page request `r` may have written:

@@ -477,10 +477,18 @@ impl Image {
     /// durable. On an image marked corrupt (which takes no more metadata
     /// writes) this fails if any write was acknowledged after the last
     /// completed writeback: those were never made durable.
+    ///
+    /// Once an fdatasync of the image (or its data file) has failed, in a
+    /// flush or in the engine's own writeback, every later flush fails
+    /// until the image is reopened ([`crate::file::SyncFailed`]): what the
+    /// kernel dropped is never reported durable.
     pub async fn flush(&self) -> Result<()> {
         let Some(w) = self.writer() else {
             return Ok(());
         };
+        // Checked first: a flush that has nothing new to sync (coalesced
+        // with an earlier writeback) must not succeed either.
+        self.check_sync_failed()?;
         let r = w.flush(self).await;
         self.on_error(r).await
     }
@@ -494,8 +502,21 @@ impl Image {
         let Some(w) = self.writer() else {
             return Ok(());
         };
+        self.check_sync_failed()?;
         let r = w.close(self).await;
         self.on_error(r).await
+    }
+
+    /// The remembered failure of an fdatasync of the image or its data
+    /// file, if there was one.
+    fn check_sync_failed(&self) -> Result<()> {
+        let files = std::iter::once(self.file()).chain(self.data_file());
+        for f in files {
+            if let Some(e) = f.sync_failed() {
+                return Err(Error::io(f.path(), "flush", None)(e));
+            }
+        }
+        Ok(())
     }
 
     /// Invariant 6: metadata found inconsistent (a format error in a table,
