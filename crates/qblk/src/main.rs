@@ -109,7 +109,7 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         control: Option<PathBuf>,
         /// Serve Prometheus metrics at GET /metrics over HTTP on ADDR: a
         /// unix socket path (or unix:PATH; mode 0600) or a loopback
-        /// address such as 127.0.0.1:9100 or [::1]:9100 (port 0 picks a
+        /// address such as 127.0.0.1:9100 or `[::1]:9100` (port 0 picks a
         /// free port, logged). Other addresses are refused: the endpoint
         /// has no authentication.
         #[arg(long, value_name = "ADDR")]

@@ -16,7 +16,7 @@
 //! HTTP is hyper's (HTTP/1.1, no keep-alive) on one thread with a
 //! current-thread tokio runtime of its own, one task per connection.
 //! Everything a client can make it spend is bounded: connections at once
-//! ([`MAX_CONNECTIONS`]), the request head's size and the time to send it,
+//! (`MAX_CONNECTIONS`), the request head's size and the time to send it,
 //! a connection's whole life. A client that sends garbage gets a 4xx from
 //! hyper and never reaches the disk; a client that stalls is dropped.
 //! [`Metrics::stop`] ends the thread (at daemon stop).
