@@ -108,24 +108,14 @@ impl RawFrontend {
     /// Connects and sets up queue 0 (no event_idx: every used entry is
     /// signalled; no inflight tracking).
     pub fn connect(socket: &Path) -> Self {
-        // SAFETY: memfd_create with a static name.
-        let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: a fresh descriptor we own.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        Self::connect_with_memory(socket, memfd)
+        Self::connect_with_memory(socket, new_memfd())
     }
 
     /// Like [`RawFrontend::connect`], with guest memory in `memfd` (any
     /// file: a regular file on disk makes memory the kernel will not pin
     /// long-term).
     pub fn connect_with_memory(socket: &Path, memfd: File) -> Self {
-        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
-        let guest = Guest {
-            mem: map_memory(&memfd),
-            memfd,
-        };
-        Self::setup(socket, guest, None, false, F_EVENT_IDX, 0)
+        Self::setup(socket, Guest::new(memfd), None, false, F_EVENT_IDX, 0)
     }
 
     /// Like [`RawFrontend::connect`], with a backend request channel
@@ -133,19 +123,9 @@ impl RawFrontend {
     /// number of config-change notices the daemon has sent on it (each
     /// acked, as QEMU acks them).
     pub fn connect_with_notices(socket: &Path) -> (Self, Arc<AtomicU64>) {
-        // SAFETY: memfd_create with a static name.
-        let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: a fresh descriptor we own.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
-        let guest = Guest {
-            mem: map_memory(&memfd),
-            memfd,
-        };
         let mut fe = Self::setup_with(
             socket,
-            guest,
+            Guest::new(new_memfd()),
             None,
             false,
             F_EVENT_IDX,
@@ -214,16 +194,7 @@ impl RawFrontend {
     /// (SET_INFLIGHT_FD). `features_off` are virtio features left out
     /// (e.g. [`F_FLUSH`], for a write-through device).
     pub fn connect_tracked(socket: &Path, features_off: u64) -> Self {
-        // SAFETY: memfd_create with a static name.
-        let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: a fresh descriptor we own.
-        let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
-        let guest = Guest {
-            mem: map_memory(&memfd),
-            memfd,
-        };
+        let guest = Guest::new(new_memfd());
         Self::setup(socket, guest, None, true, F_EVENT_IDX | features_off, 0)
     }
 
@@ -557,6 +528,26 @@ impl RawFrontend {
 }
 
 /// Maps all of guest memory shared.
+/// A fresh memfd for guest memory.
+fn new_memfd() -> File {
+    // SAFETY: memfd_create with a static name.
+    let fd = unsafe { libc::memfd_create(c"rawq".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor we own.
+    unsafe { File::from_raw_fd(fd) }
+}
+
+impl Guest {
+    /// Guest memory of [`MEM_SIZE`] in `memfd`, mapped here.
+    fn new(memfd: File) -> Self {
+        memfd.set_len(MEM_SIZE as u64).expect("size memfd");
+        Guest {
+            mem: map_memory(&memfd),
+            memfd,
+        }
+    }
+}
+
 fn map_memory(memfd: &File) -> *mut u8 {
     // SAFETY: mapping the whole memfd shared; checked below.
     let mem = unsafe {

@@ -296,3 +296,130 @@ fn a_service_manager_hears_ready_once_the_sockets_take_connections_and_stopping(
     }
     assert!(child.0.wait().expect("wait").success());
 }
+
+#[test]
+fn a_request_that_finds_the_image_inconsistent_raises_block_image_corrupted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "c.qcow2", "4M");
+    sh(d, &["qemu-io", "-c", "write -P 9 0 256k", "c.qcow2"]);
+    // A reserved bit in the L2 entry of guest cluster 1: found by the
+    // first request that looks at it, not by the open.
+    let mut bytes = std::fs::read(d.join("c.qcow2")).expect("read");
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().expect("8")) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().expect("8")) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    bytes[l2 + 8 + 7] |= 0x02;
+    std::fs::write(d.join("c.qcow2"), bytes).expect("write");
+    let mut daemon = Daemon::qblk(d, "c.sock", &["--control", "qmp.sock", "c.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    let mut c = Client::connect(&daemon.socket, 1).expect("vhost-user client");
+    c.buf()[..4096].fill(0x5a);
+    assert_ne!(
+        c.write(65536, 0, 4096),
+        0,
+        "a write through a corrupt entry"
+    );
+    let e = q
+        .event("BLOCK_IMAGE_CORRUPTED", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no BLOCK_IMAGE_CORRUPTED\n{}", daemon.log()));
+    assert_eq!(e["data"]["node-name"], "disk", "{e}");
+    assert_eq!(e["data"]["fatal"], true, "{e}");
+    assert!(
+        e["data"]["msg"].as_str().is_some_and(|m| !m.is_empty()),
+        "{e}"
+    );
+    assert!(
+        e["timestamp"]["seconds"].as_u64().is_some_and(|s| s > 0),
+        "{e}"
+    );
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no BLOCK_IO_ERROR\n{}", daemon.log()));
+    assert_eq!(e["data"]["operation"], "write", "{e}");
+    assert_eq!(e["data"]["action"], "report", "{e}");
+    assert_eq!(e["data"]["nospace"], false, "{e}");
+    // The intact cluster still reads.
+    assert_eq!(c.read_vec(0, 4096), vec![9; 4096]);
+    drop(c);
+    drop(q);
+    daemon.stop();
+    let info = sh(d, &["qemu-img", "info", "--output=json", "c.qcow2"]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+}
+
+/// QEMU's own QMP clients work unchanged: the `qemu.qmp` Python library
+/// (installed by `cargo xtask test` into target/qmp-venv) and its
+/// `qmp-shell`.
+#[test]
+fn qemus_python_qmp_library_and_qmp_shell_drive_the_daemon() {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/qmp-venv/bin");
+    assert!(
+        venv.join("python").exists(),
+        "{}: no qemu.qmp environment (cargo xtask test makes it)",
+        venv.display()
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "p.qcow2", "64M");
+    let mut daemon = Daemon::qblk(d, "p.sock", &["--control", "qmp.sock", "p.qcow2"]);
+    std::fs::write(
+        d.join("t.py"),
+        r#"
+import asyncio, json
+from qemu.qmp import QMPClient, ExecuteError
+async def main():
+    qmp = QMPClient('qblk-test')
+    await qmp.connect('qmp.sock')
+    v = await qmp.execute('query-version')
+    assert v['package'].startswith('qblk'), v
+    await qmp.execute('block-dirty-bitmap-add', {'node': 'disk', 'name': 'b', 'persistent': True})
+    nodes = await qmp.execute('query-named-block-nodes')
+    assert nodes[0]['dirty-bitmaps'][0]['name'] == 'b', nodes
+    await qmp.execute('block_resize', {'node-name': 'disk', 'size': 128 << 20})
+    try:
+        await qmp.execute('no-such-command')
+        raise SystemExit('no error for an unknown command')
+    except ExecuteError as e:
+        assert e.error_class == 'CommandNotFound', e
+    await qmp.disconnect()
+    print('QMP-LIBRARY-OK')
+asyncio.run(main())
+"#,
+    )
+    .expect("script");
+    let out = std::process::Command::new(venv.join("python"))
+        .arg("t.py")
+        .current_dir(d)
+        .output()
+        .expect("run python");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("QMP-LIBRARY-OK"),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let mut shell = std::process::Command::new(venv.join("qmp-shell"))
+        .arg("qmp.sock")
+        .current_dir(d)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qmp-shell");
+    {
+        use std::io::Write;
+        let mut stdin = shell.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"query-block-exports\nblock-dirty-bitmap-clear node=disk name=b\n")
+            .expect("write to qmp-shell");
+    }
+    let out = shell.wait_with_output().expect("qmp-shell output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("vhost-user-blk"), "{text}");
+    assert!(text.contains("{\"return\": {}}"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+    daemon.stop();
+}

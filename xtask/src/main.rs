@@ -256,6 +256,47 @@ fn install_packages() -> Result {
     Ok(())
 }
 
+/// QEMU's Python QMP library (`qemu.qmp`, which brings `qmp-shell`) in a
+/// virtual environment under target/, for the test that drives the
+/// control socket with QEMU's own clients (integration/tests/control.rs).
+fn install_qmp_python() -> Result {
+    let venv = root().join("target/qmp-venv");
+    if venv.join("bin/qmp-shell").exists() {
+        return Ok(());
+    }
+    if !have("python3") {
+        apt_install("python3")?;
+    }
+    let v = venv.display().to_string();
+    if sh("python3", &["-m", "venv", &v]).is_err() {
+        // Debian's python3 makes environments only with python3-venv.
+        apt_install("python3-venv")?;
+        sh("python3", &["-m", "venv", &v])?;
+    }
+    sh(
+        &format!("{v}/bin/pip"),
+        &[
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "qemu.qmp",
+        ],
+    )
+}
+
+fn apt_install(package: &str) -> Result {
+    let (program, mut args): (&str, Vec<&str>) = if is_root() {
+        ("apt-get", vec![])
+    } else {
+        ("sudo", vec!["apt-get"])
+    };
+    let mut update = args.clone();
+    update.push("update");
+    sh(program, &update)?;
+    args.extend(["install", "-y", "--no-install-recommends", package]);
+    sh_env(program, &args, &[("DEBIAN_FRONTEND", "noninteractive")])
+}
+
 /// Boots guests against `qblk serve`: the `#[ignore]`d tests in
 /// integration/tests/guest.rs, one at a time (each VM takes both cores).
 fn e2e() -> Result {
@@ -292,6 +333,7 @@ fn test() -> Result {
         ));
     }
     install_packages()?;
+    install_qmp_python()?;
     let cargo = cargo();
     sh(&cargo, &["fmt", "--all", "--", "--check"])?;
     sh(
