@@ -220,7 +220,7 @@ fn run_out(program: &str, args: &[&str], dir: &Path) -> Result<String> {
 }
 
 /// The number after `"key":` in a flat JSON object.
-fn json_number(json: &str, key: &str) -> Option<f64> {
+pub(crate) fn json_number(json: &str, key: &str) -> Option<f64> {
     let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
     let rest = json[at..].trim_start();
     let end = rest

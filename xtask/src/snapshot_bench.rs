@@ -68,15 +68,9 @@ fn qmp(socket: &Path, execute: &str, arguments: &str) -> Result<String> {
     ))
 }
 
+/// Microseconds under `key` in `qblk bench --json`'s output, as ms.
 fn json_ms(json: &str, key: &str) -> f64 {
-    let Some(at) = json.find(&format!("\"{key}\":")) else {
-        return 0.0;
-    };
-    let rest = &json[at + key.len() + 3..];
-    let end = rest
-        .find(|c: char| c != '.' && c != '-' && !c.is_ascii_digit() && c != 'e')
-        .unwrap_or(rest.len());
-    rest[..end].trim().parse::<f64>().unwrap_or(0.0) / 1000.0
+    crate::bench::json_number(json, key).unwrap_or(0.0) / 1000.0
 }
 
 fn start(target: Target, qblk: &str, dir: &Path) -> Result<Child> {

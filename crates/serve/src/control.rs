@@ -23,6 +23,7 @@
 //! something that cannot be parsed at all is disconnected. Nothing a
 //! client sends stops the daemon but `quit`.
 
+use crate::lock;
 use std::io::BufReader;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -168,10 +169,6 @@ struct Context {
     readonly: bool,
     image: PathBuf,
     on_quit: Arc<dyn Fn() + Send + Sync>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn version() -> Value {

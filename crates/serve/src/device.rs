@@ -1,6 +1,7 @@
 //! The virtio-blk device: the state the queue workers share, its config
 //! space and feature handling, and the checks on the frontend's memory.
 
+use crate::lock;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -301,8 +302,4 @@ impl Device {
             ),
         ))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -43,6 +43,7 @@
 //! new daemon would retry it on a fresh open of the image and report
 //! durable what the kernel dropped.
 
+use crate::lock;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -324,10 +325,6 @@ impl RunState {
         events.emit("RESUME", serde_json::json!({}));
         n
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! the subscribed sockets. A full queue drops the event (counted and
 //! logged); a client that does not read for [`WRITE_TIMEOUT`] is hung up.
 
+use crate::lock;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -115,10 +116,6 @@ fn deliver(rx: &Receiver<Value>, subscribers: &Mutex<Vec<Weak<Mutex<UnixStream>>
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@
 //! pause holds back, so they run before the requests that arrived while
 //! the device was stopped.
 
+use crate::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -166,10 +167,6 @@ impl Gate {
     pub fn is_closed(&self) -> bool {
         self.shut(true)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

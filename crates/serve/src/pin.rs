@@ -50,7 +50,7 @@ impl SharedPins {
     /// an older table is cancelled). `kick` wakes the asking queue when
     /// the job is done, unless it is done already.
     fn job_for(&self, queue: usize, mem: &Arc<Mem>, kick: &Arc<Notify>) -> Arc<Job> {
-        let mut slot = self.job.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = crate::lock(&self.job);
         let job = match slot.as_ref().filter(|j| Arc::ptr_eq(&j.mem, mem)) {
             Some(job) => job.clone(),
             None => {
@@ -76,7 +76,7 @@ impl SharedPins {
         };
         // Registered before the caller looks at the result: a result set
         // after that look finds this kick.
-        let mut waiters = job.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiters = crate::lock(&job.waiters);
         if !waiters.iter().any(|w| Arc::ptr_eq(w, kick)) {
             waiters.push(kick.clone());
         }
@@ -98,7 +98,7 @@ impl Job {
     /// Records the outcome and wakes the queues waiting for it.
     fn finish(&self, result: Result<SharedMemory, String>) {
         let _ = self.result.set(result);
-        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        let waiters = std::mem::take(&mut *crate::lock(&self.waiters));
         for w in waiters {
             w.notify_one();
         }

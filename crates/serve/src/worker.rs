@@ -172,7 +172,7 @@ impl QueueHandle {
             return Ok(Started::Closed);
         }
         {
-            let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut o = crate::lock(&self.owner);
             match *o {
                 Some(other) if other != owner => return Err((ring, other)),
                 _ => *o = Some(owner),
@@ -189,7 +189,7 @@ impl QueueHandle {
     /// Connection `owner` no longer has a ring on this queue (stopped with
     /// [`QueueHandle::stop`] first).
     pub(crate) fn release(&self, owner: u64) {
-        let mut o = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = crate::lock(&self.owner);
         if *o == Some(owner) {
             *o = None;
         }
@@ -197,7 +197,7 @@ impl QueueHandle {
 
     /// The connection whose ring the queue serves, if any.
     pub(crate) fn owner(&self) -> Option<u64> {
-        *self.owner.lock().unwrap_or_else(|e| e.into_inner())
+        *crate::lock(&self.owner)
     }
 
     /// The frontend changed its memory table: a serving worker looks at

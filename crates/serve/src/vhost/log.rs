@@ -144,7 +144,7 @@ impl DirtyLog {
     /// SET_LOG_BASE: the area to log into from now on.
     pub(crate) fn set_map(&self, map: LogMap) {
         info!(bytes = map.len, "dirty log installed");
-        *self.map.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(map));
+        *crate::lock(&self.map) = Some(Arc::new(map));
     }
 
     /// The features now (do not) carry VHOST_F_LOG_ALL.
@@ -159,7 +159,7 @@ impl DirtyLog {
         if !self.on.load(Ordering::Relaxed) {
             return None;
         }
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        crate::lock(&self.map).clone()
     }
 }
 

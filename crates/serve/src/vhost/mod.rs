@@ -50,12 +50,12 @@ impl Call {
                 unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) };
             }
         }
-        *self.fd.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+        *crate::lock(&self.fd) = fd;
     }
 
     /// Interrupts the guest (if there is an eventfd to do it with).
     pub(crate) fn signal(&self) {
-        let guard = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = crate::lock(&self.fd);
         if let Some(mut f) = guard.as_ref() {
             if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
                 debug!("cannot signal the call eventfd: {e}");

@@ -21,6 +21,7 @@
 //! backend channel (cloud-hypervisor before its PR #8824) never hear of a
 //! resize: the guest sees the new size when it next probes the device.
 
+use crate::lock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -118,8 +119,4 @@ impl ConfigNotice {
     pub(crate) fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
