@@ -459,14 +459,11 @@ fn stop(ctx: &Context) -> Result<Value, QmpError> {
         return Ok(json!({}));
     }
     // A pause of the stopped gate drains it; the stop outlasts the pause.
-    let drained = d.gate.pause(crate::device::DRAIN_TIMEOUT).map(drop);
+    let drained = d.hold_guest().map(drop);
     info!("stopped: no guest request goes into the disk until cont");
-    drained.map(|()| json!({})).map_err(|n| {
-        generic(format!(
-            "stopped, but {n} guest requests did not finish within {} s",
-            crate::device::DRAIN_TIMEOUT.as_secs()
-        ))
-    })
+    drained
+        .map(|()| json!({}))
+        .map_err(|e| generic(format!("stopped, but {e}")))
 }
 
 fn name_is_enable(name: &str) -> bool {
@@ -581,14 +578,8 @@ fn with_guest_held<T>(
     let began = std::time::Instant::now();
     let paused = ctx
         .device
-        .gate
-        .pause(crate::device::DRAIN_TIMEOUT)
-        .map_err(|n| {
-            generic(format!(
-                "{n} guest requests did not finish within {} s: no {what}",
-                crate::device::DRAIN_TIMEOUT.as_secs()
-            ))
-        })?;
+        .hold_guest()
+        .map_err(|e| generic(format!("{e}: no {what}")))?;
     let drain = paused.drain;
     let r = qblk_engine::runtime::block_on(op);
     drop(paused);

@@ -138,6 +138,18 @@ impl Device {
         self.frontends.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Closes the gate and waits, at most [`DRAIN_TIMEOUT`], until no
+    /// guest request is inside the disk; the guest's requests are held
+    /// while the guard lives. The error says how many did not finish.
+    pub fn hold_guest(&self) -> Result<crate::gate::Paused<'_>, String> {
+        self.gate.pause(DRAIN_TIMEOUT).map_err(|n| {
+            format!(
+                "{n} guest requests did not finish within {} s",
+                DRAIN_TIMEOUT.as_secs()
+            )
+        })
+    }
+
     /// Grows the disk to `new_size` bytes while it is served: the guest's
     /// requests are drained and held while the image changes, then the
     /// frontends hear of the new capacity. Shrinking is refused (the guest
@@ -167,12 +179,7 @@ impl Device {
         if new_size == old {
             return Ok(());
         }
-        let paused = self.gate.pause(DRAIN_TIMEOUT).map_err(|n| {
-            format!(
-                "{n} guest requests did not finish within {} s; not resized",
-                DRAIN_TIMEOUT.as_secs()
-            )
-        })?;
+        let paused = self.hold_guest().map_err(|e| format!("{e}; not resized"))?;
         let grown = self.disk.grow(new_size).await;
         if grown.is_ok() {
             self.size.store(new_size, Ordering::Release);
