@@ -132,9 +132,9 @@ fn image_opts(image: &str) -> String {
     format!("driver=qcow2,file.filename={image},encrypt.key-secret=sec0")
 }
 
-/// `qemu-img create` with the key; QEMU 7.2's PBKDF2 calibration fails at
+/// `qemu-img create` with the key. QEMU 7.2's PBKDF2 calibration fails at
 /// random when it reads 0 ms of CPU time (its "Unable to get accurate CPU
-/// usage"), most often with sha1: try again.
+/// usage"); `run` makes that rare (see there), and a failure is tried again.
 fn qemu_create(dir: &Path, opts: &str, image: &str, size: &str) {
     let s = secret(dir);
     let args = [

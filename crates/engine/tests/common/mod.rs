@@ -11,6 +11,8 @@ use qblk_engine::OpenOptions;
 pub fn sh(dir: &Path, args: &[&str]) -> String {
     let run = || {
         Command::new(args[0])
+            // Nettle's portable code: see qblk_integration::run.
+            .env("NETTLE_FAT_OVERRIDE", "none")
             .args(&args[1..])
             .current_dir(dir)
             .output()
