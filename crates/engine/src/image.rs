@@ -448,6 +448,24 @@ impl Image {
         self.writer.is_some()
     }
 
+    /// Lets go of this opener's locks on every file of the image — the
+    /// image, its data file, its backing chain — now, not when the last
+    /// reference to them goes. For a closed image being handed over to
+    /// another process; the image must not be used afterwards.
+    pub fn release_locks(&self) -> Result<()> {
+        let files = std::iter::once(self.file()).chain(self.data_file());
+        for f in files {
+            crate::lock::unlock(f).map_err(Error::io(f.path(), "unlock", None))?;
+        }
+        match self.backing() {
+            Some(BackingRef::Qcow2(b)) => b.release_locks(),
+            Some(BackingRef::Raw { file, .. }) => {
+                crate::lock::unlock(file).map_err(Error::io(file.path(), "unlock", None))
+            }
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn geometry(&self) -> Geometry {
         self.geometry
     }

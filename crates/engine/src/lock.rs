@@ -223,6 +223,26 @@ pub fn lock(file: &impl AsRawFd, access: Access) -> Result<(), LockError> {
     r
 }
 
+/// Lets go of every lock byte this opener holds on `file`, at once rather
+/// than when its descriptor closes: a daemon handing its image over to
+/// another (`blockdev-set-active`) must not depend on when the last
+/// reference to the descriptor goes.
+pub fn unlock(file: &impl AsRawFd) -> io::Result<()> {
+    let fl = libc::flock {
+        l_type: libc::F_UNLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: PERM_BASE,
+        l_len: SHARED_BASE + 8 - PERM_BASE,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl with F_OFD_SETLK reads a valid flock structure.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// How long (in steps) a conflict is re-checked before it is reported.
 const CONFLICT_RECHECKS: u32 = 25;
 const CONFLICT_RECHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(10);

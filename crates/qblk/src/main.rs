@@ -125,6 +125,13 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         #[arg(long, value_name = "POLICY", default_value = "report",
               value_parser = |s: &str| qblk_serve::errors::OnError::parse(s, false))]
         rerror: qblk_serve::errors::OnError,
+        /// Start inactive: look at the image without holding it (no locks,
+        /// no metadata kept) and answer the frontend, but let no guest
+        /// request into the disk until `blockdev-set-active` on the control
+        /// socket (needs --control) activates the daemon. The incoming
+        /// side of a migration across hosts on shared storage (README).
+        #[arg(long)]
+        inactive: bool,
         /// Write the daemon's pid to PATH once it is ready, keep the file
         /// locked while it runs and remove it at exit; refuse to start if a
         /// live process holds it.
@@ -694,6 +701,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
             metrics,
             werror,
             rerror,
+            inactive,
             pidfile,
             socket_owner,
             socket_mode,
@@ -783,6 +791,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                     .transpose()?,
                 werror,
                 rerror,
+                inactive,
                 service,
             };
             qblk_serve::serve(&opts)?;

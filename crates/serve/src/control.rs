@@ -82,13 +82,15 @@ impl std::fmt::Debug for Control {
 
 impl Control {
     /// Listens on `source`: binds a path (replacing a stale socket), or
-    /// takes an inherited listener. `quit` calls `on_quit`.
+    /// takes an inherited listener. `quit` calls `on_quit`;
+    /// `blockdev-set-active` opens the disk with `open`.
     pub fn start(
         source: &ListenOn,
         device: Arc<Device>,
         readonly: bool,
         image: PathBuf,
         on_quit: Arc<dyn Fn() + Send + Sync>,
+        open: Opener,
     ) -> std::io::Result<Control> {
         let (listener, path) = match source {
             ListenOn::Path(path) => {
@@ -107,6 +109,7 @@ impl Control {
             readonly,
             image,
             on_quit,
+            open,
         });
         let list = clients.clone();
         let woken = wake.clone();
@@ -169,7 +172,12 @@ struct Context {
     readonly: bool,
     image: PathBuf,
     on_quit: Arc<dyn Fn() + Send + Sync>,
+    /// Opens the disk when the daemon is activated (`blockdev-set-active`).
+    open: Opener,
 }
+
+/// Opens the disk as the daemon's options say; the error is the reply.
+pub type Opener = Arc<dyn Fn() -> Result<Disk, String> + Send + Sync>;
 
 fn version() -> Value {
     let v: Vec<u64> = env!("CARGO_PKG_VERSION")
@@ -198,6 +206,7 @@ const COMMANDS: &[&str] = &[
     "block_resize",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
+    "blockdev-set-active",
     "stop",
     "cont",
     "query-status",
@@ -333,44 +342,47 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             .map(|_| blockstats(ctx)),
         "block-dirty-bitmap-add" => {
             a.only(&["node", "name", "granularity", "persistent", "disabled"])?;
-            let img = image(ctx, &a)?;
-            let name = a.string("name")?;
-            if !a.flag("persistent")?.unwrap_or(false) {
-                return Err(generic(
-                    "qblk keeps persistent bitmaps only: add it with \"persistent\": true",
-                ));
-            }
-            let granularity = match a.map.get("granularity") {
-                None => img.cluster_size().clamp(4096, 65536),
-                Some(v) => v
-                    .as_u64()
-                    .ok_or_else(|| generic("Parameter 'granularity' expects uint32"))?,
-            };
-            let disabled = a.flag("disabled")?.unwrap_or(false);
-            engine(img.path(), || img.bitmap_add(&name, granularity, !disabled))
+            bitmap_image(ctx, &a, |img| {
+                let name = a.string("name")?;
+                if !a.flag("persistent")?.unwrap_or(false) {
+                    return Err(generic(
+                        "qblk keeps persistent bitmaps only: add it with \"persistent\": true",
+                    ));
+                }
+                let granularity = match a.map.get("granularity") {
+                    None => img.cluster_size().clamp(4096, 65536),
+                    Some(v) => v
+                        .as_u64()
+                        .ok_or_else(|| generic("Parameter 'granularity' expects uint32"))?,
+                };
+                let disabled = a.flag("disabled")?.unwrap_or(false);
+                engine(img.path(), || img.bitmap_add(&name, granularity, !disabled))
+            })
         }
         "block-dirty-bitmap-remove" => {
             a.only(&["node", "name"])?;
-            let img = image(ctx, &a)?;
-            let name = a.string("name")?;
-            engine(img.path(), || img.bitmap_remove(&name))
+            bitmap_image(ctx, &a, |img| {
+                let name = a.string("name")?;
+                engine(img.path(), || img.bitmap_remove(&name))
+            })
         }
         "block-dirty-bitmap-clear" => {
             a.only(&["node", "name"])?;
-            let img = image(ctx, &a)?;
-            let name = a.string("name")?;
-            engine(img.path(), || img.bitmap_clear(&name))
+            bitmap_image(ctx, &a, |img| {
+                let name = a.string("name")?;
+                engine(img.path(), || img.bitmap_clear(&name))
+            })
         }
         "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
             a.only(&["node", "name"])?;
-            let img = image(ctx, &a)?;
-            let name = a.string("name")?;
-            let on = name_is_enable(a.name);
-            engine(img.path(), || img.bitmap_set_enabled(&name, on))
+            bitmap_image(ctx, &a, |img| {
+                let name = a.string("name")?;
+                let on = name_is_enable(a.name);
+                engine(img.path(), || img.bitmap_set_enabled(&name, on))
+            })
         }
         "block-dirty-bitmap-merge" => {
             a.only(&["node", "target", "bitmaps"])?;
-            let img = image(ctx, &a)?;
             let target = a.string("target")?;
             let Some(sources) = a.map.get("bitmaps").and_then(Value::as_array) else {
                 return Err(generic("Parameter 'bitmaps' is missing"));
@@ -395,16 +407,35 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
                     _ => return Err(generic("Invalid parameter type for 'bitmaps'")),
                 }
             }
-            for n in names {
-                engine(img.path(), || img.bitmap_merge(&target, None, &n))?;
-            }
-            Ok(json!({}))
+            bitmap_image(ctx, &a, |img| {
+                for n in names {
+                    engine(img.path(), || img.bitmap_merge(&target, None, &n))?;
+                }
+                Ok(json!({}))
+            })
         }
         "block_resize" => {
             a.only(&["device", "node-name", "size"])?;
             node_of(&a, "device", "node-name")?;
             let size = a.uint("size")?;
+            let _admin = ctx.device.admin();
             qblk_engine::runtime::block_on(ctx.device.grow(size))
+                .map(|()| json!({}))
+                .map_err(generic)
+        }
+        "blockdev-set-active" => {
+            a.only(&["node-name", "active"])?;
+            if let Some(node) = a.opt_string("node-name")? {
+                if node != NODE_NAME {
+                    return Err(generic(format!("Cannot find node-name='{node}'")));
+                }
+            }
+            let active = a
+                .flag("active")?
+                .ok_or_else(|| generic("Parameter 'active' is missing"))?;
+            let _admin = ctx.device.admin();
+            ctx.device
+                .set_active(active, || (ctx.open)())
                 .map(|()| json!({}))
                 .map_err(generic)
         }
@@ -557,15 +588,41 @@ fn node_of(a: &Args<'_>, device_key: &str, node_key: &str) -> Result<(), QmpErro
     Ok(())
 }
 
-/// The served qcow2 image for an internal snapshot operation.
-fn snapshot_image(ctx: &Context) -> Result<&qblk_engine::Image, QmpError> {
-    match &ctx.device.disk {
-        Disk::Qcow2(img) if img.is_writable() => Ok(img),
-        Disk::Qcow2(_) => Err(generic(format!("Device '{NODE_NAME}' is read only"))),
-        Disk::Raw(_) => Err(generic(format!(
-            "Block format 'raw' used by device '{NODE_NAME}' does not support internal snapshots"
-        ))),
+/// Runs `f` on the served qcow2 image holding the device's admin lock
+/// (no hand-over, resize or other change meanwhile); `readonly` and `raw`
+/// are the refusals for a disk that is no writable qcow2 image.
+fn on_image<T>(
+    ctx: &Context,
+    readonly: &str,
+    raw: &str,
+    f: impl FnOnce(&qblk_engine::Image) -> Result<T, QmpError>,
+) -> Result<T, QmpError> {
+    let _admin = ctx.device.admin();
+    let disk = ctx.device.disk().ok_or_else(inactive)?;
+    match &*disk {
+        Disk::Qcow2(img) if img.is_writable() => f(img),
+        Disk::Qcow2(_) => Err(generic(readonly)),
+        Disk::Raw(_) => Err(generic(raw)),
     }
+}
+
+fn inactive() -> QmpError {
+    generic(crate::disk::DiskError::Inactive.to_string())
+}
+
+/// [`on_image`] for an internal snapshot operation.
+fn snapshot_image<T>(
+    ctx: &Context,
+    f: impl FnOnce(&qblk_engine::Image) -> Result<T, QmpError>,
+) -> Result<T, QmpError> {
+    on_image(
+        ctx,
+        &format!("Device '{NODE_NAME}' is read only"),
+        &format!(
+            "Block format 'raw' used by device '{NODE_NAME}' does not support internal snapshots"
+        ),
+        f,
+    )
 }
 
 /// Runs `op` on the image with the guest's requests drained and held,
@@ -598,7 +655,14 @@ fn with_guest_held<T>(
 }
 
 fn snapshot_create(ctx: &Context, name: &str) -> Result<Value, QmpError> {
-    let img = snapshot_image(ctx)?;
+    snapshot_image(ctx, |img| snapshot_create_in(ctx, img, name))
+}
+
+fn snapshot_create_in(
+    ctx: &Context,
+    img: &qblk_engine::Image,
+    name: &str,
+) -> Result<Value, QmpError> {
     if name.is_empty() {
         return Err(generic("Name is empty"));
     }
@@ -614,7 +678,15 @@ fn snapshot_create(ctx: &Context, name: &str) -> Result<Value, QmpError> {
 }
 
 fn snapshot_delete(ctx: &Context, id: Option<&str>, name: Option<&str>) -> Result<Value, QmpError> {
-    let img = snapshot_image(ctx)?;
+    snapshot_image(ctx, |img| snapshot_delete_in(ctx, img, id, name))
+}
+
+fn snapshot_delete_in(
+    ctx: &Context,
+    img: &qblk_engine::Image,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> Result<Value, QmpError> {
     if id.is_none() && name.is_none() {
         return Err(generic("Name or id must be provided"));
     }
@@ -650,19 +722,25 @@ fn snapshot_delete(ctx: &Context, id: Option<&str>, name: Option<&str>) -> Resul
     Ok(info)
 }
 
-/// The qcow2 image behind `node`, writable.
-fn image<'a>(ctx: &'a Context, a: &Args<'_>) -> Result<&'a qblk_engine::Image, QmpError> {
+/// [`on_image`] for the qcow2 image behind `node`, for a bitmap
+/// operation.
+fn bitmap_image<T>(
+    ctx: &Context,
+    a: &Args<'_>,
+    f: impl FnOnce(&qblk_engine::Image) -> Result<T, QmpError>,
+) -> Result<T, QmpError> {
     let node = a.string("node")?;
     if node != NODE_NAME {
         return Err(generic(format!(
             "Cannot find device='{node}' nor node-name='{node}'"
         )));
     }
-    match &ctx.device.disk {
-        Disk::Qcow2(img) if img.is_writable() => Ok(img),
-        Disk::Qcow2(_) => Err(generic("the disk is served read-only")),
-        Disk::Raw(_) => Err(generic("a raw disk has no persistent bitmaps")),
-    }
+    on_image(
+        ctx,
+        "the disk is served read-only",
+        "a raw disk has no persistent bitmaps",
+        f,
+    )
 }
 
 /// Runs an engine operation on this thread's ring; its error is the reply.
@@ -698,8 +776,24 @@ fn blockstats(ctx: &Context) -> Value {
 }
 
 fn named_nodes(ctx: &Context) -> Value {
-    let disk = &ctx.device.disk;
-    let (drv, bitmaps) = match disk {
+    let file = ctx.image.display().to_string();
+    let Some(disk) = ctx.device.disk() else {
+        // Inactive: nothing is read from the image (another daemon writes
+        // it); what the device was started with.
+        return json!([{
+            "node-name": NODE_NAME,
+            "file": file,
+            "ro": ctx.readonly,
+            "active": false,
+            "image": {
+                "filename": file,
+                "virtual-size": ctx.device.size(),
+                "cluster-size": ctx.device.config.cluster_size,
+            },
+            "dirty-bitmaps": [],
+        }]);
+    };
+    let (drv, bitmaps) = match &*disk {
         Disk::Qcow2(img) => (
             "qcow2",
             img.bitmaps()
@@ -719,12 +813,12 @@ fn named_nodes(ctx: &Context) -> Value {
         ),
         Disk::Raw(_) => ("raw", Vec::new()),
     };
-    let file = ctx.image.display().to_string();
     json!([{
         "node-name": NODE_NAME,
         "drv": drv,
         "file": file,
         "ro": ctx.readonly,
+        "active": true,
         "image": {
             "filename": file,
             "format": drv,

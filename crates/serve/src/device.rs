@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_FLUSH};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
@@ -66,7 +67,12 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// What every queue worker shares: the disk and the device's settings.
 #[derive(Debug)]
 pub struct Device {
-    pub disk: Disk,
+    /// The disk; none while the daemon is inactive (`set_active`). Swapped
+    /// only with the guest's requests held at the gate.
+    disk: ArcSwapOption<Disk>,
+    /// Held by control operations that change the disk under the guest
+    /// (activation, resize, snapshots, bitmaps), one at a time.
+    admin: Mutex<()>,
     /// The settings the device started with; the capacity may grow since
     /// (`size()`).
     pub config: DeviceConfig,
@@ -95,12 +101,20 @@ pub struct Device {
 }
 
 impl Device {
-    pub fn new(disk: Disk, config: DeviceConfig, serial: Vec<u8>) -> Self {
+    /// A device serving `disk`, or an inactive one (`None`) whose guest
+    /// requests wait until a disk is handed to it (`set_active`).
+    pub fn new(disk: Option<Disk>, config: DeviceConfig, serial: Vec<u8>) -> Self {
+        let gate = if disk.is_some() {
+            Gate::default()
+        } else {
+            Gate::closed()
+        };
         Self {
-            disk,
+            disk: ArcSwapOption::from(disk.map(Arc::new)),
+            admin: Mutex::default(),
             config,
             size: AtomicU64::new(config.size),
-            gate: Gate::default(),
+            gate,
             events: Events::new(),
             run: RunState::new(OnError::WRITE_DEFAULT, OnError::READ_DEFAULT),
             frontends: AtomicUsize::new(0),
@@ -113,6 +127,84 @@ impl Device {
                 .map(|_| crate::stats::QueueStats::default())
                 .collect(),
         }
+    }
+
+    /// The disk, unless the daemon is inactive.
+    pub fn disk(&self) -> Option<Arc<Disk>> {
+        self.disk.load_full()
+    }
+
+    /// The disk for a guest request: no reference count is touched (the
+    /// guard is thread-local), so the queue workers share no cache line.
+    pub(crate) fn disk_for_request(&self) -> arc_swap::Guard<Option<Arc<Disk>>> {
+        self.disk.load()
+    }
+
+    /// Whether the daemon serves the disk (not handed over to another).
+    pub fn is_active(&self) -> bool {
+        self.disk.load().is_some()
+    }
+
+    /// Serializes the control operations that change the disk under the
+    /// guest; held across the operation.
+    pub fn admin(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.admin)
+    }
+
+    /// `blockdev-set-active`: hands the disk over between two daemons
+    /// sharing an image (a migration across hosts). Deactivating drains and
+    /// holds the guest's requests, commits everything and leaves the image
+    /// clean, lets go of its locks and forgets all metadata; the requests
+    /// wait (still in flight for the guest) until the disk is activated
+    /// again. Activating opens it with `open` — taking the locks, reading
+    /// the metadata afresh, replaying a journal a crashed daemon left —
+    /// and lets them in. A no-op when already so. The caller holds
+    /// [`Device::admin`].
+    pub fn set_active(
+        &self,
+        active: bool,
+        open: impl FnOnce() -> Result<Disk, String>,
+    ) -> Result<(), String> {
+        if active == self.is_active() {
+            return Ok(());
+        }
+        if active {
+            let disk = open()?;
+            let size = disk.size();
+            self.disk.store(Some(Arc::new(disk)));
+            let old = self.size.swap(size, Ordering::AcqRel);
+            self.gate.reopen_kept();
+            if size != old {
+                warn!(
+                    old,
+                    new = size,
+                    "the image changed size while this daemon was inactive; the guest hears of it"
+                );
+                self.notify_capacity();
+            }
+            tracing::info!("active: the disk is served");
+            return Ok(());
+        }
+        let paused = self
+            .hold_guest()
+            .map_err(|e| format!("{e}; still active"))?;
+        let Some(disk) = self.disk() else {
+            return Ok(());
+        };
+        qblk_engine::runtime::block_on(disk.close())
+            .map_err(|e| format!("{}; still active", crate::error_chain(&e)))?;
+        self.disk.store(None);
+        let released = disk.release_locks();
+        paused.keep();
+        drop(disk);
+        if let Err(e) = released {
+            // Closing the descriptor lets them go too, a little later.
+            warn!("{}", crate::error_chain(&e));
+        }
+        tracing::info!(
+            "inactive: image committed and unlocked; guest requests wait for blockdev-set-active"
+        );
+        Ok(())
     }
 
     /// The size the guest sees, in bytes.
@@ -179,14 +271,21 @@ impl Device {
         if new_size == old {
             return Ok(());
         }
+        let disk = self.disk().ok_or_else(|| DiskError::Inactive.to_string())?;
         let paused = self.hold_guest().map_err(|e| format!("{e}; not resized"))?;
-        let grown = self.disk.grow(new_size).await;
+        let grown = disk.grow(new_size).await;
         if grown.is_ok() {
             self.size.store(new_size, Ordering::Release);
         }
         drop(paused);
         grown.map_err(|e| crate::error_chain(&e))?;
         tracing::info!(old, new = new_size, "disk grown");
+        self.notify_capacity();
+        Ok(())
+    }
+
+    /// Tells every frontend the capacity changed.
+    fn notify_capacity(&self) {
         let capacity = self.capacity();
         let notices: Vec<Arc<ConfigNotice>> = lock(&self.notices)
             .iter()
@@ -195,7 +294,6 @@ impl Device {
         for n in notices {
             n.capacity_changed(capacity);
         }
-        Ok(())
     }
 
     pub fn writeback(&self) -> bool {

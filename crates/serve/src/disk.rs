@@ -13,6 +13,9 @@ use qblk_engine::image::{self, Image};
 pub enum DiskError {
     #[error(transparent)]
     Image(#[from] image::Error),
+    /// Handed over to another daemon (`blockdev-set-active`).
+    #[error("the disk is inactive: another daemon serves it (blockdev-set-active)")]
+    Inactive,
     #[error("{path}: {op}")]
     Raw {
         path: String,
@@ -31,10 +34,16 @@ pub struct RawDisk {
 
 impl RawDisk {
     /// Opens and locks the file as a guest device of QEMU's would (a
-    /// writer shares only reads: no second writer, no resize).
-    pub fn open(path: &Path, writable: bool, cache: CacheMode) -> io::Result<Self> {
+    /// writer shares only reads: no second writer, no resize). Unlocked
+    /// only to look at it (`locked: false`, read-only).
+    pub fn open(path: &Path, writable: bool, cache: CacheMode, locked: bool) -> io::Result<Self> {
         use qblk_engine::lock::{Access, LockError, lock};
         let file = HostFile::open(path, writable, cache)?;
+        if !locked {
+            debug_assert!(!writable, "a writer always locks");
+            let size = file.file_len()?.into();
+            return Ok(Self { file, size });
+        }
         let access = if writable {
             Access::WRITER
         } else {
@@ -210,6 +219,16 @@ impl Disk {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Lets go of the locks on every file of the disk now (see
+    /// `Image::release_locks`); for a closed disk handed over to another
+    /// daemon.
+    pub fn release_locks(&self) -> Result<()> {
+        match self {
+            Disk::Qcow2(i) => Ok(i.release_locks()?),
+            Disk::Raw(r) => qblk_engine::lock::unlock(&r.file).map_err(r.err("unlock")),
         }
     }
 

@@ -61,7 +61,28 @@ impl Drop for Paused<'_> {
     }
 }
 
+impl Paused<'_> {
+    /// Keeps the gate closed past this guard, until [`Gate::reopen_kept`]:
+    /// the disk was handed over to another daemon (`blockdev-set-active`).
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Gate {
+    /// A gate closed from the start, as if by a kept [`Paused`] guard: the
+    /// device of a daemon started inactive.
+    pub fn closed() -> Self {
+        let g = Self::default();
+        g.closers.store(1, Ordering::SeqCst);
+        g
+    }
+
+    /// Lets go of the closing of [`Paused::keep`] or [`Gate::closed`].
+    pub fn reopen_kept(&self) {
+        self.reopen();
+    }
+
     /// Waits until the gate is open and goes in.
     pub async fn enter(&self) -> Pass<'_> {
         self.enter_when(true).await

@@ -98,6 +98,11 @@ pub struct ServeOptions {
     pub werror: errors::OnError,
     /// What a failed read does (`--rerror`).
     pub rerror: errors::OnError,
+    /// Start inactive (`--inactive`): the image is looked at, not held —
+    /// no locks, no metadata kept — until the control socket's
+    /// `blockdev-set-active` activates the daemon. The incoming side of a
+    /// migration across hosts on shared storage.
+    pub inactive: bool,
 }
 
 /// A failure that stops the daemon.
@@ -162,6 +167,17 @@ fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
             )));
         }
     }
+    if opts.inactive && opts.create.is_some() {
+        return Err(ServeError::Usage(
+            "--inactive serves an image another daemon holds; --create cannot make it".into(),
+        ));
+    }
+    if opts.inactive && opts.control.is_none() {
+        return Err(ServeError::Usage(
+            "--inactive needs --control: only blockdev-set-active on it activates the daemon"
+                .into(),
+        ));
+    }
     if opts.create.is_some() && opts.readonly {
         return Err(ServeError::Usage(
             "--create makes a new image, which --readonly could never write".into(),
@@ -206,8 +222,16 @@ fn create_if_missing(opts: &ServeOptions) -> Result<(), ServeError> {
 
 /// Opens the disk the way the options say.
 pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
+    open_disk_as(opts, false)
+}
+
+/// Opens the disk, or with `look` only looks at it: read-only, without
+/// locks (sharing everything, as `qemu-img -U`), no journal replayed —
+/// what an inactive daemon needs to answer the frontend (size, block
+/// sizes) while another daemon writes the image.
+fn open_disk_as(opts: &ServeOptions, look: bool) -> Result<Disk, ServeError> {
     match opts.format {
-        Format::Raw => RawDisk::open(&opts.image, !opts.readonly, opts.cache)
+        Format::Raw => RawDisk::open(&opts.image, !opts.readonly && !look, opts.cache, !look)
             .map(Disk::Raw)
             .map_err(|source| ServeError::OpenRaw {
                 path: opts.image.clone(),
@@ -227,6 +251,12 @@ pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
                 crash_journal: !opts.readonly,
                 ..OpenOptions::default()
             };
+            if look {
+                o.writable = false;
+                o.force_share = true;
+                o.crash_journal = false;
+                o.key = None;
+            }
             if let Some(bytes) = opts.cache_size {
                 o.l2_cache_bytes = bytes;
                 o.refcount_cache_bytes = (bytes / 4).max(1);
@@ -293,7 +323,7 @@ impl Stop {
 pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     validate(opts)?;
     create_if_missing(opts)?;
-    let disk = open_disk(opts)?;
+    let disk = open_disk_as(opts, opts.inactive)?;
     let config = DeviceConfig {
         size: disk.size(),
         readonly: opts.readonly,
@@ -302,6 +332,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         cluster_size: disk.cluster_size(),
     };
     let serial = opts.serial.clone().unwrap_or_default().into_bytes();
+    // Inactive: what the frontend needs is known; nothing more is kept.
+    let disk = (!opts.inactive).then_some(disk);
     let mut device = Device::new(disk, config, serial);
     device.pin_memory = opts.pin_guest_memory;
     device.set_error_policies(opts.werror, opts.rerror);
@@ -314,7 +346,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         readonly = opts.readonly,
         werror = opts.werror.as_str(),
         rerror = opts.rerror.as_str(),
-        "disk open"
+        active = !opts.inactive,
+        "{}",
+        if opts.inactive {
+            "disk looked at, not held: inactive until blockdev-set-active"
+        } else {
+            "disk open"
+        }
     );
 
     let stop = Arc::new(Stop::default());
@@ -358,6 +396,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
                         info!("stopping: quit on the control socket");
                         stop.request();
                     }),
+                    {
+                        let opts = opts.clone();
+                        Arc::new(move || open_disk(&opts).map_err(|e| error_chain(&e)))
+                    },
                 )
                 .map_err(|e| {
                     ServeError::Start(format!("{}: cannot listen: {e}", source.describe()))
@@ -381,12 +423,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     }
     signals.0.close();
     let _ = signals.1.join();
-    let closed = qblk_engine::runtime::block_on(device.disk.close());
+    let disk = device.disk();
+    let closed = match &disk {
+        Some(d) => qblk_engine::runtime::block_on(d.close()),
+        None => Ok(()),
+    };
     // A socket someone else made stays theirs.
     if let ListenOn::Path(p) = &opts.socket {
         let _ = std::fs::remove_file(p);
     }
-    if let Some(s) = device.disk.stats() {
+    if let Some(s) = disk.as_ref().and_then(|d| d.stats()) {
         info!(
             allocating_writes = s.allocating_writes,
             in_place_writes = s.in_place_writes,
@@ -552,7 +598,8 @@ fn accept_loop(
                 // Requests the frontend left behind finish before its
                 // queues serve anyone else; the disk is flushed either way.
                 lock(&handler).end();
-                if let Err(e) = qblk_engine::runtime::block_on(finished_device.disk.flush()) {
+                let disk = finished_device.disk();
+                if let Some(Err(e)) = disk.map(|d| qblk_engine::runtime::block_on(d.flush())) {
                     error!("flush after disconnect failed: {e}");
                 }
                 drop(handler);

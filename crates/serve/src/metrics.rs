@@ -459,15 +459,25 @@ impl Collector for DeviceCollector {
             }),
         )?;
 
-        let disk = &self.device.disk;
         let gauge = |v: u64| [(Vec::new(), ConstGauge::new(v as i64))];
         family(
             &mut encoder,
             "image_virtual_size_bytes",
             "The disk's size as the guest sees it",
             MetricType::Gauge,
-            gauge(disk.size()),
+            gauge(self.device.size()),
         )?;
+        let disk = self.device.disk();
+        family(
+            &mut encoder,
+            "active",
+            "1 while this daemon serves the disk, 0 while another does (blockdev-set-active)",
+            MetricType::Gauge,
+            gauge(u64::from(disk.is_some())),
+        )?;
+        let Some(disk) = disk else {
+            return Ok(());
+        };
         if let Some(bytes) = allocated_bytes(disk.path()) {
             family(
                 &mut encoder,

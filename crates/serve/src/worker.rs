@@ -834,7 +834,12 @@ enum Failed {
 /// Runs one request against the disk once; for GET_ID, returns the bytes
 /// written.
 async fn execute(device: &Device, r: &Request) -> Result<usize, Failed> {
-    let disk = &device.disk;
+    let disk = device.disk_for_request();
+    // The gate holds requests while the daemon is inactive: none gets here
+    // then, but an error is the answer if one did.
+    let Some(disk) = disk.as_deref() else {
+        return Err(Failed::Disk(crate::disk::DiskError::Inactive));
+    };
     let result = match &r.op {
         Op::Read { offset, bufs } => {
             let mut out = guest_slices(r, bufs);

@@ -290,6 +290,12 @@ impl Handler {
         }
         self.vrings[index].running = true;
         debug!(queue = index, "ring started");
+        if !self.device.is_active() {
+            warn!(
+                queue = index,
+                "ring started while inactive: guest requests wait until blockdev-set-active activates this daemon"
+            );
+        }
         self.notice.set_started(true, self.device.capacity());
     }
 
