@@ -275,6 +275,25 @@ impl Vm {
         )
     }
 
+    /// [`Vm::incoming`] with its disks on other sockets: `(from, to)`
+    /// pairs (a migration to another host, whose daemon serves the disk on
+    /// a socket of its own).
+    pub fn incoming_on(&self, dir: &Path, name: &str, uri: &str, moves: &[(&Path, &Path)]) -> Self {
+        let machine = self
+            .machine
+            .iter()
+            .map(|a| {
+                moves.iter().fold(a.clone(), |a, (from, to)| {
+                    a.replace(
+                        &format!("path={}", from.display()),
+                        &format!("path={}", to.display()),
+                    )
+                })
+            })
+            .collect();
+        Self::launch(dir, name, machine, self.consoles.clone(), Some(uri))
+    }
+
     fn launch(
         dir: &Path,
         name: &str,
@@ -484,33 +503,49 @@ pub fn migrate(
     uri: &str,
     timeout: Duration,
 ) -> Result<Migrated, String> {
+    start_migration(src, uri)?;
+    let info = migration_reaches(src, "completed", timeout)?;
+    Ok(Migrated {
+        info,
+        at: Instant::now(),
+    })
+}
+
+/// Sends `migrate` to `uri`.
+pub fn start_migration(src: &mut crate::qmp::Qmp, uri: &str) -> Result<(), String> {
     let r = src.cmd("migrate", serde_json::json!({ "uri": uri }));
-    if r.get("return").is_none() {
-        return Err(format!("migrate refused: {}", r["error"]));
+    match r.get("return") {
+        Some(_) => Ok(()),
+        None => Err(format!("migrate refused: {}", r["error"])),
     }
+}
+
+/// Polls the source's `query-migrate` every 50 ms (at most `timeout`)
+/// until the migration's status is `status` (`completed`, or
+/// `pre-switchover` with that capability on); its answer then. A failed
+/// or cancelled migration or a timeout is an `Err` with QEMU's words.
+pub fn migration_reaches(
+    src: &mut crate::qmp::Qmp,
+    status: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
     let deadline = Instant::now() + timeout;
     loop {
         let info = src.ok("query-migrate", serde_json::json!({}));
         match info["status"].as_str().unwrap_or("") {
-            "completed" => {
-                return Ok(Migrated {
-                    info,
-                    at: Instant::now(),
-                });
-            }
+            s if s == status => return Ok(info),
             "failed" | "cancelled" | "cancelling" => {
                 return Err(format!("migration ended: {info}"));
             }
             _ => {}
         }
         if Instant::now() > deadline {
-            return Err(format!("migration not done after {timeout:?}: {info}"));
+            return Err(format!("migration not {status} after {timeout:?}: {info}"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// `query-status`'s `status` (`running`, `postmigrate`, `inmigrate`...).
 pub fn run_state(q: &mut crate::qmp::Qmp) -> String {
     q.ok("query-status", serde_json::json!({}))["status"]
         .as_str()
