@@ -15,8 +15,9 @@
 //! `query-commands`, `query-block-exports`, `query-named-block-nodes`,
 //! `query-blockstats` (`stats.rs`), `block-dirty-bitmap-add`/`-remove`/`-clear`/`-enable`/`-disable`/
 //! `-merge`, `block_resize`, internal snapshots, `stop`, `cont` and
-//! `query-status` (the run state and held requests of `errors.rs`), and
-//! `quit`. The disk's node is named `disk`.
+//! `query-status` (the run state and held requests of `errors.rs`),
+//! `blockdev-set-active` (the hand-over between two daemons,
+//! `Device::set_active`), and `quit`. The disk's node is named `disk`.
 //!
 //! Bad input — unparsable JSON, a request that is no object, unknown
 //! commands or arguments — gets an error reply; a client that sends
