@@ -387,6 +387,69 @@ impl RawFrontend {
         self.kick.write(1).expect("kick");
     }
 
+    /// Closed-loop load, for benchmarks: `qd` 4 KiB requests (reads, or
+    /// writes with `write`) at random 4 KiB-aligned offsets below `span`
+    /// bytes, each sent again as soon as its completion is seen — the used
+    /// ring is polled, never slept on — for `time`. Every status must be
+    /// OK. Returns the number of requests completed.
+    pub fn closed_loop(&mut self, qd: u16, span: u64, write: bool, time: Duration) -> u64 {
+        assert!(qd >= 1 && u32::from(qd) * 3 <= u32::from(QUEUE_SIZE));
+        assert!(DATA + 0x2000 + u64::from(qd) * 4096 <= MEM_SIZE as u64);
+        let header = |i: u16| DATA + u64::from(i) * 16;
+        let status = |i: u16| DATA + 0x1000 + u64::from(i);
+        let buf = |i: u16| DATA + 0x2000 + u64::from(i) * 4096;
+        let blocks = (span / 4096).max(1);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut place = |me: &mut Self, i: u16| {
+            // xorshift64*
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            let r = seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let sector = (r % blocks) * 8;
+            let h = me.header(header(i), u32::from(write), sector);
+            me.write(status(i), &[0xee]);
+            me.place(i * 3, &[h, D(buf(i), 4096, !write), D(status(i), 1, true)]);
+            i * 3
+        };
+        if write {
+            for i in 0..qd {
+                self.write(buf(i), &[0x5a; 4096]);
+            }
+        }
+        let heads: Vec<u16> = (0..qd).map(|i| place(self, i)).collect();
+        self.publish_heads(&heads);
+        let deadline = std::time::Instant::now() + time;
+        let mut done = 0u64;
+        let mut again = Vec::with_capacity(usize::from(qd));
+        while std::time::Instant::now() < deadline {
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            let idx = self.used_ring_idx();
+            while self.used_idx != idx {
+                let (id, _) = self.used_elem(self.used_idx);
+                self.used_idx = self.used_idx.wrapping_add(1);
+                let i = (id / 3) as u16;
+                assert_eq!(self.read(status(i), 1)[0], 0, "request failed");
+                done += 1;
+                again.push(place(self, i));
+            }
+            if !again.is_empty() {
+                self.publish_heads(&again);
+                again.clear();
+                let _ = self.call.read();
+            }
+        }
+        // Let the ones in flight finish, so the ring is idle afterwards.
+        let mut left = qd;
+        while left > 0 {
+            if self.wait_used(Duration::from_secs(30)).is_none() {
+                panic!("{left} requests did not complete");
+            }
+            left -= 1;
+        }
+        done
+    }
+
     /// Reads the device's configuration space.
     pub fn config(&mut self, size: u32) -> Vec<u8> {
         let buf = vec![0u8; size as usize];

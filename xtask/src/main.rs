@@ -156,6 +156,7 @@ fn main() -> ExitCode {
         Some("must-fail") => must_fail(),
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("bench-snapshot") => snapshot_bench::run(&args[1..]),
+        Some("bench-log") => bench_log(&args[1..]),
         Some("run") => run_main_job(
             args.get(1).map(String::as_str),
             args.get(2).map(String::as_str),
@@ -165,7 +166,7 @@ fn main() -> ExitCode {
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60),
         ),
         _ => Err(
-            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | bench-snapshot [--runtime S] [--rounds N] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
+            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | bench-snapshot [--runtime S] [--rounds N] | bench-log [--runtime S] [--rounds N] [--baseline QBLK] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
         ),
     };
     match result {
@@ -497,6 +498,32 @@ fn fuzz(target: &str, seconds: u32) -> Result {
     );
     let _ = std::fs::remove_dir_all(&work);
     r
+}
+
+/// `cargo xtask bench-log`: what dirty-page logging costs a request, off
+/// and on (`integration/src/bin/logbench.rs`), against `--baseline`, a
+/// qblk binary (e.g. built from before logging existed), when given.
+fn bench_log(args: &[String]) -> Result {
+    install_packages()?;
+    let cargo = cargo();
+    sh(&cargo, &["build", "--release", "--quiet", "-p", "qblk"])?;
+    sh(
+        &cargo,
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "qblk-integration",
+            "--bin",
+            "logbench",
+        ],
+    )?;
+    let qblk = root().join("target/release/qblk").display().to_string();
+    let bench = root().join("target/release/logbench").display().to_string();
+    let mut full = vec!["--qblk", qblk.as_str()];
+    full.extend(args.iter().map(String::as_str));
+    sh(&bench, &full)
 }
 
 fn run_main_job(image: Option<&str>, size: Option<&str>) -> Result {

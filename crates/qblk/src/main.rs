@@ -132,6 +132,14 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// side of a migration across hosts on shared storage (README).
         #[arg(long)]
         inactive: bool,
+        /// I/O limits for the disk across all queues, QEMU's throttle-group
+        /// names: bps-total, bps-read, bps-write, iops-total, iops-read,
+        /// iops-write (each also -max for a burst rate and -max-length for
+        /// its seconds), iops-size; e.g. `iops-total=500,bps-write=50M`.
+        /// Changed live by QMP `block_set_io_throttle`.
+        #[arg(long, value_name = "LIMITS", default_value = "",
+              value_parser = |s: &str| qblk_serve::throttle::Config::parse(s))]
+        throttle: qblk_serve::throttle::Config,
         /// Write the daemon's pid to PATH once it is ready, keep the file
         /// locked while it runs and remove it at exit; refuse to start if a
         /// live process holds it.
@@ -702,6 +710,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
             werror,
             rerror,
             inactive,
+            throttle,
             pidfile,
             socket_owner,
             socket_mode,
@@ -792,6 +801,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                 werror,
                 rerror,
                 inactive,
+                throttle,
                 service,
             };
             qblk_serve::serve(&opts)?;

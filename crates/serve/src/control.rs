@@ -208,6 +208,7 @@ const COMMANDS: &[&str] = &[
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
     "blockdev-set-active",
+    "block_set_io_throttle",
     "stop",
     "cont",
     "query-status",
@@ -423,6 +424,22 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             qblk_engine::runtime::block_on(ctx.device.grow(size))
                 .map(|()| json!({}))
                 .map_err(generic)
+        }
+        "block_set_io_throttle" => {
+            let mut known = crate::throttle::Config::qmp_keys();
+            known.extend(["device".into(), "id".into(), "group".into()]);
+            let known: Vec<&str> = known.iter().map(String::as_str).collect();
+            a.only(&known)?;
+            node_of(&a, "device", "id")?;
+            if a.opt_string("group")?.is_some() {
+                return Err(generic(
+                    "throttle groups span disks; a qblk daemon serves one: leave out 'group'",
+                ));
+            }
+            let config = crate::throttle::Config::from_qmp(a.map).map_err(generic)?;
+            info!(?config, "I/O limits set");
+            ctx.device.throttle.set(config);
+            Ok(json!({}))
         }
         "blockdev-set-active" => {
             a.only(&["node-name", "active"])?;
@@ -781,7 +798,7 @@ fn named_nodes(ctx: &Context) -> Value {
     let Some(disk) = ctx.device.disk() else {
         // Inactive: nothing is read from the image (another daemon writes
         // it); what the device was started with.
-        return json!([{
+        let mut node = json!({
             "node-name": NODE_NAME,
             "file": file,
             "ro": ctx.readonly,
@@ -792,7 +809,9 @@ fn named_nodes(ctx: &Context) -> Value {
                 "cluster-size": ctx.device.config.cluster_size,
             },
             "dirty-bitmaps": [],
-        }]);
+        });
+        with_throttle(ctx, &mut node);
+        return json!([node]);
     };
     let (drv, bitmaps) = match &*disk {
         Disk::Qcow2(img) => (
@@ -814,7 +833,7 @@ fn named_nodes(ctx: &Context) -> Value {
         ),
         Disk::Raw(_) => ("raw", Vec::new()),
     };
-    json!([{
+    let mut node = json!({
         "node-name": NODE_NAME,
         "drv": drv,
         "file": file,
@@ -828,5 +847,14 @@ fn named_nodes(ctx: &Context) -> Value {
             "cluster-size": disk.cluster_size(),
         },
         "dirty-bitmaps": bitmaps,
-    }])
+    });
+    with_throttle(ctx, &mut node);
+    json!([node])
+}
+
+/// The I/O limits, in `BlockDeviceInfo`'s fields.
+fn with_throttle(ctx: &Context, node: &mut Value) {
+    if let Value::Object(m) = node {
+        m.extend(ctx.device.throttle.config().to_json());
+    }
 }

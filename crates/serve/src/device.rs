@@ -98,6 +98,8 @@ pub struct Device {
     pub pin_memory: bool,
     /// Each queue's request counters.
     pub queue_stats: Vec<crate::stats::QueueStats>,
+    /// I/O limits across all queues (`throttle.rs`).
+    pub throttle: crate::throttle::Throttle,
 }
 
 impl Device {
@@ -126,6 +128,7 @@ impl Device {
             queue_stats: (0..config.num_queues)
                 .map(|_| crate::stats::QueueStats::default())
                 .collect(),
+            throttle: crate::throttle::Throttle::default(),
         }
     }
 

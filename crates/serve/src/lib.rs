@@ -28,6 +28,7 @@ pub mod orchestration;
 mod pin;
 pub mod request;
 pub mod stats;
+pub mod throttle;
 pub mod vhost;
 mod worker;
 
@@ -103,6 +104,8 @@ pub struct ServeOptions {
     /// `blockdev-set-active` activates the daemon. The incoming side of a
     /// migration across hosts on shared storage.
     pub inactive: bool,
+    /// I/O limits (`--throttle`, QEMU's throttle-group names).
+    pub throttle: throttle::Config,
 }
 
 /// A failure that stops the daemon.
@@ -337,6 +340,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let mut device = Device::new(disk, config, serial);
     device.pin_memory = opts.pin_guest_memory;
     device.set_error_policies(opts.werror, opts.rerror);
+    device.throttle.set(opts.throttle.clone());
     let device = Arc::new(device);
     info!(
         image = %opts.image.display(),

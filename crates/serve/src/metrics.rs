@@ -459,6 +459,21 @@ impl Collector for DeviceCollector {
             }),
         )?;
 
+        let (throttled, waited) = self.device.throttle.counters();
+        family(
+            &mut encoder,
+            "throttled_requests",
+            "Requests that waited for the I/O limits (--throttle, block_set_io_throttle)",
+            MetricType::Counter,
+            [(Vec::new(), ConstCounter::new(throttled))],
+        )?;
+        family(
+            &mut encoder,
+            "throttle_wait_seconds",
+            "Time requests waited for the I/O limits, summed",
+            MetricType::Counter,
+            [(Vec::new(), ConstCounter::new(waited))],
+        )?;
         let gauge = |v: u64| [(Vec::new(), ConstGauge::new(v as i64))];
         family(
             &mut encoder,

@@ -602,6 +602,7 @@ impl Queue {
     async fn run_request(&self, r: &Request, arrival: Arrival) -> Option<(u8, usize)> {
         let device = &self.device;
         let write = !matches!(r.op, Op::Read { .. });
+        self.throttle(r).await;
         let mut retry = false;
         loop {
             let pass = if retry {
@@ -636,6 +637,31 @@ impl Queue {
                 }
             }
             retry = true;
+        }
+    }
+
+    /// Waits as long as the disk's I/O limits say (`throttle.rs`): reads,
+    /// writes and write-zeroes. A ring stop ends the wait at once, as a
+    /// drain in QEMU lets throttled requests go.
+    async fn throttle(&self, r: &Request) {
+        let (write, bytes) = match &r.op {
+            Op::Read { .. } => (false, accounting(&r.op).1),
+            Op::Write { .. } | Op::WriteZeroes { .. } => (true, accounting(&r.op).1),
+            _ => return,
+        };
+        let Some(wait) = self.device.throttle.admit(write, bytes) else {
+            return;
+        };
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let released = self.released.notified();
+            if self.stopped.get() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return,
+                () = released => {}
+            }
         }
     }
 

@@ -1,0 +1,162 @@
+//! What dirty-page logging for live migration costs on the request path:
+//! `cargo xtask bench-log` runs this.
+//!
+//! One qcow2 image, every cluster allocated; a closed-loop client of
+//! qblk's own (`RawFrontend::closed_loop`: 4 KiB requests at QD32 on one
+//! queue, completions polled) measures each daemon — a baseline build
+//! (`--baseline`, e.g. one from before logging existed) with logging off,
+//! this build with logging off, and this build with logging on (a log
+//! handed over with SET_LOG_BASE and `VHOST_F_LOG_ALL` set, as QEMU does
+//! during a migration). The daemons take turns, in a rotated order each
+//! round; the medians of the rounds and their ratios are printed as a
+//! Markdown table. blkio, which `cargo xtask bench` uses, cannot switch
+//! logging on, hence a client of our own.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qblk_integration::rawq::{MEM_SIZE, RawFrontend};
+use qblk_integration::sh;
+use qblk_integration::vhost::Daemon;
+
+const SPAN: u64 = 256 << 20;
+const QD: u16 = 32;
+
+struct Opts {
+    qblk: PathBuf,
+    baseline: Option<PathBuf>,
+    runtime: u64,
+    rounds: usize,
+}
+
+fn parse() -> Result<Opts, String> {
+    let mut o = Opts {
+        qblk: PathBuf::new(),
+        baseline: None,
+        runtime: 5,
+        rounds: 3,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--qblk" => o.qblk = value()?.into(),
+            "--baseline" => o.baseline = Some(value()?.into()),
+            "--runtime" => o.runtime = value()?.parse().map_err(|e| format!("--runtime: {e}"))?,
+            "--rounds" => o.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if o.qblk.as_os_str().is_empty() || o.runtime == 0 || o.rounds == 0 {
+        return Err(
+            "usage: logbench --qblk PATH [--baseline PATH] [--runtime S] [--rounds N]".into(),
+        );
+    }
+    Ok(o)
+}
+
+/// One measurement: IOPS of `program` serving `image`, logging on or off.
+fn measure(dir: &Path, program: &Path, log: bool, write: bool, secs: u64) -> f64 {
+    let daemon = Daemon::spawn(
+        program,
+        &["serve", "--socket", "lb.sock", "img.qcow2"],
+        dir,
+        "lb.sock",
+    );
+    let mut raw = RawFrontend::connect(&daemon.socket);
+    let log_file = tempfile::tempfile().expect("log file");
+    if log {
+        let bytes = (MEM_SIZE as u64).div_ceil(4096 * 8);
+        log_file.set_len(bytes).expect("size the log");
+        raw.set_logging(Some((&log_file, bytes)), true);
+    }
+    raw.closed_loop(QD, SPAN, write, Duration::from_secs(1));
+    let n = raw.closed_loop(QD, SPAN, write, Duration::from_secs(secs));
+    drop(raw);
+    let mut daemon = daemon;
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    n as f64 / secs as f64
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    let o = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("logbench: {e}");
+            std::process::exit(2);
+        }
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=falloc",
+            "img.qcow2",
+            &SPAN.to_string(),
+        ],
+    );
+    let mut configs: Vec<(String, PathBuf, bool)> = Vec::new();
+    if let Some(b) = &o.baseline {
+        configs.push(("baseline, logging off".into(), b.clone(), false));
+    }
+    configs.push(("qblk, logging off".into(), o.qblk.clone(), false));
+    configs.push(("qblk, logging on".into(), o.qblk.clone(), true));
+    let workloads = [
+        ("4k random read, QD32", false),
+        ("4k random write, QD32", true),
+    ];
+    // results[workload][config] = IOPS of each round
+    let mut results = vec![vec![Vec::new(); configs.len()]; workloads.len()];
+    for round in 0..o.rounds {
+        for (w, (wname, write)) in workloads.iter().enumerate() {
+            for k in 0..configs.len() {
+                let c = (k + round) % configs.len();
+                let (cname, program, log) = &configs[c];
+                let iops = measure(d, program, *log, *write, o.runtime);
+                eprintln!("round {} {wname}: {cname}: {iops:.0} IOPS", round + 1);
+                results[w][c].push(iops);
+            }
+        }
+    }
+    println!(
+        "| workload | {} |",
+        configs
+            .iter()
+            .map(|c| c.0.as_str())
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---:|".repeat(configs.len()));
+    let off = configs.len() - 2;
+    for (w, (wname, _)) in workloads.iter().enumerate() {
+        let medians: Vec<f64> = results[w].iter_mut().map(|r| median(r)).collect();
+        let cells: Vec<String> = medians
+            .iter()
+            .enumerate()
+            .map(|(c, m)| {
+                if c == off {
+                    format!("{m:.0}")
+                } else {
+                    format!("{m:.0} ({:.3})", m / medians[off])
+                }
+            })
+            .collect();
+        println!("| {wname} | {} |", cells.join(" | "));
+    }
+    println!(
+        "\nIOPS, medians of {} rounds of {} s; in parentheses the ratio to this build with logging off.",
+        o.rounds, o.runtime
+    );
+}
