@@ -138,8 +138,8 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// its seconds), iops-size; e.g. `iops-total=500,bps-write=50M`.
         /// Changed live by QMP `block_set_io_throttle`.
         #[arg(long, value_name = "LIMITS", default_value = "",
-              value_parser = |s: &str| qblk_serve::throttle::Config::parse(s))]
-        throttle: qblk_serve::throttle::Config,
+              value_parser = |s: &str| qblk_serve::throttle::Config::parse(s).map(Box::new))]
+        throttle: Box<qblk_serve::throttle::Config>,
         /// Write the daemon's pid to PATH once it is ready, keep the file
         /// locked while it runs and remove it at exit; refuse to start if a
         /// live process holds it.
@@ -801,7 +801,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                 werror,
                 rerror,
                 inactive,
-                throttle,
+                throttle: *throttle,
                 service,
             };
             qblk_serve::serve(&opts)?;
