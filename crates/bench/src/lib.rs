@@ -71,6 +71,11 @@ pub struct BenchOptions {
     /// random map, each is visited once before any repeats, so
     /// `--stride 64k` on an empty image makes every write allocate.
     pub stride: Option<u64>,
+    /// The commit pattern: writes in batches of this many (at once), each
+    /// batch followed, once it completed, by a flush that completes before
+    /// the next batch (1: write, flush, write, flush). `iodepth` does not
+    /// apply. `None`: no flushes.
+    pub fsync_every: Option<usize>,
     /// Print the progress line on stderr.
     pub progress: bool,
 }
@@ -101,13 +106,26 @@ pub struct BenchResult {
     /// Megabytes (10^6 bytes) per second.
     pub mbps: f64,
     pub lat_us: Latency,
+    /// With `fsync_every`: flushes completed (not counted in `ops`) and
+    /// their latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flushes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flush_lat_us: Option<Latency>,
 }
 
 impl BenchResult {
     /// The human summary.
     pub fn human(&self) -> String {
+        let flushes = match (self.flushes, &self.flush_lat_us) {
+            (Some(n), Some(l)) => format!(
+                "; {n} flushes, latency p50 {:.1} us, p99 {:.1} us",
+                l.p50, l.p99
+            ),
+            _ => String::new(),
+        };
         format!(
-            "{} bs={} iodepth={} queues={}: {:.0} IOPS, {:.1} MB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.1} s)",
+            "{} bs={} iodepth={} queues={}: {:.0} IOPS, {:.1} MB/s, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} I/Os in {:.1} s){flushes}",
             self.rw,
             self.bs,
             self.iodepth,
@@ -209,7 +227,26 @@ struct WorkerOut {
     hist: Histogram<u64>,
     ops: u64,
     writes: u64,
+    /// The commit pattern's flushes.
+    flush_hist: Histogram<u64>,
     error: Option<String>,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds are valid")
+}
+
+/// Waits for at least one completion into `completions` (at most 30 s).
+fn wait_some(
+    queue: &mut Blkioq,
+    completions: &mut [MaybeUninit<Completion>],
+) -> Result<usize, String> {
+    let mut timeout = Duration::from_secs(30);
+    match queue.do_io(completions, 1, Some(&mut timeout), None) {
+        Ok(0) => Err("no completion within 30 s".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("do_io: {e}")),
+    }
 }
 
 impl Worker {
@@ -253,9 +290,78 @@ impl Worker {
         write
     }
 
+    /// The commit pattern: `batch` writes at once, then a flush once they
+    /// completed, until `stop`. Write latency is a write's own; a flush's
+    /// is from its submission.
+    fn run_commits(mut self, batch: usize, stop: &AtomicBool, done_ops: &AtomicU64) -> WorkerOut {
+        let mut hist = new_histogram();
+        let mut flush_hist = new_histogram();
+        let mut completions: Vec<MaybeUninit<Completion>> =
+            (0..batch).map(|_| MaybeUninit::uninit()).collect();
+        let mut started = vec![Instant::now(); batch];
+        let mut ops = 0u64;
+        let mut error = None;
+        'outer: while !stop.load(Ordering::Relaxed) {
+            for (slot, at) in started.iter_mut().enumerate() {
+                *at = Instant::now();
+                self.submit(slot);
+            }
+            let mut left = batch;
+            while left > 0 {
+                let n = match wait_some(&mut self.queue, &mut completions) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        error = Some(e);
+                        break 'outer;
+                    }
+                };
+                let now = Instant::now();
+                for c in &completions[..n] {
+                    // SAFETY: do_io initialised the first `n` completions.
+                    let c = unsafe { c.assume_init_ref() };
+                    if c.ret != 0 && error.is_none() {
+                        error = Some(format!("write failed with {}", c.ret));
+                    }
+                    let slot = c.user_data.min(batch - 1);
+                    let ns = now.duration_since(started[slot]).as_nanos() as u64;
+                    let _ = hist.record(ns.max(1));
+                }
+                left = left.saturating_sub(n);
+                ops += n as u64;
+                done_ops.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if error.is_some() {
+                break;
+            }
+            let at = Instant::now();
+            self.queue.flush(usize::MAX, ReqFlags::empty());
+            match wait_some(&mut self.queue, &mut completions[..1]) {
+                Ok(_) => {
+                    // SAFETY: do_io initialised the first completion.
+                    let c = unsafe { completions[0].assume_init_ref() };
+                    if c.ret != 0 {
+                        error = Some(format!("flush failed with {}", c.ret));
+                        break;
+                    }
+                    let _ = flush_hist.record((at.elapsed().as_nanos() as u64).max(1));
+                }
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        WorkerOut {
+            hist,
+            ops,
+            writes: ops,
+            flush_hist,
+            error,
+        }
+    }
+
     fn run(mut self, stop: &AtomicBool, done_ops: &AtomicU64) -> WorkerOut {
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-            .expect("histogram bounds are valid");
+        let mut hist = new_histogram();
         let mut started = vec![Instant::now(); self.iodepth];
         let mut completions: Vec<MaybeUninit<Completion>> =
             (0..self.iodepth).map(|_| MaybeUninit::uninit()).collect();
@@ -310,6 +416,7 @@ impl Worker {
             hist,
             ops,
             writes,
+            flush_hist: new_histogram(),
             error,
         }
     }
@@ -329,6 +436,20 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
             opts.iodepth
         )));
     }
+    if let Some(n) = opts.fsync_every {
+        if n == 0 || n > 1024 {
+            return Err(BenchError::Usage(format!(
+                "--fsync-every {n} is outside 1..=1024"
+            )));
+        }
+        if !matches!(opts.rw, Rw::RandWrite | Rw::Write) {
+            return Err(BenchError::Usage(
+                "--fsync-every is the commit pattern: --rw randwrite or write".into(),
+            ));
+        }
+    }
+    // The commit pattern keeps a batch in flight, not --iodepth.
+    let depth = opts.fsync_every.unwrap_or(opts.iodepth);
     if opts.queues == 0 || opts.queues > 64 {
         return Err(BenchError::Usage(format!(
             "--queues {} is outside 1..=64",
@@ -368,7 +489,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
         )));
     }
     let started = b.start().map_err(blkio_err("start"))?;
-    let region_len = opts.queues * opts.iodepth * opts.bs as usize;
+    let region_len = opts.queues * depth * opts.bs as usize;
     let region = b
         .alloc_mem_region(region_len.next_multiple_of(2 << 20))
         .map_err(blkio_err("allocating buffers"))?;
@@ -394,10 +515,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
     for (i, queue) in started.queues.into_iter().enumerate() {
         let w = Worker {
             queue,
-            base: region.addr + i * opts.iodepth * opts.bs as usize,
+            base: region.addr + i * depth * opts.bs as usize,
             rw: opts.rw,
             bs: opts.bs,
-            iodepth: opts.iodepth,
+            iodepth: depth,
             start: i as u64 * per_queue,
             len: per_queue,
             stride,
@@ -411,8 +532,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
         let stop = stop.clone();
         let done = done_ops.clone();
         let outs = outs.clone();
+        let fsync_every = opts.fsync_every;
         threads.push(std::thread::spawn(move || {
-            let out = w.run(&stop, &done);
+            let out = match fsync_every {
+                Some(n) => w.run_commits(n, &stop, &done),
+                None => w.run(&stop, &done),
+            };
             if let Ok(mut o) = outs.lock() {
                 o.push(out);
             }
@@ -458,8 +583,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
     if outs.len() != opts.queues {
         return Err(BenchError::Io("a worker thread panicked".into()));
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-        .expect("histogram bounds are valid");
+    let mut hist = new_histogram();
+    let mut flush_hist = new_histogram();
     let mut ops = 0;
     let mut writes = 0;
     for o in outs {
@@ -470,12 +595,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
         writes += o.writes;
         hist.add(&o.hist)
             .map_err(|e| BenchError::Io(format!("merging histograms: {e}")))?;
+        flush_hist
+            .add(&o.flush_hist)
+            .map_err(|e| BenchError::Io(format!("merging histograms: {e}")))?;
     }
-    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let latency = |h: &Histogram<u64>| {
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Latency {
+            p50: us(0.5),
+            p99: us(0.99),
+            p999: us(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    };
     Ok(BenchResult {
         rw: opts.rw.name(),
         bs: opts.bs,
-        iodepth: opts.iodepth,
+        iodepth: depth,
         queues: opts.queues,
         span,
         seconds,
@@ -484,12 +620,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchResult, BenchError> {
         writes,
         iops: ops as f64 / seconds,
         mbps: ops as f64 * opts.bs as f64 / seconds / 1e6,
-        lat_us: Latency {
-            p50: us(0.5),
-            p99: us(0.99),
-            p999: us(0.999),
-            max: hist.max() as f64 / 1000.0,
-        },
+        lat_us: latency(&hist),
+        flushes: opts.fsync_every.map(|_| flush_hist.len()),
+        flush_lat_us: opts.fsync_every.map(|_| latency(&flush_hist)),
     })
 }
 

@@ -193,6 +193,12 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// image makes every write allocate a cluster.
         #[arg(long, value_name = "SIZE")]
         stride: Option<String>,
+        /// The commit pattern of databases and file systems: writes in
+        /// batches of N, each batch followed by a flush once it completed
+        /// (1: write, flush, write, flush); --iodepth does not apply.
+        /// Reports flush latency too.
+        #[arg(long, value_name = "N")]
+        fsync_every: Option<usize>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -667,6 +673,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
             runtime,
             span,
             stride,
+            fsync_every,
             json,
         } => {
             let opts = qblk_bench::BenchOptions {
@@ -680,6 +687,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                 runtime: parse_duration(&runtime)?,
                 span: span.as_deref().map(parse_size).transpose()?,
                 stride: stride.as_deref().map(parse_size).transpose()?,
+                fsync_every,
                 progress: true,
             };
             let result = qblk_bench::run(&opts)?;
