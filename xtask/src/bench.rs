@@ -38,6 +38,23 @@ struct Workload {
     /// The image has an enabled persistent dirty bitmap, which every
     /// write marks.
     bitmap: bool,
+    /// The commit pattern (`qblk bench --fsync-every N`): batches of this
+    /// many writes, each followed by a flush; 0: no flushes.
+    fsync_every: u32,
+    /// How the allocated data is stored.
+    layout: Layout,
+}
+
+/// How a workload's allocated data (DATA_SPAN) is stored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Layout {
+    /// Written in place by qemu-io.
+    Plain,
+    /// `qemu-img convert -c` with this `compression_type`.
+    Compressed(&'static str),
+    /// Three images: a base holding all of it, and two overlays each
+    /// holding a third, the top one served.
+    Chain,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -49,6 +66,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: true,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randwrite, allocated, QD32",
@@ -58,6 +77,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randwrite, allocated, QD32, dirty bitmap",
@@ -67,6 +88,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: false,
         bitmap: true,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randread, allocated, QD32",
@@ -76,6 +99,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randread, allocated, QD1",
@@ -85,6 +110,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "1M write, allocated, QD8",
@@ -94,6 +121,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "1M read, allocated, QD8",
@@ -103,6 +132,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 1,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randwrite, empty image (allocating), QD32, 2 queues",
@@ -112,6 +143,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 2,
         allocating: true,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randwrite, allocated, QD32, 2 queues",
@@ -121,6 +154,8 @@ const WORKLOADS: &[Workload] = &[
         queues: 2,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
     },
     Workload {
         name: "4k randread, allocated, QD32, 2 queues",
@@ -130,6 +165,96 @@ const WORKLOADS: &[Workload] = &[
         queues: 2,
         allocating: false,
         bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
+    },
+    Workload {
+        name: "4k randwrite + flush, QD1, empty image (allocating)",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        queues: 1,
+        allocating: true,
+        bitmap: false,
+        fsync_every: 1,
+        layout: Layout::Plain,
+    },
+    Workload {
+        name: "4k randwrite, batches of 16 + flush, empty image (allocating)",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 16,
+        queues: 1,
+        allocating: true,
+        bitmap: false,
+        fsync_every: 16,
+        layout: Layout::Plain,
+    },
+    Workload {
+        name: "4k randwrite + flush, QD1, allocated",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        queues: 1,
+        allocating: false,
+        bitmap: false,
+        fsync_every: 1,
+        layout: Layout::Plain,
+    },
+    Workload {
+        name: "4k randwrite, batches of 16 + flush, allocated",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 16,
+        queues: 1,
+        allocating: false,
+        bitmap: false,
+        fsync_every: 16,
+        layout: Layout::Plain,
+    },
+    Workload {
+        name: "1M write, empty image (allocating), QD8",
+        rw: "write",
+        bs: "1M",
+        iodepth: 8,
+        queues: 1,
+        allocating: true,
+        bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
+    },
+    Workload {
+        name: "1M read, zstd-compressed, QD8",
+        rw: "read",
+        bs: "1M",
+        iodepth: 8,
+        queues: 1,
+        allocating: false,
+        bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Compressed("zstd"),
+    },
+    Workload {
+        name: "1M read, zlib-compressed, QD8",
+        rw: "read",
+        bs: "1M",
+        iodepth: 8,
+        queues: 1,
+        allocating: false,
+        bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Compressed("zlib"),
+    },
+    Workload {
+        name: "4k randread, 3-deep backing chain, QD32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        queues: 1,
+        allocating: false,
+        bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Chain,
     },
 ];
 
@@ -152,6 +277,11 @@ struct Sample {
     cpu_per_mio: f64,
     /// qblk only: metadata writes per allocating write.
     meta_per_alloc: f64,
+    /// The daemon's anonymous memory at the end of the run, MiB (RssAnon).
+    rss_anon_mib: f64,
+    /// The commit pattern: flush latency p50 and p99, ms.
+    flush_p50_ms: f64,
+    flush_p99_ms: f64,
 }
 
 /// Options: `--runtime SECONDS`, `--rounds N`, `--only SUBSTRING`,
@@ -259,6 +389,21 @@ fn cpu_seconds(pid: u32) -> f64 {
     (tick(11) + tick(12)) / 100.0
 }
 
+/// A process's anonymous resident memory (`RssAnon` in
+/// `/proc/PID/status`), KiB: its own memory, where VmHWM and VmRSS also
+/// count the guest memory it mapped and touched.
+fn rss_anon_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 struct Daemon {
     child: Child,
     log: PathBuf,
@@ -346,6 +491,51 @@ impl Bench {
         Ok(())
     }
 
+    /// `data.qcow2` for a workload on allocated data, stored as its layout
+    /// says (the served image; a chain's lower images beside it).
+    fn make_data_image(&self, w: &Workload) -> Result {
+        match w.layout {
+            Layout::Plain => {
+                self.make_image("data.qcow2", true, false)?;
+            }
+            Layout::Compressed(kind) => {
+                self.make_image("plain.qcow2", true, false)?;
+                let _ = std::fs::remove_file(self.dir.join("data.qcow2"));
+                let opts = format!("compression_type={kind}");
+                self.qemu_img(&[
+                    "convert",
+                    "-c",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    &opts,
+                    "plain.qcow2",
+                    "data.qcow2",
+                ])?;
+                let _ = std::fs::remove_file(self.dir.join("plain.qcow2"));
+            }
+            Layout::Chain => {
+                self.make_image("base.qcow2", true, false)?;
+                let third = DATA_SPAN / 3 / 65536 * 65536;
+                for (name, backing, at, fill) in [
+                    ("mid.qcow2", "base.qcow2", 0, 0x6b),
+                    ("data.qcow2", "mid.qcow2", third, 0x7c),
+                ] {
+                    let _ = std::fs::remove_file(self.dir.join(name));
+                    self.qemu_img(&[
+                        "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", name,
+                    ])?;
+                    let cmd = format!("write -P {fill:#x} {at} {third}");
+                    run_out("qemu-io", &["-f", "qcow2", "-c", &cmd, name], &self.dir)?;
+                }
+            }
+        }
+        if w.bitmap {
+            self.qemu_img(&["bitmap", "--add", "data.qcow2", "backup"])?;
+        }
+        Ok(())
+    }
+
     fn bench_args(&self, w: &Workload, socket: &Path) -> Vec<String> {
         let mut a: Vec<String> = [
             "bench",
@@ -370,6 +560,9 @@ impl Bench {
             a.extend(["--stride".into(), "64k".into()]);
         } else {
             a.extend(["--span".into(), DATA_SPAN.to_string()]);
+        }
+        if w.fsync_every > 0 {
+            a.extend(["--fsync-every".into(), w.fsync_every.to_string()]);
         }
         a
     }
@@ -434,14 +627,22 @@ impl Bench {
             &self.dir,
         );
         let cpu = cpu_seconds(pid) - cpu0;
+        let rss_anon_mib = rss_anon_kib(pid) / 1024.0;
         let log = d.stop();
         let out = out?;
         let iops = json_number(&out, "iops").ok_or(format!("no iops in {out}"))?;
         let ops = json_number(&out, "ops").unwrap_or(0.0);
+        let flush = out
+            .find("\"flush_lat_us\"")
+            .map(|at| &out[at..])
+            .unwrap_or("");
         let mut s = Sample {
             iops,
             cpu_per_mio: if ops > 0.0 { cpu / ops * 1e6 } else { 0.0 },
             meta_per_alloc: 0.0,
+            rss_anon_mib,
+            flush_p50_ms: json_number(flush, "p50").unwrap_or(0.0) / 1000.0,
+            flush_p99_ms: json_number(flush, "p99").unwrap_or(0.0) / 1000.0,
         };
         if target != Target::Qsd {
             let allocs = log_number(&log, "allocating_writes").unwrap_or(0.0);
@@ -477,6 +678,10 @@ impl Bench {
             "--output-format=terse".into(),
             "--terse-version=3".into(),
         ];
+        let mut args = args;
+        if w.fsync_every > 0 {
+            args.push(format!("--fdatasync={}", w.fsync_every));
+        }
         let out = run_out(
             "fio",
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
@@ -653,10 +858,7 @@ pub fn bench(opts: &Options) -> Result {
             raw: Vec::new(),
         };
         if !w.allocating {
-            b.make_image("data.qcow2", true, false)?;
-            if w.bitmap {
-                b.qemu_img(&["bitmap", "--add", "data.qcow2", "backup"])?;
-            }
+            b.make_data_image(w)?;
         }
         b.make_image("raw.img", !w.allocating, true)?;
         for round in 0..opts.rounds {
@@ -712,7 +914,7 @@ pub fn bench(opts: &Options) -> Result {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| workload | qblk IOPS | qblk pinned IOPS | qsd IOPS | raw IOPS | qblk/qsd | pinned/qsd | qblk/raw | pinned/raw | CPU s per M I/O: qblk | pinned | qsd | CPU qblk/qsd | CPU pinned/qsd | qblk metadata writes per allocating write |{}",
+        "| workload | qblk IOPS | qblk pinned IOPS | qsd IOPS | raw IOPS | qblk/qsd | pinned/qsd | qblk/raw | pinned/raw | CPU s per M I/O: qblk | pinned | qsd | CPU qblk/qsd | CPU pinned/qsd | qblk metadata writes per allocating write | RssAnon MiB: qblk | qsd | flush p50/p99 ms: qblk | qsd |{}",
         if with_baseline {
             " baseline IOPS | qblk/baseline | qblk/baseline per round, min..max | qblk IOPS min..max | baseline IOPS min..max | qblk vs baseline, beyond the spread? | CPU s per M I/O: baseline | CPU qblk/baseline |"
         } else {
@@ -721,7 +923,7 @@ pub fn bench(opts: &Options) -> Result {
     );
     let _ = writeln!(
         table,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}",
         if with_baseline {
             "---:|---:|---:|---:|---:|---|---:|---:|"
         } else {
@@ -739,10 +941,22 @@ pub fn bench(opts: &Options) -> Result {
         let pc = m(&r.pinned, |s| s.cpu_per_mio);
         let dc = m(&r.qsd, |s| s.cpu_per_mio);
         let meta = m(&r.qblk, |s| s.meta_per_alloc);
+        let (qr, dr) = (
+            m(&r.qblk, |s| s.rss_anon_mib),
+            m(&r.qsd, |s| s.rss_anon_mib),
+        );
+        let flush = |v: &[Sample]| {
+            let p50 = m(v, |s| s.flush_p50_ms);
+            if p50 > 0.0 {
+                format!("{p50:.2}/{:.2}", m(v, |s| s.flush_p99_ms))
+            } else {
+                "-".into()
+            }
+        };
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let _ = write!(
             table,
-            "| {} | {q:.0} | {p:.0} | {d:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {qc:.2} | {pc:.2} | {dc:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {q:.0} | {p:.0} | {d:.0} | {raw:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {qc:.2} | {pc:.2} | {dc:.2} | {:.2} | {:.2} | {} | {qr:.1} | {dr:.1} | {} | {} |",
             r.name,
             ratio(q, d),
             ratio(p, d),
@@ -754,7 +968,9 @@ pub fn bench(opts: &Options) -> Result {
                 format!("{meta:.4}")
             } else {
                 "-".into()
-            }
+            },
+            flush(&r.qblk),
+            flush(&r.qsd),
         );
         if with_baseline {
             table.push_str(&baseline_columns(r, opts.rounds));
@@ -796,7 +1012,13 @@ pub fn bench(opts: &Options) -> Result {
          file of the same size: this host's limit. Allocating runs start from a fresh empty image \
          and write each 64 KiB cluster once (`--stride 64k`). CPU is the daemon process's user + \
          system time over the run. \"qblk pinned\" is `qblk serve --pin-guest-memory` (guest \
-         memory registered with io_uring: not the default, see the README).\n",
+         memory registered with io_uring: not the default, see the README). Rows with \
+         \"+ flush\" are the commit pattern, `qblk bench --fsync-every N` (N writes at once, \
+         then a flush once they completed; raw: fio `--fdatasync=N`), with the flushes' \
+         latency. The compressed rows read the same 1 GiB converted by `qemu-img convert -c -o \
+         compression_type=...`; the chain row serves the top of a base holding all of it and \
+         two overlays holding a third each. RssAnon is the daemon's anonymous memory at the end \
+         of the run (VmRSS and VmHWM also count the guest memory it maps).\n",
         opts.rounds, opts.runtime
     );
     if let Some(baseline) = &opts.baseline {
