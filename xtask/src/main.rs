@@ -157,6 +157,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::Options::parse(&args[1..]).and_then(|o| bench::bench(&o)),
         Some("bench-snapshot") => snapshot_bench::run(&args[1..]),
         Some("bench-log") => bench_log(&args[1..]),
+        Some("bench-guest") => bench_guest(&args[1..]),
         Some("run") => run_main_job(
             args.get(1).map(String::as_str),
             args.get(2).map(String::as_str),
@@ -166,7 +167,7 @@ fn main() -> ExitCode {
             args.get(2).and_then(|s| s.parse().ok()).unwrap_or(60),
         ),
         _ => Err(
-            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | bench-snapshot [--runtime S] [--rounds N] | bench-log [--runtime S] [--rounds N] [--baseline QBLK] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
+            "usage: cargo xtask test | e2e | must-fail | bench [--runtime S] [--rounds N] [--only TEXT] [--baseline QBLK] | bench-snapshot [--runtime S] [--rounds N] | bench-log [--runtime S] [--rounds N] [--baseline QBLK] | bench-guest [--runtime S] [--rounds N] | run [IMAGE] [SIZE] | fuzz [TARGET] [SECONDS]".into(),
         ),
     };
     match result {
@@ -521,6 +522,34 @@ fn bench_log(args: &[String]) -> Result {
     )?;
     let qblk = root().join("target/release/qblk").display().to_string();
     let bench = root().join("target/release/logbench").display().to_string();
+    let mut full = vec!["--qblk", qblk.as_str()];
+    full.extend(args.iter().map(String::as_str));
+    sh(&bench, &full)
+}
+
+/// `cargo xtask bench-guest`: fio inside a TCG guest against qblk and
+/// qemu-storage-daemon in turn (`integration/src/bin/guestbench.rs`).
+fn bench_guest(args: &[String]) -> Result {
+    install_packages()?;
+    let cargo = cargo();
+    sh(&cargo, &["build", "--release", "--quiet", "-p", "qblk"])?;
+    sh(
+        &cargo,
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "qblk-integration",
+            "--bin",
+            "guestbench",
+        ],
+    )?;
+    let qblk = root().join("target/release/qblk").display().to_string();
+    let bench = root()
+        .join("target/release/guestbench")
+        .display()
+        .to_string();
     let mut full = vec!["--qblk", qblk.as_str()];
     full.extend(args.iter().map(String::as_str));
     sh(&bench, &full)
