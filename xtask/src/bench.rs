@@ -439,7 +439,7 @@ impl Daemon {
                 d.stop();
                 return Err(format!("{program} did not listen within 30 s"));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(2));
         }
         Ok(d)
     }
@@ -908,6 +908,12 @@ pub fn bench(opts: &Options) -> Result {
         }
         rows.push(row);
     }
+    let big = if opts.only.as_deref().is_none_or(|o| "big disks".contains(o)) {
+        eprintln!("xtask bench: big disks");
+        Some(big_disks(&b, opts.rounds)?)
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&dir);
 
     let with_baseline = opts.baseline.is_some();
@@ -1034,6 +1040,10 @@ pub fn bench(opts: &Options) -> Result {
         );
     }
     md.push_str(&table);
+    if let Some(big) = &big {
+        md.push_str(big);
+        print!("{big}");
+    }
     let _ = writeln!(md, "\n![ratios](ratios.svg)");
     print!("{table}");
     let out = root().join("bench");
@@ -1043,6 +1053,190 @@ pub fn bench(opts: &Options) -> Result {
         .map_err(|e| format!("write ratios.svg: {e}"))?;
     eprintln!("xtask bench: wrote bench/RESULTS.md and bench/ratios.svg");
     Ok(())
+}
+
+/// A daemon serving `image` on `socket` with an L2 cache of `cache`
+/// (default if `None`): started, timed until it listens.
+fn start_big(
+    b: &Bench,
+    target: Target,
+    image: &str,
+    cache: Option<&str>,
+) -> Result<(Daemon, Duration)> {
+    let socket = b.dir.join("big.sock");
+    let log = b.dir.join("big.log");
+    let (program, args): (&str, Vec<String>) = match target {
+        Target::Qblk => {
+            let mut a: Vec<String> = vec![
+                "serve".into(),
+                "--socket".into(),
+                socket.display().to_string(),
+            ];
+            if let Some(c) = cache {
+                a.extend(["--cache-size".into(), c.into()]);
+            }
+            a.push(image.into());
+            (b.qblk.as_str(), a)
+        }
+        _ => {
+            let cache = cache
+                .map(|c| format!(",l2-cache-size={c}"))
+                .unwrap_or_default();
+            (
+                "qemu-storage-daemon",
+                vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=file0,filename={image},aio=io_uring,cache.direct=on"
+                    ),
+                    "--blockdev".into(),
+                    format!("driver=qcow2,node-name=disk0,file=file0{cache}"),
+                    "--export".into(),
+                    format!(
+                        "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+                        socket.display()
+                    ),
+                ],
+            )
+        }
+    };
+    let began = Instant::now();
+    let d = Daemon::start(program, &args, &b.dir, &socket, log)?;
+    Ok((d, began.elapsed()))
+}
+
+/// Big disks: random 4 KiB reads at QD32 over all of a 1 TiB image with
+/// preallocated metadata (128 MiB of L2 tables: cache misses dominate)
+/// with each daemon's default L2 cache, with equal caches, and with caches
+/// that hold the whole map; the daemons' anonymous memory; and the time
+/// from start to listening for that image and for an empty 16 TiB one.
+fn big_disks(b: &Bench, rounds: u32) -> Result<String> {
+    b.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        "big.qcow2",
+        "1T",
+    ])?;
+    b.qemu_img(&["create", "-q", "-f", "qcow2", "huge.qcow2", "16T"])?;
+    let reads = Workload {
+        name: "big",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+        queues: 1,
+        allocating: false,
+        bitmap: false,
+        fsync_every: 0,
+        layout: Layout::Plain,
+    };
+    let mut out = String::from(
+        "\n## Big disks\n\nRandom 4 KiB reads at QD32 over all of a 1 TiB qcow2 image made with `preallocation=metadata` (64 KiB clusters: 128 MiB of L2 tables), and the time from starting the daemon to its socket listening. qblk's L2 cache is `--cache-size`, qsd's `l2-cache-size`.\n\n| | qblk IOPS | qsd IOPS | qblk/qsd | RssAnon MiB: qblk | qsd |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    let mut ready: Vec<(Target, &str, f64)> = Vec::new();
+    for (label, qblk_cache, qsd_cache) in [
+        (
+            "default caches (qblk 32 MiB, qsd 32 MiB at most)",
+            None,
+            None,
+        ),
+        ("equal caches, 8 MiB", Some("8M"), Some("8388608")),
+        (
+            "caches holding the whole map, 128 MiB",
+            Some("128M"),
+            Some("134217728"),
+        ),
+    ] {
+        let (mut q, mut d) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let order = if round % 2 == 0 {
+                [Target::Qblk, Target::Qsd]
+            } else {
+                [Target::Qsd, Target::Qblk]
+            };
+            for t in order {
+                let cache = if t == Target::Qblk {
+                    qblk_cache
+                } else {
+                    qsd_cache
+                };
+                let (mut daemon, took) = start_big(b, t, "big.qcow2", cache)?;
+                if qblk_cache.is_none() {
+                    ready.push((t, "1 TiB, preallocated metadata", took.as_secs_f64()));
+                }
+                let pid = daemon.child.id();
+                let socket = b.dir.join("big.sock");
+                let mut args = b.bench_args(&reads, &socket);
+                // All of the disk.
+                if let Some(i) = args.iter().position(|a| a == "--span") {
+                    args.drain(i..i + 2);
+                }
+                let r = run_out(
+                    &b.qblk,
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                    &b.dir,
+                );
+                let rss = rss_anon_kib(pid) / 1024.0;
+                daemon.stop();
+                let r = r?;
+                let iops = json_number(&r, "iops").ok_or(format!("no iops in {r}"))?;
+                eprintln!("  {label}, round {round} {t:?}: {iops:.0} IOPS, RssAnon {rss:.1} MiB");
+                if t == Target::Qblk {
+                    q.push((iops, rss));
+                } else {
+                    d.push((iops, rss));
+                }
+            }
+        }
+        let m = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+        let (qi, di) = (m(&q, |x| x.0), m(&d, |x| x.0));
+        let _ = writeln!(
+            out,
+            "| {label} | {qi:.0} | {di:.0} | {:.2} | {:.1} | {:.1} |",
+            if di > 0.0 { qi / di } else { 0.0 },
+            m(&q, |x| x.1),
+            m(&d, |x| x.1)
+        );
+    }
+    for round in 0..rounds.max(3) {
+        let order = if round % 2 == 0 {
+            [Target::Qblk, Target::Qsd]
+        } else {
+            [Target::Qsd, Target::Qblk]
+        };
+        for t in order {
+            let (mut daemon, took) = start_big(b, t, "huge.qcow2", None)?;
+            daemon.stop();
+            ready.push((t, "16 TiB, empty", took.as_secs_f64()));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n| start to listening | qblk ms | qsd ms | qblk/qsd |\n|---|---:|---:|---:|"
+    );
+    for image in ["1 TiB, preallocated metadata", "16 TiB, empty"] {
+        let t = |target: Target| {
+            median(
+                ready
+                    .iter()
+                    .filter(|r| r.0 == target && r.1 == image)
+                    .map(|r| r.2 * 1000.0)
+                    .collect(),
+            )
+        };
+        let (q, d) = (t(Target::Qblk), t(Target::Qsd));
+        let _ = writeln!(
+            out,
+            "| {image} | {q:.0} | {d:.0} | {:.2} |",
+            if d > 0.0 { q / d } else { 0.0 }
+        );
+    }
+    let _ = std::fs::remove_file(b.dir.join("big.qcow2"));
+    let _ = std::fs::remove_file(b.dir.join("huge.qcow2"));
+    Ok(out)
 }
 
 /// The `--baseline` cells of a row: the baseline's median IOPS, the
