@@ -153,8 +153,19 @@ pub struct Image {
     metadata_preallocated: std::sync::OnceLock<bool>,
 }
 
+/// The unit the read path loads L2 tables in when it misses: 4 KiB (512
+/// entries, 32 MiB of guest data with 64 KiB clusters), or the whole table
+/// where clusters are smaller. A miss costs a 4 KiB read rather than one
+/// of a whole table (64 KiB and up), and the cache holds the slices the
+/// guest reads rather than the tables they happen to lie in.
+pub(crate) const L2_SLICE_BYTES: u64 = 4096;
+
 /// L1 table and L2 table cache. Dirty L2 tables are kept apart from the
 /// bounded clean cache so they are never evicted before they are written.
+/// Guest reads that miss load slices of clean tables ([`L2_SLICE_BYTES`])
+/// into a cache of their own; a table's slices are dropped whenever the
+/// table changes or is freed ([`Tables::forget_slices`]), so a slice is
+/// only ever a copy of a table as the disk holds it.
 #[derive(Debug)]
 pub(crate) struct Tables {
     pub(crate) l1: Vec<L1Entry>,
@@ -166,6 +177,12 @@ pub(crate) struct Tables {
     pub(crate) l1_dirty: bool,
     pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
     pub(crate) l2_dirty: std::collections::HashMap<u64, Arc<AlignedBuf>>,
+    /// Slices of clean L2 tables, by their offset in the file.
+    pub(crate) l2_slices: LruCache<u64, Arc<AlignedBuf>>,
+    /// The slice size: [`L2_SLICE_BYTES`], or the cluster size if smaller.
+    pub(crate) l2_slice_bytes: u64,
+    /// An L2 table's size (one cluster).
+    pub(crate) l2_table_bytes: u64,
     /// Moves on whenever L2 tables were written back: a table read from
     /// disk before that may be older than what the disk holds now.
     pub(crate) l2_epoch: u64,
@@ -178,6 +195,26 @@ pub(crate) struct Tables {
     /// The metadata clusters found at open (writable images; empty
     /// otherwise): guest data never goes there.
     pub(crate) meta: Arc<crate::layout::MetaMap>,
+}
+
+impl Tables {
+    /// Drops the cached slices of the L2 table at `table`: it is about to
+    /// change, or it was freed (its cluster may come back as another
+    /// table).
+    pub(crate) fn forget_slices(&mut self, table: u64) {
+        let mut at = table;
+        while at < table + self.l2_table_bytes {
+            self.l2_slices.pop(&at);
+            at += self.l2_slice_bytes;
+        }
+    }
+
+    /// Makes `table` the dirty L2 table at `offset` (its cached slices
+    /// go: they show what it was).
+    pub(crate) fn put_dirty_l2(&mut self, offset: u64, table: Arc<AlignedBuf>) {
+        self.forget_slices(offset);
+        self.l2_dirty.insert(offset, table);
+    }
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + use<> {
@@ -354,7 +391,13 @@ impl Image {
                 _ => None,
             };
 
-            let tables = (opts.l2_cache_bytes / geometry.cluster_size()).max(1) as usize;
+            // A quarter of the budget holds whole tables (what writes
+            // update), the rest the slices reads load.
+            let cs = geometry.cluster_size();
+            let slice_bytes = L2_SLICE_BYTES.min(cs);
+            let tables = (opts.l2_cache_bytes / 4 / cs).max(1) as usize;
+            let slices = (opts.l2_cache_bytes.saturating_sub(tables as u64 * cs) / slice_bytes)
+                .max(16) as usize;
             let (size, l1_offset) = (header.size, header.l1_table_offset);
             let refcount_table = (
                 header.refcount_table_offset,
@@ -375,6 +418,9 @@ impl Image {
                     l1_dirty: false,
                     l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),
                     l2_dirty: std::collections::HashMap::new(),
+                    l2_slices: LruCache::new(NonZeroUsize::new(slices).expect("at least 16")),
+                    l2_slice_bytes: slice_bytes,
+                    l2_table_bytes: cs,
                     l2_epoch: 0,
                     l2_hits: 0,
                     l2_misses: 0,
@@ -562,6 +608,70 @@ impl Image {
         }
     }
 
+    /// The raw entry `index` of the L2 table at `offset`, for a guest read:
+    /// from the table if it is in memory, else from a cached slice, else
+    /// read as one slice.
+    async fn l2_entry(&self, offset: u64, index: usize) -> Result<L2Entry> {
+        let g = &self.geometry;
+        let at = index as u64 * g.l2_entry_size();
+        loop {
+            let (slice_offset, epoch) = {
+                let mut t = self.lock_tables();
+                let table = match t.l2_dirty.get(&offset) {
+                    Some(table) => Some(table.clone()),
+                    None => t.l2_clean.get(&offset).cloned(),
+                };
+                if let Some(table) = table {
+                    t.l2_hits += 1;
+                    return Ok(L2Entry::read(&table, g, index).expect("index within table"));
+                }
+                let slice_offset = offset + at / t.l2_slice_bytes * t.l2_slice_bytes;
+                if let Some(slice) = t.l2_slices.get(&slice_offset) {
+                    let slice = slice.clone();
+                    t.l2_hits += 1;
+                    return self.entry_in_slice(&slice, slice_offset, offset + at);
+                }
+                t.l2_misses += 1;
+                (slice_offset, t.l2_epoch)
+            };
+            let len = self.lock_tables().l2_slice_bytes as usize;
+            let slice = Arc::new(self.file.read(slice_offset, len).await.map_err(Error::io(
+                &self.path,
+                "read L2 table",
+                slice_offset,
+            ))?);
+            let mut t = self.lock_tables();
+            if t.l2_epoch != epoch
+                || t.l2_dirty.contains_key(&offset)
+                || t.l2_clean.contains(&offset)
+            {
+                // Tables were written back, or this one changed, while the
+                // slice was read: it may be older than the disk. Look again.
+                continue;
+            }
+            t.l2_slices.put(slice_offset, slice.clone());
+            return self.entry_in_slice(&slice, slice_offset, offset + at);
+        }
+    }
+
+    /// The L2 entry at file offset `entry_offset` in the slice read from
+    /// `slice_offset`.
+    fn entry_in_slice(
+        &self,
+        slice: &[u8],
+        slice_offset: u64,
+        entry_offset: u64,
+    ) -> Result<L2Entry> {
+        let g = &self.geometry;
+        let index = ((entry_offset - slice_offset) / g.l2_entry_size()) as usize;
+        L2Entry::read(slice, g, index).ok_or_else(|| {
+            Error::io(&self.path, "read L2 table", slice_offset)(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "short read of an L2 table slice",
+            ))
+        })
+    }
+
     /// The descriptor of the guest cluster holding `guest_offset`.
     pub(crate) async fn descriptor(&self, guest_offset: u64) -> Result<ClusterDescriptor> {
         Ok(self.descriptor_and_entry(guest_offset).await?.0)
@@ -579,9 +689,8 @@ impl Image {
         let Some(l2_offset) = l1_entry.and_then(|e| e.l2_offset()) else {
             return Ok((ClusterDescriptor::Unallocated, L2Entry::UNALLOCATED));
         };
-        let table = self.l2_table(l2_offset.0).await?;
         let index = g.l2_index(cluster);
-        let entry = L2Entry::read(&table, g, index).expect("index within table");
+        let entry = self.l2_entry(l2_offset.0, index).await?;
         let d = entry
             .decode(
                 g,

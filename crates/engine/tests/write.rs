@@ -907,3 +907,118 @@ fn guest_data_never_overwrites_metadata() {
     let info = sh(d, &["qemu-img", "info", "--output=json", "m.qcow2"]);
     assert!(info.contains("\"corrupt\": true"), "{info}");
 }
+
+type Model = std::collections::HashMap<u64, u8>;
+
+const SLICE_CS: u64 = 65536;
+const TABLE_SPAN: u64 = 512 << 20;
+
+/// Reads 4 KiB at `at` and compares with the model.
+async fn check_at(img: &Image, model: &Model, at: u64) {
+    let want = model.get(&at).copied().unwrap_or(0);
+    let mut buf = vec![0u8; 4096];
+    img.read(at, &mut buf).await.expect("read");
+    assert!(
+        buf.iter().all(|&b| b == want),
+        "at {at:#x}: read {:#x}, wrote {want:#x}",
+        buf[0]
+    );
+}
+
+/// Writes to the last table and flushes: that table takes the one place
+/// for whole tables.
+async fn evict(img: &Image, n: u8) {
+    let at = 7 * TABLE_SPAN + u64::from(n) * SLICE_CS;
+    img.write(at, &[n; 4096]).await.expect("write elsewhere");
+    img.flush().await.expect("flush");
+}
+
+/// Writes a new fill at `at`, flushes, and notes it in the model.
+async fn step(img: &Image, model: &mut Model, n: &mut u8, at: u64) {
+    *n = n.wrapping_add(1).max(1);
+    model.insert(at, *n);
+    img.write(at, &[*n; 4096]).await.expect("write");
+    img.flush().await.expect("flush");
+}
+
+/// Guest reads that miss load 4 KiB slices of L2 tables into a cache of
+/// their own. A slice must never outlive a change of its table: with room
+/// for one whole table only, a table that leaves the table cache and is
+/// read again comes from slices — which must show what the last writeback
+/// wrote, not what the table held when the slice was read. Allocations,
+/// discards, a snapshot's copy-on-write and tables freed and taken again
+/// all change tables whose slices were cached; every read must agree with
+/// the model, and qemu-img must find the image clean.
+#[test]
+fn l2_slices_never_outlive_their_tables() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    // 64 KiB clusters: one L2 table maps 512 MiB; eight of them.
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "4G"],
+    );
+    let image = d.join("s.qcow2");
+    let cs = SLICE_CS;
+    block_on(async move {
+        let opts = OpenOptions {
+            // One whole table, and slices.
+            l2_cache_bytes: 4 * cs,
+            ..writable()
+        };
+        let img = Image::open(&image, &opts).await.expect("open");
+        let mut model = Model::new();
+        let mut n = 1u8;
+        for round in 0..3u64 {
+            for t in 0..4u64 {
+                let base = t * TABLE_SPAN + round * 8 * cs;
+                // The table exists; a slice of it is read while it is out
+                // of the table cache ...
+                step(&img, &mut model, &mut n, base).await;
+                evict(&img, (t * 3 + round) as u8).await;
+                check_at(&img, &model, base + cs).await;
+                // ... then the table changes (an allocation in the same
+                // slice), is written back and leaves the cache again.
+                step(&img, &mut model, &mut n, base + cs).await;
+                evict(&img, (t * 3 + round + 100) as u8).await;
+                check_at(&img, &model, base + cs).await;
+                check_at(&img, &model, base).await;
+                // A discard changes it too.
+                img.discard(base, cs).await.expect("discard");
+                img.flush().await.expect("flush");
+                model.remove(&base);
+                evict(&img, (t * 3 + round + 50) as u8).await;
+                check_at(&img, &model, base).await;
+            }
+            // Every table is shared with a snapshot: the next write to
+            // each copies it elsewhere.
+            img.snapshot_create(&format!("s{round}"))
+                .await
+                .expect("snapshot");
+            for t in 0..4u64 {
+                let at = t * TABLE_SPAN + round * 8 * cs + 2 * cs;
+                check_at(&img, &model, at).await;
+                step(&img, &mut model, &mut n, at).await;
+                evict(&img, (t + 200) as u8).await;
+                check_at(&img, &model, at).await;
+                check_at(&img, &model, t * TABLE_SPAN + round * 8 * cs + cs).await;
+            }
+        }
+        // Deleting the snapshots frees the tables they alone held; new
+        // tables may take their clusters.
+        for round in 0..3u64 {
+            img.snapshot_delete(&format!("s{round}"))
+                .await
+                .expect("delete");
+        }
+        for t in 4..7u64 {
+            step(&img, &mut model, &mut n, t * TABLE_SPAN).await;
+            evict(&img, (t + 220) as u8).await;
+        }
+        for &at in model.clone().keys() {
+            check_at(&img, &model, at).await;
+        }
+        img.close().await.expect("close");
+    });
+    sh(d, &["qemu-img", "check", "s.qcow2"]);
+}

@@ -133,7 +133,7 @@ impl Image {
                 let l1 = L1Entry::new(HostOffset(t), true);
                 a.note_l1(l1_index as u64, l1.0);
                 let mut tables = self.lock_tables();
-                tables.l2_dirty.insert(t, table.clone());
+                tables.put_dirty_l2(t, table.clone());
                 tables.l1[l1_index] = l1;
                 tables.l1_dirty = true;
                 (t, table)
@@ -153,7 +153,7 @@ impl Image {
         let at = index * g.l2_entry_size() as usize;
         let words: Vec<u64> =
             qblk_qcow2::decode_table(&table[at..at + g.l2_entry_size() as usize]).collect();
-        tables.l2_dirty.insert(table_offset, Arc::new(table));
+        tables.put_dirty_l2(table_offset, Arc::new(table));
         drop(tables);
         for (k, word) in words.into_iter().enumerate() {
             a.note_l2_word(table_offset + (at + 8 * k) as u64, word);

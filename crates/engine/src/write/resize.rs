@@ -142,6 +142,7 @@ impl Image {
                     // the table itself goes with the L1 entry.
                     t.l2_dirty.remove(&off);
                     t.l2_clean.pop(&off);
+                    t.forget_slices(off);
                     a.rc.release(g.host_cluster(HostOffset(off)), ClusterCount(1));
                 }
                 let old_clusters = g.clusters_for(old_len * 8).max(1);

@@ -223,7 +223,7 @@ impl Image {
             let mut t = self.lock_tables();
             if changed {
                 t.l2_clean.pop(&l2.0);
-                t.l2_dirty.insert(l2.0, std::sync::Arc::new(new));
+                t.put_dirty_l2(l2.0, std::sync::Arc::new(new));
             }
             let flagged = L1Entry::new(l2, table_single);
             if t.l1[i] != flagged {
@@ -309,6 +309,16 @@ impl Image {
             .collect();
         for k in stale {
             t.l2_clean.pop(&k);
+        }
+        let table_bytes = t.l2_table_bytes;
+        let stale_slices: Vec<u64> = t
+            .l2_slices
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| !named.contains(&(k / table_bytes * table_bytes)))
+            .collect();
+        for k in stale_slices {
+            t.l2_slices.pop(&k);
         }
         debug_assert!(t.l2_dirty.keys().all(|k| named.contains(k)));
     }
