@@ -177,8 +177,11 @@ pub(crate) struct Tables {
     pub(crate) l1_dirty: bool,
     pub(crate) l2_clean: LruCache<u64, Arc<AlignedBuf>>,
     pub(crate) l2_dirty: std::collections::HashMap<u64, Arc<AlignedBuf>>,
-    /// Slices of clean L2 tables, by their offset in the file.
-    pub(crate) l2_slices: LruCache<u64, Arc<AlignedBuf>>,
+    /// Slices of clean L2 tables, by their offset in the file: what the
+    /// whole tables leave of the budget ([`Tables::trim_slices`]).
+    pub(crate) l2_slices: LruCache<u64, Arc<[u8]>>,
+    /// The L2 cache budget in bytes, whole tables and slices together.
+    pub(crate) l2_budget: u64,
     /// The slice size: [`L2_SLICE_BYTES`], or the cluster size if smaller.
     pub(crate) l2_slice_bytes: u64,
     /// An L2 table's size (one cluster).
@@ -206,6 +209,20 @@ impl Tables {
         while at < table + self.l2_table_bytes {
             self.l2_slices.pop(&at);
             at += self.l2_slice_bytes;
+        }
+    }
+
+    /// Evicts the least recently used slices until whole clean tables and
+    /// slices fit the budget together (at least 16 slices stay). Whole
+    /// tables have a quarter of it at most (the LRU's capacity); slices
+    /// take the rest, and all of it while no table is cached — a disk
+    /// that is only read holds four times as much of its map.
+    pub(crate) fn trim_slices(&mut self) {
+        let tables = self.l2_clean.len() as u64 * self.l2_table_bytes;
+        while self.l2_slices.len() > 16
+            && tables + self.l2_slices.len() as u64 * self.l2_slice_bytes > self.l2_budget
+        {
+            self.l2_slices.pop_lru();
         }
     }
 
@@ -391,13 +408,11 @@ impl Image {
                 _ => None,
             };
 
-            // A quarter of the budget holds whole tables (what writes
-            // update), the rest the slices reads load.
+            // Up to a quarter of the budget holds whole tables (what
+            // writes update), the rest the slices reads load.
             let cs = geometry.cluster_size();
             let slice_bytes = L2_SLICE_BYTES.min(cs);
             let tables = (opts.l2_cache_bytes / 4 / cs).max(1) as usize;
-            let slices = (opts.l2_cache_bytes.saturating_sub(tables as u64 * cs) / slice_bytes)
-                .max(16) as usize;
             let (size, l1_offset) = (header.size, header.l1_table_offset);
             let refcount_table = (
                 header.refcount_table_offset,
@@ -418,7 +433,8 @@ impl Image {
                     l1_dirty: false,
                     l2_clean: LruCache::new(NonZeroUsize::new(tables).expect("at least one")),
                     l2_dirty: std::collections::HashMap::new(),
-                    l2_slices: LruCache::new(NonZeroUsize::new(slices).expect("at least 16")),
+                    l2_slices: LruCache::unbounded(),
+                    l2_budget: opts.l2_cache_bytes,
                     l2_slice_bytes: slice_bytes,
                     l2_table_bytes: cs,
                     l2_epoch: 0,
@@ -604,6 +620,7 @@ impl Image {
                 continue;
             }
             t.l2_clean.put(offset, loaded.clone());
+            t.trim_slices();
             return Ok(loaded);
         }
     }
@@ -635,11 +652,14 @@ impl Image {
                 (slice_offset, t.l2_epoch)
             };
             let len = self.lock_tables().l2_slice_bytes as usize;
-            let slice = Arc::new(self.file.read(slice_offset, len).await.map_err(Error::io(
-                &self.path,
-                "read L2 table",
-                slice_offset,
-            ))?);
+            // Kept as a plain copy: an aligned buffer of 4 KiB takes 8.
+            let slice: Arc<[u8]> = Arc::from(
+                &self.file.read(slice_offset, len).await.map_err(Error::io(
+                    &self.path,
+                    "read L2 table",
+                    slice_offset,
+                ))?[..],
+            );
             let mut t = self.lock_tables();
             if t.l2_epoch != epoch
                 || t.l2_dirty.contains_key(&offset)
@@ -650,6 +670,7 @@ impl Image {
                 continue;
             }
             t.l2_slices.put(slice_offset, slice.clone());
+            t.trim_slices();
             return self.entry_in_slice(&slice, slice_offset, offset + at);
         }
     }

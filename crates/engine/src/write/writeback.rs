@@ -418,6 +418,7 @@ impl Writer {
                     t.l2_clean.put(off, table);
                 }
             }
+            t.trim_slices();
             t.l2_epoch += 1;
             drop(t);
             synced.durable_gen = covered;
