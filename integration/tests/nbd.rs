@@ -543,3 +543,81 @@ fn bad_clients_are_dropped_and_neither_the_guest_nor_other_clients_notice() {
     assert!(daemon.stop().success(), "{}", daemon.log());
     qemu_check_clean("a.qcow2", d);
 }
+
+#[test]
+fn the_nbd_server_starts_and_stops_over_qmp_and_exports_end_with_it_and_with_the_daemon() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "32M");
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--control", "qmp.sock", "a.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    let nbd = d.join("nbd.sock");
+    let (_, desc) = q.err(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "disk"}),
+    );
+    assert!(desc.contains("not running"), "{desc}");
+    let (_, desc) = q.err(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}, "tls-creds": "t"}),
+    );
+    assert!(desc.contains("no TLS"), "{desc}");
+    // QEMU's SocketAddressLegacy.
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    );
+    let (_, desc) = q.err(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
+    );
+    assert!(desc.contains("already running"), "{desc}");
+    // The default name is the node's.
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "disk"}),
+    );
+    let info = sh(
+        d,
+        &[
+            "qemu-img",
+            "info",
+            "--output=json",
+            "-f",
+            "raw",
+            &format!("nbd+unix:///disk?socket={}", nbd.display()),
+        ],
+    );
+    let info: Value = serde_json::from_str(&info).expect("info JSON");
+    assert_eq!(info["virtual-size"], SIZE);
+    // Handing the disk over is refused while an export reads it.
+    let (_, desc) = q.err(
+        "blockdev-set-active",
+        json!({"node-name": "disk", "active": false}),
+    );
+    assert!(desc.contains("NBD exports"), "{desc}");
+    // Stopping the server ends its exports and deletes their snapshots.
+    q.ok("nbd-server-stop", json!({}));
+    assert!(!snapshots(d).contains("qblk-export"), "{}", snapshots(d));
+    assert!(!nbd.exists());
+    let (_, desc) = q.err("nbd-server-stop", json!({}));
+    assert!(desc.contains("not running"), "{desc}");
+    // The flat SocketAddress, and an export left to the daemon's end.
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": nbd}}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "left", "node-name": "disk", "name": "x"}),
+    );
+    assert!(snapshots(d).contains("qblk-export-left"));
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert!(
+        !snapshots(d).contains("qblk-export"),
+        "the daemon left an export's snapshot behind:\n{}",
+        snapshots(d)
+    );
+    qemu_check_clean("a.qcow2", d);
+}
