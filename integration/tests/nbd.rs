@@ -450,6 +450,9 @@ fn an_incremental_backup_of_the_dirty_ranges_equals_the_disk_at_the_second_expor
     let mut n = RawNbd::go(&nbd, "inc");
     assert_eq!(n.size, SIZE);
     for (start, len) in dirty {
+        if broken("nbd-skip-dirty") {
+            continue;
+        }
         let data = n.read(start, len as u32).expect("read a dirty range");
         backup[start as usize..(start + len) as usize].copy_from_slice(&data);
     }

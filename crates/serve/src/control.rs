@@ -17,7 +17,9 @@
 //! `-merge`, `block_resize`, internal snapshots, `stop`, `cont` and
 //! `query-status` (the run state and held requests of `errors.rs`),
 //! `blockdev-set-active` (the hand-over between two daemons,
-//! `Device::set_active`), and `quit`. The disk's node is named `disk`.
+//! `Device::set_active`), `nbd-server-start`/`-stop` and
+//! `block-export-add`/`-del` (NBD exports of snapshots, `nbd/`), and
+//! `quit`. The disk's node is named `disk`.
 //!
 //! Bad input — unparsable JSON, a request that is no object, unknown
 //! commands or arguments — gets an error reply; a client that sends
