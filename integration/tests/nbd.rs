@@ -135,6 +135,36 @@ fn dirty_ranges(d: &Path, nbd: &Path, name: &str, bitmap: &str) -> Vec<(u64, u64
     )
 }
 
+/// The ranges `qemu-img map` of export `name` (`base:allocation`) reports
+/// as data.
+fn data_ranges(d: &Path, nbd: &Path, name: &str) -> Vec<(u64, u64)> {
+    let out = sh(
+        d,
+        &[
+            "qemu-img",
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            &format!("nbd+unix:///{name}?socket={}", nbd.display()),
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).expect("map JSON");
+    merged(
+        v.as_array()
+            .expect("map entries")
+            .iter()
+            .filter(|e| e["data"] == true)
+            .map(|e| {
+                (
+                    e["start"].as_u64().expect("start"),
+                    e["length"].as_u64().expect("length"),
+                )
+            })
+            .collect(),
+    )
+}
+
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
@@ -330,6 +360,7 @@ fn an_export_reads_the_disk_at_the_export_point_while_the_guest_overwrites_it() 
     std::thread::sleep(Duration::from_millis(200));
     let got = convert(d, &nbd, "exp");
     let dirty = dirty_ranges(d, &nbd, "exp", "b");
+    let data = data_ranges(d, &nbd, "exp");
     stop.store(true, Ordering::SeqCst);
     let overwrites = writer.join().expect("writer");
     assert!(overwrites > 0, "the guest wrote nothing meanwhile");
@@ -342,6 +373,15 @@ fn an_export_reads_the_disk_at_the_export_point_while_the_guest_overwrites_it() 
         dirty,
         block_ranges(&since),
         "the bitmap context lists other ranges than those written since the bitmap was added"
+    );
+    // base:allocation: data exactly where the disk had been written at
+    // the export point (the guest's later writes elsewhere do not show).
+    let mut written: Vec<u64> = (0..32).collect();
+    written.extend(&since);
+    assert_eq!(
+        data,
+        block_ranges(&written),
+        "base:allocation does not describe the disk at the export point"
     );
     // The active disk did move on.
     let now = {
