@@ -311,7 +311,11 @@ impl Nbd {
             };
             list.remove(i)
         };
-        release(&e)?;
+        if let Err(m) = release(&e) {
+            // Still read: it stays listed, so its snapshot stays protected.
+            lock(&self.exports).push(e);
+            return Err(m);
+        }
         Ok(e)
     }
 
@@ -339,11 +343,16 @@ fn conflict(list: &[Arc<Export>], id: &str, name: &str) -> Option<String> {
 
 /// Hangs up an export's clients and waits for their threads to drop it.
 fn release(e: &Arc<Export>) -> Result<(), String> {
-    for (_, s) in lock(&e.clients).iter() {
-        s.shutdown();
-    }
     let began = Instant::now();
-    while Arc::strong_count(e) > 1 {
+    loop {
+        // Again each round: a client that was finishing its handshake
+        // registers late.
+        for (_, s) in lock(&e.clients).iter() {
+            s.shutdown();
+        }
+        if Arc::strong_count(e) == 1 {
+            return Ok(());
+        }
         if began.elapsed() > RELEASE_TIMEOUT {
             return Err(format!(
                 "export '{}': a client still reads it after {} s",
@@ -353,7 +362,6 @@ fn release(e: &Arc<Export>) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(())
 }
 
 /// A client's socket.
