@@ -618,9 +618,44 @@ fn the_nbd_server_starts_and_stops_over_qmp_and_exports_end_with_it_and_with_the
     assert!(desc.contains("already running"), "{desc}");
     // The default name is the node's.
     q.ok(
-        "block-export-add",
-        json!({"type": "nbd", "id": "e", "node-name": "disk"}),
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "bm", "persistent": true}),
     );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e", "node-name": "disk", "bitmaps": ["bm"]}),
+    );
+    let (_, desc) = q.err(
+        "block-export-add",
+        json!({"type": "nbd", "id": "f", "node-name": "disk", "name": "f", "bitmaps": ["nope"]}),
+    );
+    assert!(desc.contains("not found"), "{desc}");
+    // NBD_OPT_LIST, NBD_OPT_INFO and NBD_OPT_LIST_META_CONTEXT, as
+    // qemu-nbd --list asks them.
+    let list = sh(
+        d,
+        &[
+            "timeout",
+            "20",
+            "qemu-nbd",
+            "--list",
+            "-k",
+            nbd.to_str().expect("utf-8"),
+        ],
+    );
+    for want in [
+        "exports available: 1",
+        "export: 'disk'",
+        "size:  33554432",
+        "readonly",
+        "base:allocation",
+        "qemu:dirty-bitmap:bm",
+    ] {
+        assert!(
+            list.contains(want),
+            "qemu-nbd --list lacks {want:?}:\n{list}"
+        );
+    }
     let info = sh(
         d,
         &[
