@@ -20,6 +20,7 @@ use crate::buf::AlignedBuf;
 use crate::file::{CacheMode, HostFile};
 use crate::guest::{GuestSlice, Out};
 use crate::lock::Access;
+use crate::view::SnapshotView;
 
 /// Deepest backing chain followed by default (QEMU-like bound; the image
 /// itself is depth 0).
@@ -703,15 +704,42 @@ impl Image {
         &self,
         guest_offset: u64,
     ) -> Result<(ClusterDescriptor, L2Entry)> {
+        self.descriptor_and_entry_in(None, guest_offset).await
+    }
+
+    /// The descriptor of the guest cluster holding `guest_offset` in the
+    /// active disk, or in a snapshot's.
+    pub(crate) async fn descriptor_in(
+        &self,
+        view: Option<&SnapshotView>,
+        guest_offset: u64,
+    ) -> Result<ClusterDescriptor> {
+        Ok(self.descriptor_and_entry_in(view, guest_offset).await?.0)
+    }
+
+    async fn descriptor_and_entry_in(
+        &self,
+        view: Option<&SnapshotView>,
+        guest_offset: u64,
+    ) -> Result<(ClusterDescriptor, L2Entry)> {
         let g = &self.geometry;
         let cluster = g.guest_cluster(qblk_qcow2::GuestOffset(guest_offset));
         let l1_index = g.l1_index(cluster) as usize;
-        let l1_entry = self.lock_tables().l1.get(l1_index).copied();
+        let l1_entry = match view {
+            Some(v) => v.l1.get(l1_index).copied(),
+            None => self.lock_tables().l1.get(l1_index).copied(),
+        };
         let Some(l2_offset) = l1_entry.and_then(|e| e.l2_offset()) else {
             return Ok((ClusterDescriptor::Unallocated, L2Entry::UNALLOCATED));
         };
         let index = g.l2_index(cluster);
-        let entry = self.l2_entry(l2_offset.0, index).await?;
+        let entry = match view {
+            Some(v) => {
+                let table = v.l2_table(self, l2_offset.0).await?;
+                L2Entry::read(&table, g, index).expect("index within table")
+            }
+            None => self.l2_entry(l2_offset.0, index).await?,
+        };
         let d = entry
             .decode(
                 g,
@@ -747,17 +775,24 @@ impl Image {
     fn read_impl<'a>(
         &'a self,
         offset: u64,
+        buf: Out<'a>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
+        self.read_in(None, offset, buf)
+    }
+
+    /// The read path of the active disk, or of a snapshot's.
+    pub(crate) fn read_in<'a>(
+        &'a self,
+        view: Option<&'a SnapshotView>,
+        offset: u64,
         mut buf: Out<'a>,
     ) -> Pin<Box<dyn std::future::Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
             let total = buf.len();
             let len = total as u64;
-            if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-                return Err(Error::OutOfRange {
-                    offset,
-                    len,
-                    size: self.size(),
-                });
+            let size = view.map_or(self.size(), SnapshotView::size);
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::OutOfRange { offset, len, size });
             }
             let g = self.geometry;
             let mut done = 0usize;
@@ -765,14 +800,14 @@ impl Image {
                 let pos = offset + done as u64;
                 let in_cluster = g.offset_in_cluster(pos);
                 let chunk = ((g.cluster_size() - in_cluster) as usize).min(total - done);
-                let desc = self.descriptor(pos).await?;
+                let desc = self.descriptor_in(view, pos).await?;
                 if let Some(host) = fully_allocated(&g, &desc) {
                     // Extend over following clusters that continue this
                     // one on the host: one read for the whole run.
                     let mut run = chunk;
                     while done + run < total {
                         let next = offset + (done + run) as u64;
-                        let d = self.descriptor(next).await?;
+                        let d = self.descriptor_in(view, next).await?;
                         if fully_allocated(&g, &d) != Some(host + in_cluster + run as u64) {
                             break;
                         }

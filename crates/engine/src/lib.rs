@@ -25,6 +25,7 @@ pub mod runtime;
 pub mod shm;
 pub mod stats;
 pub mod uring;
+pub mod view;
 mod write;
 
 pub use error::{Corruption, Error, Result};

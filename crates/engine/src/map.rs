@@ -8,6 +8,7 @@ use qblk_qcow2::mapping::{ClusterDescriptor, SubclusterState};
 
 use crate::file::HostFile;
 use crate::image::{BackingRef as Backing, Image, Result};
+use crate::view::SnapshotView;
 
 /// One run of guest bytes with the same status (qemu-img map's entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,7 +327,17 @@ impl Image {
     /// clusters contiguous, split where the host file has holes). A
     /// length of 0 means `pos` is at or past the end.
     pub async fn block_status(&self, pos: u64, max: u64) -> Result<(BlockStatus, u64)> {
-        let (mut status, mut len) = self.layer_status(pos, max).await?;
+        self.block_status_in(None, pos, max).await
+    }
+
+    /// [`Image::block_status`] of the active disk, or of a snapshot's.
+    pub(crate) async fn block_status_in(
+        &self,
+        view: Option<&SnapshotView>,
+        pos: u64,
+        max: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        let (mut status, mut len) = self.layer_status_in(view, pos, max).await?;
         if len == 0 || status.allocated {
             return Ok((status, len));
         }
@@ -365,7 +376,16 @@ impl Image {
 
     /// The status of the run from `pos` in this layer alone.
     async fn layer_status(&self, pos: u64, max: u64) -> Result<(BlockStatus, u64)> {
-        let size = self.size();
+        self.layer_status_in(None, pos, max).await
+    }
+
+    async fn layer_status_in(
+        &self,
+        view: Option<&SnapshotView>,
+        pos: u64,
+        max: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        let size = view.map_or(self.size(), SnapshotView::size);
         if pos >= size {
             let eof = BlockStatus {
                 eof: true,
@@ -377,22 +397,22 @@ impl Image {
         let coverage = g.l2_coverage_bytes();
         let limit = max.min(size - pos).min(coverage - pos % coverage);
         let l1_index = g.l1_index(g.guest_cluster(qblk_qcow2::GuestOffset(pos))) as usize;
-        let no_table = self
-            .lock_tables()
-            .l1
-            .get(l1_index)
-            .is_none_or(|e| e.l2_offset().is_none());
+        let no_table = match view {
+            Some(v) => v.l1.get(l1_index).copied(),
+            None => self.lock_tables().l1.get(l1_index).copied(),
+        }
+        .is_none_or(|e| e.l2_offset().is_none());
         let (kind, host, mut len) = if no_table {
             (SubclusterType::UnallocatedPlain, None, limit)
         } else {
-            let (kind, host, n, whole) = self.subcluster_run(pos, limit).await?;
+            let (kind, host, n, whole) = self.subcluster_run(view, pos, limit).await?;
             let mut len = n;
             let mut at_cluster_end = whole;
             // Whole clusters of the same type (and contiguous on the
             // host where they have a host cluster) continue the run;
             // compressed clusters go one by one.
             while at_cluster_end && len < limit && kind != SubclusterType::Compressed {
-                let (k, h, n, whole) = self.subcluster_run(pos + len, limit - len).await?;
+                let (k, h, n, whole) = self.subcluster_run(view, pos + len, limit - len).await?;
                 let contiguous = match (host, h) {
                     (Some(a), Some(b)) => a + (pos % g.cluster_size()) + len == b,
                     _ => true,
@@ -494,13 +514,14 @@ impl Image {
     /// end of the cluster.
     async fn subcluster_run(
         &self,
+        view: Option<&SnapshotView>,
         pos: u64,
         max: u64,
     ) -> Result<(SubclusterType, Option<u64>, u64, bool)> {
         let g = self.geometry();
         let in_cluster = g.offset_in_cluster(pos);
         let to_end = g.cluster_size() - in_cluster;
-        let (kind, host, n) = match self.descriptor(pos).await? {
+        let (kind, host, n) = match self.descriptor_in(view, pos).await? {
             ClusterDescriptor::Unallocated => (SubclusterType::UnallocatedPlain, None, to_end),
             ClusterDescriptor::Zero {
                 preallocated: Some(h),

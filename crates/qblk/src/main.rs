@@ -114,6 +114,12 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// has no authentication.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Start an NBD server on ADDR (`unix:PATH`, mode 0600, or
+        /// HOST:PORT on an address you name; no TLS, no authentication):
+        /// QMP block-export-add then exports point-in-time snapshots of
+        /// the disk, read-only, with dirty-bitmap block status.
+        #[arg(long, value_name = "ADDR")]
+        nbd: Option<String>,
         /// What a failed write, write-zeroes, discard or flush does, as
         /// QEMU's -drive werror: `report` fails it, `stop` holds it and
         /// stops the device until QMP `cont` retries it, `enospc` stops
@@ -715,6 +721,7 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
             pin_guest_memory,
             control,
             metrics,
+            nbd,
             werror,
             rerror,
             inactive,
@@ -806,6 +813,11 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                     .as_deref()
                     .map(qblk_serve::metrics::MetricsAddr::parse)
                     .transpose()?,
+                nbd: nbd
+                    .as_deref()
+                    .map(qblk_serve::nbd::NbdAddr::parse)
+                    .transpose()
+                    .map_err(|e| format!("--nbd: {e}"))?,
                 werror,
                 rerror,
                 inactive,

@@ -17,7 +17,9 @@
 //! `-merge`, `block_resize`, internal snapshots, `stop`, `cont` and
 //! `query-status` (the run state and held requests of `errors.rs`),
 //! `blockdev-set-active` (the hand-over between two daemons,
-//! `Device::set_active`), and `quit`. The disk's node is named `disk`.
+//! `Device::set_active`), `nbd-server-start`/`-stop` and
+//! `block-export-add`/`-del` (NBD exports of snapshots, `nbd/`), and
+//! `quit`. The disk's node is named `disk`.
 //!
 //! Bad input — unparsable JSON, a request that is no object, unknown
 //! commands or arguments — gets an error reply; a client that sends
@@ -209,6 +211,10 @@ const COMMANDS: &[&str] = &[
     "blockdev-snapshot-delete-internal-sync",
     "blockdev-set-active",
     "block_set_io_throttle",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
     "stop",
     "cont",
     "query-status",
@@ -332,8 +338,65 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             .none()
             .map(|()| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
         "query-block-exports" => a.none().map(|()| {
-            json!([{"type": "vhost-user-blk", "id": NODE_NAME, "node-name": NODE_NAME, "shutting-down": false}])
+            let mut list = vec![
+                json!({"type": "vhost-user-blk", "id": NODE_NAME, "node-name": NODE_NAME, "shutting-down": false}),
+            ];
+            list.extend(ctx.device.nbd.exports().iter().map(|e| {
+                json!({
+                    "type": "nbd",
+                    "id": e.id,
+                    "node-name": NODE_NAME,
+                    "shutting-down": false,
+                    "x-name": e.name,
+                    "x-snapshot": e.snapshot,
+                    "x-size": e.size(),
+                    "x-bitmaps": e.bitmaps.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+                })
+            }));
+            Value::Array(list)
         }),
+        "nbd-server-start" => {
+            a.only(&["addr", "tls-creds", "tls-authz", "max-connections"])?;
+            if a.map.contains_key("tls-creds") || a.map.contains_key("tls-authz") {
+                return Err(generic("qblk's NBD server has no TLS: leave out 'tls-creds' and 'tls-authz'"));
+            }
+            let addr = nbd_addr(a.map.get("addr"))?;
+            ctx.device.nbd.start(&addr).map(|()| json!({})).map_err(generic)
+        }
+        "nbd-server-stop" => {
+            a.none()?;
+            if !ctx.device.nbd.running() {
+                return Err(generic("NBD server not running"));
+            }
+            ctx.device.nbd.stop();
+            // As QEMU: the server's exports end with it.
+            let _admin = ctx.device.admin();
+            for e in ctx.device.nbd.remove_all() {
+                delete_export_snapshot(ctx, &e)?;
+            }
+            Ok(json!({}))
+        }
+        "block-export-add" => {
+            a.only(&["type", "id", "node-name", "name", "writable", "bitmaps", "description", "writethrough"])?;
+            export_add(ctx, &a)
+        }
+        "block-export-del" => {
+            a.only(&["id", "mode"])?;
+            let id = a.string("id")?;
+            if let Some(m) = a.opt_string("mode")? {
+                if m != "safe" && m != "hard" {
+                    return Err(generic(format!("Parameter 'mode' does not accept value '{m}'")));
+                }
+            }
+            if id == NODE_NAME {
+                return Err(generic("the vhost-user-blk export ends with the daemon"));
+            }
+            let _admin = ctx.device.admin();
+            let e = ctx.device.nbd.remove(&id).map_err(generic)?;
+            delete_export_snapshot(ctx, &e)?;
+            info!(id = %e.id, snapshot = %e.snapshot, "NBD export removed, its snapshot deleted");
+            Ok(json!({}))
+        }
         "query-named-block-nodes" => a
             .only(&["flat"])
             .and_then(|()| a.flag("flat"))
@@ -452,6 +515,11 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
                 .flag("active")?
                 .ok_or_else(|| generic("Parameter 'active' is missing"))?;
             let _admin = ctx.device.admin();
+            if !active && !ctx.device.nbd.exports().is_empty() {
+                return Err(generic(
+                    "NBD exports read this daemon's disk: remove them (block-export-del) before handing it over",
+                ));
+            }
             ctx.device
                 .set_active(active, || (ctx.open)())
                 .map(|()| json!({}))
@@ -721,6 +789,11 @@ fn snapshot_delete_in(
         )));
     };
     let sn_name = String::from_utf8_lossy(&sn.name).into_owned();
+    if ctx.device.nbd.exports_snapshot(&sn_name) {
+        return Err(generic(format!(
+            "snapshot '{sn_name}' is read by an NBD export: remove the export (block-export-del) instead"
+        )));
+    }
     if list.iter().filter(|s| s.name == sn.name).count() > 1 && id.is_some() {
         // The engine deletes the first snapshot of a name.
         return Err(generic(format!(
@@ -856,5 +929,161 @@ fn named_nodes(ctx: &Context) -> Value {
 fn with_throttle(ctx: &Context, node: &mut Value) {
     if let Value::Object(m) = node {
         m.extend(ctx.device.throttle.config().to_json());
+    }
+}
+
+/// QEMU's `SocketAddressLegacy` (`{"type": "unix", "data": {"path":
+/// ...}}`, `{"type": "inet", "data": {"host": ..., "port": ...}}`) or the
+/// flat `SocketAddress` (`{"type": "unix", "path": ...}`).
+fn nbd_addr(v: Option<&Value>) -> Result<crate::nbd::NbdAddr, QmpError> {
+    let Some(Value::Object(o)) = v else {
+        return Err(generic("Parameter 'addr' is missing or not an object"));
+    };
+    let kind = o.get("type").and_then(Value::as_str).unwrap_or("");
+    let fields = match o.get("data") {
+        Some(Value::Object(d)) => d,
+        Some(_) => return Err(generic("Parameter 'addr.data' must be an object")),
+        None => o,
+    };
+    let field = |k: &str| -> Result<String, QmpError> {
+        match fields.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            _ => Err(generic(format!("Parameter 'addr.{k}' is missing"))),
+        }
+    };
+    match kind {
+        "unix" => Ok(crate::nbd::NbdAddr::Unix(field("path")?.into())),
+        "inet" => {
+            let host = field("host")?;
+            let port = field("port")?;
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            crate::nbd::NbdAddr::parse(&format!("{host}:{port}")).map_err(generic)
+        }
+        other => Err(generic(format!(
+            "NBD server address type '{other}' is not supported: give unix or inet"
+        ))),
+    }
+}
+
+/// The snapshot an export reads.
+fn export_snapshot_name(id: &str) -> String {
+    format!("qblk-export-{id}")
+}
+
+/// `block-export-add` of an NBD export: an internal snapshot taken with
+/// the guest held, and the bitmaps' bits copied in the same moment.
+fn export_add(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
+    let kind = a.string("type")?;
+    if kind != "nbd" {
+        return Err(generic(format!(
+            "qblk adds NBD exports only (the vhost-user-blk one is the daemon's): 'type' '{kind}'"
+        )));
+    }
+    let id = a.string("id")?;
+    let node = a.string("node-name")?;
+    if node != NODE_NAME {
+        return Err(generic(format!("Cannot find node '{node}'")));
+    }
+    let name = a.opt_string("name")?.unwrap_or_else(|| node.clone());
+    if a.flag("writable")?.unwrap_or(false) {
+        return Err(generic(
+            "qblk's NBD exports are point-in-time snapshots of the disk and cannot be written: leave 'writable' false",
+        ));
+    }
+    let bitmaps: Vec<String> = match a.map.get("bitmaps") {
+        None => Vec::new(),
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|b| match b {
+                Value::String(s) => Ok(s.clone()),
+                Value::Object(o) => o
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| generic("Parameter 'bitmaps' holds an object without 'name'")),
+                _ => Err(generic("Parameter 'bitmaps' expects bitmap names")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(generic("Parameter 'bitmaps' expects an array")),
+    };
+    if id.is_empty() || name.len() > crate::nbd::proto::MAX_STRING {
+        return Err(generic("'id' must not be empty, 'name' at most 4096 bytes"));
+    }
+    if !ctx.device.nbd.running() {
+        return Err(generic("NBD server not running"));
+    }
+    if let Some(m) = ctx.device.nbd.conflict(&id, &name) {
+        return Err(generic(m));
+    }
+    let snapshot = export_snapshot_name(&id);
+    snapshot_image(ctx, |img| {
+        let known = img.bitmaps();
+        for b in &bitmaps {
+            match known.iter().find(|k| &k.name == b) {
+                None => return Err(generic(format!("Bitmap '{b}' is not found"))),
+                Some(k) if k.inconsistent => {
+                    return Err(generic(format!(
+                        "Bitmap '{b}' is inconsistent and cannot be used"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let list = qblk_engine::runtime::block_on(img.snapshots())
+            .map_err(|e| generic(crate::error_chain(&e)))?;
+        if list.iter().any(|s| s.name == snapshot.as_bytes()) {
+            return Err(generic(format!(
+                "an internal snapshot named '{snapshot}' exists already (a daemon stopped without ending the export?): delete it first"
+            )));
+        }
+        let disk = ctx.device.disk().ok_or_else(inactive)?;
+        let frozen = with_guest_held(ctx, "NBD export", async {
+            img.snapshot_create(&snapshot).await?;
+            // The bits as the snapshot's disk has them: nothing wrote in
+            // between.
+            Ok(bitmaps
+                .iter()
+                .filter_map(|b| {
+                    img.bitmap_data(b)
+                        .map(|(granularity, bits)| crate::nbd::FrozenBitmap {
+                            name: b.clone(),
+                            granularity,
+                            bits,
+                        })
+                })
+                .collect::<Vec<_>>())
+        })?;
+        let view = qblk_engine::runtime::block_on(img.snapshot_view(&snapshot));
+        let added = view.map_err(|e| crate::error_chain(&e)).and_then(|view| {
+            ctx.device.nbd.add(crate::nbd::Export::new(
+                id.clone(),
+                name.clone(),
+                snapshot.clone(),
+                disk.clone(),
+                view,
+                frozen,
+            ))
+        });
+        if let Err(m) = added {
+            let _ = with_guest_held(ctx, "snapshot delete", img.snapshot_delete(&snapshot));
+            return Err(generic(m));
+        }
+        Ok(json!({}))
+    })
+}
+
+/// Deletes an ended export's snapshot (the caller holds the admin lock).
+fn delete_export_snapshot(ctx: &Context, e: &crate::nbd::Export) -> Result<(), QmpError> {
+    let disk = ctx.device.disk().ok_or_else(inactive)?;
+    match &*disk {
+        Disk::Qcow2(img) => {
+            with_guest_held(ctx, "snapshot delete", img.snapshot_delete(&e.snapshot))
+        }
+        Disk::Raw(_) => Ok(()),
     }
 }

@@ -100,6 +100,8 @@ pub struct Device {
     pub queue_stats: Vec<crate::stats::QueueStats>,
     /// I/O limits across all queues (`throttle.rs`).
     pub throttle: crate::throttle::Throttle,
+    /// The NBD server and its exports of snapshots (`nbd/`).
+    pub nbd: crate::nbd::Nbd,
 }
 
 impl Device {
@@ -129,6 +131,7 @@ impl Device {
                 .map(|_| crate::stats::QueueStats::default())
                 .collect(),
             throttle: crate::throttle::Throttle::default(),
+            nbd: crate::nbd::Nbd::default(),
         }
     }
 

@@ -24,6 +24,7 @@ pub mod errors;
 pub mod events;
 pub mod gate;
 pub mod metrics;
+pub mod nbd;
 pub mod orchestration;
 mod pin;
 pub mod request;
@@ -94,6 +95,8 @@ pub struct ServeOptions {
     pub service: ServiceOptions,
     /// The Prometheus metrics endpoint (`metrics.rs`), if any.
     pub metrics: Option<metrics::MetricsAddr>,
+    /// The NBD server's address (`nbd/`), if it starts with the daemon.
+    pub nbd: Option<nbd::NbdAddr>,
     /// What a failed write, write-zeroes, discard or flush does
     /// (`--werror`, `errors.rs`).
     pub werror: errors::OnError,
@@ -179,6 +182,11 @@ fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
         return Err(ServeError::Usage(
             "--inactive needs --control: only blockdev-set-active on it activates the daemon"
                 .into(),
+        ));
+    }
+    if opts.nbd.is_some() && (opts.readonly || opts.format == Format::Raw) {
+        return Err(ServeError::Usage(
+            "--nbd exports internal snapshots, which only a writable qcow2 image can take".into(),
         ));
     }
     if opts.create.is_some() && opts.readonly {
@@ -413,6 +421,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         None => None,
     };
 
+    if let Some(addr) = &opts.nbd {
+        if let Err(e) = device.nbd.start(addr) {
+            if let Some(c) = control {
+                c.stop();
+            }
+            return Err(ServeError::Start(format!("--nbd {addr}: {e}")));
+        }
+    }
+
     // Held (locked) from readiness until the image is closed.
     let mut pidfile: Option<Pidfile> = None;
     let result = run(opts, &device, &stop, &mut pidfile);
@@ -427,6 +444,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     }
     signals.0.close();
     let _ = signals.1.join();
+    end_nbd_exports(&device);
     let disk = device.disk();
     let closed = match &disk {
         Some(d) => qblk_engine::runtime::block_on(d.close()),
@@ -454,6 +472,29 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     info!("disk closed cleanly");
     drop(pidfile);
     Ok(())
+}
+
+/// Stops the NBD server and deletes the snapshots of the exports left:
+/// an export lives no longer than the daemon (the guest is gone; nothing
+/// else is in the engine).
+fn end_nbd_exports(device: &Device) {
+    device.nbd.stop();
+    let exports = device.nbd.remove_all();
+    let Some(disk) = device.disk() else {
+        return;
+    };
+    if let Disk::Qcow2(img) = &*disk {
+        for e in exports {
+            match qblk_engine::runtime::block_on(img.snapshot_delete(&e.snapshot)) {
+                Ok(()) => {
+                    info!(id = %e.id, snapshot = %e.snapshot, "NBD export ended with the daemon, its snapshot deleted")
+                }
+                Err(err) => {
+                    warn!(snapshot = %e.snapshot, "cannot delete an NBD export's snapshot: {}", error_chain(&err))
+                }
+            }
+        }
+    }
 }
 
 /// Accepts frontends one after another until asked to stop.

@@ -448,7 +448,7 @@ impl Image {
         self.finish(w, &mut synced).await
     }
 
-    async fn read_snapshot_l1(&self, s: &SnapshotEntry) -> Result<Vec<L1Entry>> {
+    pub(crate) async fn read_snapshot_l1(&self, s: &SnapshotEntry) -> Result<Vec<L1Entry>> {
         let g = self.geometry();
         let bytes = self
             .file()
