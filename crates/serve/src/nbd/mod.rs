@@ -6,7 +6,7 @@
 //!
 //! Each export is an internal snapshot (`qblk-export-ID`) taken with the
 //! guest's requests held, read through the engine's
-//! [`SnapshotView`](qblk_engine::view::SnapshotView), with a copy of the
+//! [`SnapshotView`], with a copy of the
 //! chosen persistent bitmaps' bits made in the same held moment. Exports
 //! are read-only: writes, trims and write-zeroes are refused with EPERM.
 //!
