@@ -514,31 +514,18 @@ fn fuzz(target: &str, seconds: u32) -> Result {
 /// and on (`integration/src/bin/logbench.rs`), against `--baseline`, a
 /// qblk binary (e.g. built from before logging existed), when given.
 fn bench_log(args: &[String]) -> Result {
-    install_packages()?;
-    let cargo = cargo();
-    sh(&cargo, &["build", "--release", "--quiet", "-p", "qblk"])?;
-    sh(
-        &cargo,
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "qblk-integration",
-            "--bin",
-            "logbench",
-        ],
-    )?;
-    let qblk = root().join("target/release/qblk").display().to_string();
-    let bench = root().join("target/release/logbench").display().to_string();
-    let mut full = vec!["--qblk", qblk.as_str()];
-    full.extend(args.iter().map(String::as_str));
-    sh(&bench, &full)
+    run_bench_bin("logbench", args)
 }
 
 /// `cargo xtask bench-guest`: fio inside a TCG guest against qblk and
 /// qemu-storage-daemon in turn (`integration/src/bin/guestbench.rs`).
 fn bench_guest(args: &[String]) -> Result {
+    run_bench_bin("guestbench", args)
+}
+
+/// Builds qblk and the integration crate's benchmark binary `bin` (both
+/// release) and runs it on that qblk with `args`.
+fn run_bench_bin(bin: &str, args: &[String]) -> Result {
     install_packages()?;
     let cargo = cargo();
     sh(&cargo, &["build", "--release", "--quiet", "-p", "qblk"])?;
@@ -551,12 +538,13 @@ fn bench_guest(args: &[String]) -> Result {
             "-p",
             "qblk-integration",
             "--bin",
-            "guestbench",
+            bin,
         ],
     )?;
     let qblk = root().join("target/release/qblk").display().to_string();
     let bench = root()
-        .join("target/release/guestbench")
+        .join("target/release")
+        .join(bin)
         .display()
         .to_string();
     let mut full = vec!["--qblk", qblk.as_str()];
