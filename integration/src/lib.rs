@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod benchbin;
 pub mod guest;
 pub mod qmp;
 pub mod rawq;
@@ -225,32 +226,44 @@ impl BitmapExport {
     /// through it (x-dirty-bitmap turns the map around: dirty ranges come
     /// out with `"data": false`).
     pub fn dirty_map(&self, dir: &Path, name: &str) -> Value {
-        let opts = format!(
-            "driver=nbd,server.type=unix,server.path={},export=exp,x-dirty-bitmap=qemu:dirty-bitmap:{name}",
-            self.socket.display()
-        );
-        let out = sh(
-            dir,
-            &["qemu-img", "map", "--output=json", "--image-opts", &opts],
-        );
-        serde_json::from_str(&out).expect("map JSON")
+        nbd_dirty_map(dir, &self.socket, "exp", name)
     }
 
     /// The dirty ranges of bitmap `name` as QEMU reads them: (start, length).
     pub fn dirty_ranges(&self, dir: &Path, name: &str) -> Vec<(u64, u64)> {
-        self.dirty_map(dir, name)
-            .as_array()
-            .expect("map entries")
-            .iter()
-            .filter(|e| e["data"] == false)
-            .map(|e| {
-                (
-                    e["start"].as_u64().expect("start"),
-                    e["length"].as_u64().expect("length"),
-                )
-            })
-            .collect()
+        map_ranges(&self.dirty_map(dir, name), false)
     }
+}
+
+/// QEMU's NBD client's reading of bitmap `bitmap` of export `export` on
+/// the unix socket `nbd`: `qemu-img map` through `x-dirty-bitmap`, which
+/// turns the map around (dirty ranges come out with `"data": false`).
+pub fn nbd_dirty_map(dir: &Path, nbd: &Path, export: &str, bitmap: &str) -> Value {
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export={export},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
+        nbd.display()
+    );
+    let out = sh(
+        dir,
+        &["qemu-img", "map", "--output=json", "--image-opts", &opts],
+    );
+    serde_json::from_str(&out).expect("map JSON")
+}
+
+/// The entries of a `qemu-img map --output=json` answer whose `data` is
+/// `data`: (start, length).
+pub fn map_ranges(map: &Value, data: bool) -> Vec<(u64, u64)> {
+    map.as_array()
+        .expect("map entries")
+        .iter()
+        .filter(|e| e["data"] == data)
+        .map(|e| {
+            (
+                e["start"].as_u64().expect("start"),
+                e["length"].as_u64().expect("length"),
+            )
+        })
+        .collect()
 }
 
 impl Drop for BitmapExport {

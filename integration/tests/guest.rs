@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qblk_integration::guest::{
-    Disk, Vm, migrate, migration_reaches, qemu_md5, run_state, start_migration, wait_for_path,
-    wait_state,
+    Console, Disk, Vm, migrate, migration_reaches, qemu_md5, run_state, start_migration,
+    wait_for_path, wait_state,
 };
 use qblk_integration::qmp::Qmp;
 use qblk_integration::vhost::{Daemon, log_counter};
@@ -48,6 +48,35 @@ fn stop_and_compare(
         "{image}: QEMU reads something else than the guest saw"
     );
     daemon.log()
+}
+
+/// The guest's write phase (of [`MIG_SCRIPT`] or the kill scenario) still
+/// runs: what the test did meanwhile (`what`) happened while it wrote.
+fn assert_still_writing(vm: &Vm, what: &str) {
+    assert!(
+        !vm.console().contains("WRITES-DONE"),
+        "the write phase ended before {what}: make it longer\n{}",
+        vm.console()
+    );
+}
+
+/// The guest passed and fio verified every write; `logs` (the daemons')
+/// go into the message otherwise.
+fn assert_fio_verified(console: &Console, logs: &str) {
+    assert!(
+        console.passed() && console.0.contains("fio verify passed"),
+        "guest failed:\n{}\n{logs}",
+        console.0
+    );
+}
+
+/// Lets a migration use 1 GiB/s (QEMU's default limit would make it
+/// outlast the write phase).
+fn fast_migration(q: &mut Qmp) {
+    q.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 30}),
+    );
 }
 
 const FIO_SCRIPT: &str = r#"
@@ -539,11 +568,7 @@ fn survive_kills(image_opts: &str) {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         std::thread::sleep(std::time::Duration::from_millis(200 + seed % 600));
-        assert!(
-            !vm.console().contains("WRITES-DONE"),
-            "the write phase ended before kill {kill}: make it longer\n{}",
-            vm.console()
-        );
+        assert_still_writing(&vm, &format!("kill {kill}"));
         let status = daemon.stop_with(libc::SIGKILL);
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{}", daemon.log());
         logs.push_str(&format!("--- daemon {kill} ---\n{}", daemon.log()));
@@ -827,10 +852,7 @@ fn live_migrations(name: &str, queues: u16, hops: u32) -> Vec<u64> {
         wait_for_path(&sock);
         let mut dq = dst.qmp();
         assert_eq!(run_state(&mut dq), "inmigrate");
-        q.ok(
-            "migrate-set-parameters",
-            json!({"max-bandwidth": 1u64 << 30}),
-        );
+        fast_migration(&mut q);
         let m = migrate(&mut q, &uri, MIGRATION_TIMEOUT).unwrap_or_else(|e| {
             panic!(
                 "migration {hop} of {name}: {e}\nconsole:\n{}\ndaemon:\n{}",
@@ -838,11 +860,7 @@ fn live_migrations(name: &str, queues: u16, hops: u32) -> Vec<u64> {
                 daemon.log()
             )
         });
-        assert!(
-            !vm.console().contains("WRITES-DONE"),
-            "the write phase ended before migration {hop} did: make it longer\n{}",
-            vm.console()
-        );
+        assert_still_writing(&vm, &format!("migration {hop} did"));
         assert_eq!(run_state(&mut q), "postmigrate", "{}", m.info);
         let resumed = wait_state(&mut dq, "running", Duration::from_secs(60));
         let status = vm.quit(q);
@@ -860,12 +878,7 @@ fn live_migrations(name: &str, queues: u16, hops: u32) -> Vec<u64> {
     }
     drop(q);
     let console = vm.finish();
-    assert!(
-        console.passed() && console.0.contains("fio verify passed"),
-        "guest failed:\n{}\ndaemon:\n{}",
-        console.0,
-        daemon.log()
-    );
+    assert_fio_verified(&console, &format!("daemon:\n{}", daemon.log()));
     let log = stop_and_compare(d, daemon, &image, console.md5s().get("vda"));
     assert!(
         log.matches("frontend connected").count() > hops as usize,
@@ -943,20 +956,11 @@ fn a_cancelled_migration_leaves_the_source_running() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(run_state(&mut q), "running");
-    assert!(
-        !vm.console().contains("WRITES-DONE"),
-        "the write phase ended before the cancel: make it longer\n{}",
-        vm.console()
-    );
+    assert_still_writing(&vm, "the cancel");
     dst.kill();
     drop(q);
     let console = vm.finish();
-    assert!(
-        console.passed() && console.0.contains("fio verify passed"),
-        "guest failed:\n{}\ndaemon:\n{}",
-        console.0,
-        daemon.log()
-    );
+    assert_fio_verified(&console, &format!("daemon:\n{}", daemon.log()));
     stop_and_compare(d, daemon, "cx.qcow2", console.md5s().get("vda"));
 }
 
@@ -997,14 +1001,13 @@ fn migration_between_two_daemons_on_shared_storage() {
     let mut ctl = [control("sh-a.qmp"), control("sh-b.qmp")];
     let sockets = [a.socket.clone(), b.socket.clone()];
     let caps = json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]});
-    let bandwidth = json!({"max-bandwidth": 1u64 << 30});
 
     let mut vm = Vm::start(d, "sh-0", &mig_script(1, 40), &[disk(&a, 1)], false);
     assert!(vm.wait_for("MIG-READY"), "{}", vm.console());
     std::thread::sleep(Duration::from_secs(2));
     let mut q = vm.qmp();
     q.ok("migrate-set-capabilities", caps.clone());
-    q.ok("migrate-set-parameters", bandwidth.clone());
+    fast_migration(&mut q);
     let fail = |what: &str, e: &str, vm: &Vm, b: &Daemon| -> ! {
         panic!(
             "{what}: {e}\nconsole:\n{}\ndaemon A:\n{}\ndaemon B:\n{}",
@@ -1045,7 +1048,7 @@ fn migration_between_two_daemons_on_shared_storage() {
         let mut dq = dst.qmp();
         assert_eq!(run_state(&mut dq), "inmigrate");
         dq.ok("migrate-set-capabilities", caps.clone());
-        dq.ok("migrate-set-parameters", bandwidth.clone());
+        fast_migration(&mut dq);
         start_migration(&mut q, &uri).unwrap_or_else(|e| fail("migrate", &e, &vm, &b));
         migration_reaches(&mut q, "pre-switchover", MIGRATION_TIMEOUT)
             .unwrap_or_else(|e| fail("to pre-switchover", &e, &vm, &b));
@@ -1058,12 +1061,7 @@ fn migration_between_two_daemons_on_shared_storage() {
         q.ok("migrate-continue", json!({"state": "pre-switchover"}));
         let info = migration_reaches(&mut q, "completed", MIGRATION_TIMEOUT)
             .unwrap_or_else(|e| fail("to completion", &e, &vm, &b));
-        assert!(
-            !vm.console().contains("WRITES-DONE"),
-            "the write phase ended before migration {} did: make it longer\n{}",
-            hop + 1,
-            vm.console()
-        );
+        assert_still_writing(&vm, &format!("migration {} did", hop + 1));
         wait_state(&mut dq, "running", Duration::from_secs(60));
         let status = vm.quit(q);
         assert!(status.success(), "the source QEMU exited {status}");
@@ -1077,12 +1075,9 @@ fn migration_between_two_daemons_on_shared_storage() {
     }
     drop(q);
     let console = vm.finish();
-    assert!(
-        console.passed() && console.0.contains("fio verify passed"),
-        "guest failed:\n{}\ndaemon A:\n{}\ndaemon B:\n{}",
-        console.0,
-        a.log(),
-        b.log()
+    assert_fio_verified(
+        &console,
+        &format!("daemon A:\n{}\ndaemon B:\n{}", a.log(), b.log()),
     );
     drop(ctl);
     let status = b.stop();
@@ -1164,10 +1159,7 @@ fn file_migration(name: &str, use_qsd: bool) -> (u64, u128) {
         second.kill();
     }
     let state = d.join(format!("{name}.state"));
-    q.ok(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": 1u64 << 30}),
-    );
+    fast_migration(&mut q);
     let m = migrate(
         &mut q,
         &format!("exec:cat > {}", state.display()),
@@ -1180,11 +1172,7 @@ fn file_migration(name: &str, use_qsd: bool) -> (u64, u128) {
             daemon.log()
         )
     });
-    assert!(
-        !vm.console().contains("WRITES-DONE"),
-        "the write phase ended before the migration did: make it longer\n{}",
-        vm.console()
-    );
+    assert_still_writing(&vm, "the migration did");
     assert_eq!(run_state(&mut q), "postmigrate", "{}", m.info);
     let status = vm.quit(q);
     assert!(status.success(), "the source QEMU exited {status}");
@@ -1203,12 +1191,7 @@ fn file_migration(name: &str, use_qsd: bool) -> (u64, u128) {
     let paused = resumed.saturating_duration_since(m.at).as_millis();
     drop(dq);
     let console = dst.finish();
-    assert!(
-        console.passed() && console.0.contains("fio verify passed"),
-        "guest failed:\n{}\ndaemon:\n{}",
-        console.0,
-        daemon.log()
-    );
+    assert_fio_verified(&console, &format!("daemon:\n{}", daemon.log()));
     stop_and_compare(d, daemon, &image, console.md5s().get("vda"));
     (m.downtime_ms(), paused)
 }

@@ -111,28 +111,7 @@ fn convert(d: &Path, nbd: &Path, name: &str) -> Vec<u8> {
 /// client reads them (x-dirty-bitmap turns `qemu-img map` around: dirty
 /// ranges come out with `"data": false`).
 fn dirty_ranges(d: &Path, nbd: &Path, name: &str, bitmap: &str) -> Vec<(u64, u64)> {
-    let opts = format!(
-        "driver=nbd,server.type=unix,server.path={},export={name},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
-        nbd.display()
-    );
-    let out = sh(
-        d,
-        &["qemu-img", "map", "--output=json", "--image-opts", &opts],
-    );
-    let v: Value = serde_json::from_str(&out).expect("map JSON");
-    merged(
-        v.as_array()
-            .expect("map entries")
-            .iter()
-            .filter(|e| e["data"] == false)
-            .map(|e| {
-                (
-                    e["start"].as_u64().expect("start"),
-                    e["length"].as_u64().expect("length"),
-                )
-            })
-            .collect(),
-    )
+    merged(map_ranges(&nbd_dirty_map(d, nbd, name, bitmap), false))
 }
 
 /// The ranges `qemu-img map` of export `name` (`base:allocation`) reports
@@ -150,19 +129,7 @@ fn data_ranges(d: &Path, nbd: &Path, name: &str) -> Vec<(u64, u64)> {
         ],
     );
     let v: Value = serde_json::from_str(&out).expect("map JSON");
-    merged(
-        v.as_array()
-            .expect("map entries")
-            .iter()
-            .filter(|e| e["data"] == true)
-            .map(|e| {
-                (
-                    e["start"].as_u64().expect("start"),
-                    e["length"].as_u64().expect("length"),
-                )
-            })
-            .collect(),
-    )
+    merged(map_ranges(&v, true))
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {

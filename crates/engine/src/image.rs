@@ -633,7 +633,7 @@ impl Image {
         let g = &self.geometry;
         let at = index as u64 * g.l2_entry_size();
         loop {
-            let (slice_offset, epoch) = {
+            let (slice_offset, slice_bytes, epoch) = {
                 let mut t = self.lock_tables();
                 let table = match t.l2_dirty.get(&offset) {
                     Some(table) => Some(table.clone()),
@@ -650,16 +650,15 @@ impl Image {
                     return self.entry_in_slice(&slice, slice_offset, offset + at);
                 }
                 t.l2_misses += 1;
-                (slice_offset, t.l2_epoch)
+                (slice_offset, t.l2_slice_bytes as usize, t.l2_epoch)
             };
-            let len = self.lock_tables().l2_slice_bytes as usize;
             // Kept as a plain copy: an aligned buffer of 4 KiB takes 8.
             let slice: Arc<[u8]> = Arc::from(
-                &self.file.read(slice_offset, len).await.map_err(Error::io(
-                    &self.path,
-                    "read L2 table",
-                    slice_offset,
-                ))?[..],
+                &self
+                    .file
+                    .read(slice_offset, slice_bytes)
+                    .await
+                    .map_err(Error::io(&self.path, "read L2 table", slice_offset))?[..],
             );
             let mut t = self.lock_tables();
             if t.l2_epoch != epoch

@@ -644,11 +644,12 @@ impl Queue {
     /// writes and write-zeroes. A ring stop ends the wait at once, as a
     /// drain in QEMU lets throttled requests go.
     async fn throttle(&self, r: &Request) {
-        let (write, bytes) = match &r.op {
-            Op::Read { .. } => (false, accounting(&r.op).1),
-            Op::Write { .. } | Op::WriteZeroes { .. } => (true, accounting(&r.op).1),
+        let write = match &r.op {
+            Op::Read { .. } => false,
+            Op::Write { .. } | Op::WriteZeroes { .. } => true,
             _ => return,
         };
+        let bytes = accounting(&r.op).1;
         let Some(wait) = self.device.throttle.admit(write, bytes) else {
             return;
         };

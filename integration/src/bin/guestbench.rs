@@ -14,8 +14,9 @@
 //! absolute figures low: the ratio between the daemons in one run is what
 //! counts.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use qblk_integration::benchbin::{BenchArgs, median};
 use qblk_integration::guest::{Disk, Vm};
 use qblk_integration::sh;
 use qblk_integration::vhost::Daemon;
@@ -38,36 +39,8 @@ const JOBS: &[(&str, &str)] = &[
     ),
 ];
 
-struct Opts {
-    qblk: PathBuf,
-    runtime: u32,
-    rounds: usize,
-}
-
-fn parse() -> Result<Opts, String> {
-    let mut o = Opts {
-        qblk: PathBuf::new(),
-        runtime: 10,
-        rounds: 2,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--qblk" => o.qblk = value()?.into(),
-            "--runtime" => o.runtime = value()?.parse().map_err(|e| format!("--runtime: {e}"))?,
-            "--rounds" => o.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    if o.qblk.as_os_str().is_empty() || o.runtime == 0 || o.rounds == 0 {
-        return Err("usage: guestbench --qblk PATH [--runtime S] [--rounds N]".into());
-    }
-    Ok(o)
-}
-
 /// The guest's script: each job, then `GB <index> <iops> <KiB/s>`.
-fn script(runtime: u32) -> String {
+fn script(runtime: u64) -> String {
     let mut s = String::from("dev=/dev/vda\n");
     for (i, (_, args)) in JOBS.iter().enumerate() {
         s.push_str(&format!(
@@ -119,19 +92,8 @@ fn qsd(dir: &Path) -> Daemon {
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let o = match parse() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("guestbench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let o = BenchArgs::from_env("guestbench", 10, 2, false);
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     let names = ["qblk", "qemu-storage-daemon"];

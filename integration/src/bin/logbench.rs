@@ -15,45 +15,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use qblk_integration::benchbin::{BenchArgs, median};
 use qblk_integration::rawq::{MEM_SIZE, RawFrontend};
 use qblk_integration::sh;
 use qblk_integration::vhost::Daemon;
 
 const SPAN: u64 = 256 << 20;
 const QD: u16 = 32;
-
-struct Opts {
-    qblk: PathBuf,
-    baseline: Option<PathBuf>,
-    runtime: u64,
-    rounds: usize,
-}
-
-fn parse() -> Result<Opts, String> {
-    let mut o = Opts {
-        qblk: PathBuf::new(),
-        baseline: None,
-        runtime: 5,
-        rounds: 3,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--qblk" => o.qblk = value()?.into(),
-            "--baseline" => o.baseline = Some(value()?.into()),
-            "--runtime" => o.runtime = value()?.parse().map_err(|e| format!("--runtime: {e}"))?,
-            "--rounds" => o.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
-            other => return Err(format!("unknown argument {other}")),
-        }
-    }
-    if o.qblk.as_os_str().is_empty() || o.runtime == 0 || o.rounds == 0 {
-        return Err(
-            "usage: logbench --qblk PATH [--baseline PATH] [--runtime S] [--rounds N]".into(),
-        );
-    }
-    Ok(o)
-}
 
 /// CPU time a process used so far, in seconds (user + system, from
 /// `/proc/PID/stat`, in clock ticks of 1/100 s).
@@ -93,19 +61,8 @@ fn measure(dir: &Path, program: &Path, log: bool, write: bool, secs: u64) -> (f6
     (n as f64 / secs as f64, cpu * 1e6 / n as f64)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
-    let o = match parse() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("logbench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let o = BenchArgs::from_env("logbench", 5, 3, true);
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     sh(
@@ -158,11 +115,11 @@ fn main() {
             let medians: Vec<f64> = results[w]
                 .iter()
                 .map(|r| {
-                    let mut v: Vec<f64> = r
+                    let v: Vec<f64> = r
                         .iter()
                         .map(|x| if pick == 0 { x.0 } else { x.1 })
                         .collect();
-                    median(&mut v)
+                    median(v)
                 })
                 .collect();
             let cells: Vec<String> = medians

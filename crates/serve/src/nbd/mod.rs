@@ -579,6 +579,26 @@ struct Session {
     meta: Vec<u32>,
 }
 
+impl Session {
+    /// Transmission on export `e`: the meta contexts selected count only
+    /// if they were selected for it (`meta_export`).
+    fn start(
+        e: Arc<Export>,
+        structured: bool,
+        mut meta: Vec<u32>,
+        meta_export: Option<&str>,
+    ) -> Self {
+        if meta_export != Some(e.name.as_str()) {
+            meta.clear();
+        }
+        Session {
+            export: e,
+            structured,
+            meta,
+        }
+    }
+}
+
 fn invalid(m: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string())
 }
@@ -690,14 +710,12 @@ fn handshake(s: &mut Sock, exports: &Exports) -> std::io::Result<Option<Session>
                 reply(s, opt, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD))?;
                 reply(s, opt, REP_ACK, &[])?;
                 if go {
-                    if meta_export.as_deref() != Some(e.name.as_str()) {
-                        meta.clear();
-                    }
-                    return Ok(Some(Session {
-                        export: e,
+                    return Ok(Some(Session::start(
+                        e,
                         structured,
                         meta,
-                    }));
+                        meta_export.as_deref(),
+                    )));
                 }
             }
             Opt::ExportName(name) => {
@@ -710,14 +728,12 @@ fn handshake(s: &mut Sock, exports: &Exports) -> std::io::Result<Option<Session>
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&b)?;
-                if meta_export.as_deref() != Some(e.name.as_str()) {
-                    meta.clear();
-                }
-                return Ok(Some(Session {
-                    export: e,
+                return Ok(Some(Session::start(
+                    e,
                     structured,
                     meta,
-                }));
+                    meta_export.as_deref(),
+                )));
             }
         }
     }
