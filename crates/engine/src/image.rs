@@ -84,6 +84,13 @@ pub struct OpenOptions {
     /// tool that fails as a whole when it dies does not need it. A journal
     /// a crashed writer left is replayed by every writable open either way.
     pub crash_journal: bool,
+    /// Images already open in this process that the backing chain uses
+    /// where it names their file, instead of opening it again: a layer
+    /// the daemon has open for writing (a live commit writes into its
+    /// base while the guest reads through it). Such a layer is trusted (it
+    /// passes no backing policy), is not locked again, and its locks are
+    /// its opener's ([`Image::release_locks`] leaves them).
+    pub shared_layers: Vec<Arc<Image>>,
 }
 
 /// Key material that never shows in `Debug` output or logs.
@@ -107,6 +114,7 @@ impl Default for OpenOptions {
             key: None,
             force_share: false,
             crash_journal: false,
+            shared_layers: Vec::new(),
         }
     }
 }
@@ -121,8 +129,15 @@ pub(crate) enum BackingRef<'a> {
 /// What lies below an image.
 #[derive(Debug)]
 pub(crate) enum Backing {
-    Qcow2(Box<Image>),
-    Raw { file: HostFile, size: u64 },
+    /// `shared`: one of [`OpenOptions::shared_layers`].
+    Qcow2 {
+        img: Arc<Image>,
+        shared: bool,
+    },
+    Raw {
+        file: HostFile,
+        size: u64,
+    },
 }
 
 /// A qcow2 image open for reading (and, if opened so, writing).
@@ -477,7 +492,7 @@ impl Image {
     /// one, or when backing files were not opened).
     pub fn backing_size(&self) -> Option<u64> {
         match self.backing.as_ref()? {
-            Backing::Qcow2(img) => Some(img.size()),
+            Backing::Qcow2 { img, .. } => Some(img.size()),
             Backing::Raw { size, .. } => Some(*size),
         }
     }
@@ -520,12 +535,12 @@ impl Image {
         for f in files {
             crate::lock::unlock(f).map_err(Error::io(f.path(), "unlock", None))?;
         }
-        match self.backing() {
-            Some(BackingRef::Qcow2(b)) => b.release_locks(),
-            Some(BackingRef::Raw { file, .. }) => {
+        match &self.backing {
+            Some(Backing::Qcow2 { shared: true, .. }) | None => Ok(()),
+            Some(Backing::Qcow2 { img, .. }) => img.release_locks(),
+            Some(Backing::Raw { file, .. }) => {
                 crate::lock::unlock(file).map_err(Error::io(file.path(), "unlock", None))
             }
-            None => Ok(()),
         }
     }
 
@@ -545,7 +560,7 @@ impl Image {
 
     pub(crate) fn backing(&self) -> Option<BackingRef<'_>> {
         self.backing.as_ref().map(|b| match b {
-            Backing::Qcow2(img) => BackingRef::Qcow2(img),
+            Backing::Qcow2 { img, .. } => BackingRef::Qcow2(img),
             Backing::Raw { file, size } => BackingRef::Raw { file, size: *size },
         })
     }
@@ -909,13 +924,13 @@ impl Image {
 
     /// Reads what shows through an unallocated range: the backing file, or
     /// zeros (also beyond the end of a shorter backing file).
-    async fn read_below(&self, pos: u64, out: &mut Out<'_>) -> Result<()> {
+    pub(crate) async fn read_below(&self, pos: u64, out: &mut Out<'_>) -> Result<()> {
         let size = match &self.backing {
             None => {
                 out.fill(0);
                 return Ok(());
             }
-            Some(Backing::Qcow2(img)) => img.size(),
+            Some(Backing::Qcow2 { img, .. }) => img.size(),
             Some(Backing::Raw { size, .. }) => *size,
         };
         let total = out.len();
@@ -925,7 +940,7 @@ impl Image {
             return Ok(());
         }
         match &self.backing {
-            Some(Backing::Qcow2(img)) => img.read_impl(pos, out.sub(0, avail)).await,
+            Some(Backing::Qcow2 { img, .. }) => img.read_impl(pos, out.sub(0, avail)).await,
             Some(Backing::Raw { file, .. }) => file
                 .read_out(pos, &mut out.sub(0, avail))
                 .await
@@ -1062,6 +1077,16 @@ async fn open_backing(
     }
     let path = relative_to(image, name);
     let real = std::fs::canonicalize(&path).map_err(io_err(&path, "open backing file"))?;
+    if let Some(img) = opts
+        .shared_layers
+        .iter()
+        .find(|l| std::fs::canonicalize(l.path()).is_ok_and(|p| p == real))
+    {
+        return Ok(Backing::Qcow2 {
+            img: img.clone(),
+            shared: true,
+        });
+    }
     if !opts.backing.allow_any_dir {
         let image_dir = std::fs::canonicalize(image)
             .ok()
@@ -1099,9 +1124,10 @@ async fn open_backing(
     match format.as_str() {
         "qcow2" => {
             drop(file);
-            Ok(Backing::Qcow2(Box::new(
-                Image::open_as(real, path, opts.clone(), depth + 1).await?,
-            )))
+            Ok(Backing::Qcow2 {
+                img: Arc::new(Image::open_as(real, path, opts.clone(), depth + 1).await?),
+                shared: false,
+            })
         }
         "raw" => {
             // A qcow2 backing file is locked by its own open; this one here.

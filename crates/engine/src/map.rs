@@ -10,6 +10,14 @@ use crate::file::HostFile;
 use crate::image::{BackingRef as Backing, Image, Result};
 use crate::view::SnapshotView;
 
+/// A layer of a backing chain ([`Image::chain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    pub depth: u32,
+    pub path: PathBuf,
+    pub format: &'static str,
+}
+
 /// One run of guest bytes with the same status (qemu-img map's entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapEntry {
@@ -372,6 +380,70 @@ impl Image {
             status.eof = true;
         }
         Ok((status, len))
+    }
+
+    /// Where the run of guest bytes from `pos` (at most `max` bytes) is
+    /// decided, for the live jobs that move data between layers: whether
+    /// this image allocates it (data or zeros), and whether some layer
+    /// above depth `base` does (this image is depth 0; `None` counts the
+    /// whole chain). A `block-stream` copies what lies above its base but
+    /// not in the image; a `block-commit` copies what lies above its base.
+    /// Beyond the end of a shorter layer, that layer decides (zeros).
+    pub async fn allocation_above(
+        &self,
+        base: Option<u32>,
+        pos: u64,
+        max: u64,
+    ) -> Result<(bool, bool, u64)> {
+        let (status, mut len) = self.layer_status(pos, max).await?;
+        if len == 0 || status.allocated {
+            return Ok((status.allocated, status.allocated, len));
+        }
+        let mut below = self.backing();
+        let mut depth = 1;
+        while let Some(layer) = below {
+            if base == Some(depth) {
+                break;
+            }
+            let (s, n) = match layer {
+                Backing::Qcow2(img) => img.layer_status(pos, len).await?,
+                Backing::Raw { file, size } => raw_layer_status(file, size, pos, len),
+            };
+            if n == 0 || s.allocated {
+                return Ok((false, true, if n == 0 { len } else { n }));
+            }
+            len = n;
+            below = match layer {
+                Backing::Qcow2(img) => img.backing(),
+                Backing::Raw { .. } => None,
+            };
+            depth += 1;
+        }
+        Ok((false, false, len))
+    }
+
+    /// The layers of the backing chain below this image, top down: depth
+    /// (1 is the backing file), the file as the layer above names it, and
+    /// its format.
+    pub fn chain(&self) -> Vec<ChainLayer> {
+        let mut out = Vec::new();
+        let mut below = self.backing();
+        while let Some(layer) = below {
+            let (path, format) = match layer {
+                Backing::Qcow2(img) => (img.path().to_owned(), "qcow2"),
+                Backing::Raw { file, .. } => (file.path().to_owned(), "raw"),
+            };
+            out.push(ChainLayer {
+                depth: out.len() as u32 + 1,
+                path,
+                format,
+            });
+            below = match layer {
+                Backing::Qcow2(img) => img.backing(),
+                Backing::Raw { .. } => None,
+            };
+        }
+        out
     }
 
     /// The status of the run from `pos` in this layer alone.

@@ -33,6 +33,7 @@ fn check_image(dir: &Path, image: &str) {
             key: None,
             force_share: false,
             crash_journal: false,
+            shared_layers: Vec::new(),
         };
         let want = &want;
         block_on(async move {

@@ -149,6 +149,7 @@ fn exercise_with(
             key: None,
             force_share: false,
             crash_journal: false,
+            shared_layers: Vec::new(),
         };
         let img = std::rc::Rc::new(
             Image::open(&path, &opts)

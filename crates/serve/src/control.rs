@@ -37,8 +37,10 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Map, Value, json};
 use tracing::{info, warn};
 
-use crate::device::Device;
+use crate::device::{Device, Opener};
 use crate::disk::Disk;
+
+mod chain;
 use crate::events::{Out, WRITE_TIMEOUT, send};
 use crate::orchestration::{ListenOn, Wake};
 
@@ -91,7 +93,6 @@ impl Control {
         source: &ListenOn,
         device: Arc<Device>,
         readonly: bool,
-        image: PathBuf,
         on_quit: Arc<dyn Fn() + Send + Sync>,
         open: Opener,
     ) -> std::io::Result<Control> {
@@ -110,7 +111,6 @@ impl Control {
         let ctx = Arc::new(Context {
             device,
             readonly,
-            image,
             on_quit,
             open,
         });
@@ -173,14 +173,11 @@ impl Control {
 struct Context {
     device: Arc<Device>,
     readonly: bool,
-    image: PathBuf,
     on_quit: Arc<dyn Fn() + Send + Sync>,
-    /// Opens the disk when the daemon is activated (`blockdev-set-active`).
+    /// Opens the disk when the daemon is activated (`blockdev-set-active`)
+    /// and when the chain changes (`chain.rs`).
     open: Opener,
 }
-
-/// Opens the disk as the daemon's options say; the error is the reply.
-pub type Opener = Arc<dyn Fn() -> Result<Disk, String> + Send + Sync>;
 
 fn version() -> Value {
     let v: Vec<u64> = env!("CARGO_PKG_VERSION")
@@ -336,7 +333,15 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
         "query-version" => a.none().map(|()| version()),
         "query-commands" => a
             .none()
-            .map(|()| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            .map(|()| {
+                Value::Array(
+                    COMMANDS
+                        .iter()
+                        .chain(chain::COMMANDS)
+                        .map(|c| json!({"name": c}))
+                        .collect(),
+                )
+            }),
         "query-block-exports" => a.none().map(|()| {
             let mut list = vec![
                 json!({"type": "vhost-user-blk", "id": NODE_NAME, "node-name": NODE_NAME, "shutting-down": false}),
@@ -484,6 +489,7 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             node_of(&a, "device", "node-name")?;
             let size = a.uint("size")?;
             let _admin = ctx.device.admin();
+            ctx.device.jobs.refuse_if_busy("resize").map_err(generic)?;
             qblk_engine::runtime::block_on(ctx.device.grow(size))
                 .map(|()| json!({}))
                 .map_err(generic)
@@ -515,13 +521,19 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
                 .flag("active")?
                 .ok_or_else(|| generic("Parameter 'active' is missing"))?;
             let _admin = ctx.device.admin();
+            if !active {
+                ctx.device
+                    .jobs
+                    .refuse_if_busy("hand the disk over")
+                    .map_err(generic)?;
+            }
             if !active && !ctx.device.nbd.exports().is_empty() {
                 return Err(generic(
                     "NBD exports read this daemon's disk: remove them (block-export-del) before handing it over",
                 ));
             }
             ctx.device
-                .set_active(active, || (ctx.open)())
+                .set_active(active, || (ctx.open)(&ctx.device.open_target()))
                 .map(|()| json!({}))
                 .map_err(generic)
         }
@@ -560,9 +572,14 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
             })
         }),
         "quit" => a.none().map(|()| json!({})),
-        other => Err(QmpError {
-            class: "CommandNotFound",
-            desc: format!("The command {other} has not been found"),
+        "blockdev-snapshot-sync" => chain::snapshot_sync(ctx, &a),
+        "block-commit" => chain::commit(ctx, &a),
+        "block-stream" => chain::stream(ctx, &a),
+        other => chain::job_command(ctx, &a).unwrap_or_else(|| {
+            Err(QmpError {
+                class: "CommandNotFound",
+                desc: format!("The command {other} has not been found"),
+            })
         }),
     }
 }
@@ -734,7 +751,7 @@ fn with_guest_held<T>(
     r.map_err(|e| {
         generic(format!(
             "{}: {}",
-            ctx.image.display(),
+            ctx.device.image().path.display(),
             crate::error_chain(&e)
         ))
     })
@@ -867,7 +884,7 @@ fn blockstats(ctx: &Context) -> Value {
 }
 
 fn named_nodes(ctx: &Context) -> Value {
-    let file = ctx.image.display().to_string();
+    let file = ctx.device.image().path.display().to_string();
     let Some(disk) = ctx.device.disk() else {
         // Inactive: nothing is read from the image (another daemon writes
         // it); what the device was started with.
@@ -1022,6 +1039,10 @@ fn export_add(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
     }
     let snapshot = export_snapshot_name(&id);
     snapshot_image(ctx, |img| {
+        ctx.device
+            .jobs
+            .refuse_if_busy("export the disk over NBD")
+            .map_err(generic)?;
         let known = img.bitmaps();
         for b in &bitmaps {
             match known.iter().find(|k| &k.name == b) {

@@ -3,6 +3,7 @@
 
 use crate::lock;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -102,7 +103,42 @@ pub struct Device {
     pub throttle: crate::throttle::Throttle,
     /// The NBD server and its exports of snapshots (`nbd/`).
     pub nbd: crate::nbd::Nbd,
+    /// The active image's file: it changes with an external snapshot and
+    /// a commit (`jobs.rs`).
+    image: Mutex<ActiveImage>,
+    /// Live block jobs (`jobs.rs`).
+    pub jobs: crate::jobs::Jobs,
+    /// While a commit copies the active image down: the guest writes it
+    /// must copy again. `mirroring` says whether to look, so a guest write
+    /// pays one relaxed load when no commit runs.
+    mirror: ArcSwapOption<crate::jobs::Dirty>,
+    mirroring: AtomicBool,
 }
+
+/// The file the device serves, and the directories of every image it has
+/// served: the backing files an external snapshot or a commit leaves
+/// behind lie there, and an image this daemon served is trusted as a
+/// backing file.
+#[derive(Debug, Clone)]
+pub struct ActiveImage {
+    pub path: PathBuf,
+    pub format: crate::Format,
+    pub trusted_dirs: Vec<PathBuf>,
+}
+
+/// What the daemon's opener opens: the active image (and the images
+/// already open that its chain shares, `OpenOptions::shared_layers`).
+#[derive(Debug)]
+pub struct OpenTarget {
+    pub path: PathBuf,
+    pub format: crate::Format,
+    /// Directories backing files may lie in besides the daemon's options.
+    pub trusted_dirs: Vec<PathBuf>,
+    pub shared: Vec<Arc<qblk_engine::Image>>,
+}
+
+/// Opens a disk as the daemon's options say; the error is the reply.
+pub type Opener = Arc<dyn Fn(&OpenTarget) -> Result<Disk, String> + Send + Sync>;
 
 impl Device {
     /// A device serving `disk`, or an inactive one (`None`) whose guest
@@ -132,6 +168,113 @@ impl Device {
                 .collect(),
             throttle: crate::throttle::Throttle::default(),
             nbd: crate::nbd::Nbd::default(),
+            image: Mutex::new(ActiveImage {
+                path: PathBuf::new(),
+                format: crate::Format::Qcow2,
+                trusted_dirs: Vec::new(),
+            }),
+            jobs: crate::jobs::Jobs::default(),
+            mirror: ArcSwapOption::empty(),
+            mirroring: AtomicBool::new(false),
+        }
+    }
+
+    /// The active image's file and format.
+    pub fn image(&self) -> ActiveImage {
+        lock(&self.image).clone()
+    }
+
+    /// Records `path` (in `format`) as the image the device serves.
+    pub fn set_image(&self, path: &Path, format: crate::Format) {
+        let mut i = lock(&self.image);
+        i.path = path.to_owned();
+        i.format = format;
+        let dir = std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_owned));
+        if let Some(dir) = dir {
+            if !i.trusted_dirs.contains(&dir) {
+                i.trusted_dirs.push(dir);
+            }
+        }
+    }
+
+    /// The target that opens the active image again.
+    pub fn open_target(&self) -> OpenTarget {
+        let i = self.image();
+        OpenTarget {
+            path: i.path,
+            format: i.format,
+            trusted_dirs: i.trusted_dirs,
+            shared: Vec::new(),
+        }
+    }
+
+    /// Starts recording the guest's writes for a commit (`jobs.rs`).
+    pub(crate) fn start_mirror(&self, dirty: Arc<crate::jobs::Dirty>) {
+        self.mirror.store(Some(dirty));
+        self.mirroring.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn stop_mirror(&self) {
+        self.mirroring.store(false, Ordering::Release);
+        self.mirror.store(None);
+    }
+
+    /// Notes a range a guest request changed (written, zeroed,
+    /// discarded), once the request is done with the disk.
+    pub(crate) fn guest_changed(&self, offset: u64, len: u64) {
+        if self.mirroring.load(Ordering::Relaxed) {
+            if let Some(d) = &*self.mirror.load() {
+                d.mark(offset, len);
+            }
+        }
+    }
+
+    /// Closes the disk and serves another in its place, with the guest's
+    /// requests held (`held`): an external snapshot's overlay, a commit's
+    /// base, the image reopened over a new backing chain. The old disk
+    /// commits everything and lets go of its locks before `open_new` runs.
+    /// If that fails, `reopen_old` puts the old one back, and the error is
+    /// the answer; if that fails too, the device is left inactive with the
+    /// guest's requests held (`blockdev-set-active` tries again).
+    pub fn switch_disk(
+        &self,
+        held: crate::gate::Paused<'_>,
+        open_new: impl FnOnce() -> Result<Disk, String>,
+        reopen_old: impl FnOnce() -> Result<Disk, String>,
+    ) -> Result<(), String> {
+        let old = self.disk().ok_or_else(|| DiskError::Inactive.to_string())?;
+        qblk_engine::runtime::block_on(old.close())
+            .map_err(|e| format!("{}; nothing changed", crate::error_chain(&e)))?;
+        self.disk.store(None);
+        if let Err(e) = old.release_locks() {
+            warn!("{}", crate::error_chain(&e));
+        }
+        drop(old);
+        let e = match open_new() {
+            Ok(disk) => {
+                self.disk.store(Some(Arc::new(disk)));
+                drop(held);
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        match reopen_old() {
+            Ok(disk) => {
+                self.disk.store(Some(Arc::new(disk)));
+                drop(held);
+                Err(format!("{e}; the disk is served as before"))
+            }
+            Err(e2) => {
+                held.keep();
+                tracing::error!(
+                    "{e}; reopening the old image failed too ({e2}): inactive, guest requests wait for blockdev-set-active"
+                );
+                Err(format!(
+                    "{e}; reopening the old image failed too ({e2}): the daemon is inactive, guest requests wait (blockdev-set-active)"
+                ))
+            }
         }
     }
 

@@ -23,6 +23,7 @@ pub mod disk;
 pub mod errors;
 pub mod events;
 pub mod gate;
+pub mod jobs;
 pub mod metrics;
 pub mod nbd;
 pub mod orchestration;
@@ -58,6 +59,15 @@ pub enum Format {
     #[default]
     Qcow2,
     Raw,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
 }
 
 /// Everything `qblk serve` is told.
@@ -233,14 +243,28 @@ fn create_if_missing(opts: &ServeOptions) -> Result<(), ServeError> {
 
 /// Opens the disk the way the options say.
 pub fn open_disk(opts: &ServeOptions) -> Result<Disk, ServeError> {
-    open_disk_as(opts, false)
+    open_disk_as(opts, false, Vec::new())
+}
+
+/// Opens what a control operation asks for (`device::OpenTarget`) with the
+/// daemon's options.
+fn open_target(opts: &ServeOptions, t: &device::OpenTarget) -> Result<Disk, String> {
+    let mut o = opts.clone();
+    o.image = t.path.clone();
+    o.format = t.format;
+    o.backing_dirs.extend(t.trusted_dirs.iter().cloned());
+    open_disk_as(&o, false, t.shared.clone()).map_err(|e| error_chain(&e))
 }
 
 /// Opens the disk, or with `look` only looks at it: read-only, without
 /// locks (sharing everything, as `qemu-img -U`), no journal replayed —
 /// what an inactive daemon needs to answer the frontend (size, block
 /// sizes) while another daemon writes the image.
-fn open_disk_as(opts: &ServeOptions, look: bool) -> Result<Disk, ServeError> {
+fn open_disk_as(
+    opts: &ServeOptions,
+    look: bool,
+    shared_layers: Vec<Arc<Image>>,
+) -> Result<Disk, ServeError> {
     match opts.format {
         Format::Raw => RawDisk::open(&opts.image, !opts.readonly && !look, opts.cache, !look)
             .map(Disk::Raw)
@@ -260,6 +284,7 @@ fn open_disk_as(opts: &ServeOptions, look: bool) -> Result<Disk, ServeError> {
                 // A crash of the daemon must not lose what the guest was
                 // told is written.
                 crash_journal: !opts.readonly,
+                shared_layers,
                 ..OpenOptions::default()
             };
             if look {
@@ -334,7 +359,7 @@ impl Stop {
 pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     validate(opts)?;
     create_if_missing(opts)?;
-    let disk = open_disk_as(opts, opts.inactive)?;
+    let disk = open_disk_as(opts, opts.inactive, Vec::new())?;
     let config = DeviceConfig {
         size: disk.size(),
         readonly: opts.readonly,
@@ -349,6 +374,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     device.pin_memory = opts.pin_guest_memory;
     device.set_error_policies(opts.werror, opts.rerror);
     device.throttle.set(opts.throttle.clone());
+    device.set_image(&opts.image, opts.format);
     let device = Arc::new(device);
     info!(
         image = %opts.image.display(),
@@ -403,14 +429,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
                     source,
                     device.clone(),
                     opts.readonly,
-                    opts.image.clone(),
                     Arc::new(move || {
                         info!("stopping: quit on the control socket");
                         stop.request();
                     }),
                     {
                         let opts = opts.clone();
-                        Arc::new(move || open_disk(&opts).map_err(|e| error_chain(&e)))
+                        Arc::new(move |t: &device::OpenTarget| open_target(&opts, t))
                     },
                 )
                 .map_err(|e| {

@@ -925,6 +925,15 @@ async fn execute(device: &Device, r: &Request) -> Result<usize, Failed> {
             Box::pin(disk.write_zeroes(*offset, *len, *unmap)).await
         }
     };
+    // A commit copying the disk down copies what changed again (a failed
+    // request too: part of it may have landed).
+    match &r.op {
+        Op::Write { offset, .. } => device.guest_changed(*offset, accounting(&r.op).1),
+        Op::Discard { offset, len } | Op::WriteZeroes { offset, len, .. } => {
+            device.guest_changed(*offset, *len);
+        }
+        _ => {}
+    }
     // A write-through cache (the guest's choice through CONFIG_WCE, or a
     // driver without FLUSH): data is durable before the request completes.
     let writes = matches!(r.op, Op::Write { .. } | Op::WriteZeroes { .. });

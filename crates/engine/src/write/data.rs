@@ -46,6 +46,48 @@ pub(super) fn clusters_of(img: &Image, off: HostOffset, len: u64) -> (HostCluste
 }
 
 impl Image {
+    /// Copies into this image what its backing chain shows in the parts of
+    /// `[offset, offset + len)` this image does not allocate (a live
+    /// `block-stream`'s copy, a copy-on-read); returns the bytes copied.
+    /// Each cluster is looked at and filled under its guest cluster lock,
+    /// which every write that allocates there takes too: a guest write
+    /// into the same place either came first (the place is allocated and
+    /// skipped) or comes after and overwrites the copy. Writes into
+    /// subclusters the image already has do not take the lock, and this
+    /// never touches those. The dirty bitmaps are not marked: what the
+    /// guest reads does not change.
+    pub async fn populate(&self, offset: u64, len: u64) -> Result<u64> {
+        let r = self.populate_inner(offset, len).await;
+        self.on_error(r).await
+    }
+
+    async fn populate_inner(&self, offset: u64, len: u64) -> Result<u64> {
+        let w = self.check_writable(offset, len)?;
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let end = offset + len;
+        let mut pos = offset;
+        let mut copied = 0;
+        while pos < end {
+            let in_cluster = g.offset_in_cluster(pos);
+            let cluster_start = pos - in_cluster;
+            let n = (cs - in_cluster).min(end - pos);
+            let _cluster = w.lock_guest_cluster(cluster_start).await;
+            let (desc, _) = self.descriptor_and_entry(pos).await?;
+            for (at, run) in unallocated_runs(&desc, g, in_cluster, n) {
+                let mut buf = AlignedBuf::zeroed(run as usize);
+                self.read_below(cluster_start + at, &mut Out::Heap(&mut buf))
+                    .await?;
+                self.allocating_write_locked(w, cluster_start + at, In::Heap(&buf))
+                    .await?;
+                w.bump_write_gen();
+                copied += run;
+            }
+            pos += n;
+        }
+        Ok(copied)
+    }
+
     pub(super) async fn write_inner(&self, offset: u64, data: In<'_>) -> Result<()> {
         let w = self.check_writable(offset, data.len() as u64)?;
         let g = self.geometry();
@@ -229,11 +271,18 @@ impl Image {
     /// lock, held throughout, orders every allocation, zeroing or discard
     /// of that cluster.
     async fn allocating_write(&self, w: &Writer, pos: u64, data: In<'_>) -> Result<()> {
+        let cluster_start = pos - self.geometry().offset_in_cluster(pos);
+        let _cluster = w.lock_guest_cluster(cluster_start).await;
+        self.allocating_write_locked(w, pos, data).await
+    }
+
+    /// [`Image::allocating_write`] with the guest cluster's lock held by
+    /// the caller.
+    async fn allocating_write_locked(&self, w: &Writer, pos: u64, data: In<'_>) -> Result<()> {
         let g = self.geometry();
         let cs = g.cluster_size();
         let in_cluster = g.offset_in_cluster(pos);
         let cluster_start = pos - in_cluster;
-        let _cluster = w.lock_guest_cluster(cluster_start).await;
         // The mapping may have changed while this task waited.
         let (desc, _) = self.descriptor_and_entry(pos).await?;
         if let Some(host) = self.in_place_target(&desc, in_cluster, data.len() as u64) {
@@ -441,4 +490,41 @@ impl Image {
             None => self.file().write_aligned(host, buf).await.map_err(io),
         }
     }
+}
+
+/// The runs (offset in the cluster, length) of `[from, from + len)` that a
+/// cluster described by `desc` leaves to the backing chain: all of it when
+/// unallocated, its unallocated subclusters with extended L2 entries,
+/// nothing when it holds data, zeros or compressed data.
+fn unallocated_runs(
+    desc: &ClusterDescriptor,
+    g: qblk_qcow2::Geometry,
+    from: u64,
+    len: u64,
+) -> Vec<(u64, u64)> {
+    let bitmap = match *desc {
+        ClusterDescriptor::Unallocated => return vec![(from, len)],
+        ClusterDescriptor::UnallocatedSubclusters { subclusters }
+        | ClusterDescriptor::Standard { subclusters, .. }
+            if g.extended_l2() =>
+        {
+            subclusters
+        }
+        _ => return Vec::new(),
+    };
+    let scs = g.subcluster_size();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut at = from;
+    while at < from + len {
+        let sc_end = ((at / scs) + 1) * scs;
+        let n = sc_end.min(from + len) - at;
+        if bitmap.state((at / scs) as u32) == SubclusterState::Unallocated {
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == at => *l += n,
+                _ => runs.push((at, n)),
+            }
+        }
+        at += n;
+    }
+    runs
 }

@@ -523,9 +523,10 @@ impl Image {
     /// a refcount that cannot be right) fails the request, sets the corrupt
     /// bit as best it can, and stops all further writes. Nothing is fixed
     /// silently.
-    async fn on_error(&self, r: Result<()>) -> Result<()> {
-        let Err(e) = r else {
-            return Ok(());
+    async fn on_error<T>(&self, r: Result<T>) -> Result<T> {
+        let e = match r {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
         };
         let (Some(cause), Some(w)) = (e.corruption(), self.writer()) else {
             return Err(e);
