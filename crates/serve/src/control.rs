@@ -939,7 +939,34 @@ fn named_nodes(ctx: &Context) -> Value {
         "dirty-bitmaps": bitmaps,
     });
     with_throttle(ctx, &mut node);
-    json!([node])
+    drop(disk);
+    // The backing chain, top down (`chain.rs` names the layers).
+    let below: Vec<chain::Layer> = chain::layers(ctx)
+        .unwrap_or_default()
+        .into_iter()
+        .skip(1)
+        .collect();
+    if let (Some(first), Value::Object(m)) = (below.first(), &mut node) {
+        m.insert(
+            "backing_file".into(),
+            json!(first.path.display().to_string()),
+        );
+        m.insert("backing_file_depth".into(), json!(below.len()));
+    }
+    let mut list = vec![node];
+    list.extend(below.iter().map(|l| {
+        let file = l.path.display().to_string();
+        json!({
+            "node-name": chain::node_name(l.depth),
+            "drv": l.format.as_str(),
+            "file": file,
+            "ro": true,
+            "active": true,
+            "image": {"filename": file, "format": l.format.as_str()},
+            "dirty-bitmaps": [],
+        })
+    }));
+    Value::Array(list)
 }
 
 /// The I/O limits, in `BlockDeviceInfo`'s fields.

@@ -48,6 +48,11 @@ use crate::lock;
 /// The unit a job copies in.
 const CHUNK: u64 = 1 << 20;
 
+/// A commit is ready once a pass over what the guest wrote leaves no more
+/// than this to copy: what `job-complete` copies with the guest held is
+/// then this and what the guest writes until then.
+const READY_BACKLOG: u64 = 4 << 20;
+
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -696,7 +701,7 @@ fn run_commit(
             drop(disk);
             return cancel_commit(device, open, base);
         }
-        if !ready && dirty.count() == 0 {
+        if !ready && dirty.count() <= READY_BACKLOG {
             ready = true;
             job.set_status(device, Status::Ready);
             device.events.emit("BLOCK_JOB_READY", job.event());
