@@ -79,6 +79,92 @@ fn fast_migration(q: &mut Qmp) {
     );
 }
 
+/// Waits for a job event of `name` from `job` on the control socket.
+fn job_event(q: &mut Qmp, name: &str, job: &str, daemon: &Daemon) {
+    let e = q
+        .event(name, Duration::from_secs(180))
+        .unwrap_or_else(|| panic!("no {name} for {job}:\n{}", daemon.log()));
+    assert_eq!(e["data"]["device"], job, "{e}");
+    assert!(e["data"].get("error").is_none(), "{e}\n{}", daemon.log());
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn external_snapshots_a_stream_and_a_commit_while_the_guest_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // golden <- base: 8 MiB the guest never writes come from golden and
+    // must survive the stream that ends the test.
+    create_qcow2(d, "golden.qcow2", "128M");
+    sh(
+        d,
+        &["qemu-io", "-c", "write -P 0x5a 100M 8M", "golden.qcow2"],
+    );
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "golden.qcow2",
+            "-F",
+            "qcow2",
+            "base.qcow2",
+        ],
+    );
+    let daemon = Daemon::qblk(d, "ch.sock", &["--control", "ch.qmp", "base.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("ch.qmp"));
+    q.ok("qmp_capabilities", json!({}));
+    let mut vm = Vm::start(d, "chain", &mig_script(1, 60), &[disk(&daemon, 1)], false);
+    assert!(vm.wait_for("MIG-READY"), "{}", vm.console());
+    std::thread::sleep(Duration::from_secs(2));
+    for overlay in ["o1.qcow2", "o2.qcow2"] {
+        q.ok(
+            "blockdev-snapshot-sync",
+            json!({"device": "disk", "snapshot-file": d.join(overlay)}),
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // o2 <- o1 <- base <- golden: o1 streamed into o2.
+    q.ok(
+        "block-stream",
+        json!({"job-id": "st", "device": "disk", "base-node": "disk-backing2"}),
+    );
+    job_event(&mut q, "BLOCK_JOB_COMPLETED", "st", &daemon);
+    // o2 <- base <- golden: o2 committed into base, which becomes active.
+    q.ok(
+        "block-commit",
+        json!({"job-id": "cm", "device": "disk", "base-node": "disk-backing1"}),
+    );
+    job_event(&mut q, "BLOCK_JOB_READY", "cm", &daemon);
+    std::thread::sleep(Duration::from_secs(1));
+    q.ok("job-complete", json!({"id": "cm"}));
+    job_event(&mut q, "BLOCK_JOB_COMPLETED", "cm", &daemon);
+    // base <- golden: golden streamed into base.
+    q.ok("block-stream", json!({"job-id": "st2", "device": "disk"}));
+    job_event(&mut q, "BLOCK_JOB_COMPLETED", "st2", &daemon);
+    assert_still_writing(&vm, "the snapshots, stream and commit");
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+    assert!(
+        nodes[0]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("base.qcow2")),
+        "{nodes}"
+    );
+    drop(q);
+    let console = vm.finish();
+    assert_fio_verified(&console, &format!("daemon:\n{}", daemon.log()));
+    std::fs::rename(d.join("golden.qcow2"), d.join("gone.qcow2")).expect("rename");
+    stop_and_compare(d, daemon, "base.qcow2", console.md5s().get("vda"));
+    for image in ["o1.qcow2", "o2.qcow2", "gone.qcow2"] {
+        qemu_check_clean(image, d);
+    }
+}
+
 const FIO_SCRIPT: &str = r#"
 dev=/dev/vda
 [ "$(cat /sys/block/vda/queue/write_cache)" = "write back" ]
