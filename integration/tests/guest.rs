@@ -79,6 +79,37 @@ fn fast_migration(q: &mut Qmp) {
     );
 }
 
+/// Random 4 KiB writes over 64 MiB, pass after pass, each pass with a
+/// seed and a verify pattern of its own (fio writes every block once per
+/// pass), until the host grows the disk (its signal, sent right after the
+/// commit switched to the base): the last pass runs across that switch, so
+/// a write the commit did not copy again leaves a block of an earlier pass
+/// and fails the final check. The guest's kernel log must show no block
+/// error.
+const CHAIN_SCRIPT: &str = r#"
+dev=/dev/vda
+job="--name=ch --filename=$dev --ioengine=libaio --direct=1 --rw=randwrite \
+    --bs=4k --iodepth=16 --size=64M --verify=pattern --output-format=terse"
+pattern() { printf '0x5eed%04x' "$1"; }
+fio $job --randseed=1 --verify_pattern=$(pattern 1) --do_verify=0 >/tmp/fio-w
+size0=$(cat /sys/block/vda/size)
+echo CHAIN-READY
+seed=1
+while [ "$(cat /sys/block/vda/size)" = "$size0" ]; do
+    seed=$((seed + 1))
+    echo "PASS $seed"
+    fio $job --randseed=$seed --verify_pattern=$(pattern $seed) --do_verify=0 >/tmp/fio-w
+done
+echo "WRITES-DONE after $seed passes"
+fio $job --randseed=$seed --verify_pattern=$(pattern $seed) --verify_only --verify_fatal=1 >/tmp/fio-v
+echo "fio verify passed"
+if dmesg | grep -i -E "i/o error|blk_update_request|critical|blocked for more than|virtio.*(error|broken)"; then
+    echo "the guest kernel logged block errors"
+    exit 1
+fi
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
 /// Waits for a job event of `name` from `job` on the control socket.
 fn job_event(q: &mut Qmp, name: &str, job: &str, daemon: &Daemon) {
     let e = q
@@ -118,8 +149,8 @@ fn external_snapshots_a_stream_and_a_commit_while_the_guest_writes() {
     let daemon = Daemon::qblk(d, "ch.sock", &["--control", "ch.qmp", "base.qcow2"]);
     let (mut q, _) = Qmp::connect(&d.join("ch.qmp"));
     q.ok("qmp_capabilities", json!({}));
-    let mut vm = Vm::start(d, "chain", &mig_script(1, 60), &[disk(&daemon, 1)], false);
-    assert!(vm.wait_for("MIG-READY"), "{}", vm.console());
+    let mut vm = Vm::start(d, "chain", CHAIN_SCRIPT, &[disk(&daemon, 1)], false);
+    assert!(vm.wait_for("CHAIN-READY"), "{}", vm.console());
     std::thread::sleep(Duration::from_secs(2));
     for overlay in ["o1.qcow2", "o2.qcow2"] {
         q.ok(
@@ -140,13 +171,40 @@ fn external_snapshots_a_stream_and_a_commit_while_the_guest_writes() {
         json!({"job-id": "cm", "device": "disk", "base-node": "disk-backing1"}),
     );
     job_event(&mut q, "BLOCK_JOB_READY", "cm", &daemon);
-    std::thread::sleep(Duration::from_secs(1));
+    // Switch in the middle of a pass that began after the commit was
+    // ready: its first writes reach the base only as copies of what the
+    // guest wrote to the overlay.
+    let last = vm
+        .console()
+        .lines()
+        .filter_map(|l| l.strip_prefix("PASS ")?.trim().parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        vm.wait_for(&format!("PASS {}", last + 1)),
+        "{}",
+        vm.console()
+    );
+    let writes =
+        |q: &mut Qmp| q.ok("query-blockstats", json!({}))[0]["stats"]["wr_operations"].as_u64();
+    let before = writes(&mut q);
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = writes(&mut q);
+    assert!(
+        during > before,
+        "the guest wrote nothing while the commit was ready"
+    );
     q.ok("job-complete", json!({"id": "cm"}));
     job_event(&mut q, "BLOCK_JOB_COMPLETED", "cm", &daemon);
+    assert_still_writing(&vm, "the snapshots, stream and commit");
+    // The guest's signal to end its writes after the pass under way.
+    q.ok(
+        "block_resize",
+        json!({"node-name": "disk", "size": 129 << 20}),
+    );
     // base <- golden: golden streamed into base.
     q.ok("block-stream", json!({"job-id": "st2", "device": "disk"}));
     job_event(&mut q, "BLOCK_JOB_COMPLETED", "st2", &daemon);
-    assert_still_writing(&vm, "the snapshots, stream and commit");
     let nodes = q.ok("query-named-block-nodes", json!({}));
     assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
     assert!(
