@@ -202,7 +202,11 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
             "3s",
         ],
     );
-    // A scrape while the run goes on: it succeeds and shows some of it.
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    // A scrape while the run goes on: it succeeds and shows some of it;
+    // then query-blockstats and another scrape, each counting at least
+    // what the one before it did.
     let deadline = Instant::now() + Duration::from_secs(30);
     let during = loop {
         let s = scrape(&at);
@@ -212,6 +216,8 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
         assert!(Instant::now() < deadline, "no request counted in 30 s");
         std::thread::sleep(Duration::from_millis(100));
     };
+    let stats_during = q.ok("query-blockstats", json!({}))[0]["stats"].clone();
+    let during2 = scrape(&at);
     let result = bench_result(bench);
     let reads = result["reads"].as_u64().expect("reads");
     let writes = result["writes"].as_u64().expect("writes");
@@ -254,12 +260,25 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
             }
         }
     }
-    // The mid-run scrape lay between nothing and the totals.
-    for (kind, n) in [(&read, reads), (&write, writes)] {
-        let mid = during.int("qblk_requests_total", kind);
-        assert!(mid <= n, "{kind:?}: {mid} counted mid-run, {n} in all");
+    // The mid-run figures lay between what was counted before them and
+    // the totals: scrape <= query-blockstats <= scrape <= totals.
+    for (kind, n, field) in [
+        (&read, reads, "rd_operations"),
+        (&write, writes, "wr_operations"),
+    ] {
+        let first = during.int("qblk_requests_total", kind);
+        let mid = stats_during[field].as_u64().expect(field);
+        let second = during2.int("qblk_requests_total", kind);
+        assert!(
+            first <= mid && mid <= second && second <= n,
+            "{kind:?}: scrape {first}, query-blockstats {mid}, scrape {second} mid-run, {n} in all"
+        );
     }
-    assert!(during.int("qblk_requests_total", &[]) < reads + writes);
+    assert!(
+        stats_during["x-in-flight"].as_u64().expect("x-in-flight") <= 2 * 16,
+        "more in flight than 2 queues of depth 16: {stats_during}"
+    );
+    assert!(during2.int("qblk_requests_total", &[]) < reads + writes);
     // The engine's counters: every write went through it, and the L2
     // lookups of reads and writes were counted.
     let engine_writes = after.int("qblk_engine_allocating_writes_total", &[])
@@ -273,8 +292,6 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
     assert!(allocated > 0, "allocated size 0");
 
     // query-blockstats says the same.
-    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
-    q.ok("qmp_capabilities", json!({}));
     let stats = q.ok("query-blockstats", json!({}));
     let s = &stats[0]["stats"];
     assert_eq!(s["rd_operations"], reads, "{stats}");
@@ -282,6 +299,88 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
     assert_eq!(s["rd_bytes"], reads * bs, "{stats}");
     assert_eq!(s["wr_bytes"], writes * bs, "{stats}");
     assert_eq!(s["x-in-flight"], 0, "{stats}");
+
+    // After an internal snapshot every cluster is shared: 4 KiB rewrites
+    // of them copy the rest of their 64 KiB cluster, and the writes come
+    // in batches, each followed by a flush.
+    q.ok(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "disk", "name": "s1"}),
+    );
+    let bench = start_bench(
+        d,
+        &[
+            "--socket",
+            "a.sock",
+            "--rw",
+            "randwrite",
+            "--fsync-every",
+            "4",
+            "--runtime",
+            "1s",
+        ],
+    );
+    let result2 = bench_result(bench);
+    let writes2 = result2["writes"].as_u64().expect("writes");
+    assert!(writes2 > 0, "{result2}");
+    // A discard and a write-zeroes of known sizes.
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    assert_eq!(c.discard(0, 1 << 20), 0);
+    assert_eq!(c.write_zeroes(4 << 20, 256 << 10, false), 0);
+    drop(c);
+    let later = scrape(&at);
+    for name in [
+        "qblk_engine_metadata_writes_total",
+        "qblk_engine_fsyncs_total",
+        "qblk_engine_cow_bytes_total",
+    ] {
+        assert!(
+            later.int(name, &[]) > after.int(name, &[]),
+            "{name} did not move: {} then {}",
+            after.int(name, &[]),
+            later.int(name, &[])
+        );
+    }
+    let cow = later.int("qblk_engine_cow_bytes_total", &[])
+        - after.int("qblk_engine_cow_bytes_total", &[]);
+    assert!(
+        cow >= 60 << 10,
+        "one shared cluster's rewrite copies 60 KiB; {cow} copied"
+    );
+    let flush = [("type", "flush")];
+    let flushes = later.int("qblk_requests_total", &flush);
+    assert!(flushes > 0, "no flush counted");
+    assert!(
+        later.int("qblk_engine_fsyncs_total", &[]) >= flushes,
+        "fewer fdatasyncs than flushes"
+    );
+    assert_eq!(
+        later.int("qblk_request_duration_seconds_count", &flush),
+        flushes,
+        "the flush latency histogram"
+    );
+    assert_eq!(
+        later.int(
+            "qblk_request_duration_seconds_bucket",
+            &[("type", "flush"), ("le", "+Inf")]
+        ),
+        flushes
+    );
+    assert!(later.sum("qblk_request_duration_seconds_sum", &flush) > 0.0);
+    assert_eq!(later.int("qblk_requests_total", &[("type", "discard")]), 1);
+    assert_eq!(
+        later.int("qblk_requests_total", &[("type", "write_zeroes")]),
+        1
+    );
+    let stats = q.ok("query-blockstats", json!({}));
+    let s = &stats[0]["stats"];
+    assert_eq!(s["wr_operations"], writes + writes2, "{stats}");
+    assert_eq!(s["flush_operations"], flushes, "{stats}");
+    assert_eq!(s["unmap_operations"], 1, "{stats}");
+    assert_eq!(s["unmap_bytes"], 1 << 20, "{stats}");
+    assert_eq!(s["x-write-zeroes-operations"], 1, "{stats}");
+    assert_eq!(s["x-write-zeroes-bytes"], 256 << 10, "{stats}");
+    assert_eq!(s["failed_unmap_operations"], 0, "{stats}");
 
     assert!(daemon.stop().success(), "{}", daemon.log());
     assert!(
