@@ -544,6 +544,10 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
     qemu_check_clean("a.qcow2", d);
 }
 
+/// The control clients a daemon serves at once (control.rs's
+/// `MAX_CLIENTS`).
+const MAX_CONTROL_CLIENTS: usize = 32;
+
 #[test]
 fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -659,7 +663,10 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
         s.write_all(sent).expect("send");
         drop(s);
     }
-    // A hundred clients at once.
+    // A hundred clients at once: those beyond the cap (`MAX_CLIENTS` in
+    // control.rs; `good` holds one place) get an error instead of the
+    // greeting and are hung up, the others are served.
+    std::thread::sleep(Duration::from_millis(200));
     let clients = 100;
     let barrier = Arc::new(Barrier::new(clients));
     let threads: Vec<_> = (0..clients)
@@ -668,20 +675,41 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 let (mut q, greeting) = Qmp::connect(&ctl);
-                assert!(greeting["QMP"].is_object(), "{greeting}");
+                // Everyone is connected (served or refused) before anyone
+                // goes on.
                 barrier.wait();
-                q.ok("qmp_capabilities", json!({}));
-                let v = q.ok("query-version", json!({}));
-                assert!(
-                    v["package"].as_str().is_some_and(|p| p.starts_with("qblk")),
-                    "{v}"
-                );
+                if greeting["QMP"].is_object() {
+                    q.ok("qmp_capabilities", json!({}));
+                    let v = q.ok("query-version", json!({}));
+                    assert!(
+                        v["package"].as_str().is_some_and(|p| p.starts_with("qblk")),
+                        "{v}"
+                    );
+                    true
+                } else {
+                    assert_eq!(greeting["error"]["class"], "GenericError", "{greeting}");
+                    assert!(
+                        greeting["error"]["desc"]
+                            .as_str()
+                            .is_some_and(|d| d.contains("too many control clients")),
+                        "{greeting}"
+                    );
+                    assert!(q.hung_up(), "a refused client is not hung up");
+                    false
+                }
             })
         })
         .collect();
-    for t in threads {
-        t.join().expect("a control client failed");
-    }
+    let served = threads
+        .into_iter()
+        .map(|t| t.join().expect("a control client failed"))
+        .filter(|&served| served)
+        .count();
+    assert_eq!(
+        served,
+        MAX_CONTROL_CLIENTS - 1,
+        "clients served of {clients} at once (the cap is {MAX_CONTROL_CLIENTS}, one held by another client)"
+    );
 
     // The first client and the data path were never disturbed.
     good.ok("query-version", json!({}));
@@ -701,4 +729,62 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
     assert!(daemon.alive(), "{}", daemon.log());
     assert!(daemon.stop().success(), "{}", daemon.log());
     qemu_check_clean("a.qcow2", d);
+}
+
+/// A control client that hangs up while its long command runs (an
+/// internal snapshot of an image with many allocated clusters) disturbs
+/// nothing: the command completes, the other client is served meanwhile
+/// and after, the daemon stops cleanly and the image is consistent.
+#[test]
+fn a_control_client_that_hangs_up_during_a_long_snapshot_disturbs_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    // Every cluster allocated: a snapshot raises 256 Ki refcounts.
+    create_qcow2_opts(d, "preallocation=metadata", "a.qcow2", "16G");
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--control", "qmp.sock", "a.qcow2"]);
+    let ctl = d.join("qmp.sock");
+    let (mut good, _) = Qmp::connect(&ctl);
+    good.ok("qmp_capabilities", json!({}));
+    // How long one such snapshot takes.
+    let began = Instant::now();
+    good.ok(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "disk", "name": "s0"}),
+    );
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(50),
+        "the snapshot took {took:?}: too short to hang up during it"
+    );
+
+    // A client asks for another and hangs up at once.
+    let mut s = UnixStream::connect(&ctl).expect("connect");
+    s.write_all(
+        br#"{"execute": "qmp_capabilities"}{"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "disk", "name": "s1"}}"#,
+    )
+    .expect("send");
+    std::thread::sleep(took / 4);
+    drop(s);
+    // The other client is served meanwhile, and the command completes.
+    good.ok("query-version", json!({}));
+    std::thread::sleep(took * 2);
+    good.ok("query-status", json!({}));
+    let mut v = Client::connect(&daemon.socket, 1).expect("vhost-user client");
+    v.write_all(0, &[0x5a; 4096]);
+    assert_eq!(v.read_vec(0, 4096), vec![0x5a; 4096]);
+    drop(v);
+    let (mut after, _) = Qmp::connect(&ctl);
+    after.ok("qmp_capabilities", json!({}));
+    // s1 exists: deleting it succeeds.
+    after.ok(
+        "blockdev-snapshot-delete-internal-sync",
+        json!({"device": "disk", "name": "s1"}),
+    );
+    drop(after);
+    drop(good);
+    assert!(daemon.alive(), "{}", daemon.log());
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    qemu_check_clean("a.qcow2", d);
+    let list = sh(d, &["qemu-img", "snapshot", "-l", "a.qcow2"]);
+    assert!(list.contains("s0") && !list.contains("s1"), "{list}");
 }
