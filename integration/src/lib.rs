@@ -292,3 +292,66 @@ pub fn qemu_check_clean(image: &str, dir: &Path) {
         );
     }
 }
+
+/// A small (48 MiB) ext4 file system loop-mounted at `dir/mnt`, unmounted
+/// on drop: an image in it meets ENOSPC once [`SmallFs::fill`] has taken
+/// the space. Mounting needs root (CI runs these tests as root); without
+/// it the test fails rather than skips.
+#[derive(Debug)]
+pub struct SmallFs {
+    pub mnt: PathBuf,
+}
+
+impl SmallFs {
+    pub fn new(dir: &Path) -> SmallFs {
+        // SAFETY: getuid(2) has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        assert_eq!(
+            uid, 0,
+            "this test mounts a small file system to fill it up and needs root (CI runs it as root)"
+        );
+        sh(dir, &["truncate", "-s", "48M", "fs.img"]);
+        // No blocks reserved for root: the daemon (root here) fills it.
+        sh(dir, &["mkfs.ext4", "-q", "-m", "0", "fs.img"]);
+        let mnt = dir.join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        sh(dir, &["mount", "-o", "loop", "fs.img", "mnt"]);
+        SmallFs { mnt }
+    }
+
+    /// Fills the file system with `filler` until `left` bytes are free.
+    pub fn fill(&self, left: u64) {
+        let free = self.free();
+        let n = free.saturating_sub(left);
+        let path = self.mnt.join("filler");
+        sh(
+            &self.mnt,
+            &[
+                "fallocate",
+                "-l",
+                &n.to_string(),
+                path.to_str().expect("utf-8"),
+            ],
+        );
+    }
+
+    pub fn unfill(&self) {
+        std::fs::remove_file(self.mnt.join("filler")).expect("remove the filler");
+    }
+
+    pub fn free(&self) -> u64 {
+        let path = std::ffi::CString::new(self.mnt.to_str().expect("utf-8")).expect("path");
+        // SAFETY: an all-zero statvfs is a valid value to be overwritten.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid path and out pointer.
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs");
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}

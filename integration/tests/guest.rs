@@ -14,7 +14,7 @@ use qblk_integration::guest::{
 };
 use qblk_integration::qmp::Qmp;
 use qblk_integration::vhost::{Daemon, log_counter};
-use qblk_integration::{create_qcow2, qemu_check_clean, sh};
+use qblk_integration::{SmallFs, create_qcow2, qemu_check_clean, sh};
 use serde_json::json;
 
 fn disk(daemon: &Daemon, queues: u16) -> Disk {
@@ -40,6 +40,12 @@ fn stop_and_compare(
         "qblk serve exited {status}:\n{}",
         daemon.log()
     );
+    check_and_compare(dir, image, guest_md5);
+    daemon.log()
+}
+
+/// [`stop_and_compare`] once the daemon has stopped.
+fn check_and_compare(dir: &Path, image: &str, guest_md5: Option<&String>) {
     qemu_check_clean(image, dir);
     let guest = guest_md5.unwrap_or_else(|| panic!("the guest printed no md5 for {image}"));
     assert_eq!(
@@ -47,7 +53,6 @@ fn stop_and_compare(
         guest,
         "{image}: QEMU reads something else than the guest saw"
     );
-    daemon.log()
 }
 
 /// The guest's write phase (of [`MIG_SCRIPT`] or the kill scenario) still
@@ -816,28 +821,143 @@ fn a_live_block_resize_reaches_the_guest_and_its_file_system_grows() {
     );
 }
 
+/// 16 MiB of a random pattern written with O_DIRECT from the start of
+/// the disk (the host's file system fills up on the way and the daemon
+/// holds the writes until `cont`); then read back and compared, and the
+/// kernel must have logged no I/O error.
+const ENOSPC_SCRIPT: &str = r#"
+dev=/dev/vda
+dd if=/dev/urandom of=/tmp/p bs=1M count=16 2>/dev/null
+sum=$(md5sum /tmp/p | cut -d' ' -f1)
+echo "MD5 pattern $sum"
+echo WRITING
+dd if=/tmp/p of=$dev bs=1M oflag=direct conv=fsync 2>/dev/null
+echo WRITES-DONE
+[ "$(dd if=$dev bs=1M count=16 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)" = "$sum" ]
+echo "guest reads back every write"
+if dmesg | grep -iE "I/O error|blk_update_request|print_req_error"; then
+    echo "the guest's kernel logged an I/O error"; exit 1
+fi
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
+/// ENOSPC as a guest meets it: its writes into a thin image on a small
+/// full file system (loop-mounted, so root) are held, `BLOCK_IO_ERROR`
+/// (`nospace`) and `STOP` arrive on the control socket, the operator frees
+/// space and says `cont`, and every write lands: the guest reads its
+/// pattern back, its kernel logs no I/O error, and QEMU reads the same
+/// disk from a clean image.
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn a_guest_writing_into_a_full_file_system_is_held_until_cont_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let fs = SmallFs::new(d);
+    create_qcow2(d, "mnt/full.qcow2", "64M");
+    // The default --werror (enospc).
+    let daemon = Daemon::qblk(d, "full.sock", &["--control", "full.ctl", "mnt/full.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("full.ctl"));
+    q.ok("qmp_capabilities", json!({}));
+    // Less room than the guest's 16 MiB (the 40 MiB file system also
+    // holds the 8 MiB crash journal).
+    fs.fill(6 << 20);
+    let mut vm = Vm::start(d, "full", ENOSPC_SCRIPT, &[disk(&daemon, 1)], false);
+    assert!(vm.wait_for("WRITING"), "{}", vm.console());
+    let e = q
+        .event("BLOCK_IO_ERROR", Duration::from_secs(300))
+        .unwrap_or_else(|| panic!("no BLOCK_IO_ERROR\n{}\n{}", vm.console(), daemon.log()));
+    assert_eq!(e["data"]["action"], "stop", "{e}");
+    assert_eq!(e["data"]["nospace"], true, "{e}");
+    assert_eq!(e["data"]["operation"], "write", "{e}");
+    assert!(
+        q.event("STOP", Duration::from_secs(10)).is_some(),
+        "no STOP\n{}",
+        daemon.log()
+    );
+    assert_eq!(q.ok("query-status", json!({}))["status"], "io-error");
+    // The guest's writes are held, not failed: its dd waits.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(vm.alive(), "{}", vm.console());
+    assert!(
+        !vm.console().contains("WRITES-DONE"),
+        "the guest's writes finished while the device stood:\n{}",
+        vm.console()
+    );
+
+    fs.unfill();
+    q.ok("cont", json!({}));
+    assert!(
+        q.event("RESUME", Duration::from_secs(10)).is_some(),
+        "no RESUME"
+    );
+    assert!(vm.wait_for("WRITES-DONE"), "{}", vm.console());
+    // Once space is free, no write meets ENOSPC again.
+    if let Some(e) = q.event("BLOCK_IO_ERROR", Duration::from_millis(100)) {
+        panic!("a second BLOCK_IO_ERROR after cont: {e}\n{}", daemon.log());
+    }
+    let console = vm.finish();
+    assert!(
+        console.passed() && console.0.contains("guest reads back every write"),
+        "guest failed:\n{}\n{}",
+        console.0,
+        daemon.log()
+    );
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+    drop(q);
+    let md5s = console.md5s();
+    let mut daemon = daemon;
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    // Out of the small file system: QEMU's raw copies would not fit there.
+    sh(d, &["cp", "mnt/full.qcow2", "full.qcow2"]);
+    drop(fs);
+    check_and_compare(d, "full.qcow2", md5s.get("vda"));
+    // The host reads the pattern where the guest wrote it.
+    let raw = qblk_integration::qemu_raw(d, "full.qcow2");
+    std::fs::write(d.join("pattern.raw"), &raw[..16 << 20]).expect("write the pattern");
+    assert_eq!(
+        Some(&qblk_integration::guest::md5_file(&d.join("pattern.raw"))),
+        md5s.get("pattern"),
+        "QEMU does not read the guest's pattern back"
+    );
+}
+
 /// Region A (4 MiB at 8 MiB) written and left alone, region B (32..48 MiB)
-/// written all along by a background writer while the host takes an
-/// internal snapshot; then, with the writer stopped and a bitmap added by
-/// the host, known writes only. Each step waits for the host's signal: a
-/// 1 MiB `block_resize`.
+/// written all along by a background writer; the writer pauses while the
+/// host takes an internal snapshot (the guest records the whole disk's
+/// md5 then, `MD5 snap`) and writes on after it; then, with the writer
+/// stopped and a bitmap added by the host, known writes only. Each step
+/// waits for the host's signal: a 1 MiB `block_resize`.
 const LIVE_SCRIPT: &str = r#"
 dev=/dev/vda
 dd if=/dev/urandom of=/tmp/a1 bs=1M count=4 2>/dev/null
 dd if=/tmp/a1 of=$dev bs=1M seek=8 oflag=direct 2>/dev/null
 echo "MD5 a1 $(md5sum /tmp/a1 | cut -d' ' -f1)"
 (set +x; while [ ! -e /tmp/stop ]; do
+    if [ -e /tmp/pause ]; then
+        touch /tmp/paused
+        while [ -e /tmp/pause ]; do sleep 0.05; done
+        rm /tmp/paused
+    fi
     dd if=/dev/urandom of=$dev bs=64k count=1 seek=$((512 + RANDOM % 256)) oflag=direct 2>/dev/null
 done) &
 noise=$!
 size0=$(cat /sys/block/vda/size)
 echo SNAP-READY
 wait_resize $size0
+touch /tmp/pause
+(set +x; while [ ! -e /tmp/paused ]; do sleep 0.05; done)
+size1=$(cat /sys/block/vda/size)
+echo "MD5 snap $(dd if=$dev bs=1M iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo PAUSED
+wait_resize $size1
+rm /tmp/pause
+# The writer changes region B after the snapshot.
+sleep 2
 touch /tmp/stop
 wait $noise
-size1=$(cat /sys/block/vda/size)
+size2=$(cat /sys/block/vda/size)
 echo BITMAP-READY
-wait_resize $size1
+wait_resize $size2
 dd if=/dev/urandom of=/tmp/a2 bs=1M count=4 2>/dev/null
 dd if=/tmp/a2 of=$dev bs=1M seek=8 oflag=direct 2>/dev/null
 dd if=/dev/urandom of=$dev bs=4k count=1 seek=$((50 * 256)) oflag=direct 2>/dev/null
@@ -859,15 +979,21 @@ fn a_snapshot_while_the_guest_writes_and_a_bitmap_of_its_writes() {
     let script = format!("{WAIT_RESIZE}{LIVE_SCRIPT}");
     let mut vm = Vm::start(d, "live", &script, &[disk(&daemon, 1)], false);
     assert!(vm.wait_for("SNAP-READY"), "{}", vm.console());
-    // The background writer is at work.
+    // The background writer is at work; it pauses.
     std::thread::sleep(std::time::Duration::from_secs(2));
+    q.ok(
+        "block_resize",
+        json!({"node-name": "disk", "size": 65 << 20}),
+    );
+    assert!(vm.wait_for("PAUSED"), "{}", vm.console());
     q.ok(
         "blockdev-snapshot-internal-sync",
         json!({"device": "disk", "name": "s1"}),
     );
+    // The writer goes on.
     q.ok(
         "block_resize",
-        json!({"node-name": "disk", "size": 65 << 20}),
+        json!({"node-name": "disk", "size": 66 << 20}),
     );
     assert!(vm.wait_for("BITMAP-READY"), "{}", vm.console());
     q.ok(
@@ -876,7 +1002,7 @@ fn a_snapshot_while_the_guest_writes_and_a_bitmap_of_its_writes() {
     );
     q.ok(
         "block_resize",
-        json!({"node-name": "disk", "size": 66 << 20}),
+        json!({"node-name": "disk", "size": 67 << 20}),
     );
     let console = vm.finish();
     assert!(console.passed(), "{}\n{}", console.0, daemon.log());
@@ -891,17 +1017,25 @@ fn a_snapshot_while_the_guest_writes_and_a_bitmap_of_its_writes() {
     drop(export);
     assert_eq!(dirty, vec![(8 << 20, 4 << 20), (50 << 20, 64 << 10)]);
 
-    // The snapshot holds region A as it was written before it.
+    // The snapshot holds the whole disk as the guest read it at the
+    // snapshot point (region A as first written, region B as the
+    // paused writer left it).
     // (QEMU applies no snapshot to an image with active bitmaps.)
     sh(d, &["cp", "lv.qcow2", "s1.qcow2"]);
     sh(d, &["qemu-img", "bitmap", "--remove", "s1.qcow2", "b1"]);
     sh(d, &["qemu-img", "snapshot", "-a", "s1", "s1.qcow2"]);
     let disk = qblk_integration::qemu_raw(d, "s1.qcow2");
+    assert_eq!(disk.len(), 65 << 20, "the snapshot's disk size");
     std::fs::write(d.join("a1.raw"), &disk[8 << 20..12 << 20]).expect("write region A");
     assert_eq!(
         Some(&qblk_integration::guest::md5_file(&d.join("a1.raw"))),
         md5s.get("a1"),
         "the snapshot does not hold region A as it was"
+    );
+    assert_eq!(
+        Some(&qemu_md5(d, "s1.qcow2")),
+        md5s.get("snap"),
+        "the snapshot does not hold the disk as the guest read it at the snapshot point"
     );
     qemu_check_clean("s1.qcow2", d);
 }

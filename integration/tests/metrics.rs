@@ -202,7 +202,11 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
             "3s",
         ],
     );
-    // A scrape while the run goes on: it succeeds and shows some of it.
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    // A scrape while the run goes on: it succeeds and shows some of it;
+    // then query-blockstats and another scrape, each counting at least
+    // what the one before it did.
     let deadline = Instant::now() + Duration::from_secs(30);
     let during = loop {
         let s = scrape(&at);
@@ -212,6 +216,8 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
         assert!(Instant::now() < deadline, "no request counted in 30 s");
         std::thread::sleep(Duration::from_millis(100));
     };
+    let stats_during = q.ok("query-blockstats", json!({}))[0]["stats"].clone();
+    let during2 = scrape(&at);
     let result = bench_result(bench);
     let reads = result["reads"].as_u64().expect("reads");
     let writes = result["writes"].as_u64().expect("writes");
@@ -254,12 +260,25 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
             }
         }
     }
-    // The mid-run scrape lay between nothing and the totals.
-    for (kind, n) in [(&read, reads), (&write, writes)] {
-        let mid = during.int("qblk_requests_total", kind);
-        assert!(mid <= n, "{kind:?}: {mid} counted mid-run, {n} in all");
+    // The mid-run figures lay between what was counted before them and
+    // the totals: scrape <= query-blockstats <= scrape <= totals.
+    for (kind, n, field) in [
+        (&read, reads, "rd_operations"),
+        (&write, writes, "wr_operations"),
+    ] {
+        let first = during.int("qblk_requests_total", kind);
+        let mid = stats_during[field].as_u64().expect(field);
+        let second = during2.int("qblk_requests_total", kind);
+        assert!(
+            first <= mid && mid <= second && second <= n,
+            "{kind:?}: scrape {first}, query-blockstats {mid}, scrape {second} mid-run, {n} in all"
+        );
     }
-    assert!(during.int("qblk_requests_total", &[]) < reads + writes);
+    assert!(
+        stats_during["x-in-flight"].as_u64().expect("x-in-flight") <= 2 * 16,
+        "more in flight than 2 queues of depth 16: {stats_during}"
+    );
+    assert!(during2.int("qblk_requests_total", &[]) < reads + writes);
     // The engine's counters: every write went through it, and the L2
     // lookups of reads and writes were counted.
     let engine_writes = after.int("qblk_engine_allocating_writes_total", &[])
@@ -273,8 +292,6 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
     assert!(allocated > 0, "allocated size 0");
 
     // query-blockstats says the same.
-    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
-    q.ok("qmp_capabilities", json!({}));
     let stats = q.ok("query-blockstats", json!({}));
     let s = &stats[0]["stats"];
     assert_eq!(s["rd_operations"], reads, "{stats}");
@@ -282,6 +299,88 @@ fn a_scrape_and_query_blockstats_agree_with_the_clients_counts() {
     assert_eq!(s["rd_bytes"], reads * bs, "{stats}");
     assert_eq!(s["wr_bytes"], writes * bs, "{stats}");
     assert_eq!(s["x-in-flight"], 0, "{stats}");
+
+    // After an internal snapshot every cluster is shared: 4 KiB rewrites
+    // of them copy the rest of their 64 KiB cluster, and the writes come
+    // in batches, each followed by a flush.
+    q.ok(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "disk", "name": "s1"}),
+    );
+    let bench = start_bench(
+        d,
+        &[
+            "--socket",
+            "a.sock",
+            "--rw",
+            "randwrite",
+            "--fsync-every",
+            "4",
+            "--runtime",
+            "1s",
+        ],
+    );
+    let result2 = bench_result(bench);
+    let writes2 = result2["writes"].as_u64().expect("writes");
+    assert!(writes2 > 0, "{result2}");
+    // A discard and a write-zeroes of known sizes.
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    assert_eq!(c.discard(0, 1 << 20), 0);
+    assert_eq!(c.write_zeroes(4 << 20, 256 << 10, false), 0);
+    drop(c);
+    let later = scrape(&at);
+    for name in [
+        "qblk_engine_metadata_writes_total",
+        "qblk_engine_fsyncs_total",
+        "qblk_engine_cow_bytes_total",
+    ] {
+        assert!(
+            later.int(name, &[]) > after.int(name, &[]),
+            "{name} did not move: {} then {}",
+            after.int(name, &[]),
+            later.int(name, &[])
+        );
+    }
+    let cow = later.int("qblk_engine_cow_bytes_total", &[])
+        - after.int("qblk_engine_cow_bytes_total", &[]);
+    assert!(
+        cow >= 60 << 10,
+        "one shared cluster's rewrite copies 60 KiB; {cow} copied"
+    );
+    let flush = [("type", "flush")];
+    let flushes = later.int("qblk_requests_total", &flush);
+    assert!(flushes > 0, "no flush counted");
+    assert!(
+        later.int("qblk_engine_fsyncs_total", &[]) >= flushes,
+        "fewer fdatasyncs than flushes"
+    );
+    assert_eq!(
+        later.int("qblk_request_duration_seconds_count", &flush),
+        flushes,
+        "the flush latency histogram"
+    );
+    assert_eq!(
+        later.int(
+            "qblk_request_duration_seconds_bucket",
+            &[("type", "flush"), ("le", "+Inf")]
+        ),
+        flushes
+    );
+    assert!(later.sum("qblk_request_duration_seconds_sum", &flush) > 0.0);
+    assert_eq!(later.int("qblk_requests_total", &[("type", "discard")]), 1);
+    assert_eq!(
+        later.int("qblk_requests_total", &[("type", "write_zeroes")]),
+        1
+    );
+    let stats = q.ok("query-blockstats", json!({}));
+    let s = &stats[0]["stats"];
+    assert_eq!(s["wr_operations"], writes + writes2, "{stats}");
+    assert_eq!(s["flush_operations"], flushes, "{stats}");
+    assert_eq!(s["unmap_operations"], 1, "{stats}");
+    assert_eq!(s["unmap_bytes"], 1 << 20, "{stats}");
+    assert_eq!(s["x-write-zeroes-operations"], 1, "{stats}");
+    assert_eq!(s["x-write-zeroes-bytes"], 256 << 10, "{stats}");
+    assert_eq!(s["failed_unmap_operations"], 0, "{stats}");
 
     assert!(daemon.stop().success(), "{}", daemon.log());
     assert!(
@@ -445,6 +544,10 @@ fn the_endpoint_answers_on_loopback_refuses_other_addresses_and_bad_clients_dist
     qemu_check_clean("a.qcow2", d);
 }
 
+/// The control clients a daemon serves at once (control.rs's
+/// `MAX_CLIENTS`).
+const MAX_CONTROL_CLIENTS: usize = 32;
+
 #[test]
 fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -560,7 +663,10 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
         s.write_all(sent).expect("send");
         drop(s);
     }
-    // A hundred clients at once.
+    // A hundred clients at once: those beyond the cap (`MAX_CLIENTS` in
+    // control.rs; `good` holds one place) get an error instead of the
+    // greeting and are hung up, the others are served.
+    std::thread::sleep(Duration::from_millis(200));
     let clients = 100;
     let barrier = Arc::new(Barrier::new(clients));
     let threads: Vec<_> = (0..clients)
@@ -569,20 +675,41 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 let (mut q, greeting) = Qmp::connect(&ctl);
-                assert!(greeting["QMP"].is_object(), "{greeting}");
+                // Everyone is connected (served or refused) before anyone
+                // goes on.
                 barrier.wait();
-                q.ok("qmp_capabilities", json!({}));
-                let v = q.ok("query-version", json!({}));
-                assert!(
-                    v["package"].as_str().is_some_and(|p| p.starts_with("qblk")),
-                    "{v}"
-                );
+                if greeting["QMP"].is_object() {
+                    q.ok("qmp_capabilities", json!({}));
+                    let v = q.ok("query-version", json!({}));
+                    assert!(
+                        v["package"].as_str().is_some_and(|p| p.starts_with("qblk")),
+                        "{v}"
+                    );
+                    true
+                } else {
+                    assert_eq!(greeting["error"]["class"], "GenericError", "{greeting}");
+                    assert!(
+                        greeting["error"]["desc"]
+                            .as_str()
+                            .is_some_and(|d| d.contains("too many control clients")),
+                        "{greeting}"
+                    );
+                    assert!(q.hung_up(), "a refused client is not hung up");
+                    false
+                }
             })
         })
         .collect();
-    for t in threads {
-        t.join().expect("a control client failed");
-    }
+    let served = threads
+        .into_iter()
+        .map(|t| t.join().expect("a control client failed"))
+        .filter(|&served| served)
+        .count();
+    assert_eq!(
+        served,
+        MAX_CONTROL_CLIENTS - 1,
+        "clients served of {clients} at once (the cap is {MAX_CONTROL_CLIENTS}, one held by another client)"
+    );
 
     // The first client and the data path were never disturbed.
     good.ok("query-version", json!({}));
@@ -602,4 +729,62 @@ fn bad_control_clients_disturb_neither_other_clients_nor_the_data_path() {
     assert!(daemon.alive(), "{}", daemon.log());
     assert!(daemon.stop().success(), "{}", daemon.log());
     qemu_check_clean("a.qcow2", d);
+}
+
+/// A control client that hangs up while its long command runs (an
+/// internal snapshot of an image with many allocated clusters) disturbs
+/// nothing: the command completes, the other client is served meanwhile
+/// and after, the daemon stops cleanly and the image is consistent.
+#[test]
+fn a_control_client_that_hangs_up_during_a_long_snapshot_disturbs_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    // Every cluster allocated: a snapshot raises 256 Ki refcounts.
+    create_qcow2_opts(d, "preallocation=metadata", "a.qcow2", "16G");
+    let mut daemon = Daemon::qblk(d, "a.sock", &["--control", "qmp.sock", "a.qcow2"]);
+    let ctl = d.join("qmp.sock");
+    let (mut good, _) = Qmp::connect(&ctl);
+    good.ok("qmp_capabilities", json!({}));
+    // How long one such snapshot takes.
+    let began = Instant::now();
+    good.ok(
+        "blockdev-snapshot-internal-sync",
+        json!({"device": "disk", "name": "s0"}),
+    );
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(50),
+        "the snapshot took {took:?}: too short to hang up during it"
+    );
+
+    // A client asks for another and hangs up at once.
+    let mut s = UnixStream::connect(&ctl).expect("connect");
+    s.write_all(
+        br#"{"execute": "qmp_capabilities"}{"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "disk", "name": "s1"}}"#,
+    )
+    .expect("send");
+    std::thread::sleep(took / 4);
+    drop(s);
+    // The other client is served meanwhile, and the command completes.
+    good.ok("query-version", json!({}));
+    std::thread::sleep(took * 2);
+    good.ok("query-status", json!({}));
+    let mut v = Client::connect(&daemon.socket, 1).expect("vhost-user client");
+    v.write_all(0, &[0x5a; 4096]);
+    assert_eq!(v.read_vec(0, 4096), vec![0x5a; 4096]);
+    drop(v);
+    let (mut after, _) = Qmp::connect(&ctl);
+    after.ok("qmp_capabilities", json!({}));
+    // s1 exists: deleting it succeeds.
+    after.ok(
+        "blockdev-snapshot-delete-internal-sync",
+        json!({"device": "disk", "name": "s1"}),
+    );
+    drop(after);
+    drop(good);
+    assert!(daemon.alive(), "{}", daemon.log());
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    qemu_check_clean("a.qcow2", d);
+    let list = sh(d, &["qemu-img", "snapshot", "-l", "a.qcow2"]);
+    assert!(list.contains("s0") && !list.contains("s1"), "{list}");
 }

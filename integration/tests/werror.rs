@@ -17,7 +17,7 @@
 //! the FUSE export needs /dev/fuse.
 
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blkio::{Completion, ReqFlags};
@@ -32,65 +32,6 @@ const MIB: u64 = 1 << 20;
 const CHUNK: usize = MIB as usize;
 /// Writes kept in flight.
 const DEPTH: usize = 4;
-
-/// A small ext4 file system loop-mounted at `dir/mnt`, unmounted on drop.
-struct SmallFs {
-    mnt: PathBuf,
-}
-
-impl SmallFs {
-    fn new(dir: &Path) -> SmallFs {
-        // SAFETY: getuid(2) has no preconditions.
-        let uid = unsafe { libc::getuid() };
-        assert_eq!(
-            uid, 0,
-            "this test mounts a small file system to fill it up and needs root (CI runs it as root)"
-        );
-        sh(dir, &["truncate", "-s", "48M", "fs.img"]);
-        // No blocks reserved for root: the daemon (root here) fills it.
-        sh(dir, &["mkfs.ext4", "-q", "-m", "0", "fs.img"]);
-        let mnt = dir.join("mnt");
-        std::fs::create_dir(&mnt).expect("mount point");
-        sh(dir, &["mount", "-o", "loop", "fs.img", "mnt"]);
-        SmallFs { mnt }
-    }
-
-    /// Fills the file system with `filler` until `left` bytes are free.
-    fn fill(&self, left: u64) {
-        let free = self.free();
-        let n = free.saturating_sub(left);
-        let path = self.mnt.join("filler");
-        sh(
-            &self.mnt,
-            &[
-                "fallocate",
-                "-l",
-                &n.to_string(),
-                path.to_str().expect("utf-8"),
-            ],
-        );
-    }
-
-    fn unfill(&self) {
-        std::fs::remove_file(self.mnt.join("filler")).expect("remove the filler");
-    }
-
-    fn free(&self) -> u64 {
-        let path = std::ffi::CString::new(self.mnt.to_str().expect("utf-8")).expect("path");
-        // SAFETY: an all-zero statvfs is a valid value to be overwritten.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid path and out pointer.
-        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-        assert_eq!(rc, 0, "statvfs");
-        st.f_bavail * st.f_frsize
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
-    }
-}
 
 /// The pattern of write `i`.
 fn fill_byte(i: usize) -> u8 {
@@ -160,12 +101,15 @@ fn write_until_stuck(
     }
 }
 
-fn serve(d: &Path, werror: &str) -> Daemon {
-    Daemon::qblk(
-        d,
-        "w.sock",
-        &["--control", "qmp.sock", "--werror", werror, "mnt/a.qcow2"],
-    )
+/// `qblk serve` of `mnt/a.qcow2` with `--werror werror`, or the default
+/// policy (`enospc`) if `werror` is `None`.
+fn serve(d: &Path, werror: Option<&str>) -> Daemon {
+    let mut args = vec!["--control", "qmp.sock"];
+    if let Some(policy) = werror {
+        args.extend(["--werror", policy]);
+    }
+    args.push("mnt/a.qcow2");
+    Daemon::qblk(d, "w.sock", &args)
 }
 
 fn qmp(d: &Path) -> Qmp {
@@ -200,7 +144,8 @@ fn a_full_file_system_stops_the_device_and_cont_completes_every_held_write() {
     let d = tmp.path();
     let fs = SmallFs::new(d);
     create_qcow2(d, "mnt/a.qcow2", "128M");
-    let mut daemon = serve(d, "enospc");
+    // The default policy: `enospc`.
+    let mut daemon = serve(d, None);
     let mut q = qmp(d);
     assert_eq!(
         status(&mut q),
@@ -213,7 +158,7 @@ fn a_full_file_system_stops_the_device_and_cont_completes_every_held_write() {
     let (done, held) = write_until_stuck(&mut c, 128, Duration::from_secs(3));
     assert!(
         done.iter().all(|&(_, ret)| ret == 0),
-        "a write failed under --werror enospc: {done:?}\n{}",
+        "a write failed under the default --werror enospc: {done:?}\n{}",
         daemon.log()
     );
     assert!(!held.is_empty(), "writes never stopped completing");
@@ -308,7 +253,7 @@ fn werror_report_fails_the_write_that_meets_a_full_file_system() {
     let d = tmp.path();
     let fs = SmallFs::new(d);
     create_qcow2(d, "mnt/a.qcow2", "128M");
-    let mut daemon = serve(d, "report");
+    let mut daemon = serve(d, Some("report"));
     let mut q = qmp(d);
     let mut c = Client::connect(&daemon.socket, 1).expect("client");
     fs.fill(6 * MIB);

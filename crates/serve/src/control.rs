@@ -6,9 +6,10 @@
 //! objects `{"execute": NAME, "arguments": {...}, "id": ID}` answered with
 //! `{"return": ...}` or `{"error": {"class": ..., "desc": ...}}` (with the
 //! request's `id`); nothing but `qmp_capabilities` is accepted before the
-//! capabilities are negotiated. Several clients may be connected at once,
-//! each on a thread of its own; engine calls run on that thread's own
-//! ring. A socket qblk binds is made mode 0600; one it inherits (socket
+//! capabilities are negotiated. Several clients may be connected at once
+//! (at most [`MAX_CLIENTS`]: one more gets an error instead of the greeting
+//! and is hung up), each on a thread of its own; engine calls run on that
+//! thread's own ring. A socket qblk binds is made mode 0600; one it inherits (socket
 //! activation) keeps what its maker gave it.
 //!
 //! Commands so far: `qmp_capabilities`, `query-version`,
@@ -77,6 +78,25 @@ pub struct Control {
 /// Every client's socket (to hang up at stop) and thread.
 type Clients = Arc<Mutex<Vec<(UnixStream, std::thread::JoinHandle<()>)>>>;
 
+/// Control clients served at once (each has a thread and an io_uring ring
+/// of its own); one more is told so and hung up.
+pub const MAX_CLIENTS: usize = 32;
+
+/// Tells a client beyond [`MAX_CLIENTS`] so, instead of the greeting, and
+/// hangs up.
+fn refuse_client(stream: UnixStream) {
+    warn!("control client refused: {MAX_CLIENTS} are connected");
+    if stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_ok() {
+        let out: Out = Arc::new(Mutex::new(stream));
+        let _ = send(
+            &out,
+            &json!({"error": {"class": "GenericError",
+                "desc": format!("too many control clients: at most {MAX_CLIENTS} at once")}}),
+        );
+        let _ = lock(&out).shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl std::fmt::Debug for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Control")
@@ -126,6 +146,14 @@ impl Control {
                         std::thread::sleep(std::time::Duration::from_millis(10));
                         continue;
                     };
+                    let mut clients = lock(&list);
+                    // The threads of clients that left are done: forget them.
+                    clients.retain(|(_, t)| !t.is_finished());
+                    if clients.len() >= MAX_CLIENTS {
+                        drop(clients);
+                        refuse_client(stream);
+                        continue;
+                    }
                     let Ok(keep) = stream.try_clone() else {
                         continue;
                     };
@@ -134,7 +162,7 @@ impl Control {
                         .name("qblk-qmp".into())
                         .spawn(move || serve_client(stream, &ctx));
                     match t {
-                        Ok(t) => lock(&list).push((keep, t)),
+                        Ok(t) => clients.push((keep, t)),
                         Err(e) => warn!("cannot start a control client thread: {e}"),
                     }
                 }

@@ -16,11 +16,13 @@
 //! end of the connection. Stopping drains the requests in flight, so the
 //! base handed back is the next avail entry no request is pending for.
 //!
-//! Kept for the next steps: the backend request channel
-//! (SET_BACKEND_REQ_FD, stored but not offered yet: config-change
-//! notifications for live resize) and the ring's log address (dirty-page
-//! logging for live migration; `vring::SplitRing::push_used` is where used
-//! ring writes would be logged).
+//! The backend request channel (BACKEND_REQ, SET_BACKEND_REQ_FD) goes to
+//! `notice`, which tells the frontend of a live resize
+//! (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG). Dirty-page logging for live
+//! migration (LOG_SHMFD, SET_LOG_BASE, on while the features carry
+//! VHOST_F_LOG_ALL) goes to `log`: `vring::SplitRing::push_used` marks the
+//! used ring's pages, the queue worker those of read data, serials and
+//! status bytes.
 
 use std::fs::File;
 use std::io;
