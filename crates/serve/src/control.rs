@@ -19,8 +19,10 @@
 //! `query-status` (the run state and held requests of `errors.rs`),
 //! `blockdev-set-active` (the hand-over between two daemons,
 //! `Device::set_active`), `nbd-server-start`/`-stop` and
-//! `block-export-add`/`-del` (NBD exports of snapshots, `nbd/`), and
-//! `quit`. The disk's node is named `disk`.
+//! `block-export-add`/`-del` (NBD exports of snapshots, `nbd/`),
+//! `blockdev-snapshot-sync`, `block-commit`, `block-stream` and the job
+//! commands (`control/chain.rs`, `jobs.rs`), and `quit`. The disk's node
+//! is named `disk`.
 //!
 //! Bad input — unparsable JSON, a request that is no object, unknown
 //! commands or arguments — gets an error reply; a client that sends
