@@ -1497,3 +1497,147 @@ fn qblk_migrates_through_a_file() {
          guest paused {paused} ms (source completed until destination running)"
     );
 }
+
+/// The guest's side of the NBD backup test: 48 MiB of random data, then
+/// at each of the host's signals (a `block_resize`) the next step — a
+/// background writer over the first 64 MiB while the host reads an
+/// export, the md5 of the first 64 MiB whenever it is quiet.
+const NBD_SCRIPT: &str = r#"
+dev=/dev/vda
+md5_64() { dd if=$dev bs=1M count=64 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }
+writer() { (set +x; while [ ! -e /tmp/stop$1 ]; do
+    dd if=/dev/urandom of=$dev bs=64k count=1 seek=$((RANDOM % 1024)) oflag=direct 2>/dev/null
+done) & }
+step() { s=$(cat /sys/block/vda/size); echo "$1"; wait_resize $s; }
+dd if=/dev/urandom of=$dev bs=1M count=48 oflag=direct 2>/dev/null
+echo "MD5 e1 $(md5_64)"
+step EXPORT1-READY
+writer 1
+step WRITING1
+touch /tmp/stop1; wait
+echo "MD5 e2 $(md5_64)"
+step EXPORT2-READY
+writer 2
+step WRITING2
+touch /tmp/stop2; wait
+echo "MD5 vda $(md5sum $dev | cut -d' ' -f1)"
+"#;
+
+/// `qemu-img convert` of NBD export `name` on `nbd` to raw; its bytes.
+fn nbd_convert(d: &Path, nbd: &Path, name: &str) -> Vec<u8> {
+    let out = d.join(format!("{name}.raw"));
+    let uri = format!("nbd+unix:///{name}?socket={}", nbd.display());
+    sh(
+        d,
+        &[
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            out.to_str().expect("utf-8"),
+        ],
+    );
+    std::fs::read(&out).expect("converted")
+}
+
+fn md5_of(d: &Path, bytes: &[u8]) -> String {
+    let p = d.join("md5.tmp");
+    std::fs::write(&p, bytes).expect("write");
+    qblk_integration::guest::md5_file(&p)
+}
+
+#[test]
+#[ignore = "boots a VM: run by cargo xtask e2e"]
+fn an_nbd_backup_of_a_writing_guest_full_then_incremental_equals_the_disk_at_each_export() {
+    const MIB64: usize = 64 << 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    create_qcow2(d, "nb.qcow2", "64M");
+    let nbd = d.join("nb.nbd");
+    let nbd_arg = format!("unix:{}", nbd.display());
+    let daemon = Daemon::qblk(
+        d,
+        "nb.sock",
+        &["--control", "nb.qmp", "--nbd", &nbd_arg, "nb.qcow2"],
+    );
+    let (mut q, _) = Qmp::connect(&d.join("nb.qmp"));
+    q.ok("qmp_capabilities", json!({}));
+    let script = format!("{WAIT_RESIZE}{NBD_SCRIPT}");
+    let mut vm = Vm::start(d, "nbd", &script, &[disk(&daemon, 1)], false);
+    let mut size = 64u64 << 20;
+    let mut signal = |q: &mut Qmp| {
+        size += 1 << 20;
+        q.ok("block_resize", json!({"node-name": "disk", "size": size}));
+    };
+    let md5 = |vm: &Vm, name: &str| {
+        let marker = format!("MD5 {name} ");
+        vm.console()
+            .lines()
+            .find_map(|l| l.strip_prefix(&marker).map(|m| m.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no md5 {name}:\n{}", vm.console()))
+    };
+
+    // Round 1 (full): a bitmap, then the export; the guest writes while
+    // QEMU's client reads it.
+    assert!(vm.wait_for("EXPORT1-READY"), "{}", vm.console());
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b1", "persistent": true}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "r1", "node-name": "disk", "name": "r1"}),
+    );
+    signal(&mut q);
+    assert!(vm.wait_for("WRITING1"), "{}", vm.console());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut backup = nbd_convert(d, &nbd, "r1");
+    assert_eq!(backup.len(), MIB64);
+    assert_eq!(
+        md5_of(d, &backup),
+        md5(&vm, "e1"),
+        "the full backup is not the disk at the first export"
+    );
+    q.ok("block-export-del", json!({"id": "r1"}));
+    signal(&mut q);
+
+    // Round 2 (incremental): a new bitmap, the export with the old one;
+    // only the ranges it marks are copied over the full backup.
+    assert!(vm.wait_for("EXPORT2-READY"), "{}", vm.console());
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk", "name": "b2", "persistent": true}),
+    );
+    q.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "r2", "node-name": "disk", "name": "r2", "bitmaps": ["b1"]}),
+    );
+    signal(&mut q);
+    assert!(vm.wait_for("WRITING2"), "{}", vm.console());
+    std::thread::sleep(Duration::from_millis(500));
+    let dirty =
+        qblk_integration::map_ranges(&qblk_integration::nbd_dirty_map(d, &nbd, "r2", "b1"), false);
+    let copied: u64 = dirty.iter().map(|r| r.1).sum();
+    assert!(copied > 0 && copied < MIB64 as u64, "{copied} bytes dirty");
+    let now = nbd_convert(d, &nbd, "r2");
+    for (start, len) in dirty {
+        let (s, e) = (start as usize, (start + len) as usize);
+        if s < MIB64 {
+            backup[s..e.min(MIB64)].copy_from_slice(&now[s..e.min(MIB64)]);
+        }
+    }
+    assert_eq!(
+        md5_of(d, &backup),
+        md5(&vm, "e2"),
+        "the full backup plus the dirty ranges is not the disk at the second export"
+    );
+    q.ok("block-export-del", json!({"id": "r2"}));
+    signal(&mut q);
+    drop(q);
+    let console = vm.finish();
+    assert!(console.passed(), "{}\n{}", console.0, daemon.log());
+    stop_and_compare(d, daemon, "nb.qcow2", console.md5s().get("vda"));
+}
