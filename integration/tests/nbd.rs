@@ -644,6 +644,10 @@ fn the_nbd_server_starts_and_stops_over_qmp_and_exports_end_with_it_and_with_the
     assert!(desc.contains("NBD exports"), "{desc}");
     // Stopping the server ends its exports and deletes their snapshots.
     q.ok("nbd-server-stop", json!({}));
+    let ended = q
+        .event("BLOCK_EXPORT_DELETED", Duration::from_secs(5))
+        .expect("BLOCK_EXPORT_DELETED");
+    assert_eq!(ended["data"]["id"], "e", "{ended}");
     assert!(!snapshots(d).contains("qblk-export"), "{}", snapshots(d));
     assert!(!nbd.exists());
     let (_, desc) = q.err("nbd-server-stop", json!({}));

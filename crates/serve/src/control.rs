@@ -1155,8 +1155,12 @@ fn export_add(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
     })
 }
 
-/// Deletes an ended export's snapshot (the caller holds the admin lock).
+/// Tells the clients an export ended (`BLOCK_EXPORT_DELETED`) and deletes
+/// its snapshot (the caller holds the admin lock).
 fn delete_export_snapshot(ctx: &Context, e: &crate::nbd::Export) -> Result<(), QmpError> {
+    ctx.device
+        .events
+        .emit("BLOCK_EXPORT_DELETED", json!({"id": e.id}));
     let disk = ctx.device.disk().ok_or_else(inactive)?;
     match &*disk {
         Disk::Qcow2(img) => {
