@@ -132,6 +132,42 @@ fn data_ranges(d: &Path, nbd: &Path, name: &str) -> Vec<(u64, u64)> {
     merged(map_ranges(&v, true))
 }
 
+/// Whether `program` is installed.
+fn have(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The dirty ranges of `bitmap` in export `name` as libnbd's `nbdinfo
+/// --map` reads them (type bit 0: dirty).
+fn nbdinfo_dirty(d: &Path, nbd: &Path, name: &str, bitmap: &str) -> Vec<(u64, u64)> {
+    let out = sh(
+        d,
+        &[
+            "nbdinfo",
+            "--json",
+            &format!("--map=qemu:dirty-bitmap:{bitmap}"),
+            &format!("nbd+unix:///{name}?socket={}", nbd.display()),
+        ],
+    );
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo JSON {out}: {e}"));
+    let ranges = v
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["type"].as_u64().is_some_and(|t| t & 1 == 1))
+        .map(|e| {
+            (
+                e["offset"].as_u64().expect("offset"),
+                e["length"].as_u64().expect("length"),
+            )
+        })
+        .collect();
+    merged(ranges)
+}
+
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     if a.len() != b.len() {
         return Some(a.len().min(b.len()));
@@ -451,6 +487,13 @@ fn an_incremental_backup_of_the_dirty_ranges_equals_the_disk_at_the_second_expor
     let mut all = changed.clone();
     all.push(9);
     assert_eq!(dirty, block_ranges(&all));
+    // libnbd's nbdinfo (libnbd-bin, which `cargo xtask test` installs)
+    // reads the same bitmap context.
+    if have("nbdinfo") {
+        assert_eq!(nbdinfo_dirty(d, &nbd, "inc", "b"), dirty, "nbdinfo --map");
+    } else {
+        println!("nbdinfo is not installed: libnbd's view of the bitmap is not checked");
+    }
     let copied: u64 = dirty.iter().map(|r| r.1).sum();
     assert!(copied < SIZE / 10, "{copied} bytes dirty");
     // Our own client copies the dirty ranges (simple replies).

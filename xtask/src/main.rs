@@ -46,6 +46,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-io", "qemu-utils"),
     // integration/tests/werror.rs fills a small loop-mounted ext4.
     ("/usr/sbin/mkfs.ext4", "e2fsprogs"),
+    // integration/tests/nbd.rs reads bitmaps with libnbd's client too.
+    ("nbdinfo", "libnbd-bin"),
 ];
 
 /// Fuzz targets and how long `xtask test` runs each.

@@ -160,13 +160,38 @@ pub struct QueueStats {
     in_flight: AtomicU64,
 }
 
+/// Whether requests are counted: always, but in a build made to measure
+/// what counting costs (feature `bench-no-request-stats`).
+const COUNTING: bool = !cfg!(feature = "bench-no-request-stats");
+
+/// When a request began, for its latency; `None` where nothing is counted.
+pub fn clock() -> Option<std::time::Instant> {
+    COUNTING.then(std::time::Instant::now)
+}
+
 impl QueueStats {
     /// A request was taken from the ring.
     pub fn started(&self) {
-        add(&self.in_flight, 1);
+        if COUNTING {
+            add(&self.in_flight, 1);
+        }
     }
 
-    /// A request ended (its status is written).
+    /// A request that began at `began` ([`clock`]) ended (its status is
+    /// written).
+    pub fn ended(
+        &self,
+        kind: Option<Kind>,
+        bytes: u64,
+        ok: bool,
+        began: Option<std::time::Instant>,
+    ) {
+        if let Some(began) = began {
+            self.finished(kind, bytes, ok, began.elapsed());
+        }
+    }
+
+    /// A request ended after `took`.
     pub fn finished(&self, kind: Option<Kind>, bytes: u64, ok: bool, took: Duration) {
         sub(&self.in_flight, 1);
         let Some(kind) = kind else { return };
@@ -186,6 +211,9 @@ impl QueueStats {
 
     /// A malformed request was refused.
     pub fn invalid(&self) {
+        if !COUNTING {
+            return;
+        }
         sub(&self.in_flight, 1);
         add(&self.invalid, 1);
     }

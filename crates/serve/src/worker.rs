@@ -550,20 +550,20 @@ impl Queue {
                 let q = self.clone();
                 let arrival = (self.arrivals.replace(self.arrivals.get() + 1), self.index);
                 tokio::task::spawn_local(async move {
-                    let began = std::time::Instant::now();
+                    let began = crate::stats::clock();
                     let Some((code, id_len)) = q.run_request(&r, arrival).await else {
                         // Left unfinished to the frontend's inflight
                         // region: whoever serves the ring next runs it.
-                        q.device.queue_stats[q.index].finished(None, 0, false, began.elapsed());
+                        q.device.queue_stats[q.index].ended(None, 0, false, began);
                         q.abandon();
                         return;
                     };
                     let (kind, bytes) = accounting(&r.op);
-                    q.device.queue_stats[q.index].finished(
+                    q.device.queue_stats[q.index].ended(
                         kind,
                         bytes,
                         code == VIRTIO_BLK_S_OK as u8,
-                        began.elapsed(),
+                        began,
                     );
                     let len = if r.mem.write_obj(code, r.status).is_ok() {
                         r.used_len(id_len)
