@@ -337,3 +337,47 @@ fn external_snapshots_a_stream_and_a_commit_while_a_client_writes() {
         "the final image does not hold every write"
     );
 }
+
+#[test]
+fn a_daemon_stopped_during_a_commit_ends_it_and_leaves_every_image_clean() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "base.qcow2", "64M");
+    sh(
+        d,
+        &["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+    );
+    let mut daemon = Daemon::qblk(d, "t.sock", &["--control", "qmp.sock", "top.qcow2"]);
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    let mut want = vec![0u8; 32 << 20];
+    for (i, chunk) in want.chunks_mut(1 << 20).enumerate() {
+        chunk.fill(i as u8 + 1);
+        c.write_all((i as u64) << 20, chunk);
+    }
+    drop(c);
+    // 1 MiB/s: the commit is still copying when the daemon is told to stop.
+    q.ok(
+        "block-commit",
+        json!({"job-id": "slow", "device": "disk", "speed": 1 << 20}),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let jobs = q.ok("query-jobs", json!({}));
+    assert_eq!(jobs[0]["status"], "running", "{jobs}");
+    let progress = jobs[0]["current-progress"].as_u64().expect("progress");
+    assert!(progress < 32 << 20, "the speed limit did not hold: {jobs}");
+    drop(q);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("block job cancelled"),
+        "{}",
+        daemon.log()
+    );
+    for image in ["top.qcow2", "base.qcow2"] {
+        qemu_check_clean(image, d);
+        let journal = d.join(format!(".{image}.qblk-journal"));
+        assert!(!journal.exists(), "{} was left behind", journal.display());
+    }
+    assert!(qemu_raw(d, "top.qcow2")[..32 << 20] == want[..]);
+}

@@ -312,6 +312,32 @@ impl Jobs {
         Ok(())
     }
 
+    /// Cancels every job and waits, at most `timeout`, until each has
+    /// ended: a daemon that stops leaves no image a job opened behind
+    /// unclosed.
+    pub fn cancel_all(&self, timeout: Duration) {
+        let jobs = self.list();
+        for job in &jobs {
+            lock(&job.state).cancel = true;
+            job.wake.notify_all();
+        }
+        let deadline = Instant::now() + timeout;
+        for job in jobs {
+            let mut s = lock(&job.state);
+            while !matches!(s.status, Status::Concluded | Status::Null) {
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    warn!(id = job.id, "block job still running at the stop");
+                    break;
+                };
+                s = job
+                    .wake
+                    .wait_timeout(s, left)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+        }
+    }
+
     /// `block-job-set-speed`.
     pub fn set_speed(&self, id: &str, speed: u64) -> Result<(), String> {
         let job = self.find(id).ok_or_else(|| no_job(id))?;
@@ -436,16 +462,23 @@ pub fn start(device: &Arc<Device>, open: &Opener, plan: Plan) -> Result<(), Stri
         Kind::Commit => Some(open_commit(device, open, &plan)?),
         Kind::Stream => None,
     };
+    let undo = base.as_ref().map(|(b, _)| b.clone());
     lock(&device.jobs.list).push(job.clone());
     job.set_status(device, Status::Created);
-    let (device, open) = (device.clone(), open.clone());
+    let id = plan.id.clone();
     let spawned = std::thread::Builder::new()
-        .name(format!("qblk-job-{}", plan.id))
+        .name(format!("qblk-job-{id}"))
         .spawn({
-            let job = job.clone();
+            let (device, open, job) = (device.clone(), open.clone(), job.clone());
             move || run(&device, &open, &job, &plan, base)
         });
     if let Err(e) = spawned {
+        device.jobs.remove(&id);
+        if let Some(b) = undo {
+            if let Err(e) = leave_commit(device, open, &b) {
+                warn!("{e}");
+            }
+        }
         return Err(format!("cannot start the job's thread: {e}"));
     }
     Ok(())

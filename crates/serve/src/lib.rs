@@ -470,6 +470,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     signals.0.close();
     let _ = signals.1.join();
     end_nbd_exports(&device);
+    // A job's images are closed (a commit's base) before the disk is.
+    device.jobs.cancel_all(std::time::Duration::from_secs(60));
     let disk = device.disk();
     let closed = match &disk {
         Some(d) => qblk_engine::runtime::block_on(d.close()),
