@@ -852,7 +852,7 @@ fn option(opt: u32, data: &[u8]) -> Vec<u8> {
 }
 
 /// An option reply's option, type and data.
-fn option_reply(s: &mut std::net::TcpStream) -> (u32, u32, Vec<u8>) {
+fn option_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     s.read_exact(&mut h).expect("option reply");
     let opt = u32::from_be_bytes(h[8..12].try_into().expect("4"));
@@ -897,8 +897,72 @@ fn hung_up_tcp(s: &mut std::net::TcpStream) -> bool {
 }
 
 const REP_ACK: u32 = 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// NBD_OPT_STARTTLS by hand, then the TLS handshake with rustls as the
+/// client, which presents the certificate of credentials directory
+/// `creds`.
+fn starttls(d: &Path, port: u16, creds: &str) -> TlsStream {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut s = greeted_tcp(port);
+    s.write_all(&option(5, &[])).expect("NBD_OPT_STARTTLS");
+    assert_eq!(option_reply(&mut s), (5, REP_ACK, vec![]));
+    let dir = d.join(creds);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca-cert.pem")).expect("CA file") {
+        roots.add(c.expect("CA PEM")).expect("a CA");
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join("client-cert.pem"))
+        .expect("client certificate")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("client certificate PEM");
+    let key = PrivateKeyDer::from_pem_file(dir.join("client-key.pem")).expect("client key");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client certificate and key");
+    let name = ServerName::try_from("127.0.0.1").expect("server name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
+    rustls::StreamOwned::new(conn, s)
+}
+
+/// NBD_OPT_GO of export `name`; then a simple read of `len` bytes at 0.
+fn go_and_read(t: &mut TlsStream, name: &str, len: u32) -> Vec<u8> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    t.write_all(&option(7, &data)).expect("NBD_OPT_GO");
+    loop {
+        let (_, kind, body) = option_reply(t);
+        assert_eq!(kind & (1 << 31), 0, "NBD_OPT_GO refused: {body:?}");
+        if kind == REP_ACK {
+            break;
+        }
+    }
+    let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
+    h.extend_from_slice(&[0, 0, 0, 0]);
+    h.extend_from_slice(&9u64.to_be_bytes());
+    h.extend_from_slice(&0u64.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    t.write_all(&h).expect("NBD_CMD_READ");
+    let mut r = [0u8; 16];
+    t.read_exact(&mut r).expect("simple reply");
+    assert_eq!(r[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(r[4..8], [0; 4], "the read failed");
+    assert_eq!(r[8..], 9u64.to_be_bytes());
+    let mut b = vec![0u8; len as usize];
+    t.read_exact(&mut b).expect("read data");
+    b
+}
 
 #[test]
 fn tls_exports_are_read_over_tls_and_plain_or_foreign_clients_are_refused() {
@@ -950,6 +1014,14 @@ fn tls_exports_are_read_over_tls_and_plain_or_foreign_clients_are_refused() {
     };
     // A client with a certificate the CA signed reads the export over TLS.
     assert_eq!(first_difference(&read_tls("cli"), &expected), None);
+    // By hand: inside TLS a second STARTTLS is invalid, and the haggling
+    // and transmission go on inside TLS.
+    let mut t = starttls(d, port, "cli");
+    t.write_all(&option(5, &[]))
+        .expect("a second NBD_OPT_STARTTLS");
+    assert_eq!(option_reply(&mut t).1, REP_ERR_INVALID);
+    assert_eq!(go_and_read(&mut t, "exp", 1 << 20), expected[..1 << 20]);
+    drop(t);
 
     // A plain client is told TLS is required.
     let o = qemu_img_tls(d, port, "exp", None, &["info"]);

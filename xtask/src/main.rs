@@ -46,6 +46,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-io", "qemu-utils"),
     // integration/tests/werror.rs fills a small loop-mounted ext4.
     ("/usr/sbin/mkfs.ext4", "e2fsprogs"),
+    // integration/tests/nbd.rs makes TLS certificates.
+    ("openssl", "openssl"),
 ];
 
 /// Fuzz targets and how long `xtask test` runs each.
