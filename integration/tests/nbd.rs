@@ -1101,6 +1101,35 @@ fn tls_exports_are_read_over_tls_and_plain_or_foreign_clients_are_refused() {
     assert_eq!(first_difference(&read_tls("rogue"), &expected), None);
     let o = qemu_img_tls(d, port, "exp", None, &["info"]);
     assert!(!o.status.success(), "a plain client read a TLS-only export");
+    // On a unix socket QEMU's client checks the certificate against
+    // tls-hostname.
+    q.ok("nbd-server-stop", json!({}));
+    let sock = d.join("nbd.sock");
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": sock}, "tls-creds": "tls0"}),
+    );
+    export_add(&mut q, "e", "exp", &[]);
+    let o = run(
+        "timeout",
+        &[
+            "60",
+            "qemu-img",
+            "info",
+            "--output=json",
+            "--object",
+            "tls-creds-x509,id=tls0,endpoint=client,dir=cli",
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=unix,server.path={},export=exp,tls-creds=tls0,tls-hostname=localhost",
+                sock.display()
+            ),
+        ],
+        d,
+    );
+    let info: Value =
+        serde_json::from_str(&ok(o, "qemu-img info over TLS on a unix socket")).expect("info JSON");
+    assert_eq!(info["virtual-size"], SIZE);
     // A server without credentials answers STARTTLS with NBD_REP_ERR_POLICY.
     q.ok("nbd-server-stop", json!({}));
     q.ok("nbd-server-start", json!({"addr": addr}));
