@@ -1026,7 +1026,11 @@ fn tls_exports_are_read_over_tls_and_plain_or_foreign_clients_are_refused() {
     // A plain client is told TLS is required.
     let o = qemu_img_tls(d, port, "exp", None, &["info"]);
     assert!(!o.status.success(), "a plain client read a TLS-only export");
-    assert!(stderr(&o).contains("TLS"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("TLS negotiation required"),
+        "{}",
+        stderr(&o)
+    );
     // Raw: options before STARTTLS get NBD_REP_ERR_TLS_REQD; the old
     // NBD_OPT_EXPORT_NAME, which cannot be refused, a hang-up.
     let mut s = greeted_tcp(port);
