@@ -19,6 +19,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             break;
         };
         assert!(len <= proto::MAX_OPTION_LEN);
+        let _ = proto::before_tls(opt);
         let n = (len as usize).min(rest.len());
         let (payload, r) = rest.split_at(n);
         rest = r;

@@ -345,7 +345,18 @@ fn a_daemon_stopped_during_a_commit_ends_it_and_leaves_every_image_clean() {
     create_qcow2(d, "base.qcow2", "64M");
     sh(
         d,
-        &["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+        &[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
     );
     let mut daemon = Daemon::qblk(d, "t.sock", &["--control", "qmp.sock", "top.qcow2"]);
     let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));

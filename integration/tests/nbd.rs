@@ -615,7 +615,7 @@ fn the_nbd_server_starts_and_stops_over_qmp_and_exports_end_with_it_and_with_the
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": nbd}}, "tls-creds": "t"}),
     );
-    assert!(desc.contains("no TLS"), "{desc}");
+    assert!(desc.contains("No TLS credentials with id 't'"), "{desc}");
     // QEMU's SocketAddressLegacy.
     q.ok(
         "nbd-server-start",
@@ -712,4 +712,550 @@ fn the_nbd_server_starts_and_stops_over_qmp_and_exports_end_with_it_and_with_the
         snapshots(d)
     );
     qemu_check_clean("a.qcow2", d);
+}
+
+// TLS: QEMU's `tls-creds-x509` directories made with openssl.
+
+/// `openssl` in `d`, which must succeed.
+fn openssl(d: &Path, args: &[&str]) {
+    sh(d, &[&["openssl"], args].concat());
+}
+
+/// A self-signed CA `NAME-cert.pem`/`NAME-key.pem` in `d`.
+fn make_ca(d: &Path, name: &str) {
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}-cert.pem"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// A certificate `NAME-cert.pem`/`NAME-key.pem` signed by CA `ca`, for
+/// `usage` (serverAuth, clientAuth) with extra extension lines `ext`.
+fn make_cert(d: &Path, name: &str, ca: &str, usage: &str, ext: &str) {
+    std::fs::write(
+        d.join(format!("{name}.ext")),
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage={usage}\n{ext}"
+        ),
+    )
+    .expect("extensions file");
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}-key.pem"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-days",
+            "3650",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}-cert.pem"),
+            "-CAkey",
+            &format!("{ca}-key.pem"),
+            "-CAcreateserial",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}-cert.pem"),
+        ],
+    );
+}
+
+/// Copies `files` (from, to) into a new directory `dir` of `d`.
+fn creds_dir(d: &Path, dir: &str, files: &[(&str, &str)]) {
+    std::fs::create_dir(d.join(dir)).expect("creds dir");
+    for (from, to) in files {
+        std::fs::copy(d.join(from), d.join(dir).join(to)).expect("copy a PEM file");
+    }
+}
+
+/// Credentials in `d`: `srv` (the server's), `cli` (a client the CA
+/// signed), `rogue` (a client another CA signed, which trusts our CA).
+fn make_creds(d: &Path) {
+    make_ca(d, "ca");
+    make_ca(d, "other");
+    make_cert(
+        d,
+        "server",
+        "ca",
+        "serverAuth",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    );
+    make_cert(d, "client", "ca", "clientAuth", "");
+    make_cert(d, "intruder", "other", "clientAuth", "");
+    creds_dir(
+        d,
+        "srv",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("server-cert.pem", "server-cert.pem"),
+            ("server-key.pem", "server-key.pem"),
+        ],
+    );
+    creds_dir(
+        d,
+        "cli",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("client-cert.pem", "client-cert.pem"),
+            ("client-key.pem", "client-key.pem"),
+        ],
+    );
+    // QEMU checks its own certificate against its CA file at start:
+    // this client's holds both CAs.
+    let both = [
+        std::fs::read_to_string(d.join("ca-cert.pem")).expect("CA"),
+        std::fs::read_to_string(d.join("other-cert.pem")).expect("CA"),
+    ]
+    .concat();
+    std::fs::write(d.join("both-cert.pem"), both).expect("CA bundle");
+    creds_dir(
+        d,
+        "rogue",
+        &[
+            ("both-cert.pem", "ca-cert.pem"),
+            ("intruder-cert.pem", "client-cert.pem"),
+            ("intruder-key.pem", "client-key.pem"),
+        ],
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `qemu-img ARGS...` reading export `name` at 127.0.0.1:`port` over TLS
+/// with client credentials directory `creds` (None: no TLS).
+fn qemu_img_tls(
+    d: &Path,
+    port: u16,
+    name: &str,
+    creds: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
+    let mut v: Vec<String> = vec!["60".into(), "qemu-img".into(), args[0].into()];
+    let mut opts = format!(
+        "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export={name}"
+    );
+    if let Some(dir) = creds {
+        v.push("--object".into());
+        v.push(format!("tls-creds-x509,id=tls0,endpoint=client,dir={dir}"));
+        opts.push_str(",tls-creds=tls0");
+    }
+    v.push("--image-opts".into());
+    v.push(opts);
+    v.extend(args[1..].iter().map(|s| s.to_string()));
+    let v: Vec<&str> = v.iter().map(String::as_str).collect();
+    run("timeout", &v, d)
+}
+
+/// An option request with `data`.
+fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&opt.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+/// An option reply's option, type and data.
+fn option_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).expect("option reply");
+    let opt = u32::from_be_bytes(h[8..12].try_into().expect("4"));
+    let kind = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+    let len = u32::from_be_bytes(h[16..20].try_into().expect("4")) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("option reply data");
+    (opt, kind, body)
+}
+
+/// Connected over TCP, greeting read, client flags sent.
+fn greeted_tcp(port: u16) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    assert_eq!(&g[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).expect("flags");
+    s
+}
+
+fn hung_up_tcp(s: &mut std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+const REP_ACK: u32 = 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_POLICY: u32 = (1 << 31) + 2;
+const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// NBD_OPT_STARTTLS by hand, then the TLS handshake with rustls as the
+/// client, which presents the certificate of credentials directory
+/// `creds`.
+fn starttls(d: &Path, port: u16, creds: &str) -> TlsStream {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut s = greeted_tcp(port);
+    s.write_all(&option(5, &[])).expect("NBD_OPT_STARTTLS");
+    assert_eq!(option_reply(&mut s), (5, REP_ACK, vec![]));
+    let dir = d.join(creds);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca-cert.pem")).expect("CA file") {
+        roots.add(c.expect("CA PEM")).expect("a CA");
+    }
+    let chain = CertificateDer::pem_file_iter(dir.join("client-cert.pem"))
+        .expect("client certificate")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("client certificate PEM");
+    let key = PrivateKeyDer::from_pem_file(dir.join("client-key.pem")).expect("client key");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .expect("client certificate and key");
+    let name = ServerName::try_from("127.0.0.1").expect("server name");
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client");
+    rustls::StreamOwned::new(conn, s)
+}
+
+/// NBD_OPT_GO of export `name`; then a simple read of `len` bytes at 0.
+fn go_and_read(t: &mut TlsStream, name: &str, len: u32) -> Vec<u8> {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    t.write_all(&option(7, &data)).expect("NBD_OPT_GO");
+    loop {
+        let (_, kind, body) = option_reply(t);
+        assert_eq!(kind & (1 << 31), 0, "NBD_OPT_GO refused: {body:?}");
+        if kind == REP_ACK {
+            break;
+        }
+    }
+    let mut h = REQUEST_MAGIC.to_be_bytes().to_vec();
+    h.extend_from_slice(&[0, 0, 0, 0]);
+    h.extend_from_slice(&9u64.to_be_bytes());
+    h.extend_from_slice(&0u64.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    t.write_all(&h).expect("NBD_CMD_READ");
+    let mut r = [0u8; 16];
+    t.read_exact(&mut r).expect("simple reply");
+    assert_eq!(r[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(r[4..8], [0; 4], "the read failed");
+    assert_eq!(r[8..], 9u64.to_be_bytes());
+    let mut b = vec![0u8; len as usize];
+    t.read_exact(&mut b).expect("read data");
+    b
+}
+
+#[test]
+fn tls_exports_are_read_over_tls_and_plain_or_foreign_clients_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    make_creds(d);
+    create_qcow2(d, "a.qcow2", "32M");
+    let port = free_port();
+    let mut daemon = Daemon::qblk(
+        d,
+        "a.sock",
+        &[
+            "--control",
+            "qmp.sock",
+            "--object",
+            "tls-creds-x509,id=tls0,dir=srv,endpoint=server",
+            "--object",
+            "tls-creds-x509,id=loose,dir=srv,verify-peer=off",
+            "--nbd",
+            &format!("127.0.0.1:{port}"),
+            "--nbd-tls-creds",
+            "tls0",
+            "a.qcow2",
+        ],
+    );
+    let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
+    q.ok("qmp_capabilities", json!({}));
+    let shadow: Shadow = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
+    let mut c = Client::connect(&daemon.socket, 1).expect("client");
+    for b in 0..64 {
+        write(&mut c, &shadow, b * 5 % BLOCKS, b as u8 + 1);
+    }
+    export_add(&mut q, "e", "exp", &[]);
+    let expected = shadow.lock().expect("shadow").clone();
+    drop(c);
+
+    let read_tls = |creds: &str| -> Vec<u8> {
+        let out = d.join("tls.raw");
+        let _ = std::fs::remove_file(&out);
+        let o = qemu_img_tls(
+            d,
+            port,
+            "exp",
+            Some(creds),
+            &["convert", "-O", "raw", out.to_str().expect("utf-8")],
+        );
+        ok(o, "qemu-img convert over TLS");
+        std::fs::read(&out).expect("converted image")
+    };
+    // A client with a certificate the CA signed reads the export over TLS.
+    assert_eq!(first_difference(&read_tls("cli"), &expected), None);
+    // By hand: inside TLS a second STARTTLS is invalid, and the haggling
+    // and transmission go on inside TLS.
+    let mut t = starttls(d, port, "cli");
+    t.write_all(&option(5, &[]))
+        .expect("a second NBD_OPT_STARTTLS");
+    assert_eq!(option_reply(&mut t).1, REP_ERR_INVALID);
+    assert_eq!(go_and_read(&mut t, "exp", 1 << 20), expected[..1 << 20]);
+    drop(t);
+
+    // A plain client is told TLS is required.
+    let o = qemu_img_tls(d, port, "exp", None, &["info"]);
+    assert!(!o.status.success(), "a plain client read a TLS-only export");
+    assert!(
+        stderr(&o).contains("TLS negotiation required"),
+        "{}",
+        stderr(&o)
+    );
+    // Raw: options before STARTTLS get NBD_REP_ERR_TLS_REQD; the old
+    // NBD_OPT_EXPORT_NAME, which cannot be refused, a hang-up.
+    let mut s = greeted_tcp(port);
+    s.write_all(&option(3, &[])).expect("NBD_OPT_LIST");
+    assert_eq!(option_reply(&mut s).1, REP_ERR_TLS_REQD);
+    s.write_all(&option(7, &[0xff; 3]))
+        .expect("a malformed NBD_OPT_GO");
+    assert_eq!(option_reply(&mut s).1, REP_ERR_TLS_REQD);
+    s.write_all(&option(1, b"exp"))
+        .expect("NBD_OPT_EXPORT_NAME");
+    assert!(
+        hung_up_tcp(&mut s),
+        "NBD_OPT_EXPORT_NAME before TLS was not hung up"
+    );
+    // Garbage instead of a TLS ClientHello: hung up.
+    let mut s = greeted_tcp(port);
+    s.write_all(&option(5, &[])).expect("NBD_OPT_STARTTLS");
+    assert_eq!(option_reply(&mut s), (5, REP_ACK, vec![]));
+    s.write_all(&[0x5a; 600]).expect("garbage");
+    assert!(
+        hung_up_tcp(&mut s),
+        "garbage in the TLS handshake was not hung up"
+    );
+    // A client whose certificate another CA signed: refused.
+    let o = qemu_img_tls(d, port, "exp", Some("rogue"), &["info"]);
+    assert!(
+        !o.status.success(),
+        "a client with a foreign certificate read the export"
+    );
+    // The server refused it (gnutls sends no certificate the server's
+    // CA list does not name; rustls refuses one it would not verify),
+    // logged just after the alert is sent.
+    let refused = |log: &str| {
+        log.contains("TLS handshake failed: peer sent no certificates")
+            || log.contains("TLS handshake failed: invalid peer certificate")
+    };
+    for _ in 0..100 {
+        if refused(&daemon.log()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        refused(&daemon.log()),
+        "the server did not refuse the foreign certificate itself:\n{}\n{}",
+        stderr(&o),
+        daemon.log()
+    );
+    // The daemon and the good client go on.
+    assert!(daemon.alive(), "the daemon died:\n{}", daemon.log());
+    assert_eq!(first_difference(&read_tls("cli"), &expected), None);
+
+    // Over QMP: tls-authz refused, unknown IDs refused; verify-peer=off
+    // admits the foreign client, which still needs TLS.
+    let addr = json!({"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}});
+    q.ok("nbd-server-stop", json!({}));
+    let (_, desc) = q.err(
+        "nbd-server-start",
+        json!({"addr": addr, "tls-creds": "tls0", "tls-authz": "a"}),
+    );
+    assert!(desc.contains("tls-authz"), "{desc}");
+    let (_, desc) = q.err(
+        "nbd-server-start",
+        json!({"addr": addr, "tls-creds": "nope"}),
+    );
+    assert!(desc.contains("No TLS credentials with id 'nope'"), "{desc}");
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": addr, "tls-creds": "loose"}),
+    );
+    export_add(&mut q, "e", "exp", &[]);
+    assert_eq!(first_difference(&read_tls("rogue"), &expected), None);
+    let o = qemu_img_tls(d, port, "exp", None, &["info"]);
+    assert!(!o.status.success(), "a plain client read a TLS-only export");
+    // On a unix socket QEMU's client checks the certificate against
+    // tls-hostname.
+    q.ok("nbd-server-stop", json!({}));
+    let sock = d.join("nbd.sock");
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "path": sock}, "tls-creds": "tls0"}),
+    );
+    export_add(&mut q, "e", "exp", &[]);
+    let o = run(
+        "timeout",
+        &[
+            "60",
+            "qemu-img",
+            "info",
+            "--output=json",
+            "--object",
+            "tls-creds-x509,id=tls0,endpoint=client,dir=cli",
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=unix,server.path={},export=exp,tls-creds=tls0,tls-hostname=localhost",
+                sock.display()
+            ),
+        ],
+        d,
+    );
+    let info: Value =
+        serde_json::from_str(&ok(o, "qemu-img info over TLS on a unix socket")).expect("info JSON");
+    assert_eq!(info["virtual-size"], SIZE);
+    // A server without credentials answers STARTTLS with NBD_REP_ERR_POLICY.
+    q.ok("nbd-server-stop", json!({}));
+    q.ok("nbd-server-start", json!({"addr": addr}));
+    let mut s = greeted_tcp(port);
+    s.write_all(&option(5, &[])).expect("NBD_OPT_STARTTLS");
+    assert_eq!(option_reply(&mut s).1, REP_ERR_POLICY);
+    s.write_all(&option(3, &[])).expect("NBD_OPT_LIST");
+    // The haggling goes on in the clear (no exports left: a bare ACK).
+    assert_eq!(
+        option_reply(&mut s),
+        (3, REP_ACK, vec![]),
+        "after a refused STARTTLS"
+    );
+    drop(s);
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    qemu_check_clean("a.qcow2", d);
+}
+
+#[test]
+fn bad_tls_credentials_stop_the_daemon_at_start_with_a_clear_message() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    create_qcow2(d, "a.qcow2", "32M");
+    std::fs::create_dir(d.join("empty")).expect("dir");
+    std::fs::create_dir(d.join("junk")).expect("dir");
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::write(
+            d.join("junk").join(f),
+            "-----BEGIN CERTIFICATE-----\nnot base64 !\n-----END CERTIFICATE-----\n",
+        )
+        .expect("junk");
+    }
+    for (object, want) in [
+        ("tls-creds-x509,id=t,dir=empty", "server-cert.pem"),
+        ("tls-creds-x509,id=t,dir=junk", "server-cert.pem"),
+        (
+            "tls-creds-x509,id=t,dir=empty,endpoint=client",
+            "endpoint=client",
+        ),
+        ("tls-creds-psk,id=t,dir=empty", "tls-creds-x509"),
+    ] {
+        let o = qblk(
+            &[
+                "serve",
+                "--socket",
+                "a.sock",
+                "--object",
+                object,
+                "--nbd",
+                "unix:n.sock",
+                "--nbd-tls-creds",
+                "t",
+                "a.qcow2",
+            ],
+            d,
+        );
+        assert!(!o.status.success(), "{object} was taken");
+        assert!(stderr(&o).contains(want), "{object}: {}", stderr(&o));
+    }
+    let o = qblk(
+        &[
+            "serve",
+            "--socket",
+            "a.sock",
+            "--nbd",
+            "unix:n.sock",
+            "--nbd-tls-creds",
+            "t",
+            "a.qcow2",
+        ],
+        d,
+    );
+    assert!(
+        !o.status.success() && stderr(&o).contains("no --object"),
+        "{}",
+        stderr(&o)
+    );
 }

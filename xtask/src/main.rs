@@ -48,6 +48,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("/usr/sbin/mkfs.ext4", "e2fsprogs"),
     // integration/tests/nbd.rs reads bitmaps with libnbd's client too.
     ("nbdinfo", "libnbd-bin"),
+    // integration/tests/nbd.rs makes TLS certificates.
+    ("openssl", "openssl"),
 ];
 
 /// Fuzz targets and how long `xtask test` runs each.

@@ -114,12 +114,8 @@ and from cloud-hypervisor with --disk vhost_user=true,socket=SOCKET,num_queues=N
         /// has no authentication.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
-        /// Start an NBD server on ADDR (`unix:PATH`, mode 0600, or
-        /// HOST:PORT on an address you name; no TLS, no authentication):
-        /// QMP block-export-add then exports point-in-time snapshots of
-        /// the disk, read-only, with dirty-bitmap block status.
-        #[arg(long, value_name = "ADDR")]
-        nbd: Option<String>,
+        #[command(flatten)]
+        nbd: Box<NbdArgs>,
         /// What a failed write, write-zeroes, discard or flush does, as
         /// QEMU's -drive werror: `report` fails it, `stop` holds it and
         /// stops the device until QMP `cont` retries it, `enospc` stops
@@ -619,6 +615,30 @@ fn print_progress(done: u64, total: u64) {
     eprint!("    ({pct:.2}/100%)\r");
 }
 
+/// `qblk serve`'s NBD server and its TLS credentials.
+#[derive(Debug, clap::Args)]
+struct NbdArgs {
+    /// Start an NBD server on ADDR (`unix:PATH`, mode 0600, or
+    /// HOST:PORT on an address you name; TLS with --nbd-tls-creds):
+    /// QMP block-export-add then exports point-in-time snapshots of
+    /// the disk, read-only, with dirty-bitmap block status.
+    #[arg(long, value_name = "ADDR")]
+    nbd: Option<String>,
+    /// Require TLS on --nbd's server with the credentials of
+    /// `--object tls-creds-x509,id=ID,...` (QMP nbd-server-start takes
+    /// the same ID as "tls-creds").
+    #[arg(long, value_name = "ID")]
+    nbd_tls_creds: Option<String>,
+    /// TLS credentials as QEMU's -object:
+    /// `tls-creds-x509,id=ID,dir=DIR[,endpoint=server][,verify-peer=on|off]`;
+    /// DIR holds ca-cert.pem, server-cert.pem and server-key.pem.
+    /// verify-peer=on (the default) admits only clients whose
+    /// certificate ca-cert.pem signed. May be repeated.
+    #[arg(long, value_name = "OBJECT",
+          value_parser = |s: &str| qblk_serve::nbd::tls::CredsSpec::parse(s))]
+    object: Vec<qblk_serve::nbd::tls::CredsSpec>,
+}
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The passphrase in a key file: its bytes, as QEMU reads a secret file.
@@ -814,10 +834,13 @@ fn run(cli: Cli, activation: qblk_serve::orchestration::Activation) -> Result<Ex
                     .map(qblk_serve::metrics::MetricsAddr::parse)
                     .transpose()?,
                 nbd: nbd
+                    .nbd
                     .as_deref()
                     .map(qblk_serve::nbd::NbdAddr::parse)
                     .transpose()
                     .map_err(|e| format!("--nbd: {e}"))?,
+                objects: nbd.object,
+                nbd_tls_creds: nbd.nbd_tls_creds,
                 werror,
                 rerror,
                 inactive,

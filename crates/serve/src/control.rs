@@ -392,11 +392,16 @@ fn handle(req: &Value, ctx: &Context, negotiated: &mut bool) -> Result<Value, Qm
         }),
         "nbd-server-start" => {
             a.only(&["addr", "tls-creds", "tls-authz", "max-connections"])?;
-            if a.map.contains_key("tls-creds") || a.map.contains_key("tls-authz") {
-                return Err(generic("qblk's NBD server has no TLS: leave out 'tls-creds' and 'tls-authz'"));
+            if a.map.contains_key("tls-authz") {
+                return Err(generic("qblk's NBD server has no 'tls-authz': verify-peer=on in --object tls-creds-x509 admits any client certificate its CA signed"));
             }
+            let tls_creds = match a.map.get("tls-creds") {
+                None => None,
+                Some(Value::String(id)) => Some(id.as_str()),
+                Some(_) => return Err(generic("Parameter 'tls-creds' expects a string")),
+            };
             let addr = nbd_addr(a.map.get("addr"))?;
-            ctx.device.nbd.start(&addr).map(|()| json!({})).map_err(generic)
+            ctx.device.nbd.start(&addr, tls_creds).map(|()| json!({})).map_err(generic)
         }
         "nbd-server-stop" => {
             a.none()?;

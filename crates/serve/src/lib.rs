@@ -107,6 +107,11 @@ pub struct ServeOptions {
     pub metrics: Option<metrics::MetricsAddr>,
     /// The NBD server's address (`nbd/`), if it starts with the daemon.
     pub nbd: Option<nbd::NbdAddr>,
+    /// TLS credentials (`--object tls-creds-x509,...`) by ID, for the NBD
+    /// server started here or over QMP.
+    pub objects: Vec<nbd::tls::CredsSpec>,
+    /// The ID of the credentials that `--nbd`'s server requires TLS with.
+    pub nbd_tls_creds: Option<String>,
     /// What a failed write, write-zeroes, discard or flush does
     /// (`--werror`, `errors.rs`).
     pub werror: errors::OnError,
@@ -198,6 +203,26 @@ fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
         return Err(ServeError::Usage(
             "--nbd exports internal snapshots, which only a writable qcow2 image can take".into(),
         ));
+    }
+    for (i, o) in opts.objects.iter().enumerate() {
+        if opts.objects[..i].iter().any(|p| p.id == o.id) {
+            return Err(ServeError::Usage(format!(
+                "--object: attempt to add duplicate property '{}'",
+                o.id
+            )));
+        }
+    }
+    if let Some(id) = &opts.nbd_tls_creds {
+        if opts.nbd.is_none() {
+            return Err(ServeError::Usage(
+                "--nbd-tls-creds is for the server --nbd starts: give --nbd too".into(),
+            ));
+        }
+        if !opts.objects.iter().any(|o| &o.id == id) {
+            return Err(ServeError::Usage(format!(
+                "--nbd-tls-creds {id}: no --object tls-creds-x509 has id={id}"
+            )));
+        }
     }
     if opts.create.is_some() && opts.readonly {
         return Err(ServeError::Usage(
@@ -358,6 +383,13 @@ impl Stop {
 /// cleanly.
 pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     validate(opts)?;
+    // Read before the disk is opened: bad credentials stop the start.
+    let creds = opts
+        .objects
+        .iter()
+        .map(|o| nbd::tls::TlsCreds::load(o.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServeError::Usage)?;
     create_if_missing(opts)?;
     let disk = open_disk_as(opts, opts.inactive, Vec::new())?;
     let config = DeviceConfig {
@@ -375,6 +407,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     device.set_error_policies(opts.werror, opts.rerror);
     device.throttle.set(opts.throttle.clone());
     device.set_image(&opts.image, opts.format);
+    for c in creds {
+        device.nbd.add_creds(c).map_err(ServeError::Usage)?;
+    }
     let device = Arc::new(device);
     info!(
         image = %opts.image.display(),
@@ -447,7 +482,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     };
 
     if let Some(addr) = &opts.nbd {
-        if let Err(e) = device.nbd.start(addr) {
+        if let Err(e) = device.nbd.start(addr, opts.nbd_tls_creds.as_deref()) {
             if let Some(c) = control {
                 c.stop();
             }

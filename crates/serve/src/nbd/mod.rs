@@ -14,9 +14,16 @@
 //! [`MAX_CLIENTS`]), which runs its engine calls on its own ring. A
 //! client has [`HANDSHAKE_TIMEOUT`] to negotiate and may then idle
 //! [`IDLE_TIMEOUT`] between requests; one that sends what the protocol
-//! does not allow is hung up. The wire format is `proto.rs`. No TLS.
+//! does not allow is hung up. The wire format is `proto.rs`.
+//!
+//! TLS (`tls.rs`): a server started with credentials is in QEMU's "TLS
+//! required" mode. Before `NBD_OPT_STARTTLS` a client may only start TLS
+//! or abort (other options get `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME`
+//! a hang-up); after it, the rustls handshake runs on the same socket and
+//! the option haggling and transmission go on inside TLS ([`Conn`]).
 
 pub mod proto;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -29,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use qblk_engine::view::SnapshotView;
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tracing::{debug, info, warn};
 
 use crate::disk::Disk;
@@ -237,6 +245,8 @@ type Exports = Arc<Mutex<Vec<Arc<Export>>>>;
 pub struct Nbd {
     exports: Exports,
     server: Mutex<Option<Server>>,
+    /// TLS credentials by ID (`--object tls-creds-x509`), fixed at start.
+    creds: Mutex<Vec<Arc<tls::TlsCreds>>>,
 }
 
 impl std::fmt::Debug for Nbd {
@@ -248,13 +258,34 @@ impl std::fmt::Debug for Nbd {
 }
 
 impl Nbd {
-    /// Starts the server on `addr`.
-    pub fn start(&self, addr: &NbdAddr) -> Result<(), String> {
+    /// Adds TLS credentials; their ID must be new.
+    pub fn add_creds(&self, c: tls::TlsCreds) -> Result<(), String> {
+        let mut list = lock(&self.creds);
+        if list.iter().any(|o| o.spec.id == c.spec.id) {
+            return Err(format!("attempt to add duplicate property '{}'", c.spec.id));
+        }
+        list.push(Arc::new(c));
+        Ok(())
+    }
+
+    /// Starts the server on `addr`, requiring TLS with credentials
+    /// `tls_creds` if given.
+    pub fn start(&self, addr: &NbdAddr, tls_creds: Option<&str>) -> Result<(), String> {
+        let creds = match tls_creds {
+            Some(id) => Some(
+                lock(&self.creds)
+                    .iter()
+                    .find(|c| c.spec.id == id)
+                    .cloned()
+                    .ok_or_else(|| format!("No TLS credentials with id '{id}'"))?,
+            ),
+            None => None,
+        };
         let mut s = lock(&self.server);
         if let Some(s) = &*s {
             return Err(format!("An NBD server is already running on {}", s.addr));
         }
-        *s = Some(Server::start(addr, self.exports.clone())?);
+        *s = Some(Server::start(addr, self.exports.clone(), creds)?);
         Ok(())
     }
 
@@ -400,6 +431,85 @@ impl Sock {
     }
 }
 
+/// A client's connection: plain, or inside TLS once `NBD_OPT_STARTTLS`
+/// succeeded.
+enum Conn {
+    Plain(Sock),
+    Tls(Box<StreamOwned<ServerConnection, Sock>>),
+}
+
+impl Conn {
+    fn sock(&self) -> &Sock {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(t) => &t.sock,
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls(_))
+    }
+
+    /// Replies `NBD_REP_ACK` to STARTTLS, then runs the TLS handshake on
+    /// the socket; the connection goes on inside TLS.
+    fn start_tls(&mut self, config: &Arc<ServerConfig>) -> std::io::Result<()> {
+        if self.is_tls() {
+            return Err(invalid("TLS is already on"));
+        }
+        reply(self, OPT_STARTTLS, REP_ACK, &[])?;
+        // A second descriptor of the socket; the plain one is dropped.
+        let sock = self.sock().try_clone()?;
+        let conn = ServerConnection::new(config.clone()).map_err(std::io::Error::other)?;
+        let mut t = StreamOwned::new(conn, sock);
+        while t.conn.is_handshaking() {
+            if t.conn.complete_io(&mut t.sock)? == (0, 0) {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        *self = Self::Tls(Box::new(t));
+        Ok(())
+    }
+
+    /// Ends the connection (TLS with a close_notify).
+    fn close(&mut self) {
+        if let Self::Tls(t) = self {
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+        self.sock().shutdown();
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            // Each write goes out at once, as on a plain socket.
+            Self::Tls(t) => {
+                let n = t.write(buf)?;
+                t.flush()?;
+                Ok(n)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(t) => t.flush(),
+        }
+    }
+}
+
 impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -451,13 +561,19 @@ type Clients = Arc<Mutex<Vec<(Sock, std::thread::JoinHandle<()>)>>>;
 /// The running server.
 struct Server {
     addr: NbdAddr,
+    /// The credentials' ID if TLS is required.
+    tls: Option<String>,
     wake: Arc<Wake>,
     accept: Option<std::thread::JoinHandle<()>>,
     clients: Clients,
 }
 
 impl Server {
-    fn start(addr: &NbdAddr, exports: Exports) -> Result<Server, String> {
+    fn start(
+        addr: &NbdAddr,
+        exports: Exports,
+        creds: Option<Arc<tls::TlsCreds>>,
+    ) -> Result<Server, String> {
         let listener = match addr {
             NbdAddr::Unix(p) => {
                 let _ = std::fs::remove_file(p);
@@ -475,13 +591,16 @@ impl Server {
         let clients: Clients = Arc::default();
         let woken = wake.clone();
         let list = clients.clone();
+        let tls = creds.as_ref().map(|c| c.spec.id.clone());
+        let config = creds.map(|c| c.config.clone());
         let accept = std::thread::Builder::new()
             .name("qblk-nbd-accept".into())
-            .spawn(move || accept_loop(&listener, &woken, &list, &exports))
+            .spawn(move || accept_loop(&listener, &woken, &list, &exports, config.as_ref()))
             .map_err(|e| format!("cannot start the NBD accept thread: {e}"))?;
-        info!(nbd = %addr, "NBD server listening");
+        info!(nbd = %addr, tls_creds = tls.as_deref().unwrap_or("none"), "NBD server listening");
         Ok(Server {
             addr: addr.clone(),
+            tls,
             wake,
             accept: Some(accept),
             clients,
@@ -503,11 +622,17 @@ impl Server {
         if let NbdAddr::Unix(p) = &self.addr {
             let _ = std::fs::remove_file(p);
         }
-        info!(nbd = %self.addr, "NBD server stopped");
+        info!(nbd = %self.addr, tls_creds = self.tls.as_deref().unwrap_or("none"), "NBD server stopped");
     }
 }
 
-fn accept_loop(listener: &Listener, wake: &Wake, clients: &Clients, exports: &Exports) {
+fn accept_loop(
+    listener: &Listener,
+    wake: &Wake,
+    clients: &Clients,
+    exports: &Exports,
+    tls: Option<&Arc<ServerConfig>>,
+) {
     while let Ok(true) = wake.wait_for_connection(listener.fd(), || false) {
         let Ok(sock) = listener.accept() else {
             std::thread::sleep(Duration::from_millis(10));
@@ -531,9 +656,10 @@ fn accept_loop(listener: &Listener, wake: &Wake, clients: &Clients, exports: &Ex
             continue;
         };
         let exports = exports.clone();
+        let tls = tls.cloned();
         let t = std::thread::Builder::new()
             .name("qblk-nbd".into())
-            .spawn(move || serve_client(sock, &exports));
+            .spawn(move || serve_client(sock, &exports, tls.as_ref()));
         match t {
             Ok(t) => list.push((keep, t)),
             Err(e) => warn!("cannot start an NBD client thread: {e}"),
@@ -543,32 +669,38 @@ fn accept_loop(listener: &Listener, wake: &Wake, clients: &Clients, exports: &Ex
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
-fn serve_client(mut s: Sock, exports: &Exports) {
+fn serve_client(s: Sock, exports: &Exports, tls: Option<&Arc<ServerConfig>>) {
+    let mut s = Conn::Plain(s);
     let r = s
+        .sock()
         .set_timeouts(HANDSHAKE_TIMEOUT)
-        .and_then(|()| handshake(&mut s, exports));
+        .and_then(|()| handshake(&mut s, exports, tls));
     let session = match r {
         Ok(Some(session)) => session,
-        Ok(None) => return,
+        Ok(None) => {
+            s.close();
+            return;
+        }
         Err(e) => {
-            debug!("NBD client dropped in the handshake: {e}");
-            s.shutdown();
+            debug!(tls = s.is_tls(), "NBD client dropped in the handshake: {e}");
+            s.close();
             return;
         }
     };
     // Registered with its export, which hangs it up when it ends.
     let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
-    if let Ok(c) = s.try_clone() {
+    if let Ok(c) = s.sock().try_clone() {
         lock(&session.export.clients).push((id, c));
     }
     let r = s
+        .sock()
         .set_timeouts(IDLE_TIMEOUT)
         .and_then(|()| transmission(&mut s, &session));
     if let Err(e) = r {
         debug!(export = %session.export.name, "NBD client dropped: {e}");
     }
     lock(&session.export.clients).retain(|(i, _)| *i != id);
-    s.shutdown();
+    s.close();
 }
 
 /// What a client negotiated.
@@ -612,11 +744,15 @@ fn find(exports: &Exports, name: &str) -> Option<Arc<Export>> {
     list.iter().find(|e| e.name == name).cloned()
 }
 
-fn reply(s: &mut Sock, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+fn reply(s: &mut Conn, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
     s.write_all(&option_reply(opt, kind, data))
 }
 
-fn handshake(s: &mut Sock, exports: &Exports) -> std::io::Result<Option<Session>> {
+fn handshake(
+    s: &mut Conn,
+    exports: &Exports,
+    tls: Option<&Arc<ServerConfig>>,
+) -> std::io::Result<Option<Session>> {
     s.write_all(&greeting())?;
     let mut f = [0u8; 4];
     s.read_exact(&mut f)?;
@@ -631,6 +767,19 @@ fn handshake(s: &mut Sock, exports: &Exports) -> std::io::Result<Option<Session>
         let (opt, len) = parse_option_header(&h).map_err(invalid)?;
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        if tls.is_some() && !s.is_tls() {
+            match before_tls(opt) {
+                BeforeTls::Handle => {}
+                BeforeTls::RefuseTlsRequired => {
+                    let m = format!("Option {opt:#x} not permitted before TLS");
+                    reply(s, opt, REP_ERR_TLS_REQD, m.as_bytes())?;
+                    continue;
+                }
+                BeforeTls::HangUp => {
+                    return Err(invalid("NBD_OPT_EXPORT_NAME before TLS"));
+                }
+            }
+        }
         let parsed = match parse_option(opt, &data) {
             Ok(o) => o,
             Err(m) => {
@@ -643,7 +792,16 @@ fn handshake(s: &mut Sock, exports: &Exports) -> std::io::Result<Option<Session>
                 let _ = reply(s, opt, REP_ACK, &[]);
                 return Ok(None);
             }
-            Opt::StartTls => reply(s, opt, REP_ERR_UNSUP, b"qblk's NBD server has no TLS")?,
+            Opt::StartTls => match tls {
+                _ if s.is_tls() => reply(s, opt, REP_ERR_INVALID, b"TLS already enabled")?,
+                None => reply(s, opt, REP_ERR_POLICY, b"TLS not configured")?,
+                Some(config) => {
+                    if let Err(e) = s.start_tls(config) {
+                        info!("NBD client's TLS handshake failed: {e}");
+                        return Err(e);
+                    }
+                }
+            },
             Opt::Unknown(_) => reply(s, opt, REP_ERR_UNSUP, b"option not supported")?,
             Opt::List => {
                 for e in lock(exports).iter() {
@@ -745,7 +903,7 @@ fn transmission_flags() -> u16 {
 }
 
 fn error_reply(
-    s: &mut Sock,
+    s: &mut Conn,
     structured: bool,
     cookie: u64,
     err: u32,
@@ -758,7 +916,7 @@ fn error_reply(
     }
 }
 
-fn ok_reply(s: &mut Sock, structured: bool, cookie: u64) -> std::io::Result<()> {
+fn ok_reply(s: &mut Conn, structured: bool, cookie: u64) -> std::io::Result<()> {
     if structured {
         s.write_all(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0))
     } else {
@@ -766,7 +924,7 @@ fn ok_reply(s: &mut Sock, structured: bool, cookie: u64) -> std::io::Result<()> 
     }
 }
 
-fn transmission(s: &mut Sock, session: &Session) -> std::io::Result<()> {
+fn transmission(s: &mut Conn, session: &Session) -> std::io::Result<()> {
     let e = &session.export;
     let st = session.structured;
     loop {

@@ -45,6 +45,7 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
@@ -183,6 +184,26 @@ pub enum Opt {
     Unknown(u32),
 }
 
+/// What a server in TLS-required mode does with option `opt` before the
+/// TLS handshake (proto.md "TLS support"; QEMU's only mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeforeTls {
+    /// `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT`: handled as usual.
+    Handle,
+    /// Any other option: `NBD_REP_ERR_TLS_REQD`, its data unread.
+    RefuseTlsRequired,
+    /// `NBD_OPT_EXPORT_NAME`, which has no error reply: the server hangs up.
+    HangUp,
+}
+
+pub fn before_tls(opt: u32) -> BeforeTls {
+    match opt {
+        OPT_STARTTLS | OPT_ABORT => BeforeTls::Handle,
+        OPT_EXPORT_NAME => BeforeTls::HangUp,
+        _ => BeforeTls::RefuseTlsRequired,
+    }
+}
+
 /// Parses option `opt`'s payload; the error is the message of an
 /// `NBD_REP_ERR_INVALID` reply (the connection goes on).
 pub fn parse_option(opt: u32, data: &[u8]) -> Result<Opt, String> {
@@ -198,7 +219,7 @@ pub fn parse_option(opt: u32, data: &[u8]) -> Result<Opt, String> {
         OPT_ABORT => Ok(Opt::Abort),
         OPT_LIST => empty(Opt::List),
         OPT_STRUCTURED_REPLY => empty(Opt::StructuredReply),
-        OPT_STARTTLS => Ok(Opt::StartTls),
+        OPT_STARTTLS => empty(Opt::StartTls),
         OPT_INFO | OPT_GO => {
             let mut r = Reader(data);
             let name = r.string32()?;
@@ -474,6 +495,20 @@ mod tests {
         }
         d.push(0);
         assert!(parse_option(OPT_GO, &d).is_err());
+    }
+
+    #[test]
+    fn before_tls_only_starttls_and_abort_pass_and_export_name_hangs_up() {
+        for opt in 0..=16 {
+            let want = match opt {
+                OPT_STARTTLS | OPT_ABORT => BeforeTls::Handle,
+                OPT_EXPORT_NAME => BeforeTls::HangUp,
+                _ => BeforeTls::RefuseTlsRequired,
+            };
+            assert_eq!(before_tls(opt), want, "option {opt}");
+        }
+        assert_eq!(parse_option(OPT_STARTTLS, &[]), Ok(Opt::StartTls));
+        assert!(parse_option(OPT_STARTTLS, &[0]).is_err());
     }
 
     #[test]
