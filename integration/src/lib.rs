@@ -122,6 +122,17 @@ pub fn create_qcow2_opts(dir: &Path, opts: &str, name: &str, size: &str) {
     );
 }
 
+/// `qemu-img create -f qcow2 -b BACKING -F qcow2 NAME` in `dir`: a qcow2
+/// overlay of the backing file's size.
+pub fn create_overlay(dir: &Path, backing: &str, name: &str) {
+    sh(
+        dir,
+        &[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", name,
+        ],
+    );
+}
+
 /// What QEMU reads from `image`: `qemu-img convert -O raw`, as bytes.
 pub fn qemu_raw(dir: &Path, image: &str) -> Vec<u8> {
     let raw = format!("{image}.as-raw");

@@ -161,21 +161,7 @@ fn external_snapshots_a_stream_and_a_commit_while_a_client_writes() {
             "golden.qcow2",
         ],
     );
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "golden.qcow2",
-            "-F",
-            "qcow2",
-            "base.qcow2",
-        ],
-    );
+    create_overlay(d, "golden.qcow2", "base.qcow2");
     let mut initial = vec![0u8; REGION as usize];
     initial[..4 << 20].fill(0xab);
     initial[20 << 20..22 << 20].fill(0xcd);
@@ -343,21 +329,7 @@ fn a_daemon_stopped_during_a_commit_ends_it_and_leaves_every_image_clean() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = tmp.path();
     create_qcow2(d, "base.qcow2", "64M");
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    create_overlay(d, "base.qcow2", "top.qcow2");
     let mut daemon = Daemon::qblk(d, "t.sock", &["--control", "qmp.sock", "top.qcow2"]);
     let (mut q, _) = Qmp::connect(&d.join("qmp.sock"));
     q.ok("qmp_capabilities", json!({}));

@@ -14,7 +14,7 @@ use qblk_integration::guest::{
 };
 use qblk_integration::qmp::Qmp;
 use qblk_integration::vhost::{Daemon, log_counter};
-use qblk_integration::{SmallFs, create_qcow2, qemu_check_clean, sh};
+use qblk_integration::{SmallFs, create_overlay, create_qcow2, qemu_check_clean, sh};
 use serde_json::json;
 
 fn disk(daemon: &Daemon, queues: u16) -> Disk {
@@ -136,21 +136,7 @@ fn external_snapshots_a_stream_and_a_commit_while_the_guest_writes() {
         d,
         &["qemu-io", "-c", "write -P 0x5a 100M 8M", "golden.qcow2"],
     );
-    sh(
-        d,
-        &[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "golden.qcow2",
-            "-F",
-            "qcow2",
-            "base.qcow2",
-        ],
-    );
+    create_overlay(d, "golden.qcow2", "base.qcow2");
     let daemon = Daemon::qblk(d, "ch.sock", &["--control", "ch.qmp", "base.qcow2"]);
     let (mut q, _) = Qmp::connect(&d.join("ch.qmp"));
     q.ok("qmp_capabilities", json!({}));

@@ -245,8 +245,13 @@ fn check_existing_overlay(file: &Path, old: &Path, size: u64) -> Result<(), QmpE
 }
 
 /// The job options both jobs take: id, speed, on-error, auto-finalize,
-/// auto-dismiss.
+/// auto-dismiss (and no filter node).
 fn job_options(a: &Args<'_>) -> Result<(String, u64, bool), QmpError> {
+    if a.opt_string("filter-node-name")?.is_some() {
+        return Err(generic(
+            "qblk inserts no filter node: leave out 'filter-node-name'",
+        ));
+    }
     let id = a
         .opt_string("job-id")?
         .unwrap_or_else(|| NODE_NAME.to_owned());
@@ -289,11 +294,6 @@ pub(super) fn commit(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
     ])?;
     node_of(a, "device", "")?;
     let (id, speed, auto_dismiss) = job_options(a)?;
-    if a.opt_string("filter-node-name")?.is_some() {
-        return Err(generic(
-            "qblk inserts no filter node: leave out 'filter-node-name'",
-        ));
-    }
     if let Some(top) = named_layer(ctx, a, "top", "top-node")? {
         if top.depth != 0 {
             return Err(generic(format!(
@@ -357,11 +357,6 @@ pub(super) fn stream(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
     ])?;
     node_of(a, "device", "")?;
     let (id, speed, auto_dismiss) = job_options(a)?;
-    if a.opt_string("filter-node-name")?.is_some() {
-        return Err(generic(
-            "qblk inserts no filter node: leave out 'filter-node-name'",
-        ));
-    }
     let _admin = ctx.device.admin();
     may_change_chain(ctx, "stream")?;
     if !matches!(&*ctx.device.disk().ok_or_else(inactive)?, Disk::Qcow2(_)) {
