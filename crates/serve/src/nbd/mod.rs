@@ -20,7 +20,7 @@
 //! required" mode. Before `NBD_OPT_STARTTLS` a client may only start TLS
 //! or abort (other options get `NBD_REP_ERR_TLS_REQD`, `NBD_OPT_EXPORT_NAME`
 //! a hang-up); after it, the rustls handshake runs on the same socket and
-//! the option haggling and transmission go on inside TLS ([`Conn`]).
+//! the option haggling and transmission go on inside TLS (`Conn`).
 
 pub mod proto;
 pub mod tls;
