@@ -15,10 +15,10 @@
 //!   of it goes stale. Every range some layer above `base` allocates is
 //!   read as the guest sees it and written into `base`; the guest's writes
 //!   meanwhile are recorded ([`Dirty`], marked once each write is done
-//!   with the disk) and copied again. Once nothing is left the job is
-//!   `ready` (`BLOCK_JOB_READY`); `job-complete` holds the guest, copies
-//!   what the last moments left, makes `base` durable and switches the
-//!   device to it. `top` is left as it was, consistent; a cancelled job
+//!   with the disk) and copied again. Once a pass leaves little (or after
+//!   a few passes) the job is `ready` (`BLOCK_JOB_READY`); `job-complete`
+//!   copies on until little is left, then holds the guest, copies the
+//!   rest, makes `base` durable and switches the device to it. `top` is left as it was, consistent; a cancelled job
 //!   switches back to `top` over a read-only chain, and `base` holds a
 //!   partial copy of data `top` hides.
 //! - **Stream** (the layers above `base` into the active image). Every
@@ -52,6 +52,14 @@ const CHUNK: u64 = 1 << 20;
 /// than this to copy: what `job-complete` copies with the guest held is
 /// then this and what the guest writes until then.
 const READY_BACKLOG: u64 = 4 << 20;
+
+/// Passes over the guest's writes after which a commit that never gets
+/// down to [`READY_BACKLOG`] is ready all the same.
+const READY_PASSES: u32 = 3;
+
+/// How long `job-complete` keeps copying with the guest running, to get
+/// down to [`READY_BACKLOG`] before it holds the guest for the rest.
+const CONVERGE: Duration = Duration::from_secs(5);
 
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,27 +396,44 @@ impl Dirty {
         }
     }
 
-    /// Clears and returns the first marked chunk at or after `from`
-    /// (offset and length, the length cut at `size`).
-    fn take(&self, from: u64, size: u64) -> Option<(u64, u64)> {
-        let start = from / self.granularity;
+    /// Clears and returns the first run of marked granules at or after
+    /// `from`, at most `max` bytes (offset and length, cut at `size`).
+    fn take(&self, from: u64, size: u64, max: u64) -> Option<(u64, u64)> {
+        let first = self.next_marked(from / self.granularity)?;
+        let at = first * self.granularity;
+        if at >= size {
+            return None;
+        }
+        let mut c = first;
+        let mut len = 0;
+        while len < max && c * self.granularity < size && self.clear(c) {
+            len += self.granularity.min(size - c * self.granularity);
+            c += 1;
+        }
+        Some((at, len))
+    }
+
+    /// The first marked granule at or after `start`.
+    fn next_marked(&self, start: u64) -> Option<u64> {
         let mut w = (start / 64) as usize;
         let mut mask = !0u64 << (start % 64);
         while let Some(word) = self.bits.get(w) {
             let v = word.load(Ordering::Acquire) & mask;
             if v != 0 {
-                let bit = v.trailing_zeros() as u64;
-                word.fetch_and(!(1 << bit), Ordering::AcqRel);
-                let at = (w as u64 * 64 + bit) * self.granularity;
-                if at >= size {
-                    return None;
-                }
-                return Some((at, self.granularity.min(size - at)));
+                return Some(w as u64 * 64 + u64::from(v.trailing_zeros()));
             }
             w += 1;
             mask = !0;
         }
         None
+    }
+
+    /// Clears granule `c`; whether it was marked.
+    fn clear(&self, c: u64) -> bool {
+        let bit = 1u64 << (c % 64);
+        self.bits
+            .get((c / 64) as usize)
+            .is_some_and(|w| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
     }
 
     /// How many bytes are marked.
@@ -713,9 +738,10 @@ fn run_commit(
     // Then what the guest wrote meanwhile, until nothing is left; ready
     // from then on, copying what the guest writes until told to finish.
     let mut ready = false;
+    let mut passes = 0;
     loop {
         let mut from = 0;
-        while let Some((at, n)) = dirty.take(from, size) {
+        while let Some((at, n)) = dirty.take(from, size, CHUNK) {
             job.total.fetch_add(n, Ordering::Relaxed);
             match copy_down(top, base, depth, at, n) {
                 Ok(copied) => pace.after(job, copied),
@@ -734,7 +760,12 @@ fn run_commit(
             drop(disk);
             return cancel_commit(device, open, base);
         }
-        if !ready && dirty.count() <= READY_BACKLOG {
+        passes += 1;
+        // In sync once a pass leaves little; a guest that writes faster
+        // than the copy keeps up never leaves little, and after a few
+        // passes the job is ready anyway (`job-complete` then first copies
+        // with the guest running until little is left, for a while).
+        if !ready && (dirty.count() <= READY_BACKLOG || passes >= READY_PASSES) {
             ready = true;
             job.set_status(device, Status::Ready);
             device.events.emit("BLOCK_JOB_READY", job.event());
@@ -744,6 +775,16 @@ fn run_commit(
             );
         }
         if ready && lock(&job.state).complete {
+            let until = Instant::now() + CONVERGE;
+            while dirty.count() > READY_BACKLOG && Instant::now() < until && !job.cancelled() {
+                let Some((at, n)) = dirty.take(0, size, CHUNK) else {
+                    break;
+                };
+                if let Err(e) = copy_down(top, base, depth, at, n) {
+                    drop(disk);
+                    return abandon_commit(device, open, base, e);
+                }
+            }
             drop(disk);
             return complete_commit(device, open, plan, base, dirty, depth);
         }
@@ -771,7 +812,7 @@ fn complete_commit(
     };
     let size = disk.size();
     let copied = active_image(&disk).and_then(|top| {
-        while let Some((at, n)) = dirty.take(0, size) {
+        while let Some((at, n)) = dirty.take(0, size, CHUNK) {
             copy_down(top, base, depth, at, n)?;
         }
         qblk_engine::runtime::block_on(base.flush()).map_err(|e| crate::error_chain(&e))
@@ -934,18 +975,21 @@ mod tests {
 
     #[test]
     fn dirty_chunks_come_back_once_each_in_order() {
+        let g = 64 << 10;
         let d = Dirty::new(1 << 30);
-        assert_eq!(d.take(0, 1 << 30), None);
+        assert_eq!(d.take(0, 1 << 30, g), None);
         d.mark(100, 1);
-        d.mark((64 << 10) * 70 + 5, 200 << 10);
-        assert_eq!(d.count(), 5 * (64 << 10));
-        assert_eq!(d.take(0, 1 << 30), Some((0, 64 << 10)));
-        let rest: Vec<u64> = std::iter::from_fn(|| d.take(0, 1 << 30).map(|c| c.0)).collect();
-        assert_eq!(rest, (70..74).map(|c| c * (64 << 10)).collect::<Vec<_>>());
+        d.mark(g * 70 + 5, 200 << 10);
+        assert_eq!(d.count(), 5 * g);
+        assert_eq!(d.take(0, 1 << 30, 1 << 20), Some((0, g)));
+        // A run of marked granules comes back as one, up to the limit.
+        assert_eq!(d.take(0, 1 << 30, 2 * g), Some((70 * g, 2 * g)));
+        assert_eq!(d.take(0, 1 << 30, 1 << 20), Some((72 * g, 2 * g)));
+        assert_eq!(d.take(0, 1 << 30, 1 << 20), None);
         assert_eq!(d.count(), 0);
-        // The last chunk is cut at the disk's end.
+        // The last granule is cut at the disk's end.
         let small = Dirty::new(100 << 10);
         small.mark(90 << 10, 1);
-        assert_eq!(small.take(0, 100 << 10), Some((64 << 10, 36 << 10)));
+        assert_eq!(small.take(0, 100 << 10, 1 << 20), Some((g, 36 << 10)));
     }
 }
