@@ -610,32 +610,59 @@ fn run(
     conclude(device, job, end);
 }
 
+/// Ends a job: its final state first (and the job gone from the list
+/// with `auto-dismiss`), then the events of every step in QEMU's order,
+/// so a client that acts on an event finds the job as QEMU would show it
+/// then (QEMU makes these steps in one go of its main loop).
 fn conclude(device: &Device, job: &Job, end: End) {
-    match end {
+    let status_event = |s: Status| {
+        (
+            "JOB_STATUS_CHANGE",
+            json!({"id": job.id, "status": s.as_str()}),
+        )
+    };
+    let mut events = Vec::new();
+    let error = match end {
         End::Completed => {
-            job.set_status(device, Status::Waiting);
-            job.set_status(device, Status::Pending);
-            device.events.emit("BLOCK_JOB_COMPLETED", job.event());
             info!(id = job.id, "block job completed");
+            events.push(status_event(Status::Waiting));
+            events.push(status_event(Status::Pending));
+            events.push(("BLOCK_JOB_COMPLETED", job.event()));
+            None
         }
         End::Cancelled => {
-            job.set_status(device, Status::Aborting);
-            device.events.emit("BLOCK_JOB_CANCELLED", job.event());
             info!(id = job.id, "block job cancelled");
+            events.push(status_event(Status::Aborting));
+            events.push(("BLOCK_JOB_CANCELLED", job.event()));
+            None
         }
         End::Failed(e) => {
             warn!(id = job.id, "block job failed: {e}");
-            job.set_status(device, Status::Aborting);
-            lock(&job.state).error = Some(e.clone());
+            events.push(status_event(Status::Aborting));
             let mut ev = job.event();
             ev["error"] = json!(e);
-            device.events.emit("BLOCK_JOB_COMPLETED", ev);
+            events.push(("BLOCK_JOB_COMPLETED", ev));
+            Some(e)
         }
+    };
+    events.push(status_event(Status::Concluded));
+    let last = if job.auto_dismiss {
+        events.push(status_event(Status::Null));
+        Status::Null
+    } else {
+        Status::Concluded
+    };
+    {
+        let mut s = lock(&job.state);
+        s.status = last;
+        s.error = error;
     }
-    job.set_status(device, Status::Concluded);
     if job.auto_dismiss {
-        job.set_status(device, Status::Null);
         device.jobs.remove(&job.id);
+    }
+    job.wake.notify_all();
+    for (name, data) in events {
+        device.events.emit(name, data);
     }
 }
 
