@@ -244,9 +244,26 @@ fn check_existing_overlay(file: &Path, old: &Path, size: u64) -> Result<(), QmpE
     Ok(())
 }
 
-/// The job options both jobs take: id, speed, on-error, auto-finalize,
-/// auto-dismiss (and no filter node).
-fn job_options(a: &Args<'_>) -> Result<(String, u64, bool), QmpError> {
+/// The arguments both jobs take, besides `own`: the device (the disk),
+/// the base, the backing file name, and the job options — id, speed,
+/// on-error, auto-finalize, auto-dismiss (and no filter node). Returns the
+/// id, the speed and auto-dismiss.
+fn job_options(a: &Args<'_>, own: &[&str]) -> Result<(String, u64, bool), QmpError> {
+    const COMMON: &[&str] = &[
+        "job-id",
+        "device",
+        "base",
+        "base-node",
+        "backing-file",
+        "backing-mask-protocol",
+        "speed",
+        "on-error",
+        "filter-node-name",
+        "auto-finalize",
+        "auto-dismiss",
+    ];
+    a.only(&[COMMON, own].concat())?;
+    node_of(a, "device", "")?;
     if a.opt_string("filter-node-name")?.is_some() {
         return Err(generic(
             "qblk inserts no filter node: leave out 'filter-node-name'",
@@ -277,23 +294,7 @@ fn job_options(a: &Args<'_>) -> Result<(String, u64, bool), QmpError> {
 
 /// `block-commit` of the active image into a layer below it.
 pub(super) fn commit(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
-    a.only(&[
-        "job-id",
-        "device",
-        "base-node",
-        "base",
-        "top-node",
-        "top",
-        "backing-file",
-        "backing-mask-protocol",
-        "speed",
-        "on-error",
-        "filter-node-name",
-        "auto-finalize",
-        "auto-dismiss",
-    ])?;
-    node_of(a, "device", "")?;
-    let (id, speed, auto_dismiss) = job_options(a)?;
+    let (id, speed, auto_dismiss) = job_options(a, &["top-node", "top"])?;
     if let Some(top) = named_layer(ctx, a, "top", "top-node")? {
         if top.depth != 0 {
             return Err(generic(format!(
@@ -341,22 +342,7 @@ pub(super) fn commit(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
 
 /// `block-stream` of the layers above `base` into the active image.
 pub(super) fn stream(ctx: &Context, a: &Args<'_>) -> Result<Value, QmpError> {
-    a.only(&[
-        "job-id",
-        "device",
-        "base",
-        "base-node",
-        "bottom",
-        "backing-file",
-        "backing-mask-protocol",
-        "speed",
-        "on-error",
-        "filter-node-name",
-        "auto-finalize",
-        "auto-dismiss",
-    ])?;
-    node_of(a, "device", "")?;
-    let (id, speed, auto_dismiss) = job_options(a)?;
+    let (id, speed, auto_dismiss) = job_options(a, &["bottom"])?;
     let _admin = ctx.device.admin();
     may_change_chain(ctx, "stream")?;
     if !matches!(&*ctx.device.disk().ok_or_else(inactive)?, Disk::Qcow2(_)) {
